@@ -1,0 +1,114 @@
+"""Command line: thin argument parsing over the package's functions.
+
+User errors (:class:`SpinegradeError`) print one line and exit with status 2; nothing here
+holds logic a test or notebook would need, so they call the same functions directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from spinegrade.constants import COMPETITION
+from spinegrade.errors import SpinegradeError
+
+DEFAULT_DATA_DIR = Path("input") / COMPETITION
+DEFAULT_FOLDS = Path("input") / "folds.csv"
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from spinegrade.data.synthetic import SynthSettings, write_dataset
+
+    settings = SynthSettings(studies=args.studies, test_studies=args.test_studies, seed=args.seed,
+                             image_size=tuple(args.image_size), workers=args.workers)
+    info = write_dataset(args.dir, settings, answers_dir=args.answers_dir)
+    print(f"wrote {info['train_studies']} training and {info['test_studies']} test studies to {info['data_dir']}")
+    print(f"test labels (for scoring only) in {info['answers_dir']}")
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    from spinegrade.data.index import build_index, format_report
+
+    index = build_index(args.data_dir, split=args.split, check_images=not args.csv_only,
+                        decode_pixels=args.decode_pixels)
+    print(format_report(index, examples=args.examples))
+    if args.out:
+        from spinegrade.data.folds import write_csv_atomic
+
+        write_csv_atomic(index.table, args.out)
+        print(f"tidy table written to {args.out}")
+
+
+def cmd_folds(args: argparse.Namespace) -> None:
+    from spinegrade.data.folds import fold_summary, make_folds, write_csv_atomic
+    from spinegrade.data.index import build_index
+
+    index = build_index(args.data_dir, check_images=False)
+    labels = index.labels_wide()
+    folds = make_folds(labels, n_folds=args.n_folds, seed=args.seed)
+    write_csv_atomic(folds, args.out)
+    print(f"{args.n_folds} folds over {len(folds)} studies written to {args.out}")
+    print(fold_summary(folds, labels))
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from spinegrade.download import download_competition
+
+    target = download_competition(args.dest)
+    print(f"competition data in {target}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spinegrade", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic dataset in the RSNA layout (real DICOM files)")
+    p.add_argument("dir", type=Path, nargs="?", default=DEFAULT_DATA_DIR)
+    p.add_argument("--studies", type=int, default=40)
+    p.add_argument("--test-studies", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, nargs=2, default=(256, 384), metavar=("MIN", "MAX"),
+                   help="image sizes are drawn per series between these (pixels)")
+    p.add_argument("--workers", type=int, default=0, help="processes (0: one per core)")
+    p.add_argument("--answers-dir", type=Path, default=None,
+                   help="where the test split's true labels go (default: <dir>-answers, beside dir)")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("index", help="read the CSVs into a tidy table and print the data report")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--split", choices=["train", "test"], default="train")
+    p.add_argument("--csv-only", action="store_true", help="do not look at the image files")
+    p.add_argument("--decode-pixels", action="store_true", help="decode every labelled image, not just its header")
+    p.add_argument("--examples", type=int, default=5, help="examples shown per kind of problem")
+    p.add_argument("--out", type=Path, default=None, help="also write the tidy table as CSV")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("folds", help="patient-grouped multilabel-stratified K folds")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--n-folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", type=Path, default=DEFAULT_FOLDS)
+    p.set_defaults(func=cmd_folds)
+
+    p = sub.add_parser("download", help="download the competition data with the kaggle command")
+    p.add_argument("--dest", type=Path, default=Path("input"))
+    p.set_defaults(func=cmd_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SpinegradeError as exc:
+        print(f"spinegrade {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"spinegrade {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

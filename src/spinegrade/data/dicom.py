@@ -1,0 +1,214 @@
+"""The only module that touches pydicom: read DICOM slices and series with their geometry.
+
+Slice order in a series is taken from geometry, never from file names or instance numbers: the
+real data has instance numbers that start at 5031 and sagittal series that run right-to-left as
+often as left-to-right. Slices are ordered by ImagePositionPatient projected on the slice normal
+(the cross product of the two ImageOrientationPatient direction cosines), and one axial series may
+hold several stacks with different orientations, which are returned separately.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from spinegrade.errors import DicomReadError
+
+# Fallback geometry for files without the optional position tags: a plain sagittal plane, slices
+# stacked along the normal in instance-number order.
+_DEFAULT_ORIENTATION = np.array([0.0, 1.0, 0.0, 0.0, 0.0, -1.0])
+# Two slices belong to the same stack when their direction cosines agree to this tolerance.
+_ORIENTATION_TOLERANCE = 1e-3
+
+
+@dataclass
+class Slice:
+    """One DICOM image with what is needed to place it in patient space (LPS, millimetres)."""
+
+    path: Path
+    instance_number: int
+    position: np.ndarray  # ImagePositionPatient: centre of the top-left pixel
+    orientation: np.ndarray  # ImageOrientationPatient: row direction (3), column direction (3)
+    pixel_spacing: tuple[float, float]  # (between rows, between columns), as DICOM orders it
+    shape: tuple[int, int]  # (rows, columns)
+    series_description: str = ""
+    pixels: np.ndarray | None = field(default=None, repr=False)  # float32, rescaled, MONOCHROME2
+
+    @property
+    def row_direction(self) -> np.ndarray:
+        """Unit vector along a row (increasing column index)."""
+        return self.orientation[:3]
+
+    @property
+    def column_direction(self) -> np.ndarray:
+        """Unit vector down a column (increasing row index)."""
+        return self.orientation[3:]
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.row_direction, self.column_direction)
+
+    @property
+    def distance(self) -> float:
+        """Position along the slice normal: the sort key of a stack."""
+        return float(np.dot(self.position, self.normal))
+
+    def pixel_to_patient(self, x: float, y: float) -> np.ndarray:
+        """Patient coordinates (mm) of pixel column ``x``, row ``y``."""
+        row_spacing, col_spacing = self.pixel_spacing
+        return self.position + x * col_spacing * self.row_direction + y * row_spacing * self.column_direction
+
+    def patient_to_pixel(self, point: np.ndarray) -> tuple[float, float, float]:
+        """(x, y, distance from the plane in mm) of a patient-space point projected on this slice."""
+        row_spacing, col_spacing = self.pixel_spacing
+        offset = np.asarray(point, dtype=float) - self.position
+        x = float(np.dot(offset, self.row_direction)) / col_spacing
+        y = float(np.dot(offset, self.column_direction)) / row_spacing
+        return x, y, float(np.dot(offset, self.normal))
+
+
+@dataclass
+class Stack:
+    """Slices sharing one orientation, ordered by position along their normal."""
+
+    slices: list[Slice]
+
+    @property
+    def orientation(self) -> np.ndarray:
+        return self.slices[0].orientation
+
+    @property
+    def normal(self) -> np.ndarray:
+        return self.slices[0].normal
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def index_of_instance(self, instance_number: int) -> int | None:
+        for i, s in enumerate(self.slices):
+            if s.instance_number == instance_number:
+                return i
+        return None
+
+
+def _float_list(ds: pydicom.Dataset, keyword: str) -> list[float] | None:
+    value = ds.get(keyword)
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+
+
+def _decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
+    """Pixel data as float32 in the modality's units, bright meaning high signal."""
+    pixels = ds.pixel_array.astype(np.float32)
+    # Multi-frame or colour files are not part of this dataset: keep the first frame, in grey.
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        pixels = pixels[0]
+    if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
+        pixels = pixels.mean(axis=-1)
+    slope = ds.get("RescaleSlope")
+    intercept = ds.get("RescaleIntercept")
+    if slope is not None or intercept is not None:
+        pixels = pixels * float(slope if slope is not None else 1.0) + float(intercept or 0.0)
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
+        pixels = pixels.max() + pixels.min() - pixels
+    return pixels
+
+
+def read_slice(path: str | Path, with_pixels: bool = True) -> Slice:
+    """Read one file; raise :class:`DicomReadError` naming it if it cannot be read or decoded."""
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=not with_pixels)
+    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise DicomReadError(path, f"{type(exc).__name__}: {exc}") from None
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    if rows is None or cols is None:
+        raise DicomReadError(path, "no Rows/Columns: not an image")
+    instance = ds.get("InstanceNumber")
+    instance_number = int(instance) if instance not in (None, "") else int(Path(path).stem) if path.stem.isdigit() else 0
+    orientation = _float_list(ds, "ImageOrientationPatient")
+    position = _float_list(ds, "ImagePositionPatient")
+    spacing = _float_list(ds, "PixelSpacing") or [1.0, 1.0]
+    orientation_arr = np.array(orientation if orientation and len(orientation) == 6 else _DEFAULT_ORIENTATION)
+    if position is None or len(position) != 3:
+        # Without a position, stack along the normal by instance number so ordering still works.
+        normal = np.cross(orientation_arr[:3], orientation_arr[3:])
+        position_arr = normal * float(instance_number)
+    else:
+        position_arr = np.array(position)
+    pixels = None
+    if with_pixels:
+        try:
+            pixels = _decode_pixels(ds)
+        except Exception as exc:  # any decoder failure is a property of the file, not a bug here
+            raise DicomReadError(path, f"cannot decode pixel data: {type(exc).__name__}: {exc}") from None
+        if pixels.shape != (int(rows), int(cols)):
+            raise DicomReadError(path, f"pixel data shape {pixels.shape} does not match Rows/Columns")
+    return Slice(
+        path=path,
+        instance_number=instance_number,
+        position=position_arr,
+        orientation=orientation_arr,
+        pixel_spacing=(float(spacing[0]), float(spacing[1])),
+        shape=(int(rows), int(cols)),
+        series_description=str(ds.get("SeriesDescription", "")),
+        pixels=pixels,
+    )
+
+
+def group_into_stacks(slices: list[Slice]) -> list[Stack]:
+    """Group slices by orientation and order each group along its normal.
+
+    Stacks are returned in the order of their first slice's distance, so a caller that wants
+    "the" stack of a sagittal series takes the longest one.
+    """
+    groups: list[list[Slice]] = []
+    for s in slices:
+        for group in groups:
+            if np.allclose(group[0].orientation, s.orientation, atol=_ORIENTATION_TOLERANCE):
+                group.append(s)
+                break
+        else:
+            groups.append([s])
+    stacks = [Stack(sorted(g, key=lambda s: (s.distance, s.instance_number))) for g in groups]
+    return sorted(stacks, key=lambda st: st.slices[0].distance)
+
+
+def list_dicom_files(directory: str | Path) -> list[Path]:
+    """Every file below ``directory`` that might be DICOM (hidden files skipped), sorted."""
+    directory = Path(directory)
+    return sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def read_series(
+    directory: str | Path,
+    with_pixels: bool = True,
+    errors: list[DicomReadError] | None = None,
+) -> list[Stack]:
+    """Read every DICOM file in a series folder into stacks.
+
+    An unreadable file raises :class:`DicomReadError`; pass a list as ``errors`` to collect such
+    files there and go on with the rest instead.
+    """
+    slices = []
+    for path in list_dicom_files(directory):
+        try:
+            slices.append(read_slice(path, with_pixels=with_pixels))
+        except DicomReadError as exc:
+            if errors is None:
+                raise
+            errors.append(exc)
+    return group_into_stacks(slices)
+
+
+def main_stack(stacks: list[Stack]) -> Stack | None:
+    """The stack with the most slices (a sagittal series normally has exactly one)."""
+    return max(stacks, key=len) if stacks else None

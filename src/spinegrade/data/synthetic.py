@@ -1,0 +1,549 @@
+"""Write a complete dataset in the RSNA 2024 layout, with real DICOM files, from a 3D phantom.
+
+Each study is a lumbar spine built in patient space (LPS millimetres: x to the patient's left,
+y posterior, z superior): vertebral bodies T12 to S1 on a lordotic curve, discs with a nucleus,
+the spinal canal full of CSF behind them, pedicles with a neural foramen at every disc level, the
+lateral recesses, posterior elements, paraspinal muscles and subcutaneous fat. Every grade is a
+narrowing of the structure the radiologist looks at:
+
+- spinal canal stenosis: the canal's antero-posterior diameter pinched at the disc level;
+- neural foraminal narrowing: the fat-filled foramen (bright on T1) shrinking around its nerve;
+- subarticular stenosis: the canal's lateral recess on that side closed by facet tissue.
+
+Three series are sampled from the same phantom (Sagittal T1, Sagittal T2/STIR, Axial T2), so
+their geometry agrees in patient space exactly as in real scans, and the label coordinates are
+the phantom's own landmarks projected on the right slice. Studies vary in size, pixel spacing,
+intensity scale, noise, bias field, instance-number start, sagittal slice direction and axial
+stack layout. The same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, RLELossless, generate_uid
+
+from spinegrade.constants import (
+    AXIAL_T2,
+    CONDITION_SERIES,
+    CONDITIONS,
+    LABEL_COLUMNS,
+    LEVELS,
+    PROBABILITY_COLUMNS,
+    SAGITTAL_T1,
+    SAGITTAL_T2,
+    SEVERITIES,
+    condition_title,
+    label_column,
+    level_title,
+    row_id,
+)
+
+# Grade frequencies per condition and level, close to the real training set's (spinal canal
+# stenosis about 88/7/5 %, worst at L4/L5; foramina worst low; subarticular worst at L4/L5).
+GRADE_PRIORS: dict[str, tuple[tuple[float, float, float], ...]] = {
+    "spinal_canal_stenosis": ((0.955, 0.034, 0.011), (0.897, 0.076, 0.027), (0.822, 0.117, 0.061),
+                              (0.751, 0.120, 0.129), (0.965, 0.025, 0.010)),
+    "neural_foraminal_narrowing": ((0.964, 0.032, 0.004), (0.910, 0.086, 0.004), (0.770, 0.209, 0.021),
+                                   (0.612, 0.320, 0.068), (0.641, 0.258, 0.101)),
+    "subarticular_stenosis": ((0.930, 0.056, 0.014), (0.827, 0.132, 0.041), (0.670, 0.231, 0.099),
+                              (0.451, 0.316, 0.233), (0.714, 0.205, 0.081)),
+}
+# How much a grade narrows its structure (fraction of the normal size removed), drawn uniformly.
+NARROWING = ((0.0, 0.22), (0.40, 0.58), (0.68, 0.86))
+
+# Tissue intensities (arbitrary units, 1 = CSF on T2) per contrast.
+TISSUES = {
+    "T2": dict(fat=0.55, muscle=0.22, abdomen=0.30, marrow=0.42, bone=0.32, ligament=0.07, csf=1.0,
+               nerve=0.25, annulus=0.22, nucleus=0.80, nucleus_degenerate=0.35),
+    "T1": dict(fat=0.90, muscle=0.30, abdomen=0.36, marrow=0.66, bone=0.55, ligament=0.12, csf=0.17,
+               nerve=0.32, annulus=0.36, nucleus=0.42, nucleus_degenerate=0.36),
+}
+BODIES = ("S1", "L5", "L4", "L3", "L2", "L1", "T12")  # bottom to top
+# Disc i lies between BODIES[i] and BODIES[i + 1]; the first five are the graded levels.
+DISC_LEVELS = ("l5_s1", "l4_l5", "l3_l4", "l2_l3", "l1_l2", "t12_l1")
+
+
+@dataclass
+class SynthSettings:
+    """What ``spinegrade synth`` varies. Image sizes are drawn per series from ``image_size``."""
+
+    studies: int = 40
+    test_studies: int = 5
+    seed: int = 0
+    image_size: tuple[int, int] = (256, 384)
+    workers: int = 0  # 0: one per CPU core (at most 8)
+    compressed_fraction: float = 0.1  # share of studies written with RLE Lossless transfer syntax
+
+
+@dataclass
+class Anatomy:
+    """One study's phantom: every size in mm, grades as indices into SEVERITIES."""
+
+    body_height: np.ndarray  # per body in BODIES
+    disc_height: np.ndarray  # per disc in DISC_LEVELS
+    body_z: np.ndarray = field(init=False)  # body centres
+    disc_z: np.ndarray = field(init=False)  # disc centres
+    lordosis: float = 10.0
+    body_ry: float = 16.0  # antero-posterior half-depth of a vertebral body
+    body_rx: float = 22.0  # left-right half-width
+    canal_ap: float = 7.5  # canal antero-posterior radius
+    canal_lr: float = 11.0  # canal left-right radius
+    grades: dict[str, np.ndarray] = field(default_factory=dict)  # condition -> grade per level
+    narrowing: dict[str, np.ndarray] = field(default_factory=dict)  # condition -> fraction per level
+
+    def __post_init__(self):
+        z = 0.0
+        body_z, disc_z = [], []
+        for i, h in enumerate(self.body_height):
+            body_z.append(z + h / 2)
+            z += h
+            if i < len(self.disc_height):
+                disc_z.append(z + self.disc_height[i] / 2)
+                z += self.disc_height[i]
+        self.body_z = np.array(body_z) - body_z[0]  # S1 centre at z = 0
+        self.disc_z = np.array(disc_z) - body_z[0]
+
+    @property
+    def z_mid(self) -> float:
+        return float(self.body_z[3])  # L3
+
+    def spine_y(self, z: np.ndarray) -> np.ndarray:
+        """Centre line of the vertebral bodies: lordosis brings the mid-lumbar spine forward."""
+        half = (self.body_z[-1] - self.body_z[0]) / 2
+        t = np.clip((z - self.z_mid) / half, -1.5, 1.5)
+        return -self.lordosis * (1 - t**2)
+
+    def canal_y(self, z: np.ndarray) -> np.ndarray:
+        return self.spine_y(z) + self.body_ry + 1.5 + self.canal_ap
+
+    def level_z(self, level: str) -> float:
+        return float(self.disc_z[DISC_LEVELS.index(level)])
+
+    def foramen_centre(self, level: str, side: int) -> np.ndarray:
+        z = self.level_z(level) + 1.5
+        return np.array([side * (self.canal_lr + 6.5), float(self.canal_y(np.array(z))) - 0.2 * self.canal_ap, z])
+
+    def landmark(self, condition: str, level: str) -> np.ndarray:
+        """Where a radiologist would click for this condition and level, in patient space."""
+        z = self.level_z(level)
+        side = 1 if condition.startswith("left") else -1
+        if condition == "spinal_canal_stenosis":
+            return np.array([0.0, float(self.canal_y(np.array(z))), z])
+        if "foraminal" in condition:
+            return self.foramen_centre(level, side)
+        return np.array([side * 0.7 * self.canal_lr, float(self.canal_y(np.array(z))), z])
+
+
+def _prior(condition: str, level_index: int) -> tuple[float, float, float]:
+    key = condition.replace("left_", "").replace("right_", "")
+    return GRADE_PRIORS[key][level_index]
+
+
+def sample_anatomy(rng: np.random.Generator) -> Anatomy:
+    anatomy = Anatomy(
+        body_height=rng.uniform(25, 31, len(BODIES)),
+        disc_height=np.concatenate([rng.uniform(7, 11, len(DISC_LEVELS) - 1), [rng.uniform(6, 8)]]) * 1.0,
+        lordosis=rng.uniform(4, 16),
+        body_ry=rng.uniform(14.5, 17.5),
+        body_rx=rng.uniform(20, 25),
+        canal_ap=rng.uniform(6.5, 8.5),
+        canal_lr=rng.uniform(10, 12.5),
+    )
+    for condition in CONDITIONS:
+        grades = np.array([rng.choice(3, p=_prior(condition, i)) for i in range(len(LEVELS))])
+        anatomy.grades[condition] = grades
+        anatomy.narrowing[condition] = np.array([rng.uniform(*NARROWING[g]) for g in grades])
+    return anatomy
+
+
+def _soft(q: np.ndarray, radius: float, edge: float) -> np.ndarray:
+    """Soft inside-mask of a shape with normalised radius ``q`` (1 on the surface)."""
+    return np.clip(0.5 - (q - 1.0) * (radius / edge), 0.0, 1.0)
+
+
+def _superellipsoid(p, centre, radii, power=2):
+    """Normalised radius of an ellipsoid (power 2) or a rounded box (power 4)."""
+    d = [((p[..., i] - centre[i]) * (1.0 / radii[i])) ** 2 for i in range(3)]
+    if power == 4:
+        return np.sqrt(np.sqrt(d[0] ** 2 + d[1] ** 2 + d[2] ** 2))
+    return np.sqrt(d[0] + d[1] + d[2])
+
+
+_CORNER_SIGNS = np.array([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)], dtype=float)
+
+
+class _PlaneGrid:
+    """A planar grid of patient-space points, able to find the pixel window a box can touch.
+
+    Shapes are evaluated only in their window: most of them cover a small part of any slice.
+    """
+
+    def __init__(self, points: np.ndarray):
+        self.shape = points.shape[:2]
+        self.origin = points[0, 0].astype(float)
+        self.down = (points[1, 0] - points[0, 0]).astype(float)
+        self.across = (points[0, 1] - points[0, 0]).astype(float)
+        self.normal = np.cross(self.across, self.down)
+        self.down_scaled = self.down / float(self.down @ self.down)
+        self.across_scaled = self.across / float(self.across @ self.across)
+
+    def window(self, centre, half_size) -> tuple[slice, slice] | None:
+        corners = np.asarray(centre, dtype=float) + _CORNER_SIGNS * np.asarray(half_size, dtype=float) - self.origin
+        side = corners @ self.normal
+        if side.min() > 0 or side.max() < 0:
+            return None  # the plane misses the box
+        rows, cols = corners @ self.down_scaled, corners @ self.across_scaled
+        r0, r1 = max(int(np.floor(rows.min())), 0), min(int(np.ceil(rows.max())) + 1, self.shape[0])
+        c0, c1 = max(int(np.floor(cols.min())), 0), min(int(np.ceil(cols.max())) + 1, self.shape[1])
+        if r0 >= r1 or c0 >= c1:
+            return None
+        return slice(r0, r1), slice(c0, c1)
+
+
+def render(anatomy: Anatomy, points: np.ndarray, contrast: str, edge: float = 0.8) -> np.ndarray:
+    """Signal of the phantom on a planar grid of patient-space ``points`` (rows, cols, 3)."""
+    t = TISSUES[contrast]
+    x, y, z = points[..., 0], points[..., 1], points[..., 2]
+    img = np.zeros(points.shape[:-1], dtype=np.float32)
+
+    def paint(mask, value):
+        nonlocal img
+        img = img * (1 - mask) + value * mask
+
+    grid = _PlaneGrid(points)
+
+    def paint_shape(centre, radii, power, value, edge_radius, clip_y=None):
+        """Paint one ellipsoid or rounded box, evaluated only in its pixel window."""
+        window = grid.window(centre, [r * 1.05 + 2 * edge for r in radii])
+        if window is None:
+            return
+        sub = points[window]
+        q = _superellipsoid(sub, centre, radii, power)
+        mask = _soft(q, edge_radius, edge)
+        if clip_y is not None:
+            mask = mask * ((sub[..., 1] > clip_y[0]) & (sub[..., 1] < clip_y[1]))
+        img[window] = img[window] * (1 - mask) + value * mask
+
+    spine_y = anatomy.spine_y(z)
+    canal_y = anatomy.canal_y(z)
+    canal_back = canal_y + anatomy.canal_ap
+    # Torso (subcutaneous fat), then muscle and abdomen inside it.
+    torso_centre_y = float(anatomy.canal_y(np.array(anatomy.z_mid))) - 45
+    q = np.sqrt((x / 150) ** 2 + ((y - torso_centre_y) / 118) ** 2)
+    paint(_soft(q, 118, edge), t["fat"])
+    q = np.sqrt((x / 136) ** 2 + ((y - torso_centre_y) / 104) ** 2)
+    paint(_soft(q, 104, edge) * (y < canal_back + 10), t["abdomen"])
+    for side in (-1, 1):  # paraspinal muscles
+        q = np.sqrt(((x - side * 24) / 21) ** 2 + ((y - canal_back - 24) / 24) ** 2)
+        paint(_soft(q, 21, edge), t["muscle"])
+    # Posterior elements (lamina, spinous process) and pedicles, level by level.
+    for zc, h in zip(anatomy.body_z, anatomy.body_height):
+        back = float(anatomy.canal_y(np.array(zc - 2))) + anatomy.canal_ap
+        paint_shape((0, back + 19, zc - 2), (4.5, 19.5, 0.36 * h), 4, t["bone"], 4.5, (back + 0.5, back + 38))
+        paint_shape((0, back + 3.5, zc - 2), (anatomy.canal_lr + 9, 3.5, 0.32 * h), 4, t["bone"], 3.5)
+    band = (np.abs(x) > anatomy.canal_lr + 1) & (np.abs(x) < anatomy.canal_lr + 13)
+    band &= (y > spine_y + anatomy.body_ry - 1) & (y < canal_back + 4)
+    band &= (z > anatomy.body_z[0]) & (z < anatomy.body_z[-1])
+    paint(band.astype(np.float32), t["bone"])
+    # Vertebral bodies and discs.
+    for zc, h in zip(anatomy.body_z, anatomy.body_height):
+        paint_shape((0, float(anatomy.spine_y(np.array(zc))), zc), (anatomy.body_rx, anatomy.body_ry, h / 2), 4,
+                    t["marrow"], h / 2)
+    for i, (zc, h) in enumerate(zip(anatomy.disc_z, anatomy.disc_height)):
+        centre = (0, float(anatomy.spine_y(np.array(zc))), zc)
+        paint_shape(centre, (anatomy.body_rx, anatomy.body_ry, h / 2), 4, t["annulus"], h / 2)
+        degenerate = i < len(LEVELS) and anatomy.grades["spinal_canal_stenosis"][LEVELS.index(DISC_LEVELS[i])] == 2
+        paint_shape(centre, (anatomy.body_rx * 0.6, anatomy.body_ry * 0.6, h / 3), 2,
+                    t["nucleus_degenerate" if degenerate else "nucleus"], h / 3)
+    # Spinal canal: a ligament/epidural envelope, then CSF narrowed by the three canal conditions.
+    q = np.sqrt((x / (anatomy.canal_lr + 1.5)) ** 2 + ((y - canal_y) / (anatomy.canal_ap + 1.5)) ** 2)
+    in_lumbar = (z > anatomy.body_z[0]) & (z < anatomy.body_z[-1] + 20)
+    paint(_soft(q, anatomy.canal_ap, edge) * in_lumbar, t["ligament"])
+    ap = np.full_like(x, anatomy.canal_ap)
+    lr_left = np.full_like(x, anatomy.canal_lr)
+    lr_right = np.full_like(x, anatomy.canal_lr)
+    for k, level in enumerate(LEVELS):
+        g = np.exp(-(((z - anatomy.level_z(level)) / 5.0) ** 2))
+        ap -= anatomy.canal_ap * anatomy.narrowing["spinal_canal_stenosis"][k] * g
+        lr_left -= anatomy.canal_lr * 0.55 * anatomy.narrowing["left_subarticular_stenosis"][k] * g
+        lr_right -= anatomy.canal_lr * 0.55 * anatomy.narrowing["right_subarticular_stenosis"][k] * g
+    ap = np.maximum(ap, 0.4)
+    lr = np.where(x > 0, lr_left, lr_right)
+    q = np.sqrt((x / lr) ** 2 + ((y - canal_y) / ap) ** 2)
+    paint(_soft(q, 2.0, edge) * in_lumbar, t["csf"])
+    # Neural foramina: fat around the exiting nerve root, shrinking with its grade.
+    for k, level in enumerate(LEVELS):
+        for side, condition in ((1, "left_neural_foraminal_narrowing"), (-1, "right_neural_foraminal_narrowing")):
+            s = anatomy.narrowing[condition][k]
+            c = anatomy.foramen_centre(level, side)
+            radii = (5.0, 4.5 * (1 - 0.75 * s), 7.0 * (1 - 0.75 * s))
+            paint_shape(c, radii, 2, t["fat"], radii[1])
+            paint_shape(c + np.array([0, -0.5, 0.3 * radii[2]]), (4.0, 1.6, 1.8), 2, t["nerve"], 1.6)
+    return img
+
+
+@dataclass
+class SeriesGeometry:
+    """Where each slice of a series lies: its top-left pixel position and orientation."""
+
+    positions: list[np.ndarray]
+    orientations: list[np.ndarray]
+    rows: int
+    cols: int
+    spacing: float
+    thickness: float
+
+    def points(self, i: int) -> np.ndarray:
+        o = self.orientations[i]
+        r = np.arange(self.rows, dtype=np.float32)[:, None, None]
+        c = np.arange(self.cols, dtype=np.float32)[None, :, None]
+        return (self.positions[i][None, None, :] + c * self.spacing * o[:3] + r * self.spacing * o[3:]).astype(
+            np.float32
+        )
+
+    def locate(self, point: np.ndarray) -> tuple[int, float, float]:
+        """Nearest slice to ``point`` and the pixel (x, y) of its projection there."""
+        best = None
+        for i, (pos, o) in enumerate(zip(self.positions, self.orientations)):
+            normal = np.cross(o[:3], o[3:])
+            d = abs(float(np.dot(point - pos, normal)))
+            if best is None or d < best[0]:
+                best = (d, i)
+        i = best[1]
+        offset = point - self.positions[i]
+        o = self.orientations[i]
+        return i, float(np.dot(offset, o[:3]) / self.spacing), float(np.dot(offset, o[3:]) / self.spacing)
+
+
+def _size(rng, settings: SynthSettings) -> int:
+    lo, hi = settings.image_size
+    return int(rng.integers(lo // 16, hi // 16 + 1) * 16)
+
+
+def sagittal_geometry(anatomy: Anatomy, rng, settings: SynthSettings) -> SeriesGeometry:
+    n = int(rng.integers(15, 20))
+    gap = rng.uniform(3.4, 4.4)
+    xs = (np.arange(n) - (n - 1) / 2) * gap + rng.uniform(-1.5, 1.5)
+    size = _size(rng, settings)
+    fov = rng.uniform(220, 270)
+    spacing = fov / size
+    centre_y = float(anatomy.canal_y(np.array(anatomy.z_mid))) - 10 + rng.uniform(-12, 12)
+    centre_z = anatomy.z_mid + rng.uniform(-10, 10)
+    orientation = np.array([0.0, 1.0, 0.0, 0.0, 0.0, -1.0])
+    positions = [np.array([x, centre_y - fov / 2, centre_z + fov / 2]) for x in xs]
+    return SeriesGeometry(positions, [orientation] * n, size, size, spacing, gap * 0.9)
+
+
+def axial_geometry(anatomy: Anatomy, rng, settings: SynthSettings, levels: list[str]) -> SeriesGeometry:
+    """Three to four slices through each disc; some studies get two stacks with different tilts."""
+    size = _size(rng, settings)
+    fov = rng.uniform(170, 220)
+    spacing = fov / size
+    two_stacks = rng.random() < 0.35
+    tilts = (rng.uniform(-12, -4), rng.uniform(4, 12)) if two_stacks else (0.0, 0.0)
+    per_level = int(rng.integers(3, 5))
+    gap = rng.uniform(3.5, 4.5)
+    positions, orientations = [], []
+    centre_x = rng.uniform(-5, 5)
+    for level in levels:
+        tilt = np.deg2rad(tilts[0] if LEVELS.index(level) < 3 else tilts[1])
+        row_dir = np.array([1.0, 0.0, 0.0])
+        col_dir = np.array([0.0, np.cos(tilt), np.sin(tilt)])
+        normal = np.cross(row_dir, col_dir)
+        z = anatomy.level_z(level)
+        centre = np.array([centre_x, float(anatomy.canal_y(np.array(z))) - 15, z])
+        for j in range(per_level):
+            c = centre + normal * (j - (per_level - 1) / 2) * gap
+            positions.append(c - row_dir * spacing * size / 2 - col_dir * spacing * size / 2)
+            orientations.append(np.concatenate([row_dir, col_dir]))
+    return SeriesGeometry(positions, orientations, size, size, spacing, gap * 0.9)
+
+
+def _acquire(anatomy, geometry: SeriesGeometry, contrast: str, rng) -> list[np.ndarray]:
+    """Render every slice with scanner-like noise, bias field and intensity scale, as uint16."""
+    noise = rng.uniform(0.015, 0.05)
+    scale = rng.uniform(600, 3000)
+    gradient = rng.uniform(-0.25, 0.25, 2)
+    images = []
+    for i in range(len(geometry.positions)):
+        clean = render(anatomy, geometry.points(i), contrast, edge=max(0.6, geometry.spacing))
+        rr, cc = np.meshgrid(np.linspace(-1, 1, geometry.rows), np.linspace(-1, 1, geometry.cols), indexing="ij")
+        bias = 1 + gradient[0] * rr + gradient[1] * cc
+        noisy = np.sqrt((clean * bias + rng.normal(0, noise, clean.shape)) ** 2 + rng.normal(0, noise, clean.shape) ** 2)
+        images.append(np.clip(noisy * scale, 0, 65535).astype(np.uint16))
+    return images
+
+
+def _uid(*parts) -> str:
+    return generate_uid(entropy_srcs=[str(p) for p in parts])
+
+
+def write_dicom(path: Path, pixels: np.ndarray, meta: dict, compressed: bool) -> None:
+    """One MR Image Storage file, 16-bit MONOCHROME2, with the geometry tags set."""
+    file_meta = FileMetaDataset()
+    file_meta.MediaStorageSOPClassUID = MRImageStorage
+    file_meta.MediaStorageSOPInstanceUID = meta["sop_uid"]
+    file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=file_meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = meta["sop_uid"]
+    ds.StudyInstanceUID = meta["study_uid"]
+    ds.SeriesInstanceUID = meta["series_uid"]
+    ds.FrameOfReferenceUID = meta["frame_uid"]
+    ds.Modality = "MR"
+    ds.PatientID = str(meta["study_id"])
+    ds.StudyID = str(meta["study_id"])[-8:]
+    ds.SeriesNumber = meta["series_number"]
+    ds.InstanceNumber = meta["instance_number"]
+    ds.SeriesDescription = meta["description"]
+    ds.ImagePositionPatient = [round(float(v), 4) for v in meta["position"]]
+    ds.ImageOrientationPatient = [round(float(v), 6) for v in meta["orientation"]]
+    ds.PixelSpacing = [round(meta["spacing"], 6), round(meta["spacing"], 6)]
+    ds.SliceThickness = round(meta["thickness"], 3)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.tobytes()
+    if compressed:
+        ds.compress(RLELossless, pixels, generate_instance_uid=False)
+    ds.save_as(path, enforce_file_format=True)
+
+
+@dataclass
+class StudyRecord:
+    """What a study contributes to the CSV files."""
+
+    study_id: int
+    series: list[tuple[int, str]]  # (series_id, description)
+    labels: dict[str, str]  # train.csv column -> grade string ("" when unlabelled)
+    coordinates: list[tuple[int, int, str, str, float, float]]  # series, instance, condition, level, x, y
+
+
+def _study_rng(seed: int, index: int, split: str) -> np.random.Generator:
+    digest = hashlib.sha256(f"{seed}:{split}:{index}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def make_study(images_dir: Path, study_id: int, index: int, split: str, settings: SynthSettings) -> StudyRecord:
+    """Render and write one study's three series; return its labels and coordinates."""
+    rng = _study_rng(settings.seed, index, split)
+    anatomy = sample_anatomy(rng)
+    compressed = rng.random() < settings.compressed_fraction
+    axial_levels = list(LEVELS) if rng.random() > 0.06 else list(LEVELS[1:])  # axial may miss L1/L2
+    plan = [
+        (SAGITTAL_T1, "T1", sagittal_geometry(anatomy, rng, settings)),
+        (SAGITTAL_T2, "T2", sagittal_geometry(anatomy, rng, settings)),
+        (AXIAL_T2, "T2", axial_geometry(anatomy, rng, settings, axial_levels)),
+    ]
+    study_uid = _uid(settings.seed, split, study_id)
+    series, coordinates = [], []
+    located: dict[str, tuple[int, SeriesGeometry, list[int]]] = {}
+    for number, (description, contrast, geometry) in enumerate(plan, start=1):
+        series_id = int(rng.integers(10**7, 4 * 10**9))
+        n = len(geometry.positions)
+        first = int(rng.choice([1, 1, 1, int(rng.integers(2, 6000))]))
+        order = np.arange(n) if rng.random() < 0.5 else np.arange(n)[::-1]  # either left-right direction
+        instance_numbers = [first + int(k) for k in np.argsort(order)]
+        images = _acquire(anatomy, geometry, contrast, rng)
+        series_dir = images_dir / str(study_id) / str(series_id)
+        series_dir.mkdir(parents=True, exist_ok=True)
+        series_uid = _uid(settings.seed, split, study_id, series_id)
+        for i, pixels in enumerate(images):
+            meta = dict(
+                sop_uid=_uid(settings.seed, split, study_id, series_id, i), study_uid=study_uid,
+                series_uid=series_uid, frame_uid=study_uid, study_id=study_id, series_number=number,
+                instance_number=instance_numbers[i], description=description, position=geometry.positions[i],
+                orientation=geometry.orientations[i], spacing=geometry.spacing, thickness=geometry.thickness,
+            )
+            write_dicom(series_dir / f"{instance_numbers[i]}.dcm", pixels, meta, compressed)
+        series.append((series_id, description))
+        located[description] = (series_id, geometry, instance_numbers)
+
+    labels = {}
+    for condition in CONDITIONS:
+        for k, level in enumerate(LEVELS):
+            column = label_column(condition, level)
+            if "subarticular" in condition and level not in axial_levels:
+                labels[column] = ""  # the axial stack does not reach this level
+                continue
+            labels[column] = SEVERITIES[anatomy.grades[condition][k]]
+            series_id, geometry, instance_numbers = located[CONDITION_SERIES[condition]]
+            i, px, py = geometry.locate(anatomy.landmark(condition, level))
+            jitter = rng.normal(0, 0.8, 2)  # annotators click within a pixel or so
+            coordinates.append(
+                (series_id, instance_numbers[i], condition_title(condition), level_title(level),
+                 round(px + jitter[0], 4), round(py + jitter[1], 4))
+            )
+    return StudyRecord(study_id, series, labels, coordinates)
+
+
+def _study_ids(rng: np.random.Generator, n: int) -> list[int]:
+    ids: set[int] = set()
+    while len(ids) < n:
+        ids.add(int(rng.integers(4_000_000, 4_290_000_000)))
+    return sorted(ids)
+
+
+def _write_csv(path: Path, header: list[str], rows) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _run(args):
+    return make_study(*args)
+
+
+def write_dataset(data_dir: str | Path, settings: SynthSettings, answers_dir: str | Path | None = None) -> dict:
+    """Write a dataset in the RSNA layout to ``data_dir``; the test split's true labels and
+    coordinates go to ``answers_dir`` (``<data_dir>-answers`` by default), outside what a model reads.
+    """
+    data_dir = Path(data_dir)
+    answers_dir = Path(answers_dir) if answers_dir else data_dir.parent / f"{data_dir.name}-answers"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    answers_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(settings.seed)
+    ids = _study_ids(rng, settings.studies + settings.test_studies)
+    order = rng.permutation(len(ids))
+    train_ids = sorted(ids[i] for i in order[: settings.studies])
+    test_ids = sorted(ids[i] for i in order[settings.studies :])
+    jobs = [(data_dir / "train_images", sid, i, "train", settings) for i, sid in enumerate(train_ids)]
+    jobs += [(data_dir / "test_images", sid, i, "test", settings) for i, sid in enumerate(test_ids)]
+    workers = settings.workers or min(8, os.cpu_count() or 1)
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            records = list(pool.map(_run, jobs, chunksize=1))
+    else:
+        records = [_run(job) for job in jobs]
+    train, test = records[: len(train_ids)], records[len(train_ids) :]
+
+    label_header = ["study_id", *LABEL_COLUMNS]
+    coord_header = ["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]
+    series_header = ["study_id", "series_id", "series_description"]
+    for target_dir, name, recs in ((data_dir, "train", train), (answers_dir, "test", test)):
+        _write_csv(target_dir / f"{name}.csv", label_header,
+                   ([r.study_id, *(r.labels[c] for c in LABEL_COLUMNS)] for r in recs))
+        _write_csv(target_dir / f"{name}_label_coordinates.csv", coord_header,
+                   ([r.study_id, *c] for r in recs for c in r.coordinates))
+    for name, recs in (("train", train), ("test", test)):
+        _write_csv(data_dir / f"{name}_series_descriptions.csv", series_header,
+                   ([r.study_id, sid, desc] for r in recs for sid, desc in r.series))
+    sample_rows = sorted(row_id(r.study_id, c, lv) for r in test for c in CONDITIONS for lv in LEVELS)
+    _write_csv(data_dir / "sample_submission.csv", ["row_id", *PROBABILITY_COLUMNS],
+               ([rid, 1 / 3, 1 / 3, 1 / 3] for rid in sample_rows))
+    return {"data_dir": str(data_dir), "answers_dir": str(answers_dir),
+            "train_studies": len(train), "test_studies": len(test)}

@@ -1,0 +1,50 @@
+"""Small real DICOM files with chosen geometry and quirks, for the data-layer tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+def write_mr(path: Path, pixels: np.ndarray, *, instance: int, position=(0.0, 0.0, 0.0), orientation=SAGITTAL,
+             spacing=(0.8, 0.8), description="Sagittal T2/STIR", monochrome1=False, rescale=None,
+             compress=None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "MR"
+    ds.InstanceNumber = instance
+    ds.SeriesDescription = description
+    ds.ImagePositionPatient = list(position)
+    ds.ImageOrientationPatient = list(orientation)
+    ds.PixelSpacing = list(spacing)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    pixels = pixels.astype(np.uint16)
+    ds.PixelData = pixels.tobytes()
+    if compress is not None:
+        ds.compress(compress, pixels, generate_instance_uid=False)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def ramp(rows=24, cols=20, offset=0) -> np.ndarray:
+    return (np.arange(rows * cols).reshape(rows, cols) + offset).astype(np.uint16)

@@ -1,0 +1,103 @@
+"""The DICOM layer on real files: geometry ordering, rescale, MONOCHROME1, compression, stacks, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import JPEG2000Lossless, RLELossless
+
+from dicom_factory import AXIAL, ramp, write_mr
+from spinegrade.data.dicom import main_stack, read_series, read_slice
+from spinegrade.errors import DicomReadError
+
+
+def test_series_ordered_by_position_not_instance_or_name(tmp_path):
+    # Instance numbers start at 5031 and run against the slice positions (right-to-left series).
+    xs = [12.0, 8.0, 4.0, 0.0]
+    for k, x in enumerate(xs):
+        write_mr(tmp_path / f"{5031 + k}.dcm", ramp(offset=k), instance=5031 + k, position=(x, -50.0, 60.0))
+    stack = main_stack(read_series(tmp_path))
+    # Sagittal normal is -x, so ascending distance means descending x.
+    assert [s.position[0] for s in stack.slices] == sorted(xs, reverse=True)
+    assert [s.instance_number for s in stack.slices] == [5031, 5032, 5033, 5034]
+    distances = [s.distance for s in stack.slices]
+    assert distances == sorted(distances)
+
+
+def test_reversed_positions_give_reversed_order(tmp_path):
+    for k, x in enumerate([0.0, 4.0, 8.0]):
+        write_mr(tmp_path / f"{k + 1}.dcm", ramp(), instance=k + 1, position=(x, 0.0, 0.0))
+    stack = main_stack(read_series(tmp_path))
+    assert [s.instance_number for s in stack.slices] == [3, 2, 1]
+
+
+def test_two_axial_stacks_in_one_series_and_different_sizes(tmp_path):
+    tilted = (1.0, 0.0, 0.0, 0.0, np.cos(0.2), np.sin(0.2))
+    for k in range(3):
+        write_mr(tmp_path / f"{k + 1}.dcm", ramp(24, 20), instance=k + 1, position=(0, 0, 10.0 * k), orientation=AXIAL,
+                 description="Axial T2")
+    for k in range(2):
+        write_mr(tmp_path / f"{k + 4}.dcm", ramp(30, 28), instance=k + 4, position=(0, 0, 100 + 10.0 * k),
+                 orientation=tilted, description="Axial T2")
+    stacks = read_series(tmp_path)
+    assert sorted(len(s) for s in stacks) == [2, 3]
+    shapes = {s.pixels.shape for st in stacks for s in st.slices}
+    assert shapes == {(24, 20), (30, 28)}
+
+
+def test_rescale_and_monochrome1(tmp_path):
+    raw = ramp()
+    plain = read_slice(write_mr(tmp_path / "a.dcm", raw, instance=1))
+    scaled = read_slice(write_mr(tmp_path / "b.dcm", raw, instance=1, rescale=(2.0, -100.0)))
+    inverted = read_slice(write_mr(tmp_path / "c.dcm", raw, instance=1, monochrome1=True))
+    np.testing.assert_allclose(plain.pixels, raw)
+    np.testing.assert_allclose(scaled.pixels, raw * 2.0 - 100.0)
+    # MONOCHROME1: high values are dark, so the brightest pixel becomes the darkest.
+    assert inverted.pixels.argmax() == raw.argmin() and inverted.pixels.argmin() == raw.argmax()
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless])
+def test_compressed_files_we_write_decode_losslessly(tmp_path, syntax):
+    raw = (ramp(32, 32) * 7) % 4000
+    s = read_slice(write_mr(tmp_path / "x.dcm", raw, instance=1, compress=syntax))
+    np.testing.assert_array_equal(s.pixels, raw)
+
+
+@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm"])
+def test_pydicom_reference_files_decode_like_the_uncompressed_one(name):
+    reference = read_slice(get_testdata_file("MR_small.dcm"))
+    compressed = read_slice(get_testdata_file(name))
+    np.testing.assert_array_equal(compressed.pixels, reference.pixels)
+    assert compressed.pixel_spacing == reference.pixel_spacing
+
+
+def test_jpeg_baseline_colour_file_reads_one_plane():
+    s = read_slice(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
+    assert s.pixels.ndim == 2 and s.pixels.shape == s.shape
+
+
+def test_unreadable_files_are_named(tmp_path):
+    bad = tmp_path / "series" / "7.dcm"
+    bad.parent.mkdir()
+    bad.write_bytes(b"this is not a dicom file" * 10)
+    with pytest.raises(DicomReadError, match="7.dcm"):
+        read_slice(bad)
+    with pytest.raises(DicomReadError, match="MR_truncated.dcm"):
+        read_slice(get_testdata_file("MR_truncated.dcm"))
+    # A series with one bad file: raises by default, or collects it and keeps the rest.
+    write_mr(tmp_path / "series" / "1.dcm", ramp(), instance=1)
+    with pytest.raises(DicomReadError):
+        read_series(tmp_path / "series")
+    errors = []
+    stacks = read_series(tmp_path / "series", errors=errors)
+    assert len(errors) == 1 and errors[0].path == bad
+    assert len(main_stack(stacks)) == 1
+
+
+def test_pixel_to_patient_round_trip(tmp_path):
+    s = read_slice(write_mr(tmp_path / "a.dcm", ramp(), instance=1, position=(3.0, -40.0, 80.0), spacing=(0.7, 0.9)))
+    point = s.pixel_to_patient(5.5, 11.0)
+    x, y, d = s.patient_to_pixel(point)
+    assert (round(x, 6), round(y, 6), round(d, 6)) == (5.5, 11.0, 0.0)
+    np.testing.assert_allclose(point, [3.0, -40.0 + 5.5 * 0.9, 80.0 - 11.0 * 0.7])
