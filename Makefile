@@ -3,6 +3,9 @@
 #   make test                          the whole test suite
 #   make download                      the real competition data into input/ (Kaggle credentials)
 #   make index / make folds            data report / patient-grouped folds for DATA_DIR
+#   make train-fold BACKBONE=convnext FOLD=0    one backbone, one fold
+#   make train BACKBONE=convnext                 one backbone, every fold
+#   make train-all                               every backbone of the method (BACKBONES), every fold
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,14 +16,21 @@ STAMP := $(VENV)/.installed
 DATA_DIR ?= input/rsna-2024-lumbar-spine-degenerative-classification
 FOLDS ?= input/folds.csv
 N_FOLDS ?= 5
+OUTPUT_DIR ?= .
+BACKBONE ?= convnext
+FOLD ?= 0
+BACKBONES ?= vit swin beit efficientnet resnet152 convnext
+TRAIN_FLAGS ?=
 
 # The demo keeps its own synthetic data beside (never over) a real download.
 DEMO_DATA ?= input/demo/rsna-2024-lumbar-spine-degenerative-classification
 DEMO_FOLDS ?= input/demo/folds.csv
 DEMO_STUDIES ?= 60
 DEMO_TEST_STUDIES ?= 8
+DEMO_OUTPUT ?= runs/demo
+DEMO_BACKBONES ?= efficientnet_lite0
 
-.PHONY: install demo test download index folds synth clean-demo
+.PHONY: install demo test download index folds synth clean-demo train-fold train train-all
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +48,8 @@ demo: install
 		--test-studies $(DEMO_TEST_STUDIES) --image-size 192 288 --seed 0
 	$(SPINEGRADE) index --data-dir $(DEMO_DATA)
 	$(SPINEGRADE) folds --data-dir $(DEMO_DATA) --n-folds $(N_FOLDS) --out $(DEMO_FOLDS)
+	$(SPINEGRADE) train --models $(DEMO_BACKBONES) --data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) \
+		--output-dir $(DEMO_OUTPUT) $(TRAIN_FLAGS)
 
 synth: install
 	$(SPINEGRADE) synth $(DATA_DIR)
@@ -51,5 +63,15 @@ index: install
 folds: install
 	$(SPINEGRADE) folds --data-dir $(DATA_DIR) --n-folds $(N_FOLDS) --out $(FOLDS)
 
+train-fold: install
+	$(SPINEGRADE) train --models $(BACKBONE) --fold $(FOLD) --data-dir $(DATA_DIR) --folds $(FOLDS) \
+		--output-dir $(OUTPUT_DIR) $(TRAIN_FLAGS)
+
+train: install
+	$(SPINEGRADE) train --models $(BACKBONE) --data-dir $(DATA_DIR) --folds $(FOLDS) --output-dir $(OUTPUT_DIR) $(TRAIN_FLAGS)
+
+train-all: install
+	$(SPINEGRADE) train --models $(BACKBONES) --data-dir $(DATA_DIR) --folds $(FOLDS) --output-dir $(OUTPUT_DIR) $(TRAIN_FLAGS)
+
 clean-demo:
-	rm -rf input/demo
+	rm -rf input/demo $(DEMO_OUTPUT)

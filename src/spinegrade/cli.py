@@ -59,6 +59,53 @@ def cmd_download(args: argparse.Namespace) -> None:
     print(f"competition data in {target}")
 
 
+# Settings a training run takes from the command line, with the published command's spellings;
+# dashed spellings (--batch-size) work too. None means "as in the config".
+TRAIN_OVERRIDES: list[tuple[str, type, str]] = [
+    ("batch_size", int, "samples per batch (32)"),
+    ("num_epochs", int, "epochs (30)"),
+    ("learning_rate", float, "AdamW learning rate (1e-4)"),
+    ("weight_decay", float, "AdamW weight decay (0.02)"),
+    ("level_embeddings", int, "size of the level embedding (256)"),
+    ("freeze_backbone", str, "freeze the backbone: true/false (true)"),
+    ("unfreeze_last_n", int, "backbone parameter tensors trained again when frozen (32)"),
+    ("image_size", int, "model input size in pixels (224)"),
+    ("input", str, "full: whole slice resized; crop: crop_mm around the point"),
+    ("crop_mm", float, "crop size in millimetres (48)"),
+    ("pretrained", str, "start from ImageNet weights: true/false (true)"),
+    ("weights", str, "local backbone weights file (safetensors or .pth)"),
+    ("seed", int, "random seed (42)"),
+    ("class_weights", str, "inverse_frequency, competition (1/2/4) or none"),
+    ("num_workers", int, "data loader worker processes"),
+    ("backbone", str, "timm model name, overriding the config's"),
+]
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from spinegrade.config import load_config
+    from spinegrade.data.folds import read_folds
+    from spinegrade.train import train_fold
+
+    overrides = {name: getattr(args, name) for name, _, _ in TRAIN_OVERRIDES}
+    configs = [load_config(name, overrides) for name in args.models]  # fail early on any bad name
+    folds = args.fold if args.fold is not None else sorted(read_folds(args.folds)["fold"].unique())
+    results = []
+    for config in configs:
+        for fold in folds:
+            results.append(train_fold(config, args.data_dir, args.folds, args.output_dir, int(fold),
+                                      resume=args.resume, force=args.force, device=args.device))
+    print("\nname                 fold  best epoch  held-out loss  class prior")
+    for r in results:
+        print(f"{r.name:20s} {r.fold:4d}  {r.best_epoch + 1:10d}  {r.best_score:13.4f}  {r.prior_score:11.4f}"
+              f"{'  (already trained)' if r.skipped else ''}")
+    from spinegrade.evaluate import format_scores, oof_scores, read_oof
+
+    for config in configs:
+        oof = read_oof(args.output_dir, config.name)
+        if not oof.empty:
+            print(format_scores(config.name, oof_scores(oof)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spinegrade", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", type=Path, default=DEFAULT_FOLDS)
     p.set_defaults(func=cmd_folds)
+
+    p = sub.add_parser("train", help="train backbones fold by fold; out-of-fold predictions to OUTPUT/oof/")
+    p.add_argument("--models", "--model", nargs="+", required=True, help="config names in configs/ (or YAML files)")
+    p.add_argument("--fold", type=int, nargs="+", default=None, help="fold(s) to train (default: every fold)")
+    p.add_argument("--data-dir", "--data_dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--folds", type=Path, default=DEFAULT_FOLDS)
+    p.add_argument("--output-dir", "--output_dir", type=Path, default=Path("."),
+                   help="where trained_models/, oof/, cache/ go (default: here)")
+    p.add_argument("--resume", action="store_true", help="continue each fold from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="retrain folds already finished")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    for name, kind, help_text in TRAIN_OVERRIDES:
+        p.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help_text)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("download", help="download the competition data with the kaggle command")
     p.add_argument("--dest", type=Path, default=Path("input"))

@@ -57,8 +57,9 @@ GRADE_PRIORS: dict[str, tuple[tuple[float, float, float], ...]] = {
     "subarticular_stenosis": ((0.930, 0.056, 0.014), (0.827, 0.132, 0.041), (0.670, 0.231, 0.099),
                               (0.451, 0.316, 0.233), (0.714, 0.205, 0.081)),
 }
-# How much a grade narrows its structure (fraction of the normal size removed), drawn uniformly.
-NARROWING = ((0.0, 0.22), (0.40, 0.58), (0.68, 0.86))
+# How much a grade narrows its structure (fraction of the normal size removed), drawn uniformly;
+# neighbouring grades nearly touch, so the boundary cases are hard, as readers find them.
+NARROWING = ((0.0, 0.28), (0.32, 0.60), (0.56, 0.88))
 
 # Tissue intensities (arbitrary units, 1 = CSF on T2) per contrast.
 TISSUES = {

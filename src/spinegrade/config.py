@@ -1,0 +1,130 @@
+"""Training settings: defaults of the published method, a YAML per backbone, command-line overrides.
+
+Precedence, lowest first: the dataclass defaults below (the published method's), then
+``configs/<name>.yaml``, then flags given on the command line. The resolved settings are saved
+beside the weights so a run always says what it did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spinegrade.errors import SpinegradeError
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+_TRUE = {"true", "1", "yes", "y", "on", "t"}
+_FALSE = {"false", "0", "no", "n", "off", "f"}
+
+
+def parse_bool(value: Any) -> bool:
+    """A real boolean: "False", "false" and "0" mean false (a plain ``bool("False")`` would be true)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise SpinegradeError(f"not a boolean: {value!r} (use true/false, 1/0, yes/no)")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. Field names follow the published command's flags."""
+
+    name: str = "convnext"  # the config's name: oof/<name>/, trained_models/<name>/
+    backbone: str = "convnext_base.fb_in22k_ft_in1k"  # any timm model name
+    pretrained: bool = True
+    weights: str | None = None  # local file with the backbone's weights (safetensors or .pth)
+    level_embeddings: int = 256
+    hidden_sizes: tuple[int, int] = (512, 256)
+    dropout: float = 0.1
+    freeze_backbone: bool = True
+    unfreeze_last_n: int = 32
+    input: str = "full"  # "full": the whole slice resized; "crop": a fixed physical size around the point
+    crop_mm: float = 48.0
+    image_size: int = 224
+    batch_size: int = 32
+    num_epochs: int = 30
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.02
+    class_weights: str = "inverse_frequency"  # or "competition" (1/2/4) or "none"
+    rotation_degrees: float = 15.0
+    flip_probability: float = 0.5
+    seed: int = 42
+    num_workers: int = 2
+    condition: str = "spinal_canal_stenosis"
+    extra: dict = field(default_factory=dict)  # unknown YAML keys, kept so nothing is silently lost
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["hidden_sizes"] = list(self.hidden_sizes)
+        return d
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_BOOL_FIELDS = {"pretrained", "freeze_backbone"}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if key in _BOOL_FIELDS:
+        return parse_bool(value)
+    default = getattr(TrainConfig(), key)
+    try:
+        if key == "hidden_sizes":
+            return tuple(int(v) for v in value)
+        if isinstance(default, bool):
+            return parse_bool(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except (TypeError, ValueError):
+        raise SpinegradeError(f"setting {key}: {value!r} is not a valid {type(default).__name__}") from None
+    return value
+
+
+def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
+    return sorted(p.stem for p in config_dir.glob("*.yaml"))
+
+
+def load_config(name_or_path: str, overrides: dict[str, Any] | None = None, config_dir: Path = CONFIG_DIR) -> TrainConfig:
+    """``name_or_path``: a config name in ``configs/`` or a YAML file; ``overrides`` win over it."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = config_dir / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise SpinegradeError(
+            f"no config {name_or_path!r} ({path}); available: {', '.join(available_configs(config_dir)) or 'none'}"
+        )
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SpinegradeError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(values, dict):
+        raise SpinegradeError(f"{path}: expected a mapping of settings")
+    values.setdefault("name", path.stem)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    known, extra = {}, {}
+    for key, value in values.items():
+        (known if key in _FIELDS and key != "extra" else extra)[key] = value
+    config = TrainConfig(**{k: _coerce(k, v) for k, v in known.items()}, extra=extra)
+    if config.input not in ("full", "crop"):
+        raise SpinegradeError(f"{path}: input must be 'full' or 'crop', got {config.input!r}")
+    if config.class_weights not in ("inverse_frequency", "competition", "none"):
+        raise SpinegradeError(f"{path}: class_weights must be inverse_frequency, competition or none")
+    return config
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

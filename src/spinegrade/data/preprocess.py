@@ -1,0 +1,158 @@
+"""Decode each needed DICOM slice once into model-ready 8-bit images, cached on disk.
+
+Training never touches DICOM: every sample's image (the whole slice resized, or a crop of fixed
+physical size around the labelled point) is computed once and stored in one memory-mapped array
+per cache key. The key covers everything that changes the bytes (condition, input mode, image
+size, crop size, the samples and their points, the preprocessing version), so folds and backbones
+sharing those settings share the cache, and a changed setting can never read a stale one. A cache
+is written to a temporary folder and renamed into place: a killed build leaves nothing trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from spinegrade.constants import LEVELS
+from spinegrade.data.dicom import read_slice
+from spinegrade.errors import DicomReadError
+
+PREPROCESS_VERSION = 1
+# Intensity window: robust to the scanner's arbitrary scale and to a few hot pixels.
+LOW_PERCENTILE, HIGH_PERCENTILE = 1.0, 99.5
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    condition: str
+    input: str  # "full" or "crop"
+    image_size: int
+    crop_mm: float
+
+    @classmethod
+    def from_config(cls, config) -> "PreprocessSettings":
+        return cls(config.condition, config.input, config.image_size, config.crop_mm)
+
+
+def window_to_uint8(pixels: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(pixels, [LOW_PERCENTILE, HIGH_PERCENTILE])
+    scaled = (pixels.astype(np.float32) - lo) * (255.0 / max(hi - lo, 1e-6))
+    return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
+def prepare_image(pixels: np.ndarray, pixel_spacing: tuple[float, float], x: float, y: float,
+                  settings: PreprocessSettings) -> np.ndarray:
+    """The model's input for one point on one slice, as an ``image_size`` square of uint8."""
+    image = window_to_uint8(pixels)
+    size = settings.image_size
+    if settings.input == "full":
+        return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    row_spacing, col_spacing = pixel_spacing
+    mm_per_output_pixel = settings.crop_mm / size
+    sx, sy = col_spacing / mm_per_output_pixel, row_spacing / mm_per_output_pixel
+    if sx < 1 or sy < 1:
+        # Shrinking: average pixels first (INTER_AREA) so the crop does not alias, then crop at scale 1.
+        h, w = image.shape
+        new_w, new_h = max(1, round(w * sx)), max(1, round(h * sy))
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+        x, y = (x + 0.5) * new_w / w - 0.5, (y + 0.5) * new_h / h - 0.5
+        sx, sy = 1.0, 1.0
+    # Output pixel u shows input point x + (u - (size - 1) / 2) / sx: the point lands in the centre.
+    centre = (size - 1) / 2
+    matrix = np.array([[sx, 0.0, centre - sx * x], [0.0, sy, centre - sy * y]])
+    return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=0)
+
+
+@dataclass
+class SampleCache:
+    """Cached images (N, H, W) uint8, memory-mapped, and their samples table (row i <-> image i)."""
+
+    directory: Path
+    images: np.ndarray
+    samples: pd.DataFrame
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def cache_key(settings: PreprocessSettings, samples: pd.DataFrame) -> str:
+    identity = samples[["study_id", "condition", "level", "image_path", "x", "y"]].astype(str).to_csv(index=False)
+    payload = json.dumps({"settings": asdict(settings), "version": PREPROCESS_VERSION}, sort_keys=True) + identity
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _prepare_file(args) -> tuple[list[int], list[np.ndarray], str | None]:
+    """All samples on one DICOM file: the file is decoded once whatever the number of levels on it."""
+    path, rows, settings = args
+    try:
+        s = read_slice(path)
+    except DicomReadError as exc:
+        return [], [], str(exc)
+    if min(s.shape) < 8:
+        return [], [], f"{path}: image of {s.shape[0]}x{s.shape[1]} pixels is too small to grade"
+    images = [prepare_image(s.pixels, s.pixel_spacing, x, y, settings) for _, x, y in rows]
+    return [i for i, _, _ in rows], images, None
+
+
+def build_cache(samples: pd.DataFrame, settings: PreprocessSettings, cache_root: str | Path,
+                workers: int = 0, log=print) -> SampleCache:
+    """Cache the images of ``samples`` (usable rows of the tidy index) or reuse a cache with the same key.
+
+    Samples whose file turns out unreadable are dropped (and logged with the file's path).
+    """
+    samples = samples.reset_index(drop=True)
+    key = cache_key(settings, samples)
+    directory = Path(cache_root) / f"{settings.condition}-{settings.input}-{settings.image_size}-{key}"
+    if (directory / "samples.csv").is_file() and (directory / "images.npy").is_file():
+        return open_cache(directory)
+    jobs = [
+        (path, [(int(i), float(r.x), float(r.y)) for i, r in group.iterrows()], settings)
+        for path, group in samples.groupby("image_path", sort=True)
+    ]
+    workers = workers or min(8, os.cpu_count() or 1)
+    images = np.zeros((len(samples), settings.image_size, settings.image_size), dtype=np.uint8)
+    ok = np.zeros(len(samples), dtype=bool)
+    if workers > 1 and len(jobs) > 8:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(_prepare_file, jobs, chunksize=max(1, len(jobs) // (workers * 8))))
+    else:
+        results = [_prepare_file(job) for job in jobs]
+    for indices, prepared, error in results:
+        if error:
+            log(f"skipped: {error}")
+        for i, image in zip(indices, prepared):
+            images[i] = image
+            ok[i] = True
+    kept = samples[ok].reset_index(drop=True)
+    kept = kept.assign(level_index=kept["level"].map({lv: i for i, lv in enumerate(LEVELS)}))
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        np.save(tmp / "images.npy", images[ok])
+        kept.to_csv(tmp / "samples.csv", index=False)
+        (tmp / "settings.json").write_text(json.dumps({**asdict(settings), "version": PREPROCESS_VERSION}, indent=1))
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size_mb = (directory / "images.npy").stat().st_size / 1e6
+    log(f"cache: {len(kept)} samples from {len(jobs)} files in {directory} ({size_mb:.1f} MB)")
+    return open_cache(directory)
+
+
+def open_cache(directory: str | Path) -> SampleCache:
+    directory = Path(directory)
+    images = np.load(directory / "images.npy", mmap_mode="r")
+    samples = pd.read_csv(directory / "samples.csv")
+    return SampleCache(directory, images, samples)

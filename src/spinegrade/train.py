@@ -1,0 +1,330 @@
+"""Train one backbone on one fold: train on the other folds, pick the best epoch on the held-out fold
+by the competition's weighted log loss, and write that epoch's held-out predictions (out-of-fold).
+
+What a fold leaves in ``OUTPUT/trained_models/<name>/fold<k>/`` describes itself:
+``config.yaml`` (resolved settings), ``model.json`` (construction arguments, input size and
+normalisation, label names, fold), ``best.safetensors`` (weights of the best epoch),
+``last.pt`` (model, optimiser and progress for ``--resume``; tensors only, loaded with
+``weights_only=True``), ``metrics.csv`` (one row per epoch) and ``done.json`` once finished.
+The out-of-fold predictions go to ``OUTPUT/oof/<name>/fold<k>.csv``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from spinegrade.config import TrainConfig, save_config
+from spinegrade.constants import PROBABILITY_COLUMNS, SEVERITIES, SEVERITY_WEIGHTS, row_id
+from spinegrade.data.dataset import LevelDataset, build_transform, mirrored_targets
+from spinegrade.data.folds import read_folds, write_csv_atomic
+from spinegrade.data.index import build_index
+from spinegrade.data.preprocess import PreprocessSettings, SampleCache, build_cache
+from spinegrade.errors import SpinegradeError
+from spinegrade.metrics import competition_score, weighted_prior
+from spinegrade.models.classifier import (
+    LevelClassifier,
+    ModelSpec,
+    apply_freezing,
+    input_statistics,
+    load_pretrained,
+    save_state,
+)
+
+
+@dataclass
+class FoldResult:
+    name: str
+    fold: int
+    best_epoch: int
+    best_score: float
+    prior_score: float
+    oof_path: Path
+    skipped: bool = False
+
+
+def fold_dir(output_dir: Path, name: str, fold: int) -> Path:
+    return Path(output_dir) / "trained_models" / name / f"fold{fold}"
+
+
+def oof_path(output_dir: Path, name: str, fold: int) -> Path:
+    return Path(output_dir) / "oof" / name / f"fold{fold}.csv"
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffles with a permutation drawn from (seed, epoch), so an epoch is the same whether it runs
+    first or after a ``--resume``; it hands the dataset ``epoch * n + index`` so that augmentation
+    can be seeded per (epoch, sample) whatever worker draws it."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n) if self.shuffle else np.arange(self.n)
+        return iter((self.epoch * self.n + order).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """Decodes the sampler's ``epoch * n + i`` and seeds the augmentation from (seed, epoch, sample)."""
+
+    def __init__(self, dataset: LevelDataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, encoded: int) -> dict:
+        epoch, i = divmod(int(encoded), len(self.dataset))
+        self.dataset.transform.set_random_seed(hash((self.seed, epoch, i)) % (2**31))
+        return self.dataset[i]
+
+
+def class_weights(targets: np.ndarray, mode: str) -> torch.Tensor:
+    if mode == "competition":
+        return torch.tensor(SEVERITY_WEIGHTS, dtype=torch.float32)
+    if mode == "none":
+        return torch.ones(3)
+    counts = np.array([(targets == k).sum() for k in range(3)], dtype=np.float64)
+    weights = len(targets) / (3 * np.maximum(counts, 1))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def select_device(requested: str | None = None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def load_samples(config: TrainConfig, data_dir: Path, folds_path: Path, log=print) -> pd.DataFrame:
+    """Usable samples of the config's condition with their fold; what is skipped is counted in the log."""
+    index = build_index(data_dir, check_images=False)
+    rows = index.table[index.table["condition"] == config.condition]
+    unlabelled = int((rows["severity"] < 0).sum())
+    no_point = int(((rows["severity"] >= 0) & rows["instance_number"].isna()).sum())
+    samples = rows[rows["usable"]]
+    folds = read_folds(folds_path)
+    merged = samples.merge(folds, on="study_id", how="left")
+    not_in_folds = merged["fold"].isna()
+    if not_in_folds.any():
+        log(f"warning: {merged.loc[not_in_folds, 'study_id'].nunique()} studies are not in {folds_path}; skipped")
+    merged = merged[~not_in_folds].astype({"fold": int})
+    log(f"{config.condition}: {len(merged)} samples from {merged['study_id'].nunique()} studies "
+        f"(skipped: {unlabelled} unlabelled levels, {no_point} labelled levels without a point)")
+    if merged.empty:
+        raise SpinegradeError(f"no usable {config.condition} samples in {data_dir}")
+    return merged
+
+
+def predict_probabilities(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and the sample indices they belong to."""
+    model.eval()
+    probs, indices = [], []
+    use_bf16 = device.type == "cuda"
+    with torch.inference_mode():
+        for batch in loader:
+            image = batch["image"].to(device, non_blocking=True)
+            if device.type == "cuda":
+                image = image.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                logits = model(image, batch["level"].to(device, non_blocking=True))
+            probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+            indices.append(batch["index"].numpy())
+    return np.concatenate(probs), np.concatenate(indices)
+
+
+def _score(samples: pd.DataFrame, probs: np.ndarray) -> dict[str, float]:
+    frame = samples[["study_id", "condition", "severity"]].reset_index(drop=True).copy()
+    frame[list(PROBABILITY_COLUMNS)] = probs
+    return competition_score(frame)
+
+
+def prior_probabilities(train: pd.DataFrame, held_out: pd.DataFrame) -> np.ndarray:
+    """The weight-scaled class prior of each level, from the training folds, for the held-out rows."""
+    per_level = {lv: weighted_prior(g["severity"].to_numpy()) for lv, g in train.groupby("level")}
+    overall = weighted_prior(train["severity"].to_numpy())
+    return np.stack([per_level.get(lv, overall) for lv in held_out["level"]])
+
+
+def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path, output_dir: str | Path,
+               fold: int, resume: bool = False, force: bool = False, device: str | None = None,
+               log=print) -> FoldResult:
+    data_dir, folds_path, output_dir = Path(data_dir), Path(folds_path), Path(output_dir)
+    out = fold_dir(output_dir, config.name, fold)
+    done = out / "done.json"
+    if done.is_file() and not force and not resume:
+        info = json.loads(done.read_text())
+        log(f"{config.name} fold {fold}: already trained (best epoch {info['best_epoch']}, "
+            f"loss {info['best_score']:.4f}); use --force to retrain")
+        return FoldResult(config.name, fold, info["best_epoch"], info["best_score"], info["prior_score"],
+                          oof_path(output_dir, config.name, fold), skipped=True)
+    samples = load_samples(config, data_dir, folds_path, log)
+    if fold not in set(samples["fold"]):
+        raise SpinegradeError(f"fold {fold} not in {folds_path} (folds: {sorted(set(samples['fold']))})")
+    cache = build_cache(samples, PreprocessSettings.from_config(config), output_dir / "cache", log=log)
+    table = cache.samples
+    train_idx = np.flatnonzero(table["fold"].to_numpy() != fold)
+    val_idx = np.flatnonzero(table["fold"].to_numpy() == fold)
+    targets = table["severity"].to_numpy()
+    log(f"{config.name} fold {fold}: {len(train_idx)} training samples, {len(val_idx)} held out")
+
+    device_ = select_device(device)
+    _seed_everything(config.seed)
+    spec = ModelSpec(config.backbone, config.level_embeddings, tuple(config.hidden_sizes), config.dropout)
+    model = LevelClassifier(spec)
+    log(load_pretrained(model, config.pretrained, config.weights))
+    trainable, frozen = apply_freezing(model, config.freeze_backbone, config.unfreeze_last_n)
+    log(f"parameters: {trainable:,} trainable, {frozen:,} frozen (freeze_backbone={config.freeze_backbone}, "
+        f"unfreeze_last_n={config.unfreeze_last_n} backbone tensors)")
+    mean, std = input_statistics(model.backbone)
+    model.to(device_)
+    if device_.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+
+    weights = class_weights(targets[train_idx], config.class_weights)
+    log(f"class weights ({config.class_weights}): " + ", ".join(f"{s} {w:.3f}" for s, w in zip(SEVERITIES, weights.tolist())))
+    criterion = nn.CrossEntropyLoss(weight=weights.to(device_))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+
+    levels = table["level_index"].to_numpy()
+    flipped = mirrored_targets(table, targets)
+    train_set = SeededDataset(LevelDataset(cache.images, levels, targets, build_transform(
+        mean, std, True, config.flip_probability, config.rotation_degrees), train_idx, flipped), config.seed)
+    val_set = LevelDataset(cache.images, levels, targets, build_transform(mean, std, False), val_idx)
+    train_sampler = EpochSampler(len(train_set), config.seed, shuffle=True)
+    workers = max(0, int(config.num_workers))
+    loader_args = dict(num_workers=workers, pin_memory=device_.type == "cuda", persistent_workers=workers > 0)
+    train_loader = DataLoader(train_set, batch_size=config.batch_size, sampler=train_sampler,
+                              drop_last=len(train_set) > config.batch_size, **loader_args)
+    val_loader = DataLoader(val_set, batch_size=config.batch_size * 2, shuffle=False, **loader_args)
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    _atomic_text(out / "model.json", json.dumps({
+        **spec.to_dict(), "input": config.input, "image_size": config.image_size, "crop_mm": config.crop_mm,
+        "mean": list(mean), "std": list(std), "labels": list(SEVERITIES), "condition": config.condition,
+        "fold": fold, "name": config.name}, indent=1))
+
+    val_rows = table.iloc[val_idx].reset_index(drop=True)
+    prior_score = _score(val_rows, prior_probabilities(table.iloc[train_idx], val_rows))["score"]
+    start_epoch, best_score, best_epoch, history = 0, math.inf, -1, []
+    last = out / "last.pt"
+    if resume and last.is_file():
+        state = torch.load(last, map_location=device_, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, best_score, best_epoch = int(state["epoch"]) + 1, float(state["best_score"]), int(state["best_epoch"])
+        if (out / "metrics.csv").is_file():
+            history = pd.read_csv(out / "metrics.csv").query("epoch < @start_epoch").to_dict("records")
+        log(f"resumed after epoch {start_epoch - 1} (best so far: epoch {best_epoch}, loss {best_score:.4f})")
+    elif resume:
+        log(f"no checkpoint in {out}; starting from the first epoch")
+
+    use_bf16 = device_.type == "cuda"
+    for epoch in range(start_epoch, config.num_epochs):
+        started = time.perf_counter()
+        model.train()
+        torch.manual_seed(config.seed * 1000 + epoch)  # dropout: same stream on a resumed run
+        train_sampler.set_epoch(epoch)
+        total_loss, correct, seen = 0.0, 0, 0
+        for batch in _progress(train_loader, f"epoch {epoch + 1}/{config.num_epochs}"):
+            image = batch["image"].to(device_, non_blocking=True)
+            if device_.type == "cuda":
+                image = image.contiguous(memory_format=torch.channels_last)
+            level = batch["level"].to(device_, non_blocking=True)
+            target = batch["target"].to(device_, non_blocking=True)
+            with torch.autocast(device_.type, dtype=torch.bfloat16, enabled=use_bf16):
+                logits = model(image, level)
+                loss = criterion(logits.float(), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(target)
+            correct += int((logits.argmax(1) == target).sum())
+            seen += len(target)
+        probs, idx = predict_probabilities(model, val_loader, device_)
+        order = np.argsort(idx)
+        probs = probs[order]
+        held = table.iloc[np.sort(idx)].reset_index(drop=True)
+        scores = _score(held, probs)
+        val_loss = float(nn.functional.cross_entropy(torch.log(torch.tensor(probs).clamp_min(1e-15)),
+                                                     torch.tensor(held["severity"].to_numpy()), weight=weights))
+        row = {"epoch": epoch, "train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+               "val_loss": val_loss, "val_accuracy": float((probs.argmax(1) == held["severity"].to_numpy()).mean()),
+               "val_spinal": scores.get("spinal", float("nan")),
+               "val_any_severe_spinal": scores.get("any_severe_spinal", float("nan")),
+               "val_competition": scores["score"], "seconds": time.perf_counter() - started}
+        history.append(row)
+        improved = scores["score"] < best_score
+        if improved:
+            best_score, best_epoch = scores["score"], epoch
+            save_state(model, out / "best.safetensors")
+            write_oof(held, probs, oof_path(output_dir, config.name, fold), fold)
+        write_csv_atomic(pd.DataFrame(history), out / "metrics.csv")
+        _atomic_torch_save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "best_score": best_score, "best_epoch": best_epoch}, last)
+        log(f"epoch {epoch + 1}/{config.num_epochs}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
+            f"held-out loss {val_loss:.4f} acc {row['val_accuracy']:.3f} competition {scores['score']:.4f}"
+            f"{' (best)' if improved else ''} | {row['seconds']:.1f}s")
+    if best_epoch < 0:
+        raise SpinegradeError(f"{config.name} fold {fold}: no epoch was run (num_epochs={config.num_epochs})")
+    _atomic_text(done, json.dumps({"best_epoch": best_epoch, "best_score": best_score, "prior_score": prior_score,
+                                   "epochs": config.num_epochs}, indent=1))
+    log(f"{config.name} fold {fold}: best epoch {best_epoch + 1}, held-out competition loss {best_score:.4f} "
+        f"(weight-scaled class prior {prior_score:.4f})")
+    return FoldResult(config.name, fold, best_epoch, best_score, prior_score, oof_path(output_dir, config.name, fold))
+
+
+def write_oof(samples: pd.DataFrame, probs: np.ndarray, path: Path, fold: int) -> None:
+    frame = pd.DataFrame({
+        "row_id": [row_id(s, c, lv) for s, c, lv in zip(samples["study_id"], samples["condition"], samples["level"])],
+        **{col: probs[:, k] for k, col in enumerate(PROBABILITY_COLUMNS)},
+        "label": [SEVERITIES[k] for k in samples["severity"]],
+        "fold": fold,
+    })
+    write_csv_atomic(frame, path)
+
+
+def _progress(iterable, description: str):
+    """A progress bar on a terminal, silence in logs and tests."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(iterable, desc=description, leave=False)
+    return iterable

@@ -1,0 +1,66 @@
+"""Samples, augmentation and the left/right flip rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from spinegrade.constants import AXIAL_T2, SAGITTAL_T2
+from spinegrade.data.dataset import LevelDataset, build_transform, mirrored_targets
+from spinegrade.data.preprocess import PreprocessSettings, prepare_image
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _images(n=4, size=32):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (n, size, size), dtype=np.uint8)
+    images[:, :, : size // 2] = 0  # left half dark: a flip is visible
+    return images
+
+
+def test_augmentation_in_training_only_and_backbone_normalisation():
+    images = _images()
+    plain = LevelDataset(images, [0, 1, 2, 3], [0, 0, 1, 2], build_transform(MEAN, STD, train=False))
+    a, b = plain[1]["image"], plain[1]["image"]
+    assert a.shape == (3, 32, 32) and np.array_equal(a.numpy(), b.numpy())
+    expected = (images[1].astype(np.float32) / 255.0 - MEAN[0]) / STD[0]
+    np.testing.assert_allclose(a[0].numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(a[2].numpy(), (images[1] / 255.0 - MEAN[2]) / STD[2], atol=1e-5)
+    augmented = LevelDataset(images, [0, 1, 2, 3], [0, 0, 1, 2], build_transform(MEAN, STD, train=True, seed=1))
+    draws = [augmented[1]["image"].numpy() for _ in range(6)]
+    assert any(not np.allclose(draws[0], d) for d in draws[1:])
+
+
+def test_flip_swaps_left_right_label_on_axial_images_only():
+    samples = pd.DataFrame({
+        "study_id": [1, 1, 1],
+        "condition": ["left_subarticular_stenosis", "right_subarticular_stenosis", "spinal_canal_stenosis"],
+        "level": ["l4_l5"] * 3,
+        "series_description": [AXIAL_T2, AXIAL_T2, SAGITTAL_T2],
+    })
+    targets = np.array([2, 0, 1])
+    flipped = mirrored_targets(samples, targets)
+    assert flipped.tolist() == [0, 2, 1]
+    images = _images(3)
+    always_flip = build_transform(MEAN, STD, train=True, flip_probability=1.0, rotation_degrees=0, seed=0)
+    never_flip = build_transform(MEAN, STD, train=True, flip_probability=0.0, rotation_degrees=0, seed=0)
+    flipping = LevelDataset(images, [3, 3, 3], targets, always_flip, flipped_targets=flipped)
+    keeping = LevelDataset(images, [3, 3, 3], targets, never_flip, flipped_targets=flipped)
+    assert [int(flipping[i]["target"]) for i in range(3)] == [0, 2, 1]
+    assert [int(keeping[i]["target"]) for i in range(3)] == [2, 0, 1]
+    # The image really is mirrored: its dark half moved to the right.
+    assert flipping[0]["image"][0, :, -4:].mean() < flipping[0]["image"][0, :, :4].mean()
+
+
+def test_crop_keeps_physical_scale_and_centres_the_point():
+    pixels = np.zeros((200, 300), dtype=np.float32)
+    pixels[100, 150] = 1000.0  # one bright pixel at x=150, y=100
+    pixels[100, 160] = 1000.0  # and another 10 pixels (= 5 mm at 0.5 mm/pixel) to its right
+    settings = PreprocessSettings("spinal_canal_stenosis", "crop", image_size=41, crop_mm=41.0)
+    out = prepare_image(pixels, (0.5, 0.5), 150.0, 100.0, settings)
+    # 1 mm per output pixel: the point at the centre (20, 20), its neighbour 5 pixels right.
+    ys, xs = np.nonzero(out > 30)
+    assert 20 in xs and 25 in xs and set(ys) <= {19, 20, 21}
+    full = prepare_image(pixels, (0.5, 0.5), 150.0, 100.0, PreprocessSettings("spinal_canal_stenosis", "full", 64, 48.0))
+    assert full.shape == (64, 64) and full.dtype == np.uint8

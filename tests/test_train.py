@@ -1,0 +1,81 @@
+"""Real training on a small synthetic dataset: OOF files, learning beyond the prior, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from spinegrade.cli import main
+from spinegrade.config import load_config
+from spinegrade.constants import parse_row_id
+from spinegrade.data.folds import make_folds, write_csv_atomic
+from spinegrade.data.index import build_index
+from spinegrade.data.synthetic import SynthSettings, write_dataset
+from spinegrade.metrics import competition_score
+from spinegrade.train import fold_dir, oof_path, train_fold
+
+SMALL = {"image_size": 64, "batch_size": 16, "num_workers": 0, "learning_rate": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    data = root / "data"
+    write_dataset(data, SynthSettings(studies=30, test_studies=1, seed=11, image_size=(96, 128)))
+    folds = root / "folds.csv"
+    write_csv_atomic(make_folds(build_index(data, check_images=False).labels_wide(), n_folds=3, seed=0), folds)
+    return data, folds
+
+
+def _oof_score(paths):
+    oof = pd.concat([pd.read_csv(p) for p in paths])
+    parsed = [parse_row_id(r) for r in oof["row_id"]]
+    frame = oof.assign(study_id=[p[0] for p in parsed], condition=[p[1] for p in parsed],
+                       severity=oof["label"].map({"Normal/Mild": 0, "Moderate": 1, "Severe": 2}))
+    return oof, competition_score(frame)["score"]
+
+
+def test_two_folds_write_oof_for_exactly_their_studies_and_beat_the_prior(train_data, tmp_path):
+    data, folds_path = train_data
+    folds = pd.read_csv(folds_path)
+    out = tmp_path / "run"
+    code = main(["train", "--models", "efficientnet_lite0", "--fold", "0", "1", "--data-dir", str(data),
+                 "--folds", str(folds_path), "--output-dir", str(out), "--num_epochs", "5",
+                 "--image-size", "64", "--batch_size", "16", "--num-workers", "0", "--learning-rate", "1e-3"])
+    assert code == 0
+    paths = [oof_path(out, "efficientnet_lite0", k) for k in (0, 1)]
+    oof, score = _oof_score(paths)
+    for k, p in enumerate(paths):
+        studies = {parse_row_id(r)[0] for r in pd.read_csv(p)["row_id"]}
+        assert studies == set(folds.loc[folds["fold"] == k, "study_id"])
+    assert oof["row_id"].is_unique and (oof[["normal_mild", "moderate", "severe"]].sum(axis=1) - 1).abs().max() < 1e-5
+    priors = [json.loads((fold_dir(out, "efficientnet_lite0", k) / "done.json").read_text())["prior_score"] for k in (0, 1)]
+    assert score < 0.8 * min(priors), (score, priors)
+    model_json = json.loads((fold_dir(out, "efficientnet_lite0", 0) / "model.json").read_text())
+    assert model_json["backbone"] == "efficientnet_lite0" and model_json["labels"] == ["Normal/Mild", "Moderate", "Severe"]
+    assert model_json["mean"] == [0.485, 0.456, 0.406] and model_json["fold"] == 0
+    metrics = pd.read_csv(fold_dir(out, "efficientnet_lite0", 0) / "metrics.csv")
+    assert len(metrics) == 5 and {"train_loss", "val_loss", "val_competition", "val_accuracy"} <= set(metrics.columns)
+    # A finished fold is not retrained unless asked.
+    again = train_fold(load_config("efficientnet_lite0", SMALL), data, folds_path, out, 0, log=lambda *_: None)
+    assert again.skipped
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(train_data, tmp_path):
+    data, folds_path = train_data
+    settings = {**SMALL, "backbone": "resnet18", "pretrained": False, "name": "tiny"}
+    config3 = load_config("resnet18", {**settings, "num_epochs": 3})
+    straight = train_fold(config3, data, folds_path, tmp_path / "a", 2, log=lambda *_: None)
+    interrupted = train_fold(load_config("resnet18", {**settings, "num_epochs": 2}), data, folds_path,
+                             tmp_path / "b", 2, log=lambda *_: None)
+    lines = []
+    resumed = train_fold(config3, data, folds_path, tmp_path / "b", 2, resume=True, log=lines.append)
+    assert any("resumed after epoch 1" in line for line in lines)
+    a = pd.read_csv(fold_dir(tmp_path / "a", "tiny", 2) / "metrics.csv")
+    b = pd.read_csv(fold_dir(tmp_path / "b", "tiny", 2) / "metrics.csv")
+    assert list(b["epoch"]) == [0, 1, 2] and interrupted.best_epoch <= 1
+    cols = ["train_loss", "val_loss", "val_competition"]
+    pd.testing.assert_frame_equal(a[cols], b[cols], atol=1e-4, rtol=1e-4)
+    assert abs(straight.best_score - resumed.best_score) < 1e-4
