@@ -27,3 +27,11 @@ def test_synth_index_folds_end_to_end(tmp_path):
     assert report.returncode == 0 and "studies: 5" in report.stdout and "problems: none" in report.stdout
     folds = _run("folds", "--data-dir", str(data), "--n-folds", "2", "--out", str(tmp_path / "folds.csv"))
     assert folds.returncode == 0 and (tmp_path / "folds.csv").is_file()
+
+
+def test_published_entry_point_takes_the_same_flags(tmp_path):
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "train_models.py"), "--models", "no_such_backbone",
+                             "--batch_size", "8", "--freeze_backbone", "False"], capture_output=True, text=True)
+    assert result.returncode == 2 and "no config 'no_such_backbone'" in result.stderr
+    assert "Traceback" not in result.stderr

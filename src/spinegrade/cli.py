@@ -84,10 +84,11 @@ TRAIN_OVERRIDES: list[tuple[str, type, str]] = [
 def cmd_train(args: argparse.Namespace) -> None:
     from spinegrade.config import load_config
     from spinegrade.data.folds import read_folds
-    from spinegrade.train import train_fold
 
     overrides = {name: getattr(args, name) for name, _, _ in TRAIN_OVERRIDES}
     configs = [load_config(name, overrides) for name in args.models]  # fail early on any bad name
+    from spinegrade.train import train_fold  # heavy imports only once the settings are known good
+
     folds = args.fold if args.fold is not None else sorted(read_folds(args.folds)["fold"].unique())
     results = []
     for config in configs:
