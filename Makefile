@@ -6,6 +6,7 @@
 #   make train-fold BACKBONE=convnext FOLD=0    one backbone, one fold
 #   make train BACKBONE=convnext                 one backbone, every fold
 #   make train-all                               every backbone of the method (BACKBONES), every fold
+#   make evaluate                                OOF metrics, plots and report.html for every trained backbone
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -30,7 +31,7 @@ DEMO_TEST_STUDIES ?= 8
 DEMO_OUTPUT ?= runs/demo
 DEMO_BACKBONES ?= efficientnet_lite0
 
-.PHONY: install demo test download index folds synth clean-demo train-fold train train-all
+.PHONY: install demo test download index folds synth clean-demo train-fold train train-all evaluate
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +51,7 @@ demo: install
 	$(SPINEGRADE) folds --data-dir $(DEMO_DATA) --n-folds $(N_FOLDS) --out $(DEMO_FOLDS)
 	$(SPINEGRADE) train --models $(DEMO_BACKBONES) --data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) \
 		--output-dir $(DEMO_OUTPUT) $(TRAIN_FLAGS)
+	$(SPINEGRADE) evaluate --output-dir $(DEMO_OUTPUT) --folds $(DEMO_FOLDS) --data-dir $(DEMO_DATA)
 
 synth: install
 	$(SPINEGRADE) synth $(DATA_DIR)
@@ -69,9 +71,14 @@ train-fold: install
 
 train: install
 	$(SPINEGRADE) train --models $(BACKBONE) --data-dir $(DATA_DIR) --folds $(FOLDS) --output-dir $(OUTPUT_DIR) $(TRAIN_FLAGS)
+	$(MAKE) evaluate
 
 train-all: install
 	$(SPINEGRADE) train --models $(BACKBONES) --data-dir $(DATA_DIR) --folds $(FOLDS) --output-dir $(OUTPUT_DIR) $(TRAIN_FLAGS)
+	$(MAKE) evaluate
+
+evaluate: install
+	$(SPINEGRADE) evaluate --output-dir $(OUTPUT_DIR) --folds $(FOLDS) --data-dir $(DATA_DIR)
 
 clean-demo:
 	rm -rf input/demo $(DEMO_OUTPUT)

@@ -107,6 +107,14 @@ def cmd_train(args: argparse.Namespace) -> None:
             print(format_scores(config.name, oof_scores(oof)))
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from spinegrade.evaluate import format_summary, run_evaluation
+
+    data_dir = args.data_dir if args.data_dir.is_dir() else None
+    summary = run_evaluation(args.output_dir, args.folds, data_dir=data_dir)
+    print(format_summary(summary))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spinegrade", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind, help_text in TRAIN_OVERRIDES:
         p.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help_text)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="OOF metrics, confusion matrices, plots and report.html for every backbone")
+    p.add_argument("--output-dir", "--output_dir", type=Path, default=Path("."))
+    p.add_argument("--folds", type=Path, default=DEFAULT_FOLDS)
+    p.add_argument("--data-dir", "--data_dir", type=Path, default=DEFAULT_DATA_DIR,
+                   help="for the data report and example images (skipped when absent)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("download", help="download the competition data with the kaggle command")
     p.add_argument("--dest", type=Path, default=Path("input"))

@@ -85,3 +85,67 @@ def weighted_prior(labels: np.ndarray, pseudo_count: float = 1.0) -> np.ndarray:
     labels = np.asarray(labels)
     counts = np.array([(labels == k).sum() + pseudo_count for k in range(3)], dtype=float) * np.asarray(SEVERITY_WEIGHTS)
     return counts / counts.sum()
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> float:
+    """Top-label ECE: the gap between confidence and accuracy, averaged over equal-width confidence bins."""
+    p = normalise(probabilities)
+    confidence = p.max(axis=1)
+    correct = (p.argmax(axis=1) == np.asarray(labels)).astype(float)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            total += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(total)
+
+
+def reliability_table(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> pd.DataFrame:
+    """Per confidence bin: mean confidence, accuracy and count (the reliability diagram's data)."""
+    p = normalise(probabilities)
+    confidence = p.max(axis=1)
+    correct = (p.argmax(axis=1) == np.asarray(labels)).astype(float)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        in_bin = which == b
+        rows.append({"bin_low": edges[b], "bin_high": edges[b + 1], "count": int(in_bin.sum()),
+                     "confidence": float(confidence[in_bin].mean()) if in_bin.any() else float("nan"),
+                     "accuracy": float(correct[in_bin].mean()) if in_bin.any() else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict:
+    """Accuracy, balanced accuracy, precision/recall/F1 per grade and averaged, one-vs-rest ROC AUC per
+    grade, ECE and the confusion matrix, for labelled rows (grade >= 0)."""
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
+
+    from spinegrade.constants import PROBABILITY_COLUMNS
+
+    labels = np.asarray(labels)
+    keep = labels >= 0
+    y, p = labels[keep].astype(int), normalise(probabilities)[keep]
+    predicted = p.argmax(axis=1)
+    out: dict = {"accuracy": float(accuracy_score(y, predicted)),
+                 "balanced_accuracy": float(balanced_accuracy_score(y, predicted))}
+    precision, recall, f1, support = precision_recall_fscore_support(y, predicted, labels=[0, 1, 2], zero_division=0)
+    for k, name in enumerate(PROBABILITY_COLUMNS):
+        out[f"precision_{name}"], out[f"recall_{name}"], out[f"f1_{name}"] = float(precision[k]), float(recall[k]), float(f1[k])
+        out[f"support_{name}"] = int(support[k])
+        positives = y == k
+        out[f"roc_auc_{name}"] = float(roc_auc_score(positives, p[:, k])) if 0 < positives.sum() < len(y) else float("nan")
+    for average in ("macro", "weighted"):
+        pr, rc, f, _ = precision_recall_fscore_support(y, predicted, labels=[0, 1, 2], average=average, zero_division=0)
+        out[f"precision_{average}"], out[f"recall_{average}"], out[f"f1_{average}"] = float(pr), float(rc), float(f)
+    out["ece"] = expected_calibration_error(y, p)
+    out["confusion_matrix"] = confusion_matrix(y, predicted, labels=[0, 1, 2]).tolist()
+    return out

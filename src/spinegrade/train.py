@@ -263,6 +263,7 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
         torch.manual_seed(config.seed * 1000 + epoch)  # dropout: same stream on a resumed run
         train_sampler.set_epoch(epoch)
         total_loss, correct, seen = 0.0, 0, 0
+        train_probs, train_seen = [], []
         for batch in _progress(train_loader, f"epoch {epoch + 1}/{config.num_epochs}"):
             image = batch["image"].to(device_, non_blocking=True)
             if device_.type == "cuda":
@@ -278,6 +279,8 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
             total_loss += loss.item() * len(target)
             correct += int((logits.argmax(1) == target).sum())
             seen += len(target)
+            train_probs.append(torch.softmax(logits.detach().float(), dim=1).cpu().numpy())
+            train_seen.append(batch["index"].numpy())
         probs, idx = predict_probabilities(model, val_loader, device_)
         order = np.argsort(idx)
         probs = probs[order]
@@ -285,7 +288,10 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
         scores = _score(held, probs)
         val_loss = float(nn.functional.cross_entropy(torch.log(torch.tensor(probs).clamp_min(1e-15)),
                                                      torch.tensor(held["severity"].to_numpy()), weight=weights))
+        # The training fold's competition loss, from the (augmented) batches the epoch trained on.
+        train_scores = _score(table.iloc[np.concatenate(train_seen)], np.concatenate(train_probs)) if train_seen else {}
         row = {"epoch": epoch, "train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+               "train_competition": train_scores.get("score", float("nan")),
                "val_loss": val_loss, "val_accuracy": float((probs.argmax(1) == held["severity"].to_numpy()).mean()),
                "val_spinal": scores.get("spinal", float("nan")),
                "val_any_severe_spinal": scores.get("any_severe_spinal", float("nan")),

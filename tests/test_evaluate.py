@@ -1,0 +1,107 @@
+"""OOF evaluation: figures recomputed independently from the files on disk, tables, plots, the report."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import accuracy_score, f1_score, log_loss
+
+from spinegrade.constants import LEVELS, PROBABILITY_COLUMNS, SEVERITIES, row_id
+from spinegrade.data.folds import write_csv_atomic
+from spinegrade.evaluate import complete_backbones, run_evaluation
+
+
+def _fake_run(root, names=("good", "noisy"), studies=24, folds=3, seed=0):
+    """OOF files as training writes them: one informative model, one pure noise."""
+    rng = np.random.default_rng(seed)
+    study_ids = 1000 + np.arange(studies)
+    fold_of = {s: i % folds for i, s in enumerate(study_ids)}
+    write_csv_atomic(pd.DataFrame({"study_id": study_ids, "fold": [fold_of[s] for s in study_ids]}), root / "folds.csv")
+    labels = rng.choice(3, size=(studies, 5), p=[0.75, 0.15, 0.10])
+    for name, sharpness in zip(names, (6.0, 0.0)):
+        for fold in range(folds):
+            rows = []
+            for i, s in enumerate(study_ids):
+                if fold_of[s] != fold:
+                    continue
+                for k, level in enumerate(LEVELS):
+                    logits = rng.normal(0, 1, 3)
+                    logits[labels[i, k]] += sharpness
+                    p = np.exp(logits) / np.exp(logits).sum()
+                    rows.append({"row_id": row_id(s, "spinal_canal_stenosis", level), "normal_mild": p[0],
+                                 "moderate": p[1], "severe": p[2], "label": SEVERITIES[labels[i, k]], "fold": fold})
+            write_csv_atomic(pd.DataFrame(rows), root / "oof" / name / f"fold{fold}.csv")
+    return root / "folds.csv"
+
+
+def test_summary_matches_an_independent_recomputation(tmp_path):
+    folds = _fake_run(tmp_path)
+    summary = run_evaluation(tmp_path, folds, log=lambda *_: None).set_index("name")
+    for name in ("good", "noisy"):
+        oof = pd.concat([pd.read_csv(p) for p in sorted((tmp_path / "oof" / name).glob("*.csv"))])
+        y = oof["label"].map({s: i for i, s in enumerate(SEVERITIES)}).to_numpy()
+        p = oof[list(PROBABILITY_COLUMNS)].to_numpy()
+        spinal = log_loss(y, p, sample_weight=np.array([1, 2, 4])[y], labels=[0, 1, 2])
+        study = oof["row_id"].str.split("_").str[0]
+        per_study = pd.DataFrame({"study": study, "y": y == 2, "p": p[:, 2], "w": np.array([1, 2, 4])[y]}).groupby("study").max()
+        any_severe = log_loss(per_study["y"], per_study["p"], sample_weight=per_study["w"], labels=[False, True])
+        assert summary.loc[name, "spinal"] == pytest.approx(spinal, rel=1e-6)
+        assert summary.loc[name, "any_severe_spinal"] == pytest.approx(any_severe, rel=1e-6)
+        assert summary.loc[name, "score"] == pytest.approx((spinal + any_severe) / 2, rel=1e-6)
+        assert summary.loc[name, "accuracy"] == pytest.approx(accuracy_score(y, p.argmax(1)))
+        assert summary.loc[name, "f1_macro"] == pytest.approx(f1_score(y, p.argmax(1), average="macro"))
+        assert summary.loc[name, "rows"] == len(oof) and summary.loc[name, "studies"] == 24
+    assert summary.loc["good", "score"] < summary.loc["class_prior", "score"] < summary.loc["noisy", "score"], summary
+    metrics = json.loads((tmp_path / "results" / "good_oof_metrics.json").read_text())
+    assert set(metrics["per_fold"]) == {"0", "1", "2"} and len(metrics["per_level"]) == 5
+    confusion = pd.read_csv(tmp_path / "results" / "good_confusion_matrix.csv")
+    counts = confusion[confusion["table"] == "count"][list(SEVERITIES)].to_numpy()
+    assert counts.sum() == 24 * 5
+    ovr = pd.read_csv(tmp_path / "results" / "good_confusion_one_vs_rest.csv")
+    assert (ovr[["tn", "fp", "fn", "tp"]].sum(axis=1) == 120).all()
+    for figure in ("training_curves", "confusion_matrix", "reliability", "per_level"):
+        if figure != "training_curves":  # no metrics.csv in a fabricated run
+            assert (tmp_path / "plots" / f"good_{figure}.png").stat().st_size > 5000
+    assert (tmp_path / "plots" / "backbones_comparison.png").is_file()
+
+
+def test_incomplete_backbones_are_left_out(tmp_path):
+    folds = _fake_run(tmp_path)
+    (tmp_path / "oof" / "noisy" / "fold2.csv").unlink()
+    complete, partial = complete_backbones(tmp_path, [0, 1, 2])
+    assert complete == ["good"] and partial == {"noisy": [2]}
+    lines = []
+    summary = run_evaluation(tmp_path, folds, log=lines.append)
+    assert list(summary["name"]) == ["good", "class_prior"]
+    assert any("noisy" in line and "[2]" in line for line in lines)
+
+
+def test_report_is_self_contained(tmp_path):
+    folds = _fake_run(tmp_path)
+    run_evaluation(tmp_path, folds, log=lambda *_: None)
+    page = (tmp_path / "report.html").read_text()
+    assert "good" in page and "noisy" in page and "class_prior" in page
+    sources = re.findall(r'src="([^"]+)"', page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "http://" not in page and "https://" not in page
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (Debian package chromium)")
+    folds = _fake_run(tmp_path)
+    run_evaluation(tmp_path, folds, log=lambda *_: None)
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                    f"--screenshot={shot}", "--window-size=1280,2000", (tmp_path / "report.html").as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 20000
