@@ -32,35 +32,45 @@ def test_augmentation_in_training_only_and_backbone_normalisation():
     assert any(not np.allclose(draws[0], d) for d in draws[1:])
 
 
-def test_flip_swaps_left_right_label_on_axial_images_only():
-    samples = pd.DataFrame({
-        "study_id": [1, 1, 1],
-        "condition": ["left_subarticular_stenosis", "right_subarticular_stenosis", "spinal_canal_stenosis"],
-        "level": ["l4_l5"] * 3,
-        "series_description": [AXIAL_T2, AXIAL_T2, SAGITTAL_T2],
+def test_flip_swaps_left_right_label_on_whole_axial_images_only():
+    # The index table holds every condition; a training run samples one condition only.
+    labels = pd.DataFrame({
+        "study_id": [1, 1, 1, 2],
+        "condition": ["left_subarticular_stenosis", "right_subarticular_stenosis", "spinal_canal_stenosis",
+                      "left_subarticular_stenosis"],
+        "level": ["l4_l5"] * 4,
+        "severity": [2, 0, 1, 1],
+        "series_description": [AXIAL_T2, AXIAL_T2, SAGITTAL_T2, AXIAL_T2],
     })
-    targets = np.array([2, 0, 1])
-    flipped = mirrored_targets(samples, targets)
-    assert flipped.tolist() == [0, 2, 1]
-    images = _images(3)
+    left_only = labels[labels["condition"] == "left_subarticular_stenosis"].reset_index(drop=True)
+    # Study 1's right side is graded 0; study 2 has no right-side grade: flipping it is not allowed.
+    assert mirrored_targets(left_only, labels, "full").tolist() == [0, -1]
+    assert mirrored_targets(left_only, labels, "crop").tolist() == [2, 1]  # a crop stays on its side
+    spinal = labels[labels["condition"] == "spinal_canal_stenosis"].reset_index(drop=True)
+    assert mirrored_targets(spinal, labels, "full").tolist() == [1]
+
+    images = _images(2)
+    targets, flipped = left_only["severity"].to_numpy(), mirrored_targets(left_only, labels, "full")
     always_flip = build_transform(MEAN, STD, train=True, flip_probability=1.0, rotation_degrees=0, seed=0)
     never_flip = build_transform(MEAN, STD, train=True, flip_probability=0.0, rotation_degrees=0, seed=0)
-    flipping = LevelDataset(images, [3, 3, 3], targets, always_flip, flipped_targets=flipped)
-    keeping = LevelDataset(images, [3, 3, 3], targets, never_flip, flipped_targets=flipped)
-    assert [int(flipping[i]["target"]) for i in range(3)] == [0, 2, 1]
-    assert [int(keeping[i]["target"]) for i in range(3)] == [2, 0, 1]
-    # The image really is mirrored: its dark half moved to the right.
+    flipping = LevelDataset(images, [3, 3], targets, always_flip, flipped_targets=flipped)
+    keeping = LevelDataset(images, [3, 3], targets, never_flip, flipped_targets=flipped)
+    assert [int(flipping[i]["target"]) for i in range(2)] == [0, 1]
+    assert [int(keeping[i]["target"]) for i in range(2)] == [2, 1]
+    # The first image really is mirrored (its dark half moved right); the second, unflippable, is not.
     assert flipping[0]["image"][0, :, -4:].mean() < flipping[0]["image"][0, :, :4].mean()
+    assert flipping[1]["image"][0, :, :4].mean() < flipping[1]["image"][0, :, -4:].mean()
 
 
 def test_crop_keeps_physical_scale_and_centres_the_point():
     pixels = np.zeros((200, 300), dtype=np.float32)
     pixels[100, 150] = 1000.0  # one bright pixel at x=150, y=100
-    pixels[100, 160] = 1000.0  # and another 10 pixels (= 5 mm at 0.5 mm/pixel) to its right
+    pixels[100, 160] = 1000.0  # another 10 columns right: 5 mm at 0.5 mm between columns
+    pixels[110, 150] = 1000.0  # another 10 rows down: 8 mm at 0.8 mm between rows
     settings = PreprocessSettings("spinal_canal_stenosis", "crop", image_size=41, crop_mm=41.0)
-    out = prepare_image(pixels, (0.5, 0.5), 150.0, 100.0, settings)
-    # 1 mm per output pixel: the point at the centre (20, 20), its neighbour 5 pixels right.
-    ys, xs = np.nonzero(out > 30)
-    assert 20 in xs and 25 in xs and set(ys) <= {19, 20, 21}
+    out = prepare_image(pixels, (0.8, 0.5), 150.0, 100.0, settings)  # (row spacing, column spacing)
+    # 1 mm per output pixel: the point at the centre (20, 20), the others 5 pixels right and 8 down.
+    assert out[20, 20] > 30 and out[20, 25] > 30 and out[28, 20] > 30
+    assert out[20, 28] < 30 and out[25, 20] < 30
     full = prepare_image(pixels, (0.5, 0.5), 150.0, 100.0, PreprocessSettings("spinal_canal_stenosis", "full", 64, 48.0))
     assert full.shape == (64, 64) and full.dtype == np.uint8

@@ -51,13 +51,13 @@ def test_unlabelled_cells_coordinates_without_labels_and_unknown_grades(dataset_
     assert "unknown_label" in report and "train.csv:3" in report
 
 
-def test_label_without_coordinates(dataset_copy):
+def test_label_without_coordinates(dataset_copy, synth_dataset):
     coords = pd.read_csv(dataset_copy / "train_label_coordinates.csv")
     coords.iloc[1:].to_csv(dataset_copy / "train_label_coordinates.csv", index=False)
     index = build_index(dataset_copy)
     problem = next(p for p in index.problems if p.kind == "label_without_coordinates")
     assert str(coords.iloc[0].study_id) in problem.message
-    assert len(index.usable()) == len(build_index(dataset_copy.parent / "data").usable())
+    assert len(index.usable()) == len(build_index(synth_dataset).usable()) - 1
 
 
 def test_corrupt_and_absent_files_are_named_and_skipped(dataset_copy):

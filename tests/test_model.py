@@ -109,3 +109,20 @@ def test_offline_without_weights_fails_at_once(monkeypatch):
     with pytest.raises(SpinegradeError, match="--weights FILE.*--pretrained false"):
         load_pretrained(model, pretrained=True, weights=None)
     assert "randomly initialised" in load_pretrained(model, pretrained=False, weights=None)
+
+
+def test_frozen_batchnorm_statistics_do_not_drift():
+    from spinegrade.models.classifier import freeze_norm_statistics
+
+    model = LevelClassifier(ModelSpec("resnet18", level_embeddings=8))
+    apply_freezing(model, freeze_backbone=True, unfreeze_last_n=0)
+    model.train()
+    freeze_norm_statistics(model)
+    before = model.backbone.bn1.running_mean.clone()
+    model(torch.randn(4, 3, 64, 64) * 5 + 3, torch.tensor([0, 1, 2, 3]))
+    assert torch.equal(before, model.backbone.bn1.running_mean)
+    apply_freezing(model, freeze_backbone=False, unfreeze_last_n=0)
+    model.train()
+    freeze_norm_statistics(model)
+    model(torch.randn(4, 3, 64, 64) * 5 + 3, torch.tensor([0, 1, 2, 3]))
+    assert not torch.equal(before, model.backbone.bn1.running_mean)

@@ -59,8 +59,14 @@ def test_two_folds_write_oof_for_exactly_their_studies_and_beat_the_prior(train_
     metrics = pd.read_csv(fold_dir(out, "efficientnet_lite0", 0) / "metrics.csv")
     assert len(metrics) == 5 and {"train_loss", "val_loss", "val_competition", "val_accuracy"} <= set(metrics.columns)
     # A finished fold is not retrained unless asked.
-    again = train_fold(load_config("efficientnet_lite0", SMALL), data, folds_path, out, 0, log=lambda *_: None)
+    again = train_fold(load_config("efficientnet_lite0", {**SMALL, "num_epochs": 5, "num_workers": 2}), data,
+                       folds_path, out, 0, log=lambda *_: None)
     assert again.skipped
+    # Other settings, or --force, train again; the stale done.json goes first.
+    lines = []
+    redo = train_fold(load_config("efficientnet_lite0", {**SMALL, "num_epochs": 1}), data, folds_path, out, 0,
+                      log=lines.append)
+    assert not redo.skipped and any("other settings" in line for line in lines)
 
 
 def test_resume_continues_and_matches_an_uninterrupted_run(train_data, tmp_path):
@@ -79,3 +85,19 @@ def test_resume_continues_and_matches_an_uninterrupted_run(train_data, tmp_path)
     cols = ["train_loss", "val_loss", "val_competition"]
     pd.testing.assert_frame_equal(a[cols], b[cols], atol=1e-4, rtol=1e-4)
     assert abs(straight.best_score - resumed.best_score) < 1e-4
+
+
+def test_divergence_stops_with_a_clear_message(train_data, tmp_path):
+    import torch
+
+    from spinegrade.errors import SpinegradeError
+    from spinegrade.models.classifier import create_backbone
+
+    weights = tmp_path / "nan.pth"
+    torch.save({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                for k, v in create_backbone("resnet18").state_dict().items()}, weights)
+    data, folds_path = train_data
+    config = load_config("resnet18", {**SMALL, "weights": str(weights), "num_epochs": 2})
+    with pytest.raises(SpinegradeError, match="diverged at epoch 1"):
+        train_fold(config, data, folds_path, tmp_path / "run", 0, log=lambda *_: None)
+    assert not (fold_dir(tmp_path / "run", "resnet18", 0) / "done.json").exists()

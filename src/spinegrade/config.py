@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from spinegrade.constants import CONDITIONS
 from spinegrade.errors import SpinegradeError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -115,16 +116,25 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None, conf
         raise SpinegradeError(f"{path}: expected a mapping of settings")
     values.setdefault("name", path.stem)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    known, extra = {}, {}
-    for key, value in values.items():
-        (known if key in _FIELDS and key != "extra" else extra)[key] = value
-    config = TrainConfig(**{k: _coerce(k, v) for k, v in known.items()}, extra=extra)
+    extra = dict(values.pop("extra", None) or {})
+    unknown = sorted(k for k in values if k not in _FIELDS)
+    if unknown:
+        raise SpinegradeError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(_FIELDS))} "
+                              "(put free-form notes under `extra:`)")
+    config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()}, extra=extra)
     if config.input not in ("full", "crop"):
         raise SpinegradeError(f"{path}: input must be 'full' or 'crop', got {config.input!r}")
     if config.class_weights not in ("inverse_frequency", "competition", "none"):
         raise SpinegradeError(f"{path}: class_weights must be inverse_frequency, competition or none")
+    if config.condition not in CONDITIONS:
+        raise SpinegradeError(f"{path}: condition must be one of {', '.join(CONDITIONS)}, got {config.condition!r}")
+    if len(config.hidden_sizes) != 2:
+        raise SpinegradeError(f"{path}: hidden_sizes must be two numbers, got {list(config.hidden_sizes)}")
     return config
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tmp.replace(path)

@@ -38,6 +38,7 @@ from spinegrade.models.classifier import (
     LevelClassifier,
     ModelSpec,
     apply_freezing,
+    freeze_norm_statistics,
     input_statistics,
     load_pretrained,
     save_state,
@@ -131,8 +132,9 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_samples(config: TrainConfig, data_dir: Path, folds_path: Path, log=print) -> pd.DataFrame:
-    """Usable samples of the config's condition with their fold; what is skipped is counted in the log."""
+def load_samples(config: TrainConfig, data_dir: Path, folds_path: Path, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Usable samples of the config's condition with their fold (what is skipped is counted in the
+    log), and the whole index table (every condition: the flip rule needs the other side's grade)."""
     index = build_index(data_dir, check_images=False)
     rows = index.table[index.table["condition"] == config.condition]
     unlabelled = int((rows["severity"] < 0).sum())
@@ -148,7 +150,7 @@ def load_samples(config: TrainConfig, data_dir: Path, folds_path: Path, log=prin
         f"(skipped: {unlabelled} unlabelled levels, {no_point} labelled levels without a point)")
     if merged.empty:
         raise SpinegradeError(f"no usable {config.condition} samples in {data_dir}")
-    return merged
+    return merged, index.table
 
 
 def predict_probabilities(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
@@ -189,11 +191,14 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
     done = out / "done.json"
     if done.is_file() and not force and not resume:
         info = json.loads(done.read_text())
-        log(f"{config.name} fold {fold}: already trained (best epoch {info['best_epoch']}, "
-            f"loss {info['best_score']:.4f}); use --force to retrain")
-        return FoldResult(config.name, fold, info["best_epoch"], info["best_score"], info["prior_score"],
-                          oof_path(output_dir, config.name, fold), skipped=True)
-    samples = load_samples(config, data_dir, folds_path, log)
+        if info.get("config") == _identity(config):
+            log(f"{config.name} fold {fold}: already trained (best epoch {info['best_epoch'] + 1}, "
+                f"loss {info['best_score']:.4f}); use --force to retrain")
+            return FoldResult(config.name, fold, info["best_epoch"], info["best_score"], info["prior_score"],
+                              oof_path(output_dir, config.name, fold), skipped=True)
+        log(f"{config.name} fold {fold}: trained before with other settings; training again")
+    done.unlink(missing_ok=True)  # from here on the fold is unfinished until a new done.json lands
+    samples, labels = load_samples(config, data_dir, folds_path, log)
     if fold not in set(samples["fold"]):
         raise SpinegradeError(f"fold {fold} not in {folds_path} (folds: {sorted(set(samples['fold']))})")
     cache = build_cache(samples, PreprocessSettings.from_config(config), output_dir / "cache", log=log)
@@ -223,7 +228,7 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
                                   weight_decay=config.weight_decay)
 
     levels = table["level_index"].to_numpy()
-    flipped = mirrored_targets(table, targets)
+    flipped = mirrored_targets(table, labels, config.input)
     train_set = SeededDataset(LevelDataset(cache.images, levels, targets, build_transform(
         mean, std, True, config.flip_probability, config.rotation_degrees), train_idx, flipped), config.seed)
     val_set = LevelDataset(cache.images, levels, targets, build_transform(mean, std, False), val_idx)
@@ -260,6 +265,7 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
     for epoch in range(start_epoch, config.num_epochs):
         started = time.perf_counter()
         model.train()
+        freeze_norm_statistics(model)
         torch.manual_seed(config.seed * 1000 + epoch)  # dropout: same stream on a resumed run
         train_sampler.set_epoch(epoch)
         total_loss, correct, seen = 0.0, 0, 0
@@ -297,6 +303,9 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
                "val_any_severe_spinal": scores.get("any_severe_spinal", float("nan")),
                "val_competition": scores["score"], "seconds": time.perf_counter() - started}
         history.append(row)
+        if not (math.isfinite(row["train_loss"]) and math.isfinite(scores["score"])):
+            raise SpinegradeError(f"{config.name} fold {fold}: training diverged at epoch {epoch + 1} (loss "
+                                  f"{row['train_loss']}, held-out {scores['score']}); lower --learning_rate")
         improved = scores["score"] < best_score
         if improved:
             best_score, best_epoch = scores["score"], epoch
@@ -311,10 +320,15 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
     if best_epoch < 0:
         raise SpinegradeError(f"{config.name} fold {fold}: no epoch was run (num_epochs={config.num_epochs})")
     _atomic_text(done, json.dumps({"best_epoch": best_epoch, "best_score": best_score, "prior_score": prior_score,
-                                   "epochs": config.num_epochs}, indent=1))
+                                   "epochs": config.num_epochs, "config": _identity(config)}, indent=1))
     log(f"{config.name} fold {fold}: best epoch {best_epoch + 1}, held-out competition loss {best_score:.4f} "
         f"(weight-scaled class prior {prior_score:.4f})")
     return FoldResult(config.name, fold, best_epoch, best_score, prior_score, oof_path(output_dir, config.name, fold))
+
+
+def _identity(config: TrainConfig) -> dict:
+    """The settings that make a fold's result what it is (worker count does not)."""
+    return json.loads(json.dumps({k: v for k, v in config.to_dict().items() if k != "num_workers"}))
 
 
 def write_oof(samples: pd.DataFrame, probs: np.ndarray, path: Path, fold: int) -> None:

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from spinegrade.constants import AXIAL_T2
+import pandas as pd
+
+from spinegrade.constants import AXIAL_T2, flipped_condition
 
 
 def build_transform(mean, std, train: bool, flip_probability: float = 0.5, rotation_degrees: float = 15.0,
@@ -38,7 +40,8 @@ class LevelDataset(Dataset):
     """One sample per cached image.
 
     ``targets`` is the grade of each sample; ``flipped_targets`` the grade to use when the image is
-    flipped (the mirrored side's grade for axial left/right samples, the same grade otherwise).
+    flipped (see :func:`mirrored_targets`). Where that grade is unknown (-1) a drawn flip is undone
+    after the other transforms, which leaves a plain (mirror-rotated) augmentation of the original.
     """
 
     def __init__(self, images: np.ndarray, levels: np.ndarray, targets: np.ndarray, transform: A.Compose,
@@ -57,25 +60,35 @@ class LevelDataset(Dataset):
         k = int(self.indices[i])
         grey = np.asarray(self.images[k])
         result = self.transform(image=np.repeat(grey[:, :, None], 3, axis=2))
-        target = self.flipped_targets[k] if flip_applied(result) else self.targets[k]
-        image = torch.from_numpy(np.ascontiguousarray(result["image"].transpose(2, 0, 1)))
+        image, target = result["image"], self.targets[k]
+        if flip_applied(result):
+            if self.flipped_targets[k] >= 0:
+                target = self.flipped_targets[k]
+            else:
+                image = image[:, ::-1]
+        image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         return {"image": image, "level": torch.tensor(self.levels[k]), "target": torch.tensor(target),
                 "index": torch.tensor(k)}
 
 
-def mirrored_targets(samples, targets: np.ndarray) -> np.ndarray:
-    """Grade each sample would carry if its image were flipped horizontally.
+def mirrored_targets(samples: pd.DataFrame, labels: pd.DataFrame, input_mode: str) -> np.ndarray:
+    """Grade each sample must carry if its image is flipped horizontally; -1 where it is unknown.
 
-    ``samples`` needs study_id, condition, level and series_description columns; the grade of the
-    mirrored condition is looked up among the samples themselves (unknown: the sample's own grade).
+    Only a whole axial slice (``input_mode == "full"``) changes side when flipped: its label becomes
+    the mirrored condition's grade, looked up in ``labels`` (the full index table, every condition).
+    A crop centred on one side's point still shows that side's anatomy, and a sagittal flip swaps
+    front and back only: those keep their grade.
     """
-    from spinegrade.constants import flipped_condition
-
-    lookup = {(s, c, lv): t for s, c, lv, t in zip(samples["study_id"], samples["condition"], samples["level"], targets)}
-    out = []
-    for (s, c, lv, d), t in zip(samples[["study_id", "condition", "level", "series_description"]].itertuples(index=False), targets):
-        out.append(lookup.get((s, flipped_condition(c), lv), t) if d == AXIAL_T2 else t)
-    return np.asarray(out, dtype=np.int64)
+    own = samples["severity"].to_numpy().astype(np.int64)
+    swaps = (samples["series_description"] == AXIAL_T2).to_numpy() & (input_mode == "full")
+    if not swaps.any():
+        return own
+    grade = {(s, c, lv): g for s, c, lv, g in labels[["study_id", "condition", "level", "severity"]].itertuples(index=False)}
+    out = own.copy()
+    for i in np.flatnonzero(swaps):
+        r = samples.iloc[i]
+        out[i] = grade.get((r.study_id, flipped_condition(r.condition), r.level), -1)
+    return out
 
 
 def seed_worker(worker_id: int) -> None:

@@ -136,7 +136,11 @@ def read_slice(path: str | Path, with_pixels: bool = True) -> Slice:
     instance_number = int(instance) if instance not in (None, "") else int(Path(path).stem) if path.stem.isdigit() else 0
     orientation = _float_list(ds, "ImageOrientationPatient")
     position = _float_list(ds, "ImagePositionPatient")
-    spacing = _float_list(ds, "PixelSpacing") or [1.0, 1.0]
+    spacing = _float_list(ds, "PixelSpacing")
+    if spacing is None:
+        spacing = [1.0, 1.0]  # physical-size crops of such a file are in pixels, not millimetres
+    elif len(spacing) != 2 or not all(np.isfinite(v) and v > 0 for v in spacing):
+        raise DicomReadError(path, f"invalid PixelSpacing {spacing}")
     orientation_arr = np.array(orientation if orientation and len(orientation) == 6 else _DEFAULT_ORIENTATION)
     if position is None or len(position) != 3:
         # Without a position, stack along the normal by instance number so ordering still works.

@@ -42,6 +42,7 @@ def write_csv_atomic(df: pd.DataFrame, path: str | Path) -> None:
     try:
         with os.fdopen(fd, "w", newline="") as f:
             df.to_csv(f, index=False)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; outputs are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -116,7 +116,8 @@ def _read_series(data_dir: Path, split: str, problems: list[Problem]) -> pd.Data
     for i in df.index[unknown]:
         problems.append(Problem("unknown_series_description", path.name, int(i) + 2,
                                 f"series {df.at[i, 'series_id']}: unknown description {df.at[i, 'series_description']!r}"))
-    return df[["study_id", "series_id", "series_description"]].reset_index(drop=True)
+    df["line"] = df.index + 2  # the CSV line, kept for messages after rows are dropped
+    return df[["study_id", "series_id", "series_description", "line"]].reset_index(drop=True)
 
 
 def _read_labels(data_dir: Path, problems: list[Problem]) -> pd.DataFrame:
@@ -289,7 +290,7 @@ def build_index(data_dir: str | Path, split: str = "train", check_images: bool =
         listed = series.apply(lambda r: data_dir / f"{split}_images" / str(r.study_id) / str(r.series_id), axis=1)
         for (r, folder) in zip(series.itertuples(), listed):
             if not folder.is_dir():
-                problems.append(Problem("series_folder_missing", series_file, int(r.Index) + 2,
+                problems.append(Problem("series_folder_missing", series_file, int(r.line),
                                         f"{folder.relative_to(data_dir)}: listed but absent"))
         paths = sorted(set(table.loc[has_point, "image_path"]))
         existing = _existing_files(paths)

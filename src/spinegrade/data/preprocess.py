@@ -74,6 +74,10 @@ def prepare_image(pixels: np.ndarray, pixel_spacing: tuple[float, float], x: flo
                           borderValue=0)
 
 
+# What identifies a sample's image; labels and folds are deliberately not part of it (see build_cache).
+SAMPLE_KEY = ["study_id", "condition", "level"]
+
+
 @dataclass
 class SampleCache:
     """Cached images (N, H, W) uint8, memory-mapped, and their samples table (row i <-> image i)."""
@@ -109,13 +113,27 @@ def build_cache(samples: pd.DataFrame, settings: PreprocessSettings, cache_root:
                 workers: int = 0, log=print) -> SampleCache:
     """Cache the images of ``samples`` (usable rows of the tidy index) or reuse a cache with the same key.
 
-    Samples whose file turns out unreadable are dropped (and logged with the file's path).
+    Samples whose file turns out unreadable are dropped (and logged with the file's path). The
+    returned table carries the *current* columns of ``samples`` (grade, fold...), never those of the
+    run that built the cache: only the images are cached, so a corrected label or a new folds file
+    can never be served stale.
     """
     samples = samples.reset_index(drop=True)
     key = cache_key(settings, samples)
     directory = Path(cache_root) / f"{settings.condition}-{settings.input}-{settings.image_size}-{key}"
-    if (directory / "samples.csv").is_file() and (directory / "images.npy").is_file():
-        return open_cache(directory)
+    if not _complete(directory):
+        _write_cache(samples, settings, directory, workers, log)
+    cache = open_cache(directory)
+    cached = cache.samples[SAMPLE_KEY + ["level_index"]]
+    current = cached.merge(samples, on=SAMPLE_KEY, how="left", validate="one_to_one")
+    return SampleCache(cache.directory, cache.images, current)
+
+
+def _complete(directory: Path) -> bool:
+    return (directory / "samples.csv").is_file() and (directory / "images.npy").is_file()
+
+
+def _write_cache(samples: pd.DataFrame, settings: PreprocessSettings, directory: Path, workers: int, log) -> None:
     jobs = [
         (path, [(int(i), float(r.x), float(r.y)) for i, r in group.iterrows()], settings)
         for path, group in samples.groupby("image_path", sort=True)
@@ -140,15 +158,20 @@ def build_cache(samples: pd.DataFrame, settings: PreprocessSettings, cache_root:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         np.save(tmp / "images.npy", images[ok])
-        kept.to_csv(tmp / "samples.csv", index=False)
+        kept[SAMPLE_KEY + ["level_index", "image_path", "x", "y"]].to_csv(tmp / "samples.csv", index=False)
         (tmp / "settings.json").write_text(json.dumps({**asdict(settings), "version": PREPROCESS_VERSION}, indent=1))
+        tmp.chmod(0o755)
         os.replace(tmp, directory)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _complete(directory):  # not another process finishing the same cache first
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size_mb = (directory / "images.npy").stat().st_size / 1e6
-    log(f"cache: {len(kept)} samples from {len(jobs)} files in {directory} ({size_mb:.1f} MB)")
-    return open_cache(directory)
+    log(f"cache: {len(kept)} samples from {len(jobs)} files in {directory} ({size_mb:.1f} MB, "
+        f"{size_mb * 1000 / max(kept['study_id'].nunique(), 1):.0f} kB per study)")
 
 
 def open_cache(directory: str | Path) -> SampleCache:

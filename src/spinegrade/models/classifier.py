@@ -105,6 +105,18 @@ def apply_freezing(model: LevelClassifier, freeze_backbone: bool, unfreeze_last_
     return trainable, frozen
 
 
+def freeze_norm_statistics(model: nn.Module) -> None:
+    """Put normalisation layers whose parameters are all frozen in eval mode (call after ``train()``).
+
+    ``requires_grad=False`` stops gradients but not BatchNorm's running statistics, which would
+    otherwise drift with every batch and change a "frozen" backbone."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+
+
 # --- pretrained weights -------------------------------------------------------------------------
 
 _PREFIXES = ("module.", "model.", "backbone.", "encoder.")

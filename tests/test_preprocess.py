@@ -1,0 +1,54 @@
+"""The preprocessing cache: built once, shared, never stale, safe against a concurrent builder."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from spinegrade.data.index import build_index
+from spinegrade.data.preprocess import PreprocessSettings, _write_cache, build_cache
+
+SETTINGS = PreprocessSettings("spinal_canal_stenosis", "crop", image_size=32, crop_mm=40.0)
+
+
+def _samples(data_dir):
+    t = build_index(data_dir, check_images=False).usable("spinal_canal_stenosis")
+    return t.assign(fold=t["study_id"] % 3)
+
+
+def test_cache_is_reused_and_carries_current_labels_and_folds(synth_dataset, tmp_path):
+    samples = _samples(synth_dataset)
+    first = build_cache(samples, SETTINGS, tmp_path, workers=1, log=lambda *_: None)
+    assert len(first) == len(samples) and first.images.shape == (len(samples), 32, 32)
+    assert first.images.std() > 10  # real image content, not zeros
+    mtime = (first.directory / "images.npy").stat().st_mtime_ns
+    # New folds and a corrected grade: same images, fresh columns.
+    changed = samples.assign(fold=(samples["study_id"] + 1) % 3)
+    changed.loc[changed.index[0], "severity"] = 2
+    second = build_cache(changed, SETTINGS, tmp_path, workers=1, log=lambda *_: None)
+    assert second.directory == first.directory and (second.directory / "images.npy").stat().st_mtime_ns == mtime
+    merged = second.samples.merge(changed, on=["study_id", "condition", "level"], suffixes=("", "_expected"))
+    assert (merged["fold"] == merged["fold_expected"]).all() and (merged["severity"] == merged["severity_expected"]).all()
+    # Other settings: another cache.
+    other = build_cache(samples, PreprocessSettings("spinal_canal_stenosis", "full", 32, 40.0), tmp_path, workers=1,
+                        log=lambda *_: None)
+    assert other.directory != first.directory and not np.array_equal(other.images, first.images)
+
+
+def test_a_concurrent_builder_finishing_first_is_not_an_error(synth_dataset, tmp_path):
+    samples = _samples(synth_dataset).head(5).reset_index(drop=True)
+    cache = build_cache(samples, SETTINGS, tmp_path, workers=1, log=lambda *_: None)
+    # A second process that started before the first finished renames onto a complete cache.
+    _write_cache(samples, SETTINGS, cache.directory, workers=1, log=lambda *_: None)
+    assert len(build_cache(samples, SETTINGS, tmp_path, workers=1, log=lambda *_: None)) == 5
+    assert [p.name for p in tmp_path.iterdir()] == [cache.directory.name]  # no temporary left behind
+
+
+def test_unreadable_file_is_named_and_skipped(dataset_copy, tmp_path):
+    samples = _samples(dataset_copy)
+    victim = samples.iloc[0].image_path
+    with open(victim, "wb") as f:
+        f.write(b"not dicom")
+    lines = []
+    cache = build_cache(samples, SETTINGS, tmp_path, workers=1, log=lines.append)
+    assert len(cache) == len(samples) - int((samples["image_path"] == victim).sum())
+    assert any(victim in line and "skipped" in line for line in lines)
