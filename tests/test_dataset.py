@@ -74,3 +74,27 @@ def test_crop_keeps_physical_scale_and_centres_the_point():
     assert out[20, 28] < 30 and out[25, 20] < 30
     full = prepare_image(pixels, (0.5, 0.5), 150.0, 100.0, PreprocessSettings("spinal_canal_stenosis", "full", 64, 48.0))
     assert full.shape == (64, 64) and full.dtype == np.uint8
+
+
+def test_jitter_moves_the_point_and_the_slice_in_training_only():
+    from spinegrade.data.dataset import Jitter
+
+    canvases = np.zeros((1, 3, 40, 40), dtype=np.uint8)
+    canvases[0, 1, 20, 20] = 255  # the point, on the centre slice
+    canvases[0, 0] = 100  # neighbours are uniformly grey
+    canvases[0, 2] = 100
+    plain = LevelDataset(canvases, [0], [0], build_transform(MEAN, STD, train=False), image_size=32)
+    view = plain._view(0)
+    assert view.shape == (32, 32) and view[16, 16] == 255 and view.sum() == 255
+    jittered = LevelDataset(canvases, [0], [0], build_transform(MEAN, STD, train=False), image_size=32,
+                            jitter=Jitter(point_sd=2.0, slice_probability=0.5))
+    positions, neighbours = set(), 0
+    for seed in range(40):
+        jittered.set_seed(seed)
+        v = jittered._view(0)
+        if v.max() == 100:
+            neighbours += 1
+        else:
+            positions.add(tuple(np.argwhere(v == 255)[0]))
+    assert 8 <= neighbours <= 32 and len(positions) > 3
+    assert all(12 <= r <= 20 and 12 <= c <= 20 for r, c in positions)  # never beyond the 4-pixel margin

@@ -18,7 +18,7 @@ def _samples(data_dir):
 def test_cache_is_reused_and_carries_current_labels_and_folds(synth_dataset, tmp_path):
     samples = _samples(synth_dataset)
     first = build_cache(samples, SETTINGS, tmp_path, workers=1, log=lambda *_: None)
-    assert len(first) == len(samples) and first.images.shape == (len(samples), 32, 32)
+    assert len(first) == len(samples) and first.images.shape == (len(samples), 3, 40, 40)  # 3 slices, margin
     assert first.images.std() > 10  # real image content, not zeros
     mtime = (first.directory / "images.npy").stat().st_mtime_ns
     # New folds and a corrected grade: same images, fresh columns.
@@ -52,3 +52,17 @@ def test_unreadable_file_is_named_and_skipped(dataset_copy, tmp_path):
     cache = build_cache(samples, SETTINGS, tmp_path, workers=1, log=lines.append)
     assert len(cache) == len(samples) - int((samples["image_path"] == victim).sum())
     assert any(victim in line and "skipped" in line for line in lines)
+
+
+def test_canvas_centre_is_what_prediction_sees_and_neighbours_are_other_slices(synth_dataset, tmp_path):
+    from spinegrade.data.dicom import read_slice
+    from spinegrade.data.preprocess import prepare_image
+
+    samples = _samples(synth_dataset).head(3).reset_index(drop=True)
+    cache = build_cache(samples, SETTINGS, tmp_path, workers=1, log=lambda *_: None)
+    for k, row in cache.samples.iterrows():
+        s = read_slice(row.image_path)
+        direct = prepare_image(s.pixels, s.pixel_spacing, row.x, row.y, SETTINGS)
+        centre = cache.images[k, 1, 4:36, 4:36].astype(int)
+        assert np.abs(centre - direct).max() <= 1  # equal up to rounding of the projected point
+        assert not np.array_equal(cache.images[k, 0], cache.images[k, 1])

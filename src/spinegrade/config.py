@@ -60,6 +60,10 @@ class TrainConfig:
     class_weights: str = "inverse_frequency"  # or "competition" (1/2/4) or "none"
     rotation_degrees: float = 15.0
     flip_probability: float = 0.5
+    # Training on what a localiser gives: the point moved by a Gaussian of this many millimetres
+    # (crops only), and a neighbouring slice used this often.
+    point_jitter_mm: float = 2.0
+    neighbour_slice_probability: float = 0.2
     seed: int = 42
     num_workers: int = 2
     condition: str = "spinal_canal_stenosis"

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from spinegrade.config import TrainConfig, save_config
 from spinegrade.constants import PROBABILITY_COLUMNS, SEVERITIES, SEVERITY_WEIGHTS, row_id
-from spinegrade.data.dataset import LevelDataset, build_transform, mirrored_targets
+from spinegrade.data.dataset import Jitter, LevelDataset, build_transform, mirrored_targets
 from spinegrade.data.folds import read_folds, write_csv_atomic
 from spinegrade.data.index import build_index
 from spinegrade.data.preprocess import PreprocessSettings, SampleCache, build_cache
@@ -94,7 +94,7 @@ class SeededDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, encoded: int) -> dict:
         epoch, i = divmod(int(encoded), len(self.dataset))
-        self.dataset.transform.set_random_seed(hash((self.seed, epoch, i)) % (2**31))
+        self.dataset.set_seed(hash((self.seed, epoch, i)) % (2**31))
         return self.dataset[i]
 
 
@@ -229,9 +229,13 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
 
     levels = table["level_index"].to_numpy()
     flipped = mirrored_targets(table, labels, config.input)
+    jitter = Jitter(point_sd=config.point_jitter_mm / (config.crop_mm / config.image_size) if config.input == "crop" else 0.0,
+                    slice_probability=config.neighbour_slice_probability)
     train_set = SeededDataset(LevelDataset(cache.images, levels, targets, build_transform(
-        mean, std, True, config.flip_probability, config.rotation_degrees), train_idx, flipped), config.seed)
-    val_set = LevelDataset(cache.images, levels, targets, build_transform(mean, std, False), val_idx)
+        mean, std, True, config.flip_probability, config.rotation_degrees), train_idx, flipped,
+        image_size=config.image_size, jitter=jitter), config.seed)
+    val_set = LevelDataset(cache.images, levels, targets, build_transform(mean, std, False), val_idx,
+                           image_size=config.image_size)
     train_sampler = EpochSampler(len(train_set), config.seed, shuffle=True)
     workers = max(0, int(config.num_workers))
     loader_args = dict(num_workers=workers, pin_memory=device_.type == "cuda", persistent_workers=workers > 0)

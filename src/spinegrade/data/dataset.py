@@ -9,6 +9,8 @@ sagittal image only swaps anterior and posterior, and its label stays.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import albumentations as A
 import cv2
 import numpy as np
@@ -36,6 +38,16 @@ def flip_applied(result: dict) -> bool:
     return any(name == "HorizontalFlip" for name, _ in result.get("applied_transforms", []))
 
 
+@dataclass(frozen=True)
+class Jitter:
+    """Localisation errors simulated in training: the point moves by a Gaussian of ``point_sd``
+    output pixels (clipped to the cached margin) and, with ``slice_probability``, the image comes
+    from a neighbouring slice."""
+
+    point_sd: float = 0.0
+    slice_probability: float = 0.0
+
+
 class LevelDataset(Dataset):
     """One sample per cached image.
 
@@ -45,8 +57,13 @@ class LevelDataset(Dataset):
     """
 
     def __init__(self, images: np.ndarray, levels: np.ndarray, targets: np.ndarray, transform: A.Compose,
-                 indices: np.ndarray | None = None, flipped_targets: np.ndarray | None = None):
-        self.images = images
+                 indices: np.ndarray | None = None, flipped_targets: np.ndarray | None = None,
+                 image_size: int | None = None, jitter: Jitter = Jitter()):
+        # images: (N, H, W), or (N, slices, C, C) canvases from the cache (centre slice in the middle).
+        self.images = images if images.ndim == 4 else images[:, None]
+        self.image_size = image_size or self.images.shape[-1]
+        self.jitter = jitter
+        self.rng = np.random.default_rng(0)
         self.levels = np.asarray(levels, dtype=np.int64)
         self.targets = np.asarray(targets, dtype=np.int64)
         self.flipped_targets = self.targets if flipped_targets is None else np.asarray(flipped_targets, dtype=np.int64)
@@ -56,9 +73,27 @@ class LevelDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def set_seed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.transform.set_random_seed(seed)
+
+    def _view(self, k: int) -> np.ndarray:
+        """The model-sized image of sample ``k``: centre slice and centre crop, or jittered ones."""
+        slices, canvas = self.images.shape[1], self.images.shape[-1]
+        centre = slices // 2
+        s = centre
+        if slices > 1 and self.jitter.slice_probability > 0 and self.rng.random() < self.jitter.slice_probability:
+            s = centre + int(self.rng.choice([-1, 1]))
+        margin = (canvas - self.image_size) // 2
+        dx = dy = 0
+        if margin > 0 and self.jitter.point_sd > 0:
+            dx, dy = np.clip(np.round(self.rng.normal(0, self.jitter.point_sd, 2)), -margin, margin).astype(int)
+        top, left = margin + dy, margin + dx
+        return np.asarray(self.images[k, s, top: top + self.image_size, left: left + self.image_size])
+
     def __getitem__(self, i: int) -> dict:
         k = int(self.indices[i])
-        grey = np.asarray(self.images[k])
+        grey = self._view(k)
         result = self.transform(image=np.repeat(grey[:, :, None], 3, axis=2))
         image, target = result["image"], self.targets[k]
         if flip_applied(result):
