@@ -7,6 +7,8 @@
 #   make train BACKBONE=convnext                 one backbone, every fold
 #   make train-all                               every backbone of the method (BACKBONES), every fold
 #   make evaluate                                OOF metrics, plots and report.html for every trained backbone
+#   make train-localizer                         the level localiser (make train runs it when missing)
+#   make predict                                 localise and grade the test split: a submission
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,6 +24,8 @@ BACKBONE ?= convnext
 FOLD ?= 0
 BACKBONES ?= vit swin beit efficientnet resnet152 convnext
 TRAIN_FLAGS ?=
+LOCALIZER_FLAGS ?=
+LOCALIZER_DONE = $(OUTPUT_DIR)/trained_models/localizer/slice_choice.json
 
 # The demo keeps its own synthetic data beside (never over) a real download.
 DEMO_DATA ?= input/demo/rsna-2024-lumbar-spine-degenerative-classification
@@ -30,8 +34,9 @@ DEMO_STUDIES ?= 60
 DEMO_TEST_STUDIES ?= 8
 DEMO_OUTPUT ?= runs/demo
 DEMO_BACKBONES ?= efficientnet_lite0
+DEMO_LOCALIZER_FLAGS ?= --image_size 64 --num_epochs 20 --batch_size 4
 
-.PHONY: install demo test download index folds synth clean-demo train-fold train train-all evaluate
+.PHONY: install demo test download index folds synth clean-demo train-fold train train-all evaluate train-localizer predict
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,9 +54,12 @@ demo: install
 		--test-studies $(DEMO_TEST_STUDIES) --image-size 192 288 --seed 0
 	$(SPINEGRADE) index --data-dir $(DEMO_DATA)
 	$(SPINEGRADE) folds --data-dir $(DEMO_DATA) --n-folds $(N_FOLDS) --out $(DEMO_FOLDS)
+	@test -f $(DEMO_OUTPUT)/trained_models/localizer/slice_choice.json || $(SPINEGRADE) train-localizer \
+		--data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) --output-dir $(DEMO_OUTPUT) $(DEMO_LOCALIZER_FLAGS)
 	$(SPINEGRADE) train --models $(DEMO_BACKBONES) --data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) \
 		--output-dir $(DEMO_OUTPUT) $(TRAIN_FLAGS)
 	$(SPINEGRADE) evaluate --output-dir $(DEMO_OUTPUT) --folds $(DEMO_FOLDS) --data-dir $(DEMO_DATA)
+	$(SPINEGRADE) predict --data-dir $(DEMO_DATA) --split test --output-dir $(DEMO_OUTPUT)
 
 synth: install
 	$(SPINEGRADE) synth $(DATA_DIR)
@@ -65,15 +73,24 @@ index: install
 folds: install
 	$(SPINEGRADE) folds --data-dir $(DATA_DIR) --n-folds $(N_FOLDS) --out $(FOLDS)
 
+train-localizer: install
+	$(SPINEGRADE) train-localizer --data-dir $(DATA_DIR) --folds $(FOLDS) --output-dir $(OUTPUT_DIR) $(LOCALIZER_FLAGS)
+
+$(LOCALIZER_DONE):
+	$(MAKE) train-localizer
+
+predict: install
+	$(SPINEGRADE) predict --data-dir $(DATA_DIR) --split test --output-dir $(OUTPUT_DIR)
+
 train-fold: install
 	$(SPINEGRADE) train --models $(BACKBONE) --fold $(FOLD) --data-dir $(DATA_DIR) --folds $(FOLDS) \
 		--output-dir $(OUTPUT_DIR) $(TRAIN_FLAGS)
 
-train: install
+train: install $(LOCALIZER_DONE)
 	$(SPINEGRADE) train --models $(BACKBONE) --data-dir $(DATA_DIR) --folds $(FOLDS) --output-dir $(OUTPUT_DIR) $(TRAIN_FLAGS)
 	$(MAKE) evaluate
 
-train-all: install
+train-all: install $(LOCALIZER_DONE)
 	$(SPINEGRADE) train --models $(BACKBONES) --data-dir $(DATA_DIR) --folds $(FOLDS) --output-dir $(OUTPUT_DIR) $(TRAIN_FLAGS)
 	$(MAKE) evaluate
 

@@ -34,3 +34,29 @@ def real_metadata() -> Path:
     if not (SHARED_METADATA / "train.csv").is_file():
         pytest.skip(f"real RSNA metadata not available at {SHARED_METADATA}")
     return SHARED_METADATA
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A whole small run: 30+5 synthetic studies, 3 folds, a localiser and EfficientNet-Lite0 on every fold.
+
+    Settings are tiny (CPU, seconds per fold) but every stage is the real one.
+    """
+    from spinegrade.config import LocalizerConfig, load_config
+    from spinegrade.data.folds import make_folds, write_csv_atomic
+    from spinegrade.data.index import build_index
+    from spinegrade.localize import train_localizer
+    from spinegrade.train import train_fold
+
+    root = tmp_path_factory.mktemp("run")
+    data = root / "data"
+    write_dataset(data, SynthSettings(studies=30, test_studies=5, seed=21, image_size=(96, 128)))
+    folds = root / "folds.csv"
+    write_csv_atomic(make_folds(build_index(data, check_images=False).labels_wide(), n_folds=3, seed=0), folds)
+    out = root / "out"
+    quiet = lambda *_: None  # noqa: E731
+    report = train_localizer(LocalizerConfig(image_size=64, num_epochs=25, batch_size=4), data, folds, out, log=quiet)
+    config = load_config("efficientnet_lite0", {"image_size": 64, "batch_size": 16, "num_workers": 0, "num_epochs": 5})
+    for fold in range(3):
+        train_fold(config, data, folds, out, fold, log=quiet)
+    return {"data": data, "folds": folds, "out": out, "answers": root / "data-answers", "localizer_report": report}

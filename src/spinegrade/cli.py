@@ -77,7 +77,7 @@ TRAIN_OVERRIDES: list[tuple[str, type, str]] = [
     ("seed", int, "random seed (42)"),
     ("class_weights", str, "inverse_frequency, competition (1/2/4) or none"),
     ("num_workers", int, "data loader worker processes"),
-    ("point_jitter_mm", float, "training shift of the point, standard deviation in mm (2)"),
+    ("point_jitter_mm", float, "training shift of the point, standard deviation in mm (3)"),
     ("neighbour_slice_probability", float, "how often training uses a neighbouring slice (0.2)"),
     ("backbone", str, "timm model name, overriding the config's"),
 ]
@@ -107,6 +107,31 @@ def cmd_train(args: argparse.Namespace) -> None:
         oof = read_oof(args.output_dir, config.name)
         if not oof.empty:
             print(format_scores(config.name, oof_scores(oof)))
+
+
+def cmd_train_localizer(args: argparse.Namespace) -> None:
+    from spinegrade.config import LocalizerConfig, parse_bool
+
+    config = LocalizerConfig()
+    for name in ("backbone", "image_size", "batch_size", "num_epochs", "learning_rate", "seed", "num_workers", "weights"):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
+    if args.pretrained is not None:
+        config.pretrained = parse_bool(args.pretrained)
+    from spinegrade.localize import train_localizer
+
+    train_localizer(config, args.data_dir, args.folds, args.output_dir, device=args.device)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    if args.study_dir is not None:
+        from spinegrade.predict import predict_study
+
+        predict_study(args.study_dir, args.output_dir, args.backbones, out_dir=args.out, device=args.device)
+        return
+    from spinegrade.predict import predict_split
+
+    predict_split(args.data_dir, args.split, args.output_dir, args.backbones, out=args.out, device=args.device)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -162,6 +187,29 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind, help_text in TRAIN_OVERRIDES:
         p.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help_text)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-localizer", help="train the level localiser fold by fold; out-of-fold report")
+    p.add_argument("--data-dir", "--data_dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--folds", type=Path, default=DEFAULT_FOLDS)
+    p.add_argument("--output-dir", "--output_dir", type=Path, default=Path("."))
+    p.add_argument("--device", default=None)
+    for name, kind in (("backbone", str), ("image_size", int), ("batch_size", int), ("num_epochs", int),
+                       ("learning_rate", float), ("seed", int), ("num_workers", int), ("weights", str),
+                       ("pretrained", str)):
+        p.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, type=kind, default=None)
+    p.set_defaults(func=cmd_train_localizer)
+
+    p = sub.add_parser("predict", help="grade a split (localise, then every fold model) or one study folder")
+    p.add_argument("study_dir", type=Path, nargs="?", default=None,
+                   help="one study's DICOM files, any names and nesting (instead of --split)")
+    p.add_argument("--data-dir", "--data_dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument("--output-dir", "--output_dir", type=Path, default=Path("."), help="where trained_models/ is")
+    p.add_argument("--backbones", nargs="+", default=None, help="default: every trained backbone")
+    p.add_argument("--out", type=Path, default=None,
+                   help="submission CSV (split) or output folder (study); default under OUTPUT/ or beside the study")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="OOF metrics, confusion matrices, plots and report.html for every backbone")
     p.add_argument("--output-dir", "--output_dir", type=Path, default=Path("."))

@@ -62,7 +62,7 @@ class TrainConfig:
     flip_probability: float = 0.5
     # Training on what a localiser gives: the point moved by a Gaussian of this many millimetres
     # (crops only), and a neighbouring slice used this often.
-    point_jitter_mm: float = 2.0
+    point_jitter_mm: float = 3.0
     neighbour_slice_probability: float = 0.2
     seed: int = 42
     num_workers: int = 2
@@ -73,6 +73,25 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["hidden_sizes"] = list(self.hidden_sizes)
         return d
+
+
+@dataclass
+class LocalizerConfig:
+    """Settings of the level localiser (``spinegrade train-localizer``)."""
+
+    backbone: str = "efficientnet_lite0"
+    pretrained: bool = True
+    weights: str | None = None
+    image_size: int = 256  # the whole sagittal slice, resized to a square
+    batch_size: int = 8
+    num_epochs: int = 20
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 42
+    num_workers: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -199,6 +199,7 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
         log(f"{config.name} fold {fold}: trained before with other settings; training again")
     done.unlink(missing_ok=True)  # from here on the fold is unfinished until a new done.json lands
     samples, labels = load_samples(config, data_dir, folds_path, log)
+    write_priors(labels, output_dir / "trained_models" / "priors.csv")
     if fold not in set(samples["fold"]):
         raise SpinegradeError(f"fold {fold} not in {folds_path} (folds: {sorted(set(samples['fold']))})")
     cache = build_cache(samples, PreprocessSettings.from_config(config), output_dir / "cache", log=log)
@@ -328,6 +329,14 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
     log(f"{config.name} fold {fold}: best epoch {best_epoch + 1}, held-out competition loss {best_score:.4f} "
         f"(weight-scaled class prior {prior_score:.4f})")
     return FoldResult(config.name, fold, best_epoch, best_score, prior_score, oof_path(output_dir, config.name, fold))
+
+
+def write_priors(labels: pd.DataFrame, path: Path) -> None:
+    """The weight-scaled prior of every condition and level, for targets no model covers at prediction
+    time (saved with the models so a kernel needs no train.csv)."""
+    rows = [{"condition": c, "level": lv, **dict(zip(PROBABILITY_COLUMNS, weighted_prior(g["severity"].to_numpy())))}
+            for (c, lv), g in labels.groupby(["condition", "level"])]
+    write_csv_atomic(pd.DataFrame(rows), path)
 
 
 def _identity(config: TrainConfig) -> dict:

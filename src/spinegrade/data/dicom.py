@@ -36,6 +36,7 @@ class Slice:
     pixel_spacing: tuple[float, float]  # (between rows, between columns), as DICOM orders it
     shape: tuple[int, int]  # (rows, columns)
     series_description: str = ""
+    series_uid: str = ""
     pixels: np.ndarray | None = field(default=None, repr=False)  # float32, rescaled, MONOCHROME2
 
     @property
@@ -164,6 +165,7 @@ def read_slice(path: str | Path, with_pixels: bool = True) -> Slice:
         pixel_spacing=(float(spacing[0]), float(spacing[1])),
         shape=(int(rows), int(cols)),
         series_description=str(ds.get("SeriesDescription", "")),
+        series_uid=str(ds.get("SeriesInstanceUID", "")),
         pixels=pixels,
     )
 
@@ -202,8 +204,13 @@ def read_series(
     An unreadable file raises :class:`DicomReadError`; pass a list as ``errors`` to collect such
     files there and go on with the rest instead.
     """
+    return read_files(list_dicom_files(directory), with_pixels, errors)
+
+
+def read_files(paths: list[Path], with_pixels: bool = True, errors: list[DicomReadError] | None = None) -> list[Stack]:
+    """Like :func:`read_series`, for an explicit list of files of one series."""
     slices = []
-    for path in list_dicom_files(directory):
+    for path in paths:
         try:
             slices.append(read_slice(path, with_pixels=with_pixels))
         except DicomReadError as exc:

@@ -1,0 +1,324 @@
+"""Find the five disc levels on a study nobody has annotated: the slice to grade and a point per level.
+
+The slice: sagittal series are centred on the spine, and the labelled spinal canal slice is the
+mid-sagittal one, so the choice is the middle slice of the stack by position, moved by the offset
+the training folds label most often. The points: a :class:`LevelLocalizer` on that slice, trained
+on the labelled points of ``train_label_coordinates.csv`` fold by fold (the same folds as the
+grading models), so that every training study also gets an honest out-of-fold localisation.
+
+Outputs, under ``OUTPUT/``: ``trained_models/localizer/fold<k>/`` (weights, ``localizer.json``,
+``metrics.csv``), ``results/localizer_oof.csv`` (every held-out point, predicted and labelled, with
+its error in mm) and ``results/localizer_report.json`` (slice choice accuracy, median and 90th
+percentile error per level).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from spinegrade.config import LocalizerConfig
+from spinegrade.constants import LEVELS, level_title
+from spinegrade.data.dicom import DicomReadError, Stack, main_stack, read_series
+from spinegrade.data.folds import read_folds, write_csv_atomic
+from spinegrade.data.index import build_index
+from spinegrade.data.preprocess import window_to_uint8
+from spinegrade.errors import SpinegradeError
+from spinegrade.models.classifier import input_statistics, load_pretrained, load_state, save_state
+from spinegrade.models.localizer import LevelLocalizer, LocalizerSpec, heatmap_loss, soft_argmax
+
+LOCALIZER_NAME = "localizer"
+
+
+def localizer_dir(output_dir: Path) -> Path:
+    return Path(output_dir) / "trained_models" / LOCALIZER_NAME
+
+
+def middle_index(n: int) -> int:
+    return (n - 1) // 2
+
+
+def slice_image(pixels: np.ndarray, size: int) -> np.ndarray:
+    """The localiser's input: the whole slice windowed and resized to a square."""
+    return cv2.resize(window_to_uint8(pixels), (size, size), interpolation=cv2.INTER_AREA)
+
+
+@dataclass
+class LocatedLevels:
+    """Where to grade a study: the slice (index in its stack) and (x, y) per level in its pixels."""
+
+    slice_index: int
+    points: np.ndarray  # (5, 2), pixel coordinates of the chosen slice, in LEVELS order
+
+
+# --- training data ------------------------------------------------------------------------------
+
+def localizer_samples(data_dir: Path) -> pd.DataFrame:
+    """One row per training study: its spinal canal slice and the five labelled points on it."""
+    table = build_index(data_dir, check_images=False).table
+    spinal = table[(table["condition"] == "spinal_canal_stenosis") & table["instance_number"].notna()]
+    rows = []
+    for study_id, group in spinal.groupby("study_id"):
+        instance = int(group["instance_number"].mode().iloc[0])
+        on_slice = group[group["instance_number"] == instance].set_index("level")
+        series_dir = Path(on_slice["image_path"].iloc[0]).parent
+        row = {"study_id": study_id, "series_dir": str(series_dir), "instance_number": instance}
+        for level in LEVELS:
+            row[f"{level}_x"] = on_slice.at[level, "x"] if level in on_slice.index else np.nan
+            row[f"{level}_y"] = on_slice.at[level, "y"] if level in on_slice.index else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _prepare_study(args) -> dict | str:
+    row, size = args
+    errors: list[DicomReadError] = []
+    stack = main_stack(read_series(row["series_dir"], errors=errors))
+    k = stack.index_of_instance(row["instance_number"]) if stack else None
+    if k is None:
+        return f"study {row['study_id']}: labelled slice {row['instance_number']} not readable in {row['series_dir']}"
+    s = stack.slices[k]
+    return {"study_id": row["study_id"], "image": slice_image(s.pixels, size), "slice_index": k,
+            "stack_length": len(stack), "rows": s.shape[0], "cols": s.shape[1],
+            "row_spacing": s.pixel_spacing[0], "col_spacing": s.pixel_spacing[1]}
+
+
+def prepare_localizer_data(samples: pd.DataFrame, size: int, log=print) -> tuple[np.ndarray, pd.DataFrame]:
+    """Decode each study's labelled slice once; points normalised to [0, 1] of the image."""
+    jobs = [(r, size) for r in samples.to_dict("records")]
+    workers = min(8, os.cpu_count() or 1)
+    if workers > 1 and len(jobs) > 4:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(_prepare_study, jobs, chunksize=4))
+    else:
+        results = [_prepare_study(j) for j in jobs]
+    kept, images = [], []
+    for r in results:
+        if isinstance(r, str):
+            log(f"skipped: {r}")
+            continue
+        images.append(r.pop("image"))
+        kept.append(r)
+    meta = pd.DataFrame(kept).merge(samples, on="study_id")
+    for level in LEVELS:
+        meta[f"{level}_u"] = (meta[f"{level}_x"] + 0.5) / meta["cols"]
+        meta[f"{level}_v"] = (meta[f"{level}_y"] + 0.5) / meta["rows"]
+    return np.stack(images) if images else np.zeros((0, size, size), np.uint8), meta
+
+
+class PointDataset(Dataset):
+    def __init__(self, images: np.ndarray, points: np.ndarray, mean, std, train: bool, seed: int = 0):
+        self.images, self.points, self.train = images, points, train  # points (N, 5, 2) normalised, NaN unlabelled
+        normalise = A.Normalize(mean=mean, std=std, max_pixel_value=255.0)
+        if train:
+            self.transform = A.Compose(
+                [A.Affine(rotate=(-10, 10), scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), p=0.8),
+                 A.RandomBrightnessContrast(p=0.5), normalise],
+                seed=seed, keypoint_params=A.KeypointParams(format="xy", remove_invisible=False))
+        else:
+            self.transform = A.Compose([normalise])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        size = self.images.shape[-1]
+        points = self.points[i]
+        known = np.isfinite(points).all(axis=1)
+        keypoints = np.where(known[:, None], points * size, 0.0)
+        image = np.repeat(self.images[i][:, :, None], 3, axis=2)
+        if self.train:
+            out = self.transform(image=image, keypoints=keypoints)
+            moved = np.asarray(out["keypoints"], dtype=np.float32).reshape(-1, 2) / size
+        else:
+            out = self.transform(image=image)
+            moved = (keypoints / size).astype(np.float32)
+        image = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
+        return image, torch.from_numpy(moved), torch.from_numpy(known)
+
+
+def _errors_mm(pred: np.ndarray, meta: pd.DataFrame) -> np.ndarray:
+    """(N, 5) distance between predicted and labelled points in millimetres."""
+    true = np.stack([meta[[f"{lv}_u", f"{lv}_v"]].to_numpy() for lv in LEVELS], axis=1)
+    dx = (pred[..., 0] - true[..., 0]) * meta["cols"].to_numpy()[:, None] * meta["col_spacing"].to_numpy()[:, None]
+    dy = (pred[..., 1] - true[..., 1]) * meta["rows"].to_numpy()[:, None] * meta["row_spacing"].to_numpy()[:, None]
+    return np.hypot(dx, dy)
+
+
+def _predict(model: LevelLocalizer, loader: DataLoader, device) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for image, _, _ in loader:
+            out.append(model(image.to(device)).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(LEVELS), 2))
+
+
+def train_localizer_fold(config: LocalizerConfig, images: np.ndarray, meta: pd.DataFrame, fold: int,
+                         output_dir: Path, device, log=print) -> np.ndarray:
+    """Train on the other folds; return held-out predictions (normalised) of the best epoch."""
+    torch.manual_seed(config.seed)
+    model = LevelLocalizer(LocalizerSpec(config.backbone))
+    log(load_pretrained(model, config.pretrained, config.weights))
+    mean, std = input_statistics(model.backbone)
+    model.to(device)
+    points = np.stack([meta[[f"{lv}_u", f"{lv}_v"]].to_numpy() for lv in LEVELS], axis=1).astype(np.float32)
+    train_idx = np.flatnonzero(meta["fold"].to_numpy() != fold)
+    val_idx = np.flatnonzero(meta["fold"].to_numpy() == fold)
+    train_set = PointDataset(images[train_idx], points[train_idx], mean, std, train=True, seed=config.seed + fold)
+    val_set = PointDataset(images[val_idx], points[val_idx], mean, std, train=False)
+    generator = torch.Generator().manual_seed(config.seed + fold)
+    train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=generator,
+                              num_workers=config.num_workers, drop_last=len(train_set) > config.batch_size)
+    val_loader = DataLoader(val_set, batch_size=config.batch_size * 2, num_workers=config.num_workers)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, pct_start=0.15,
+                                                   total_steps=max(1, config.num_epochs * len(train_loader)))
+    out = localizer_dir(output_dir) / f"fold{fold}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "localizer.json").write_text(json.dumps({**LocalizerSpec(config.backbone).to_dict(), **config.to_dict(),
+                                                    "mean": list(mean), "std": list(std), "fold": fold}, indent=1))
+    best, best_pred, history = math.inf, None, []
+    for epoch in range(config.num_epochs):
+        started = time.perf_counter()
+        model.train()
+        total, seen = 0.0, 0
+        for image, target, known in train_loader:
+            target, known = target.to(device), known.to(device)
+            logits = model.heatmaps(image.to(device))
+            pred = soft_argmax(logits)
+            mask = known.unsqueeze(-1).float()
+            l1 = (torch.abs(pred - target) * mask).sum() / mask.sum().clamp_min(1) * config.image_size
+            loss = l1 + heatmap_loss(logits, target, known)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += l1.item() * len(image)
+            seen += len(image)
+        pred = _predict(model, val_loader, device)
+        errors = _errors_mm(pred, meta.iloc[val_idx])
+        median = float(np.nanmedian(errors)) if np.isfinite(errors).any() else math.inf
+        history.append({"epoch": epoch, "train_l1_pixels": total / max(seen, 1), "val_median_mm": median,
+                        "val_p90_mm": float(np.nanpercentile(errors, 90)) if np.isfinite(errors).any() else math.inf,
+                        "seconds": time.perf_counter() - started})
+        if median < best:
+            best, best_pred = median, pred
+            save_state(model, out / "best.safetensors")
+        log(f"localizer fold {fold} epoch {epoch + 1}/{config.num_epochs}: train L1 {history[-1]['train_l1_pixels']:.2f} px, "
+            f"held-out median {median:.2f} mm, 90th percentile {history[-1]['val_p90_mm']:.2f} mm")
+        write_csv_atomic(pd.DataFrame(history), out / "metrics.csv")
+    if best_pred is None:
+        raise SpinegradeError(f"localizer fold {fold}: no epoch produced a finite error (num_epochs={config.num_epochs})")
+    return best_pred
+
+
+def train_localizer(config: LocalizerConfig, data_dir: str | Path, folds_path: str | Path, output_dir: str | Path,
+                    device: str | None = None, log=print) -> dict:
+    """Train the localiser on every fold and write its out-of-fold report."""
+    from spinegrade.train import select_device
+
+    output_dir = Path(output_dir)
+    samples = localizer_samples(Path(data_dir))
+    folds = read_folds(folds_path)
+    samples = samples.merge(folds, on="study_id")
+    if samples.empty:
+        raise SpinegradeError(f"{data_dir}: no study with spinal canal points to train the localiser on")
+    images, meta = prepare_localizer_data(samples, config.image_size, log)
+    device_ = select_device(device)
+    predictions = np.full((len(meta), len(LEVELS), 2), np.nan)
+    for fold in sorted(meta["fold"].unique()):
+        held = meta["fold"].to_numpy() == fold
+        predictions[held] = train_localizer_fold(config, images, meta, int(fold), output_dir, device_, log)
+    offsets = meta["slice_index"] - meta["stack_length"].map(middle_index)
+    offset = int(offsets.mode().iloc[0])
+    (localizer_dir(output_dir) / "slice_choice.json").write_text(json.dumps({
+        "offset_from_middle": offset, "offset_counts": offsets.value_counts().sort_index().to_dict()}, indent=1))
+    # Out-of-fold slice choice uses the offset of the training folds only.
+    chosen = np.zeros(len(meta), dtype=int)
+    for fold in meta["fold"].unique():
+        held = meta["fold"].to_numpy() == fold
+        fold_offset = int(offsets[~held].mode().iloc[0]) if (~held).any() else offset
+        chosen[held] = np.clip(meta["stack_length"][held].map(middle_index) + fold_offset, 0, meta["stack_length"][held] - 1)
+    return write_localizer_report(meta, predictions, chosen, output_dir, log)
+
+
+def write_localizer_report(meta: pd.DataFrame, predictions: np.ndarray, chosen: np.ndarray, output_dir: Path,
+                           log=print) -> dict:
+    errors = _errors_mm(predictions, meta)
+    rows = []
+    for i, r in enumerate(meta.itertuples()):
+        for k, level in enumerate(LEVELS):
+            rows.append({"study_id": r.study_id, "level": level, "fold": r.fold,
+                         "x": predictions[i, k, 0] * r.cols - 0.5, "y": predictions[i, k, 1] * r.rows - 0.5,
+                         "x_label": getattr(r, f"{level}_x"), "y_label": getattr(r, f"{level}_y"),
+                         "error_mm": errors[i, k], "slice_chosen": chosen[i], "slice_labelled": r.slice_index})
+    results = Path(output_dir) / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    write_csv_atomic(pd.DataFrame(rows), results / "localizer_oof.csv")
+    within_one = float((np.abs(chosen - meta["slice_index"].to_numpy()) <= 1).mean())
+    exact = float((chosen == meta["slice_index"].to_numpy()).mean())
+    report = {"studies": len(meta), "slice_within_one": within_one, "slice_exact": exact, "per_level": {}}
+    for k, level in enumerate(LEVELS):
+        e = errors[:, k][np.isfinite(errors[:, k])]
+        report["per_level"][level] = {"median_mm": float(np.median(e)) if len(e) else None,
+                                      "p90_mm": float(np.percentile(e, 90)) if len(e) else None, "points": int(len(e))}
+    finite = errors[np.isfinite(errors)]
+    report["all_levels"] = {"median_mm": float(np.median(finite)), "p90_mm": float(np.percentile(finite, 90))}
+    (results / "localizer_report.json").write_text(json.dumps(report, indent=1))
+    log(f"localizer out-of-fold over {len(meta)} studies: slice within one of the labelled {within_one:.1%} "
+        f"(exact {exact:.1%}); point error median {report['all_levels']['median_mm']:.2f} mm, "
+        f"90th percentile {report['all_levels']['p90_mm']:.2f} mm")
+    for level, v in report["per_level"].items():
+        if v["points"]:
+            log(f"  {level_title(level)}: median {v['median_mm']:.2f} mm, 90th percentile {v['p90_mm']:.2f} mm ({v['points']} points)")
+    return report
+
+
+# --- inference ----------------------------------------------------------------------------------
+
+class LocalizerEnsemble:
+    """Every fold's localiser, averaged: the same models whatever study comes."""
+
+    def __init__(self, output_dir: str | Path, device=None):
+        from spinegrade.train import select_device
+
+        root = localizer_dir(Path(output_dir))
+        folds = sorted(p.parent for p in root.glob("fold*/best.safetensors"))
+        if not folds:
+            raise SpinegradeError(f"{root}: no trained localiser (run `spinegrade train-localizer` / `make train-localizer`)")
+        self.device = select_device(device)
+        self.models, self.size = [], None
+        for folder in folds:
+            spec = json.loads((folder / "localizer.json").read_text())
+            model = LevelLocalizer(LocalizerSpec(spec["backbone"], spec.get("channels", 64)))
+            load_state(model, folder / "best.safetensors")
+            self.models.append(model.to(self.device).eval())
+            self.size, self.mean, self.std = int(spec["image_size"]), spec["mean"], spec["std"]
+        choice = root / "slice_choice.json"
+        self.offset = json.loads(choice.read_text())["offset_from_middle"] if choice.is_file() else 0
+
+    def choose_slice(self, stack: Stack) -> int:
+        return int(np.clip(middle_index(len(stack)) + self.offset, 0, len(stack) - 1))
+
+    def locate(self, stack: Stack) -> LocatedLevels:
+        k = self.choose_slice(stack)
+        s = stack.slices[k]
+        image = slice_image(s.pixels, self.size).astype(np.float32) / 255.0
+        tensor = torch.from_numpy(np.stack([(image - m) / sd for m, sd in zip(self.mean, self.std)]))[None]
+        with torch.inference_mode():
+            normalised = np.mean([m(tensor.to(self.device)).cpu().numpy()[0] for m in self.models], axis=0)
+        points = np.stack([normalised[:, 0] * s.shape[1] - 0.5, normalised[:, 1] * s.shape[0] - 0.5], axis=1)
+        return LocatedLevels(k, points)

@@ -1,0 +1,85 @@
+"""The level localiser network: where are the five disc levels on a sagittal slice?
+
+A timm backbone's last three feature maps (strides 8, 16, 32, through timm's uniform
+``forward_intermediates``) are projected, brought to stride 8 and summed, and one heatmap per level
+comes out. A soft-argmax turns each heatmap into a point, so the network is trained directly on
+coordinates (normalised to [0, 1] of the input) and its output needs no peak-picking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from spinegrade.constants import LEVELS
+from spinegrade.models.classifier import create_backbone
+
+# Feature maps fused: the backbone's last four (strides 4 to 32), so heatmaps have a quarter of the
+# input's resolution.
+FEATURE_LEVELS = 4
+
+
+@dataclass
+class LocalizerSpec:
+    backbone: str = "efficientnet_lite0"
+    channels: int = 64
+    num_points: int = len(LEVELS)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LevelLocalizer(nn.Module):
+    def __init__(self, spec: LocalizerSpec):
+        super().__init__()
+        self.spec = spec
+        self.backbone = create_backbone(spec.backbone)
+        self.feature_levels = FEATURE_LEVELS
+        in_channels = [info["num_chs"] for info in self.backbone.feature_info][-self.feature_levels:]
+        self.lateral = nn.ModuleList(nn.Conv2d(c, spec.channels, 1) for c in in_channels)
+        self.head = nn.Sequential(
+            nn.Conv2d(spec.channels, spec.channels, 3, padding=1), nn.GroupNorm(8, spec.channels), nn.GELU(),
+            nn.Conv2d(spec.channels, spec.num_points, 1),
+        )
+
+    def heatmaps(self, image: torch.Tensor) -> torch.Tensor:
+        features = self.backbone.forward_intermediates(image, indices=self.feature_levels, intermediates_only=True)
+        size = features[0].shape[-2:]
+        fused = sum(F.interpolate(conv(f), size=size, mode="bilinear", align_corners=False)
+                    for conv, f in zip(self.lateral, features))
+        return self.head(fused)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, points, 2): x, y in [0, 1] of the input image (0 = left/top edge, 1 = right/bottom edge)."""
+        return soft_argmax(self.heatmaps(image))
+
+
+def soft_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Expected (x, y) in [0, 1] under each heatmap's softmax."""
+    b, k, h, w = logits.shape
+    weights = torch.softmax(logits.flatten(2).float(), dim=2).view(b, k, h, w)
+    xs = (torch.arange(w, device=logits.device, dtype=torch.float32) + 0.5) / w
+    ys = (torch.arange(h, device=logits.device, dtype=torch.float32) + 0.5) / h
+    x = (weights.sum(dim=2) * xs).sum(dim=2)
+    y = (weights.sum(dim=3) * ys).sum(dim=2)
+    return torch.stack([x, y], dim=2)
+
+
+def heatmap_loss(logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor, sigma_cells: float = 1.0) -> torch.Tensor:
+    """Cross-entropy between each heatmap's softmax and a Gaussian around its labelled point.
+
+    It gives the heatmaps a strong signal from the first step, where the soft-argmax's L1 alone
+    starts from a flat map and learns slowly."""
+    b, k, h, w = logits.shape
+    xs = (torch.arange(w, device=logits.device, dtype=torch.float32) + 0.5) / w
+    ys = (torch.arange(h, device=logits.device, dtype=torch.float32) + 0.5) / h
+    dx = (xs.view(1, 1, 1, w) - target[..., 0].view(b, k, 1, 1)) * w
+    dy = (ys.view(1, 1, h, 1) - target[..., 1].view(b, k, 1, 1)) * h
+    gaussian = torch.exp(-(dx**2 + dy**2) / (2 * sigma_cells**2)).flatten(2)
+    gaussian = gaussian / gaussian.sum(dim=2, keepdim=True).clamp_min(1e-12)
+    ce = -(gaussian * torch.log_softmax(logits.flatten(2).float(), dim=2)).sum(dim=2)
+    mask = known.float()
+    return (ce * mask).sum() / mask.sum().clamp_min(1)

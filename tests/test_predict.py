@@ -1,0 +1,117 @@
+"""Localise, then grade, on studies with no coordinates: a split, a broken study, one folder off a scanner."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from spinegrade.constants import LEVELS, PROBABILITY_COLUMNS, SEVERITY_INDEX, parse_row_id
+from spinegrade.errors import SpinegradeError
+from spinegrade.metrics import competition_score
+from spinegrade.predict import check_submission, predict_split, predict_study
+
+
+def test_localiser_puts_points_within_a_few_millimetres(trained_run):
+    report = trained_run["localizer_report"]
+    assert report["slice_within_one"] >= 0.9
+    # 20 training studies per fold and a few seconds of training: a disc is about 9 mm high and a
+    # point dropped anywhere on the slice would be some 60 mm off.
+    assert report["all_levels"]["median_mm"] < 6.5
+    oof = pd.read_csv(trained_run["out"] / "results" / "localizer_oof.csv")
+    assert len(oof) == 30 * 5 and set(oof["level"]) == set(LEVELS)
+    assert (oof["error_mm"] < 10).mean() > 0.8
+
+
+def _score_against_answers(submission: pd.DataFrame, answers) -> dict:
+    truth = pd.read_csv(answers / "test.csv").melt(id_vars="study_id", var_name="column", value_name="label")
+    parsed = [parse_row_id(r) for r in submission["row_id"]]
+    frame = submission.assign(study_id=[p[0] for p in parsed], condition=[p[1] for p in parsed],
+                              level=[p[2] for p in parsed])
+    frame["column"] = frame["condition"] + "_" + frame["level"]
+    frame = frame.merge(truth, on=["study_id", "column"])
+    frame["severity"] = frame["label"].map(SEVERITY_INDEX).fillna(-1).astype(int)
+    spinal = frame[frame["condition"] == "spinal_canal_stenosis"]
+    return competition_score(spinal)
+
+
+def test_test_split_submission_is_complete_valid_and_beats_the_prior(trained_run, tmp_path):
+    out_file = tmp_path / "submission.csv"
+    lines = []
+    per_backbone, submission = predict_split(trained_run["data"], "test", trained_run["out"], out=out_file,
+                                             log=lines.append)
+    written = pd.read_csv(out_file)
+    sample = pd.read_csv(trained_run["data"] / "sample_submission.csv")
+    assert list(written["row_id"]) == list(sample["row_id"])
+    probs = written[list(PROBABILITY_COLUMNS)].to_numpy()
+    assert (probs >= 0).all() and (probs <= 1).all() and np.allclose(probs.sum(axis=1), 1, atol=1e-6)
+    assert set(per_backbone["backbone"]) == {"efficientnet_lite0"} and len(per_backbone) == 5 * 5
+    assert any("no model covers left_neural_foraminal_narrowing" in line for line in lines)
+    model = _score_against_answers(written, trained_run["answers"])
+    prior = _score_against_answers(written.assign(
+        **{c: v for c, v in zip(PROBABILITY_COLUMNS, np.array(_prior_rows(trained_run, written)).T)}), trained_run["answers"])
+    assert model["spinal"] < prior["spinal"], (model, prior)
+
+
+def _prior_rows(trained_run, submission):
+    from spinegrade.predict import training_priors
+
+    priors = training_priors(trained_run["data"], trained_run["out"]).set_index(["condition", "level"])
+    return [priors.loc[(c, lv), list(PROBABILITY_COLUMNS)].to_numpy(dtype=float)
+            for _, c, lv in (parse_row_id(r) for r in submission["row_id"])]
+
+
+def test_a_study_with_a_missing_or_corrupt_sagittal_series_gets_prior_rows(trained_run, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(trained_run["data"], data)
+    series = pd.read_csv(data / "test_series_descriptions.csv")
+    sag = series[series["series_description"] == "Sagittal T2/STIR"]
+    broken, removed = sag.iloc[0], sag.iloc[1]
+    for f in (data / "test_images" / str(broken.study_id) / str(broken.series_id)).iterdir():
+        f.write_bytes(b"garbage")
+    series.drop(index=removed.name).to_csv(data / "test_series_descriptions.csv", index=False)
+    lines = []
+    _, submission = predict_split(data, "test", trained_run["out"], out=tmp_path / "s.csv", log=lines.append)
+    assert len(submission) == 5 * 25
+    for study in (broken.study_id, removed.study_id):
+        assert any(f"study {study}" in line and "prior" in line for line in lines), lines
+        rows = submission[submission["row_id"].str.startswith(f"{study}_spinal")]
+        prior = np.array(_prior_rows(trained_run, rows))
+        np.testing.assert_allclose(rows[list(PROBABILITY_COLUMNS)].to_numpy(), prior)
+
+
+def test_one_study_folder_with_arbitrary_names_and_nesting(trained_run, tmp_path):
+    series = pd.read_csv(trained_run["data"] / "test_series_descriptions.csv")
+    study = series["study_id"].iloc[0]
+    scanner = tmp_path / "incoming"
+    for i, f in enumerate(sorted((trained_run["data"] / "test_images" / str(study)).rglob("*.dcm"))):
+        target = scanner / f"dir{i % 3}" / "deeper" / f"IMG{i:05d}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, target)
+    (scanner / "README.txt").write_text("not a DICOM file")
+    result = predict_study(scanner, trained_run["out"], out_dir=tmp_path / "result", log=lambda *_: None)
+    assert [lv["level"] for lv in result["levels"]] == ["L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1"]
+    saved = json.loads((tmp_path / "result" / "grades.json").read_text())
+    assert saved["series"] == "Sagittal T2/STIR" and all(abs(sum(lv[c] for c in PROBABILITY_COLUMNS) - 1) < 1e-5
+                                                           for lv in saved["levels"])
+    assert (tmp_path / "result" / "graded_slice.png").stat().st_size > 10000
+    with pytest.raises(SpinegradeError, match="no Sagittal T2/STIR series"):
+        predict_study(tmp_path / "result", trained_run["out"], log=lambda *_: None)
+
+
+def test_submission_check_refuses_bad_files(trained_run):
+    sample = pd.read_csv(trained_run["data"] / "sample_submission.csv")
+    good = sample.copy()
+    check_submission(good, sample)
+    cases = {
+        "missing": good.iloc[1:],
+        "extra": pd.concat([good, good.iloc[:1].assign(row_id="1_spinal_canal_stenosis_l1_l2")]),
+        "nan": good.assign(severe=[np.nan] + [1 / 3] * (len(good) - 1)),
+        "negative": good.assign(normal_mild=[-0.1] + [1 / 3] * (len(good) - 1)),
+    }
+    for name, frame in cases.items():
+        with pytest.raises(SpinegradeError):
+            check_submission(frame.reset_index(drop=True), sample)
