@@ -9,6 +9,8 @@
 #   make evaluate                                OOF metrics, plots and report.html for every trained backbone
 #   make train-localizer                         the level localiser (make train runs it when missing)
 #   make predict                                 localise and grade the test split: a submission
+#   make blend                                   OOF-tuned blend weights of every trained backbone
+#   make submission                              the blend on the test split: submissions/submission.csv
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -33,10 +35,11 @@ DEMO_FOLDS ?= input/demo/folds.csv
 DEMO_STUDIES ?= 60
 DEMO_TEST_STUDIES ?= 8
 DEMO_OUTPUT ?= runs/demo
-DEMO_BACKBONES ?= efficientnet_lite0
+DEMO_BACKBONES ?= efficientnet_lite0 efficientnet_lite0_wide
+DEMO_TRAIN_FLAGS ?= --num_epochs 6
 DEMO_LOCALIZER_FLAGS ?= --image_size 64 --num_epochs 20 --batch_size 4
 
-.PHONY: install demo test download index folds synth clean-demo train-fold train train-all evaluate train-localizer predict
+.PHONY: install demo test download index folds synth clean-demo train-fold train train-all evaluate train-localizer predict blend submission
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,9 +60,12 @@ demo: install
 	@test -f $(DEMO_OUTPUT)/trained_models/localizer/slice_choice.json || $(SPINEGRADE) train-localizer \
 		--data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) --output-dir $(DEMO_OUTPUT) $(DEMO_LOCALIZER_FLAGS)
 	$(SPINEGRADE) train --models $(DEMO_BACKBONES) --data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) \
-		--output-dir $(DEMO_OUTPUT) $(TRAIN_FLAGS)
+		--output-dir $(DEMO_OUTPUT) $(DEMO_TRAIN_FLAGS)
+	$(SPINEGRADE) blend --output-dir $(DEMO_OUTPUT) --folds $(DEMO_FOLDS)
 	$(SPINEGRADE) evaluate --output-dir $(DEMO_OUTPUT) --folds $(DEMO_FOLDS) --data-dir $(DEMO_DATA)
-	$(SPINEGRADE) predict --data-dir $(DEMO_DATA) --split test --output-dir $(DEMO_OUTPUT)
+	$(SPINEGRADE) submit --data-dir $(DEMO_DATA) --output-dir $(DEMO_OUTPUT) --description demo-lite0-blend
+	$(SPINEGRADE) score $(DEMO_OUTPUT)/submissions/submission.csv --labels $(DEMO_DATA)-answers/test.csv \
+		--data-dir $(DEMO_DATA) --output-dir $(DEMO_OUTPUT)
 
 synth: install
 	$(SPINEGRADE) synth $(DATA_DIR)
@@ -81,6 +87,12 @@ $(LOCALIZER_DONE):
 
 predict: install
 	$(SPINEGRADE) predict --data-dir $(DATA_DIR) --split test --output-dir $(OUTPUT_DIR)
+
+blend: install
+	$(SPINEGRADE) blend --output-dir $(OUTPUT_DIR) --folds $(FOLDS)
+
+submission: install
+	$(SPINEGRADE) submit --data-dir $(DATA_DIR) --output-dir $(OUTPUT_DIR)
 
 train-fold: install
 	$(SPINEGRADE) train --models $(BACKBONE) --fold $(FOLD) --data-dir $(DATA_DIR) --folds $(FOLDS) \

@@ -38,7 +38,8 @@ def real_metadata() -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-    """A whole small run: 30+5 synthetic studies, 3 folds, a localiser and EfficientNet-Lite0 on every fold.
+    """A whole small run: 30+5 synthetic studies, 3 folds, a localiser and two EfficientNet-Lite0 configs
+    (48 and 72 mm crops) on every fold.
 
     Settings are tiny (CPU, seconds per fold) but every stage is the real one.
     """
@@ -56,7 +57,9 @@ def trained_run(tmp_path_factory):
     out = root / "out"
     quiet = lambda *_: None  # noqa: E731
     report = train_localizer(LocalizerConfig(image_size=64, num_epochs=25, batch_size=4), data, folds, out, log=quiet)
-    config = load_config("efficientnet_lite0", {"image_size": 64, "batch_size": 16, "num_workers": 0, "num_epochs": 5})
-    for fold in range(3):
-        train_fold(config, data, folds, out, fold, log=quiet)
+    small = {"image_size": 64, "batch_size": 16, "num_workers": 0, "num_epochs": 5}
+    for name in ("efficientnet_lite0", "efficientnet_lite0_wide"):
+        config = load_config(name, small)
+        for fold in range(3):
+            train_fold(config, data, folds, out, fold, log=quiet)
     return {"data": data, "folds": folds, "out": out, "answers": root / "data-answers", "localizer_report": report}

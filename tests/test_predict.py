@@ -42,7 +42,7 @@ def test_test_split_submission_is_complete_valid_and_beats_the_prior(trained_run
     out_file = tmp_path / "submission.csv"
     lines = []
     per_backbone, submission = predict_split(trained_run["data"], "test", trained_run["out"], out=out_file,
-                                             log=lines.append)
+                                             backbones=["efficientnet_lite0"], log=lines.append)
     written = pd.read_csv(out_file)
     sample = pd.read_csv(trained_run["data"] / "sample_submission.csv")
     assert list(written["row_id"]) == list(sample["row_id"])
@@ -115,3 +115,25 @@ def test_submission_check_refuses_bad_files(trained_run):
     for name, frame in cases.items():
         with pytest.raises(SpinegradeError):
             check_submission(frame.reset_index(drop=True), sample)
+
+
+def test_blend_then_submit_end_to_end(trained_run):
+    from spinegrade.blend import run_blend
+    from spinegrade.predict import prior_submission, score_submission
+    from spinegrade.submit import submit
+
+    report = run_blend(trained_run["out"], trained_run["folds"], log=lambda *_: None)
+    assert set(report.blend.backbones) == {"efficientnet_lite0", "efficientnet_lite0_wide"}
+    path = submit(trained_run["data"], trained_run["out"], description="two lite0", log=lambda *_: None)
+    assert path.name.startswith("submission-") and path.name.endswith("-two-lite0.csv")
+    final = trained_run["out"] / "submissions" / "submission.csv"
+    assert final.read_bytes() == path.read_bytes()
+    manifest = json.loads(path.with_suffix(".json").read_text())
+    used = [n for n, w in manifest["weights"].items() if w > 0]
+    assert manifest["backbones"] == used and all(len(manifest["folds"][n]) == 3 for n in used)
+    assert "blend_nested" in manifest["oof_loss"]
+    submission = pd.read_csv(final)
+    model = score_submission(submission, trained_run["answers"] / "test.csv")
+    prior = score_submission(prior_submission(submission["row_id"], trained_run["data"], trained_run["out"]),
+                             trained_run["answers"] / "test.csv")
+    assert model["spinal"] < prior["spinal"] and model["foraminal"] == pytest.approx(prior["foraminal"])

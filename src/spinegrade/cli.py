@@ -134,6 +134,33 @@ def cmd_predict(args: argparse.Namespace) -> None:
     predict_split(args.data_dir, args.split, args.output_dir, args.backbones, out=args.out, device=args.device)
 
 
+def cmd_blend(args: argparse.Namespace) -> None:
+    from spinegrade.blend import run_blend
+
+    run_blend(args.output_dir, args.folds, temperature=args.temperature)
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    from spinegrade.submit import submit
+
+    submit(args.data_dir, args.output_dir, description=args.description, device=args.device)
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from spinegrade.predict import score_submission
+
+    scores = score_submission(args.submission, args.labels)
+    print(f"{args.submission} against {args.labels}:\n  submission   " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    if args.data_dir is not None:
+        import pandas as pd
+
+        from spinegrade.predict import prior_submission
+
+        prior = prior_submission(pd.read_csv(args.submission)["row_id"], args.data_dir, args.output_dir)
+        base = score_submission(prior, args.labels)
+        print("  class prior  " + "  ".join(f"{k} {v:.4f}" for k, v in base.items()))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from spinegrade.evaluate import format_summary, run_evaluation
 
@@ -210,6 +237,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="submission CSV (split) or output folder (study); default under OUTPUT/ or beside the study")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("blend", help="blend weights tuned on OOF loss, with a nested estimate; oof/blend.json")
+    p.add_argument("--output-dir", "--output_dir", type=Path, default=Path("."))
+    p.add_argument("--folds", type=Path, default=DEFAULT_FOLDS)
+    p.add_argument("--temperature", action="store_true", help="also fit one temperature for the blend")
+    p.set_defaults(func=cmd_blend)
+
+    p = sub.add_parser("submit", help="predict the test split with the blend; submissions/ and a manifest")
+    p.add_argument("--data-dir", "--data_dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--output-dir", "--output_dir", type=Path, default=Path("."))
+    p.add_argument("--description", default="blend", help="short description in the file name")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("score", help="score a submission against known labels (a synthetic set's answers)")
+    p.add_argument("submission", type=Path)
+    p.add_argument("--labels", type=Path, required=True, help="labels in train.csv's format")
+    p.add_argument("--data-dir", "--data_dir", type=Path, default=None,
+                   help="also score the weight-scaled training prior of this dataset on the same rows")
+    p.add_argument("--output-dir", "--output_dir", type=Path, default=Path("."))
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("evaluate", help="OOF metrics, confusion matrices, plots and report.html for every backbone")
     p.add_argument("--output-dir", "--output_dir", type=Path, default=Path("."))

@@ -303,7 +303,8 @@ class LocalizerEnsemble:
         self.models, self.size = [], None
         for folder in folds:
             spec = json.loads((folder / "localizer.json").read_text())
-            model = LevelLocalizer(LocalizerSpec(spec["backbone"], spec.get("channels", 64)))
+            model = LevelLocalizer(LocalizerSpec(spec["backbone"], spec.get("channels", 64),
+                                                 feature_levels=spec.get("feature_levels", 3)))
             load_state(model, folder / "best.safetensors")
             self.models.append(model.to(self.device).eval())
             self.size, self.mean, self.std = int(spec["image_size"]), spec["mean"], spec["std"]

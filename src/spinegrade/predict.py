@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from spinegrade.blend import Blend, combine
 from spinegrade.constants import (
     CONDITIONS,
     LEVELS,
@@ -166,20 +167,21 @@ def _read_stack(series_dir: Path | None) -> tuple[Stack | None, str | None]:
     return stack, None
 
 
-def submission_frame(study_ids: list[int], graded: dict[str, dict[int, np.ndarray]], weights: dict[str, float],
+def submission_frame(study_ids: list[int], graded: dict[str, dict[int, dict[str, np.ndarray]]], blend: Blend,
                      priors: pd.DataFrame) -> pd.DataFrame:
-    """One row per target of every study: the weighted mix of the backbones that grade it, else the prior."""
+    """One row per target of every study: the blend of the backbones that grade it (their weights
+    renormalised when some could not), else the training prior of its condition and level."""
     prior = {(r.condition, r.level): np.array([r.normal_mild, r.moderate, r.severe]) for r in priors.itertuples()}
+    weight = dict(zip(blend.backbones, blend.weights))
     rows = []
     for study in study_ids:
         for condition in CONDITIONS:
+            names = [n for n in blend.backbones if condition in graded.get(n, {}).get(study, {}) and weight[n] > 0]
+            if names:
+                w = np.array([weight[n] for n in names])
+                probs = combine([graded[n][study][condition] for n in names], w / w.sum(), blend.mode, blend.temperature)
             for k, level in enumerate(LEVELS):
-                mixed, total = np.zeros(3), 0.0
-                for name, per_study in graded.items():
-                    if study in per_study and per_study[study].get(condition) is not None:
-                        mixed += weights.get(name, 0.0) * per_study[study][condition][k]
-                        total += weights.get(name, 0.0)
-                p = mixed / total if total > 0 else prior.get((condition, level), np.full(3, 1 / 3))
+                p = probs[k] if names else prior.get((condition, level), np.full(3, 1 / 3))
                 rows.append([row_id(study, condition, level), *p])
     return pd.DataFrame(rows, columns=["row_id", *PROBABILITY_COLUMNS])
 
@@ -211,9 +213,10 @@ def write_submission(frame: pd.DataFrame, path: Path, sample: pd.DataFrame | Non
 
 
 def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, backbones: list[str] | None = None,
-                  weights: dict[str, float] | None = None, out: str | Path | None = None, device: str | None = None,
+                  blend: Blend | None = None, out: str | Path | None = None, device: str | None = None,
                   log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Predict every study of ``split``; write per-backbone predictions and a submission.
+    """Predict every study of ``split``; write per-backbone predictions and a submission (the
+    ``blend``'s mix of the backbones, or their plain mean without one).
 
     Returns (per-backbone predictions, submission)."""
     from spinegrade.train import select_device
@@ -223,7 +226,8 @@ def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, back
     backbones = backbones or trained_backbones(output_dir)
     if not backbones:
         raise SpinegradeError(f"{output_dir / 'trained_models'}: no trained backbone to predict with")
-    weights = weights or {name: 1.0 / len(backbones) for name in backbones}
+    blend = blend or Blend(backbones, np.full(len(backbones), 1.0 / len(backbones)))
+    backbones = [n for n, w in zip(blend.backbones, blend.weights) if w > 0]  # only what the blend uses
     series = _study_series(data_dir, split)
     localizer = LocalizerEnsemble(output_dir, device=device_)
     located: list[LocatedStudy] = []
@@ -260,7 +264,7 @@ def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, back
     uncovered = [c for c in CONDITIONS if c not in covered]
     if uncovered:
         log(f"no model covers {', '.join(uncovered)}: those rows get the training prior of their condition and level")
-    submission = submission_frame(sorted(series), graded, weights, priors)
+    submission = submission_frame(sorted(series), graded, blend, priors)
     sample_path = data_dir / "sample_submission.csv"
     sample = pd.read_csv(sample_path) if split == "test" and sample_path.is_file() else None
     out = Path(out) if out else output_dir / "submissions" / f"{split}_predictions.csv"
@@ -350,3 +354,31 @@ def _draw_levels(s, points: np.ndarray, levels: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def score_submission(submission: pd.DataFrame | str | Path, labels_csv: str | Path) -> dict[str, float]:
+    """Competition terms of a submission against labels in train.csv's format (e.g. a synthetic
+    dataset's answers), over the conditions whose labels are given."""
+    from spinegrade.constants import LABEL_COLUMNS, SEVERITY_INDEX, parse_row_id
+    from spinegrade.metrics import competition_score
+
+    if not isinstance(submission, pd.DataFrame):
+        submission = read_csv_checked(Path(submission), ["row_id", *PROBABILITY_COLUMNS])
+    truth = read_csv_checked(Path(labels_csv), ["study_id", *LABEL_COLUMNS], dtypes={c: str for c in LABEL_COLUMNS})
+    truth = truth.melt(id_vars="study_id", var_name="column", value_name="label")
+    parsed = [parse_row_id(r) for r in submission["row_id"]]
+    frame = submission.assign(study_id=[p[0] for p in parsed], condition=[p[1] for p in parsed],
+                              column=[f"{p[1]}_{p[2]}" for p in parsed])
+    frame = frame.merge(truth, on=["study_id", "column"], how="inner")
+    frame["severity"] = frame["label"].map(SEVERITY_INDEX).fillna(-1).astype(int)
+    return competition_score(frame)
+
+
+def prior_submission(row_ids, data_dir: Path | None, output_dir: Path) -> pd.DataFrame:
+    """The training prior for every row: the baseline a submission must beat."""
+    from spinegrade.constants import parse_row_id
+
+    priors = training_priors(data_dir, output_dir).set_index(["condition", "level"])
+    rows = [[rid, *priors.loc[(c, lv), list(PROBABILITY_COLUMNS)].to_numpy(dtype=float)]
+            for rid, (_, c, lv) in ((r, parse_row_id(r)) for r in row_ids)]
+    return pd.DataFrame(rows, columns=["row_id", *PROBABILITY_COLUMNS])

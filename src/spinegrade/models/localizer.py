@@ -1,7 +1,7 @@
 """The level localiser network: where are the five disc levels on a sagittal slice?
 
-A timm backbone's last three feature maps (strides 8, 16, 32, through timm's uniform
-``forward_intermediates``) are projected, brought to stride 8 and summed, and one heatmap per level
+A timm backbone's last four feature maps (strides 4 to 32, through timm's uniform
+``forward_intermediates``) are projected, brought to stride 4 and summed, and one heatmap per level
 comes out. A soft-argmax turns each heatmap into a point, so the network is trained directly on
 coordinates (normalised to [0, 1] of the input) and its output needs no peak-picking.
 """
@@ -17,9 +17,6 @@ from torch.nn import functional as F
 from spinegrade.constants import LEVELS
 from spinegrade.models.classifier import create_backbone
 
-# Feature maps fused: the backbone's last four (strides 4 to 32), so heatmaps have a quarter of the
-# input's resolution.
-FEATURE_LEVELS = 4
 
 
 @dataclass
@@ -27,6 +24,9 @@ class LocalizerSpec:
     backbone: str = "efficientnet_lite0"
     channels: int = 64
     num_points: int = len(LEVELS)
+    # Feature maps fused: the backbone's last four (strides 4 to 32), so heatmaps have a quarter of
+    # the input's resolution.
+    feature_levels: int = 4
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -37,7 +37,7 @@ class LevelLocalizer(nn.Module):
         super().__init__()
         self.spec = spec
         self.backbone = create_backbone(spec.backbone)
-        self.feature_levels = FEATURE_LEVELS
+        self.feature_levels = spec.feature_levels
         in_channels = [info["num_chs"] for info in self.backbone.feature_info][-self.feature_levels:]
         self.lateral = nn.ModuleList(nn.Conv2d(c, spec.channels, 1) for c in in_channels)
         self.head = nn.Sequential(
