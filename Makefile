@@ -36,8 +36,8 @@ DEMO_STUDIES ?= 60
 DEMO_TEST_STUDIES ?= 8
 DEMO_OUTPUT ?= runs/demo
 DEMO_BACKBONES ?= efficientnet_lite0 efficientnet_lite0_wide
-DEMO_TRAIN_FLAGS ?= --num_epochs 6
-DEMO_LOCALIZER_FLAGS ?= --image_size 64 --num_epochs 20 --batch_size 4
+DEMO_TRAIN_FLAGS ?= --num_epochs 5
+DEMO_LOCALIZER_FLAGS ?= --image_size 64 --num_epochs 12 --batch_size 4
 
 .PHONY: install demo test download index folds synth clean-demo train-fold train train-all evaluate train-localizer predict blend submission
 

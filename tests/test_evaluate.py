@@ -105,3 +105,20 @@ def test_report_renders_in_headless_chromium(tmp_path):
                     f"--screenshot={shot}", "--window-size=1280,2000", (tmp_path / "report.html").as_uri()],
                    capture_output=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 20000
+
+
+def test_end_to_end_column_grades_held_out_studies_at_the_localisers_points(trained_run):
+    lines = []
+    summary = run_evaluation(trained_run["out"], trained_run["folds"], data_dir=trained_run["data"],
+                             log=lines.append).set_index("name")
+    for name in ("efficientnet_lite0", "efficientnet_lite0_wide"):
+        assert np.isfinite(summary.loc[name, "score_localised"])
+        localised = pd.read_csv(trained_run["out"] / "oof" / "localised" / f"{name}.csv")
+        oof = pd.concat([pd.read_csv(p) for p in (trained_run["out"] / "oof" / name).glob("fold*.csv")])
+        assert set(localised["row_id"]) == set(oof["row_id"])  # the same held-out levels, located instead
+        # Every study is located by the fold localiser that never saw it: same fold on both sides.
+        merged = localised.merge(oof, on="row_id", suffixes=("_loc", ""))
+        assert (merged["fold_loc"] == merged["fold"]).all()
+    assert summary.loc["efficientnet_lite0", "score_localised"] < summary.loc["class_prior", "score"]
+    page = (trained_run["out"] / "report.html").read_text()
+    assert "score_localised" in page

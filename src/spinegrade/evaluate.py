@@ -31,7 +31,8 @@ PRIOR_NAME = "class_prior"
 # Figures reported per fold (mean and spread) and in summary.csv.
 FOLD_FIGURES = ("score", "spinal", "any_severe_spinal", "accuracy", "balanced_accuracy", "f1_macro")
 SUMMARY_COLUMNS = [
-    "name", "studies", "rows", "score", "score_fold_mean", "score_fold_std", "spinal", "any_severe_spinal",
+    "name", "studies", "rows", "score", "score_localised", "score_fold_mean", "score_fold_std", "spinal",
+    "spinal_localised", "any_severe_spinal",
     "accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted",
     "f1_normal_mild", "f1_moderate", "f1_severe", "roc_auc_normal_mild", "roc_auc_moderate", "roc_auc_severe", "ece",
 ]
@@ -42,7 +43,10 @@ def read_oof(output_dir: str | Path, name: str) -> pd.DataFrame:
     paths = sorted((Path(output_dir) / "oof" / name).glob("fold*.csv"))
     if not paths:
         return pd.DataFrame()
-    oof = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+    return _parsed(pd.concat([pd.read_csv(p) for p in paths], ignore_index=True))
+
+
+def _parsed(oof: pd.DataFrame) -> pd.DataFrame:
     parsed = [parse_row_id(r) for r in oof["row_id"]]
     return oof.assign(study_id=[p[0] for p in parsed], condition=[p[1] for p in parsed],
                       level=[p[2] for p in parsed], severity=oof["label"].map(SEVERITY_INDEX).astype(int))
@@ -196,9 +200,14 @@ def run_evaluation(output_dir: str | Path, folds_path: str | Path, data_dir: str
     results.mkdir(parents=True, exist_ok=True)
     reports, rows = [], []
     prior_metrics = None
+    localised = _localised(output_dir, data_dir, folds_path, names, log)
     for name in names:
         oof = read_oof(output_dir, name)
         metrics = evaluate_predictions(oof)
+        if name in localised and not localised[name].empty:
+            scores = competition_score(_parsed(localised[name]))
+            metrics["score_localised"], metrics["spinal_localised"] = scores["score"], scores.get("spinal", float("nan"))
+            write_csv_atomic(localised[name], output_dir / "oof" / "localised" / f"{name}.csv")
         if prior_metrics is None:
             prior_metrics = evaluate_predictions(prior_predictions(oof))
         settings = _settings(output_dir, name)
@@ -222,8 +231,33 @@ def run_evaluation(output_dir: str | Path, folds_path: str | Path, data_dir: str
     return summary
 
 
+def _localised(output_dir: Path, data_dir, folds_path, names: list[str], log) -> dict[str, pd.DataFrame]:
+    """End-to-end OOF predictions (localiser's points) of the trained backbones, when there is a
+    localiser and the images are at hand; empty otherwise."""
+    from spinegrade.localize import localizer_dir
+
+    trained = [n for n in names if any((output_dir / "trained_models" / n).glob("fold*/best.safetensors"))]
+    if data_dir is None or not trained or not any(localizer_dir(output_dir).glob("fold*/best.safetensors")):
+        return {}
+    from spinegrade.blend import BLEND_NAME, load_blend
+    from spinegrade.predict import localised_oof
+
+    out = localised_oof(output_dir, data_dir, folds_path, trained, log=log)
+    if BLEND_NAME in names and (output_dir / "oof" / "blend.json").is_file():
+        blend = load_blend(output_dir)
+        if all(n in out for n in blend.backbones):  # the blend's members, mixed the same way
+            frames = [out[n].set_index("row_id") for n in blend.backbones]
+            common = sorted(set.intersection(*(set(f.index) for f in frames)))
+            mixed = blend.combine([f.loc[common, list(PROBABILITY_COLUMNS)].to_numpy() for f in frames])
+            merged = frames[0].loc[common, ["label", "fold"]].reset_index()
+            merged[list(PROBABILITY_COLUMNS)] = mixed
+            out[BLEND_NAME] = merged[["row_id", *PROBABILITY_COLUMNS, "label", "fold"]]
+    return out
+
+
 def format_summary(summary: pd.DataFrame) -> str:
-    columns = ["name", "studies", "rows", "score", "spinal", "any_severe_spinal", "f1_macro", "accuracy", "ece"]
+    columns = ["name", "studies", "rows", "score", "score_localised", "spinal", "any_severe_spinal", "f1_macro",
+               "accuracy", "ece"]
     return summary[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
 

@@ -292,11 +292,13 @@ def write_localizer_report(meta: pd.DataFrame, predictions: np.ndarray, chosen: 
 class LocalizerEnsemble:
     """Every fold's localiser, averaged: the same models whatever study comes."""
 
-    def __init__(self, output_dir: str | Path, device=None):
+    def __init__(self, output_dir: str | Path, device=None, folds: list[int] | None = None):
+        """``folds`` restricts the ensemble to those fold models (for out-of-fold use)."""
         from spinegrade.train import select_device
 
         root = localizer_dir(Path(output_dir))
-        folds = sorted(p.parent for p in root.glob("fold*/best.safetensors"))
+        folds_found = sorted(p.parent for p in root.glob("fold*/best.safetensors"))
+        folds = [f for f in folds_found if folds is None or int(f.name.removeprefix("fold")) in folds]
         if not folds:
             raise SpinegradeError(f"{root}: no trained localiser (run `spinegrade train-localizer` / `make train-localizer`)")
         self.device = select_device(device)

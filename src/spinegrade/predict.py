@@ -382,3 +382,43 @@ def prior_submission(row_ids, data_dir: Path | None, output_dir: Path) -> pd.Dat
     rows = [[rid, *priors.loc[(c, lv), list(PROBABILITY_COLUMNS)].to_numpy(dtype=float)]
             for rid, (_, c, lv) in ((r, parse_row_id(r)) for r in row_ids)]
     return pd.DataFrame(rows, columns=["row_id", *PROBABILITY_COLUMNS])
+
+
+def localised_oof(output_dir: str | Path, data_dir: str | Path, folds_path: str | Path, backbones: list[str],
+                  device: str | None = None, log=print) -> dict[str, pd.DataFrame]:
+    """Out-of-fold predictions without coordinates: each training study located by the fold
+    localiser and graded by the fold models that never saw it. Beside the OOF predictions at the
+    labelled points, this shows what localisation costs."""
+    from spinegrade.data.folds import read_folds
+    from spinegrade.data.index import build_index
+    from spinegrade.train import select_device
+
+    output_dir, data_dir = Path(output_dir), Path(data_dir)
+    device_ = select_device(device)
+    folds = read_folds(folds_path).set_index("study_id")["fold"]
+    series = _study_series(data_dir, "train")
+    table = build_index(data_dir, check_images=False).table
+    models = {name: load_fold_models(output_dir, name, device_) for name in backbones}
+    located: dict[int, list[LocatedStudy]] = {}
+    for fold in sorted(folds.unique()):
+        localizer = LocalizerEnsemble(output_dir, device_, folds=[int(fold)])
+        for study in sorted(s for s in folds.index[folds == fold] if s in series):
+            stack, problem = _read_stack(series[study])
+            located.setdefault(int(fold), []).append(locate_study(study, stack, localizer, problem))
+    out = {}
+    for name, fold_models in models.items():
+        rows = []
+        condition = fold_models[0].condition
+        labels = table[table["condition"] == condition].set_index(["study_id", "level"])["severity"]
+        for fold, studies in located.items():
+            own = [m for m in fold_models if m.fold == fold]
+            if not own:
+                continue
+            for study, probs in grade_studies(studies, own, device_).items():
+                for k, level in enumerate(LEVELS):
+                    severity = labels.get((study, level), -1)
+                    if severity >= 0:
+                        rows.append([row_id(study, condition, level), *probs[k], SEVERITIES[severity], fold])
+        out[name] = pd.DataFrame(rows, columns=["row_id", *PROBABILITY_COLUMNS, "label", "fold"])
+        log(f"{name}: {len(rows)} held-out levels graded at the localiser's points")
+    return out

@@ -1,0 +1,62 @@
+"""Prediction speed: seconds per study from DICOM files to graded levels, on this machine.
+
+Runs `predict_split` on a split several times and prints the median seconds per study, split into
+reading + localising and grading, and the projection to a hidden test set of several hundred
+studies. The last line is JSON. Defaults point at `make demo`'s outputs.
+
+    python benchmarks/predict_speed.py [--data-dir D] [--output-dir OUT] [--repeats 3] [--split test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from spinegrade.predict import predict_split, trained_backbones
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=Path("input/demo/rsna-2024-lumbar-spine-degenerative-classification"))
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--projected-studies", type=int, default=500)
+    args = parser.parse_args()
+    backbones = trained_backbones(args.output_dir)
+    totals, localise, grade = [], [], []
+    for _ in range(args.repeats):
+        lines: list[str] = []
+        started = time.perf_counter()
+        _, submission = predict_split(args.data_dir, args.split, args.output_dir, backbones,
+                                      out=Path(args.output_dir) / "predictions" / "benchmark.csv", log=lines.append)
+        elapsed = time.perf_counter() - started
+        studies = submission["row_id"].str.split("_").str[0].nunique()
+        totals.append(elapsed / studies)
+        localise.append(float(next(l for l in lines if l.startswith("localised")).split("(")[1].split(" s per")[0]))
+        grade.append(sum(float(l.split(" in ")[1].split(" s")[0]) for l in lines if " fold models graded " in l) / studies)
+    result = {
+        "benchmark": "predict_speed", "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"{'GPU ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU only'}",
+        "backbones": backbones, "studies": studies, "repeats": args.repeats,
+        "seconds_per_study_median": statistics.median(totals),
+        "read_and_localise_seconds_per_study_median": statistics.median(localise),
+        "grade_seconds_per_study_median": statistics.median(grade),
+        "projected_minutes_for_studies": {str(args.projected_studies): statistics.median(totals) * args.projected_studies / 60},
+    }
+    print(f"{result['seconds_per_study_median']:.3f} s per study (median of {args.repeats}; read+localise "
+          f"{result['read_and_localise_seconds_per_study_median']:.3f}, grade {result['grade_seconds_per_study_median']:.3f}) "
+          f"with {', '.join(backbones)}; {args.projected_studies} studies: "
+          f"{result['projected_minutes_for_studies'][str(args.projected_studies)]:.1f} min")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
