@@ -9,6 +9,8 @@ score is the mean of the terms present. Unlabelled rows (grade -1) are not score
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 
@@ -135,8 +137,10 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dic
     keep = labels >= 0
     y, p = labels[keep].astype(int), normalise(probabilities)[keep]
     predicted = p.argmax(axis=1)
-    out: dict = {"accuracy": float(accuracy_score(y, predicted)),
-                 "balanced_accuracy": float(balanced_accuracy_score(y, predicted))}
+    with warnings.catch_warnings():  # a level with one grade only is legitimate; its recall is still defined
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = float(balanced_accuracy_score(y, predicted))
+    out: dict = {"accuracy": float(accuracy_score(y, predicted)), "balanced_accuracy": balanced}
     precision, recall, f1, support = precision_recall_fscore_support(y, predicted, labels=[0, 1, 2], zero_division=0)
     for k, name in enumerate(PROBABILITY_COLUMNS):
         out[f"precision_{name}"], out[f"recall_{name}"], out[f"f1_{name}"] = float(precision[k]), float(recall[k]), float(f1[k])

@@ -248,14 +248,17 @@ def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, back
     for name in backbones:
         t0 = time.perf_counter()
         models = load_fold_models(output_dir, name, device_)
+        loaded = time.perf_counter() - t0
         condition = models[0].condition
         covered.add(condition)
+        t0 = time.perf_counter()
         probs = grade_studies(located, models, device_)
         graded[name] = {study: {condition: p} for study, p in probs.items()}
         for study, p in probs.items():
             for k, level in enumerate(LEVELS):
                 rows.append([row_id(study, condition, level), name, *p[k]])
-        log(f"{name}: {len(models)} fold models graded {len(probs)} studies in {time.perf_counter() - t0:.1f} s")
+        log(f"{name}: {len(models)} fold models loaded in {loaded:.2f} s, graded {len(probs)} studies in "
+            f"{time.perf_counter() - t0:.2f} s")
         del models
     per_backbone = pd.DataFrame(rows, columns=["row_id", "backbone", *PROBABILITY_COLUMNS])
     predictions_dir = output_dir / "predictions"
