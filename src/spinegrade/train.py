@@ -31,7 +31,7 @@ from spinegrade.constants import PROBABILITY_COLUMNS, SEVERITIES, SEVERITY_WEIGH
 from spinegrade.data.dataset import Jitter, LevelDataset, build_transform, mirrored_targets
 from spinegrade.data.folds import read_folds, write_csv_atomic
 from spinegrade.data.index import build_index
-from spinegrade.data.preprocess import PreprocessSettings, SampleCache, build_cache
+from spinegrade.data.preprocess import PreprocessSettings, build_cache
 from spinegrade.errors import SpinegradeError
 from spinegrade.metrics import competition_score, weighted_prior
 from spinegrade.models.classifier import (
