@@ -176,7 +176,14 @@ def _histories(output_dir: Path, name: str) -> dict[int, pd.DataFrame]:
 
 def _settings(output_dir: Path, name: str) -> dict:
     configs = sorted((output_dir / "trained_models" / name).glob("fold*/config.yaml"))
-    return yaml.safe_load(configs[0].read_text()) if configs else {}
+    if configs:
+        return yaml.safe_load(configs[0].read_text())
+    blend = output_dir / "oof" / "blend.json"
+    if name == "blend" and blend.is_file():  # a blend's settings are its members and weights
+        info = json.loads(blend.read_text())
+        return {"members": ", ".join(f"{b} {w:.3f}" for b, w in zip(info["backbones"], info["weights"])),
+                "mode": info["mode"], "temperature": info["temperature"], "why": info.get("why", "")}
+    return {}
 
 
 def summary_row(name: str, metrics: dict) -> dict:

@@ -117,7 +117,7 @@ def write_report(output_dir: Path, summary: pd.DataFrame, backbones: list, prior
     for b in backbones:
         m = b.metrics
         parts.append(f"<div class='card'><h2>{html.escape(b.name)}</h2>")
-        settings = {k: b.settings.get(k) for k in SETTINGS_SHOWN if k in b.settings}
+        settings = {k: b.settings.get(k) for k in SETTINGS_SHOWN if k in b.settings} or b.settings
         parts.append("<h3>Settings</h3>" + _table(pd.DataFrame({"setting": list(settings), "value": [str(v) for v in settings.values()]})))
         grades = pd.DataFrame({
             "grade": SEVERITIES,
