@@ -101,3 +101,14 @@ def test_pixel_to_patient_round_trip(tmp_path):
     x, y, d = s.patient_to_pixel(point)
     assert (round(x, 6), round(y, 6), round(d, 6)) == (5.5, 11.0, 0.0)
     np.testing.assert_allclose(point, [3.0, -40.0 + 5.5 * 0.9, 80.0 - 11.0 * 0.7])
+
+
+def test_malformed_header_is_a_named_read_error(tmp_path):
+    path = write_mr(tmp_path / "9.dcm", ramp(), instance=1)
+    raw = path.read_bytes()
+    # InstanceNumber (0020,0013), VR IS, length 2, value "1 ": make it a word no scanner should write.
+    tag = bytes.fromhex("20001300") + b"IS" + (2).to_bytes(2, "little")
+    assert raw.count(tag + b"1 ") == 1
+    path.write_bytes(raw.replace(tag + b"1 ", tag + b"x1"))
+    with pytest.raises(DicomReadError, match="9.dcm.*InstanceNumber"):
+        read_slice(path)

@@ -137,3 +137,14 @@ def test_blend_then_submit_end_to_end(trained_run):
     prior = score_submission(prior_submission(submission["row_id"], trained_run["data"], trained_run["out"]),
                              trained_run["answers"] / "test.csv")
     assert model["spinal"] < prior["spinal"] and model["foraminal"] == pytest.approx(prior["foraminal"])
+
+
+def test_rows_follow_the_listed_test_studies_when_the_sample_lists_others(trained_run, tmp_path):
+    from spinegrade.predict import write_submission
+
+    sample = pd.read_csv(trained_run["data"] / "sample_submission.csv")
+    one_study = sample[sample["row_id"].str.startswith(sample["row_id"].iloc[0].split("_")[0] + "_")]
+    lines = []
+    write_submission(sample, tmp_path / "s.csv", one_study, log=lines.append)
+    assert len(pd.read_csv(tmp_path / "s.csv")) == len(sample)  # nothing dropped
+    assert any("sample_submission.csv lists 25 rows" in line for line in lines)

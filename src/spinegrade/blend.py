@@ -169,7 +169,7 @@ def nested_loss(frame: pd.DataFrame, per_backbone: list[np.ndarray], backbones: 
 
 
 def run_blend(output_dir: str | Path, folds_path: str | Path, temperature: bool = False, log=print) -> BlendReport:
-    """Blend every complete backbone; write ``oof/blend.json`` and the blended OOF in ``oof/blend/``."""
+    """Blend every complete backbone; write ``oof/blend.json`` and the nested blended OOF in ``oof/blend/``."""
     output_dir = Path(output_dir)
     folds = sorted(read_folds(folds_path)["fold"].unique().tolist())
     names, partial = complete_backbones(output_dir, folds)
@@ -184,8 +184,9 @@ def run_blend(output_dir: str | Path, folds_path: str | Path, temperature: bool 
     candidates = {}
     for mode in ("probability", "log"):
         blend = fit_blend(frame, per_backbone, names, mode, temperature)
-        nested, _ = nested_loss(frame, per_backbone, names, mode, temperature)
-        candidates[mode] = {"blend": blend, "in_sample": _loss(frame, blend.combine(per_backbone)), "nested": nested}
+        nested, nested_probs = nested_loss(frame, per_backbone, names, mode, temperature)
+        candidates[mode] = {"blend": blend, "in_sample": _loss(frame, blend.combine(per_backbone)), "nested": nested,
+                            "nested_probs": nested_probs}
     mode = min(candidates, key=lambda m: candidates[m]["nested"])
     chosen = candidates[mode]
     blend = chosen["blend"]
@@ -197,7 +198,9 @@ def run_blend(output_dir: str | Path, folds_path: str | Path, temperature: bool 
     report = BlendReport(blend, losses, chosen["in_sample"], chosen["nested"],
                          {m: {"in_sample": c["in_sample"], "nested": c["nested"], **c["blend"].to_dict()}
                           for m, c in candidates.items()}, near_zero, len(frame))
-    blended = blend.combine(per_backbone)
+    # The blend's OOF files hold the nested predictions (each fold blended with weights fitted on the
+    # others), so the evaluation scores the blend as honestly as it scores a backbone.
+    blended = chosen["nested_probs"]
     for fold in folds:
         rows = frame["fold"].to_numpy() == fold
         out = frame.loc[rows, ["row_id"]].copy()

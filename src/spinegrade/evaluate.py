@@ -56,8 +56,11 @@ def complete_backbones(output_dir: str | Path, folds: list[int]) -> tuple[list[s
     """Backbones with an OOF file for every fold, and the missing folds of the others."""
     complete, partial = [], {}
     root = Path(output_dir) / "oof"
-    for directory in sorted(p for p in root.glob("*") if p.is_dir()):
+    for directory in sorted(p for p in root.glob("*") if p.is_dir() and p.name != "localised"):
         present = {int(p.stem.removeprefix("fold")) for p in directory.glob("fold*.csv")}
+        models = Path(output_dir) / "trained_models" / directory.name
+        if models.is_dir():  # a fold still training (or killed) has OOF files but no done.json
+            present &= {int(p.parent.name.removeprefix("fold")) for p in models.glob("fold*/done.json")}
         missing = [f for f in folds if f not in present]
         if missing:
             partial[directory.name] = missing

@@ -244,14 +244,18 @@ def train_localizer(config: LocalizerConfig, data_dir: str | Path, folds_path: s
         predictions[held] = train_localizer_fold(config, images, meta, int(fold), output_dir, device_, log)
     offsets = meta["slice_index"] - meta["stack_length"].map(middle_index)
     offset = int(offsets.mode().iloc[0])
-    (localizer_dir(output_dir) / "slice_choice.json").write_text(json.dumps({
-        "offset_from_middle": offset, "offset_counts": offsets.value_counts().sort_index().to_dict()}, indent=1))
     # Out-of-fold slice choice uses the offset of the training folds only.
     chosen = np.zeros(len(meta), dtype=int)
+    per_fold = {}
     for fold in meta["fold"].unique():
         held = meta["fold"].to_numpy() == fold
-        fold_offset = int(offsets[~held].mode().iloc[0]) if (~held).any() else offset
-        chosen[held] = np.clip(meta["stack_length"][held].map(middle_index) + fold_offset, 0, meta["stack_length"][held] - 1)
+        per_fold[int(fold)] = int(offsets[~held].mode().iloc[0]) if (~held).any() else offset
+        chosen[held] = np.clip(meta["stack_length"][held].map(middle_index) + per_fold[int(fold)], 0,
+                               meta["stack_length"][held] - 1)
+    # Written last: its presence marks a finished localiser.
+    (localizer_dir(output_dir) / "slice_choice.json").write_text(json.dumps({
+        "offset_from_middle": offset, "offset_from_middle_per_fold": per_fold,
+        "offset_counts": {int(k): int(v) for k, v in offsets.value_counts().sort_index().items()}}, indent=1))
     return write_localizer_report(meta, predictions, chosen, output_dir, log)
 
 
@@ -311,7 +315,12 @@ class LocalizerEnsemble:
             self.models.append(model.to(self.device).eval())
             self.size, self.mean, self.std = int(spec["image_size"]), spec["mean"], spec["std"]
         choice = root / "slice_choice.json"
-        self.offset = json.loads(choice.read_text())["offset_from_middle"] if choice.is_file() else 0
+        if not choice.is_file():
+            raise SpinegradeError(f"{root}: the localiser's training did not finish (no slice_choice.json)")
+        info = json.loads(choice.read_text())
+        self.offset = info["offset_from_middle"]
+        if folds is not None and len(folds) == 1:  # out of fold: the offset those training folds gave
+            self.offset = info.get("offset_from_middle_per_fold", {}).get(str(folds[0]), self.offset)
 
     def choose_slice(self, stack: Stack) -> int:
         return int(np.clip(middle_index(len(stack)) + self.offset, 0, len(stack) - 1))

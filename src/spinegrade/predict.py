@@ -53,14 +53,15 @@ def trained_backbones(output_dir: Path) -> list[str]:
     """Backbones with at least one finished fold under ``output_dir/trained_models``."""
     root = Path(output_dir) / "trained_models"
     return sorted(p.name for p in root.glob("*") if p.is_dir() and p.name != LOCALIZER_NAME
-                  and any(p.glob("fold*/best.safetensors")))
+                  and any(p.glob("fold*/done.json")))
 
 
 def load_fold_models(output_dir: Path, name: str, device: torch.device) -> list[FoldModel]:
-    """Every fold model of one backbone, rebuilt from its model.json and weights alone."""
-    folders = sorted(p.parent for p in (Path(output_dir) / "trained_models" / name).glob("fold*/best.safetensors"))
+    """Every finished fold model of one backbone, rebuilt from its model.json and weights alone (a fold
+    still training, or killed, has no done.json and is left out)."""
+    folders = sorted(p.parent for p in (Path(output_dir) / "trained_models" / name).glob("fold*/done.json"))
     if not folders:
-        raise SpinegradeError(f"{Path(output_dir) / 'trained_models' / name}: no trained fold")
+        raise SpinegradeError(f"{Path(output_dir) / 'trained_models' / name}: no finished fold")
     models = []
     for folder in folders:
         spec = json.loads((folder / "model.json").read_text())
@@ -99,14 +100,25 @@ def grade_studies(studies: list[LocatedStudy], models: list[FoldModel], device: 
     usable = [s for s in studies if s.points is not None]
     if not usable:
         return out
-    by_settings: dict[PreprocessSettings, np.ndarray] = {}
-    for m in models:
-        if m.settings not in by_settings:  # crops shared by fold models with the same preprocessing
-            images = []
-            for st in usable:
-                s = st.stack.slices[st.slice_index]
-                images += [prepare_image(s.pixels, s.pixel_spacing, x, y, m.settings) for x, y in st.points]
-            by_settings[m.settings] = np.stack(images)
+    def crops(st: LocatedStudy, settings: PreprocessSettings) -> list[np.ndarray] | None:
+        s = st.stack.slices[st.slice_index]
+        try:
+            return [prepare_image(s.pixels, s.pixel_spacing, x, y, settings) for x, y in st.points]
+        except Exception as exc:  # an image this code cannot crop: that study gets the prior
+            st.problem, st.points = f"cannot prepare its images ({type(exc).__name__}: {exc})", None
+            return None
+
+    prepared: dict[PreprocessSettings, dict[int, list[np.ndarray]]] = {}
+    for settings in {m.settings for m in models}:  # crops shared by fold models with the same preprocessing
+        prepared[settings] = {}
+        for st in usable:
+            if st.points is not None and (c := crops(st, settings)) is not None:
+                prepared[settings][st.study_id] = c
+    usable = [s for s in usable if s.points is not None]
+    if not usable:
+        return out
+    by_settings = {settings: np.stack([c for st in usable for c in per_study[st.study_id]])
+                   for settings, per_study in prepared.items()}
     total = np.zeros((len(usable) * len(LEVELS), 3))
     levels = torch.arange(len(LEVELS)).repeat(len(usable))
     for m in models:
@@ -148,10 +160,13 @@ def _study_series(data_dir: Path, split: str) -> dict[int, Path | None]:
         try:
             study = int(r.study_id)
         except (TypeError, ValueError):
-            continue
+            continue  # the index reports bad ids with their line
         out.setdefault(study, None)
         if r.series_description == SAGITTAL_T2 and out[study] is None:
-            out[study] = data_dir / f"{split}_images" / str(study) / str(int(r.series_id))
+            try:
+                out[study] = data_dir / f"{split}_images" / str(study) / str(int(r.series_id))
+            except (TypeError, ValueError):
+                pass  # no usable series id: the study gets the prior
     return out
 
 
@@ -205,10 +220,17 @@ def check_submission(frame: pd.DataFrame, sample: pd.DataFrame | None = None) ->
                               "non-negative and sum to 1")
 
 
-def write_submission(frame: pd.DataFrame, path: Path, sample: pd.DataFrame | None = None) -> None:
+def write_submission(frame: pd.DataFrame, path: Path, sample: pd.DataFrame | None = None, log=print) -> None:
+    """Check, then write. ``frame`` holds every target of every listed study; when ``sample`` lists
+    exactly those rows its order is used, and when it lists others (the shipped sample names one
+    study, the hidden test set hundreds) the listed studies win and the mismatch is reported."""
+    if sample is not None and set(sample["row_id"]) != set(frame["row_id"]):
+        log(f"warning: sample_submission.csv lists {len(sample)} rows, the test series {len(frame)}; "
+            "writing a row for all 25 targets of every listed study")
+        sample = None
+    check_submission(frame, sample)
     if sample is not None:  # the sample's row order
         frame = frame.set_index("row_id").loc[sample["row_id"]].reset_index()
-    check_submission(frame, sample)
     write_csv_atomic(frame, path)
 
 
@@ -234,12 +256,16 @@ def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, back
     started = time.perf_counter()
     for n, (study, series_dir) in enumerate(sorted(series.items()), start=1):
         t0 = time.perf_counter()
-        stack, problem = _read_stack(series_dir)
-        st = locate_study(study, stack, localizer, problem)
+        try:
+            stack, problem = _read_stack(series_dir)
+            st = locate_study(study, stack, localizer, problem)
+        except Exception as exc:  # one bad study must never stop the run: it gets the prior
+            st = LocatedStudy(study, None, -1, None, f"{series_dir}: {type(exc).__name__}: {exc}")
         st.seconds = time.perf_counter() - t0
         if st.problem:
             log(f"warning: study {study}: {st.problem}; its rows get the training prior")
         located.append(st)
+    localised_ok = {s.study_id for s in located if s.points is not None}
     log(f"localised {sum(s.points is not None for s in located)} of {len(located)} studies "
         f"({(time.perf_counter() - started) / max(len(located), 1):.2f} s per study: reading and localising)")
     graded: dict[str, dict[int, dict[str, np.ndarray]]] = {}
@@ -259,6 +285,10 @@ def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, back
                 rows.append([row_id(study, condition, level), name, *p[k]])
         log(f"{name}: {len(models)} fold models loaded in {loaded:.2f} s, graded {len(probs)} studies in "
             f"{time.perf_counter() - t0:.2f} s")
+        for st in located:
+            if st.problem and st.study_id in localised_ok:
+                localised_ok.discard(st.study_id)
+                log(f"warning: study {st.study_id}: {st.problem}; its rows get the training prior")
         del models
     per_backbone = pd.DataFrame(rows, columns=["row_id", "backbone", *PROBABILITY_COLUMNS])
     predictions_dir = output_dir / "predictions"
@@ -271,7 +301,7 @@ def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, back
     sample_path = data_dir / "sample_submission.csv"
     sample = pd.read_csv(sample_path) if split == "test" and sample_path.is_file() else None
     out = Path(out) if out else output_dir / "submissions" / f"{split}_predictions.csv"
-    write_submission(submission, out, sample)
+    write_submission(submission, out, sample, log=log)
     log(f"{len(submission)} rows for {len(series)} studies written to {out} "
         f"(per backbone: {predictions_dir / f'{split}_per_backbone.csv'})")
     return per_backbone, submission
@@ -406,8 +436,14 @@ def localised_oof(output_dir: str | Path, data_dir: str | Path, folds_path: str 
     for fold in sorted(folds.unique()):
         localizer = LocalizerEnsemble(output_dir, device_, folds=[int(fold)])
         for study in sorted(s for s in folds.index[folds == fold] if s in series):
-            stack, problem = _read_stack(series[study])
-            located.setdefault(int(fold), []).append(locate_study(study, stack, localizer, problem))
+            try:
+                stack, problem = _read_stack(series[study])
+                st = locate_study(study, stack, localizer, problem)
+            except Exception as exc:  # reported, and left out of the end-to-end figure
+                st = LocatedStudy(study, None, -1, None, f"{type(exc).__name__}: {exc}")
+            if st.problem:
+                log(f"end-to-end: study {study} not graded ({st.problem})")
+            located.setdefault(int(fold), []).append(st)
     out = {}
     for name, fold_models in models.items():
         rows = []

@@ -134,7 +134,10 @@ def read_slice(path: str | Path, with_pixels: bool = True) -> Slice:
     if rows is None or cols is None:
         raise DicomReadError(path, "no Rows/Columns: not an image")
     instance = ds.get("InstanceNumber")
-    instance_number = int(instance) if instance not in (None, "") else int(Path(path).stem) if path.stem.isdigit() else 0
+    try:
+        instance_number = int(instance) if instance not in (None, "") else int(path.stem) if path.stem.isdigit() else 0
+    except (TypeError, ValueError):
+        raise DicomReadError(path, f"InstanceNumber {instance!r} is not a number") from None
     orientation = _float_list(ds, "ImageOrientationPatient")
     position = _float_list(ds, "ImagePositionPatient")
     spacing = _float_list(ds, "PixelSpacing")
