@@ -307,6 +307,18 @@ def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, back
     return per_backbone, submission
 
 
+def _blend_or_mean(output_dir: Path, backbones: list[str] | None) -> Blend:
+    """The tuned blend when there is one and no backbones were named; else the plain mean."""
+    from spinegrade.blend import load_blend
+
+    if backbones is None and (output_dir / "oof" / "blend.json").is_file():
+        return load_blend(output_dir)
+    backbones = backbones or trained_backbones(output_dir)
+    if not backbones:
+        raise SpinegradeError(f"{output_dir / 'trained_models'}: no trained backbone to predict with")
+    return Blend(backbones, np.full(len(backbones), 1.0 / len(backbones)))
+
+
 # --- one study straight off a scanner -----------------------------------------------------------
 
 def is_sagittal_t2(description: str) -> bool:
@@ -348,14 +360,14 @@ def predict_study(study_dir: str | Path, output_dir: str | Path, backbones: list
     stack = find_sagittal_t2(study_dir)
     localizer = LocalizerEnsemble(output_dir, device=device_)
     st = locate_study(0, stack, localizer)
-    backbones = backbones or trained_backbones(output_dir)
-    if not backbones:
-        raise SpinegradeError(f"{output_dir / 'trained_models'}: no trained backbone to predict with")
+    blend = _blend_or_mean(output_dir, backbones)
+    backbones = [n for n, w in zip(blend.backbones, blend.weights) if w > 0]
     per_backbone = [grade_studies([st], load_fold_models(output_dir, name, device_), device_)[0] for name in backbones]
-    probs = np.mean(per_backbone, axis=0)
+    weights = np.array([w for w in blend.weights if w > 0])
+    probs = combine(per_backbone, weights / weights.sum(), blend.mode, blend.temperature)
     s = stack.slices[st.slice_index]
     result = {"study_dir": str(study_dir), "series": s.series_description, "slice_instance": s.instance_number,
-              "backbones": backbones, "levels": []}
+              "backbones": dict(zip(backbones, map(float, weights / weights.sum()))), "mode": blend.mode, "levels": []}
     for k, level in enumerate(LEVELS):
         grade = SEVERITIES[int(probs[k].argmax())]
         result["levels"].append({"level": level_title(level), "grade": grade, "x": float(st.points[k, 0]),
