@@ -89,6 +89,15 @@ def weighted_prior(labels: np.ndarray, pseudo_count: float = 1.0) -> np.ndarray:
     return counts / counts.sum()
 
 
+def prior_table(labels: pd.DataFrame) -> pd.DataFrame:
+    """The weight-scaled prior of every (condition, level) in ``labels`` (the tidy index table)."""
+    from spinegrade.constants import PROBABILITY_COLUMNS
+
+    rows = [{"condition": c, "level": lv, **dict(zip(PROBABILITY_COLUMNS, weighted_prior(g["severity"].to_numpy())))}
+            for (c, lv), g in labels.groupby(["condition", "level"])]
+    return pd.DataFrame(rows)
+
+
 def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> float:
     """Top-label ECE: the gap between confidence and accuracy, averaged over equal-width confidence bins."""
     p = normalise(probabilities)

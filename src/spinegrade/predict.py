@@ -34,7 +34,7 @@ from spinegrade.data.index import read_csv_checked
 from spinegrade.data.preprocess import PreprocessSettings, prepare_image
 from spinegrade.errors import SpinegradeError
 from spinegrade.localize import LOCALIZER_NAME, LocalizerEnsemble
-from spinegrade.metrics import weighted_prior
+from spinegrade.metrics import prior_table
 from spinegrade.models.classifier import LevelClassifier, ModelSpec, load_state
 
 
@@ -141,10 +141,7 @@ def training_priors(data_dir: Path | None, output_dir: Path) -> pd.DataFrame:
     if data_dir is not None and (Path(data_dir) / "train.csv").is_file():
         from spinegrade.data.index import build_index
 
-        labels = build_index(data_dir, check_images=False).table
-        rows = [{"condition": c, "level": lv, **dict(zip(PROBABILITY_COLUMNS, weighted_prior(g["severity"].to_numpy())))}
-                for (c, lv), g in labels.groupby(["condition", "level"])]
-        return pd.DataFrame(rows)
+        return prior_table(build_index(data_dir, check_images=False).table)
     saved = Path(output_dir) / "trained_models" / "priors.csv"
     if saved.is_file():
         return pd.read_csv(saved)

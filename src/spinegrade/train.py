@@ -33,7 +33,7 @@ from spinegrade.data.folds import read_folds, write_csv_atomic
 from spinegrade.data.index import build_index
 from spinegrade.data.preprocess import PreprocessSettings, build_cache
 from spinegrade.errors import SpinegradeError
-from spinegrade.metrics import competition_score, weighted_prior
+from spinegrade.metrics import competition_score, prior_table, weighted_prior
 from spinegrade.models.classifier import (
     LevelClassifier,
     ModelSpec,
@@ -334,9 +334,7 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
 def write_priors(labels: pd.DataFrame, path: Path) -> None:
     """The weight-scaled prior of every condition and level, for targets no model covers at prediction
     time (saved with the models so a kernel needs no train.csv)."""
-    rows = [{"condition": c, "level": lv, **dict(zip(PROBABILITY_COLUMNS, weighted_prior(g["severity"].to_numpy())))}
-            for (c, lv), g in labels.groupby(["condition", "level"])]
-    write_csv_atomic(pd.DataFrame(rows), path)
+    write_csv_atomic(prior_table(labels), path)
 
 
 def _identity(config: TrainConfig) -> dict:
