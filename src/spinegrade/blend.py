@@ -22,6 +22,7 @@ from spinegrade.constants import CONDITION_GROUP, METRIC_GROUPS, PROBABILITY_COL
 from spinegrade.data.folds import read_folds, write_csv_atomic
 from spinegrade.errors import SpinegradeError
 from spinegrade.evaluate import complete_backbones, read_oof
+from spinegrade.files import write_text_atomic
 from spinegrade.metrics import competition_score
 
 BLEND_NAME = "blend"
@@ -212,10 +213,7 @@ def run_blend(output_dir: str | Path, folds_path: str | Path, temperature: bool 
                "temperature_fitted": temperature, "backbone_oof_loss": losses, "blend_oof_loss_in_sample": report.in_sample,
                "blend_oof_loss_nested": report.nested, "near_zero_weight": near_zero, "rows": len(frame),
                "candidates": report.candidates, "folds": folds}
-    path = output_dir / "oof" / "blend.json"
-    tmp = path.with_name(".blend.json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
+    write_text_atomic(output_dir / "oof" / "blend.json", json.dumps(payload, indent=1))
     log(format_blend(report))
     return report
 

@@ -16,6 +16,7 @@ import yaml
 
 from spinegrade.constants import CONDITIONS
 from spinegrade.errors import SpinegradeError
+from spinegrade.files import write_text_atomic
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -157,7 +158,4 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None, conf
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

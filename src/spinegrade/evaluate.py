@@ -19,6 +19,7 @@ import yaml
 from spinegrade import plots
 from spinegrade.constants import LEVELS, PROBABILITY_COLUMNS, SEVERITIES, SEVERITY_INDEX, parse_row_id
 from spinegrade.data.folds import read_folds, write_csv_atomic
+from spinegrade.files import write_text_atomic
 from spinegrade.metrics import (
     classification_metrics,
     competition_score,
@@ -223,7 +224,7 @@ def run_evaluation(output_dir: str | Path, folds_path: str | Path, data_dir: str
         settings = _settings(output_dir, name)
         payload = {"name": name, **metrics, "class_prior": {k: v for k, v in prior_metrics.items() if k != "per_level"},
                    "settings": settings, "folds": folds}
-        (results / f"{name}_oof_metrics.json").write_text(json.dumps(payload, indent=1, default=float))
+        write_text_atomic(results / f"{name}_oof_metrics.json", json.dumps(payload, indent=1, default=float))
         _write_tables(name, metrics, results)
         reports.append(BackboneReport(name, metrics, settings, _figures(name, metrics, plots_dir, _histories(output_dir, name))))
         rows.append(summary_row(name, metrics))
@@ -231,7 +232,7 @@ def run_evaluation(output_dir: str | Path, folds_path: str | Path, data_dir: str
             f"{metrics['score_fold_std']:.4f}), macro F1 {metrics['f1_macro']:.3f}, accuracy {metrics['accuracy']:.3f}")
     rows.append(summary_row(PRIOR_NAME, prior_metrics))
     _write_tables(PRIOR_NAME, prior_metrics, results)
-    (results / f"{PRIOR_NAME}_oof_metrics.json").write_text(json.dumps({"name": PRIOR_NAME, **prior_metrics}, indent=1, default=float))
+    write_text_atomic(results / f"{PRIOR_NAME}_oof_metrics.json", json.dumps({"name": PRIOR_NAME, **prior_metrics}, indent=1, default=float))
     summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     write_csv_atomic(summary, results / "summary.csv")
     comparison = plots.compare_backbones(summary, plots_dir / "backbones_comparison.png")

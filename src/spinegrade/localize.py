@@ -36,6 +36,7 @@ from spinegrade.data.folds import read_folds, write_csv_atomic
 from spinegrade.data.index import build_index
 from spinegrade.data.preprocess import window_to_uint8
 from spinegrade.errors import SpinegradeError
+from spinegrade.files import write_text_atomic
 from spinegrade.models.classifier import input_statistics, load_pretrained, load_state, save_state
 from spinegrade.models.localizer import LevelLocalizer, LocalizerSpec, heatmap_loss, soft_argmax
 
@@ -188,7 +189,7 @@ def train_localizer_fold(config: LocalizerConfig, images: np.ndarray, meta: pd.D
                                                    total_steps=max(1, config.num_epochs * len(train_loader)))
     out = localizer_dir(output_dir) / f"fold{fold}"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "localizer.json").write_text(json.dumps({**LocalizerSpec(config.backbone).to_dict(), **config.to_dict(),
+    write_text_atomic(out / "localizer.json", json.dumps({**LocalizerSpec(config.backbone).to_dict(), **config.to_dict(),
                                                     "mean": list(mean), "std": list(std), "fold": fold}, indent=1))
     best, best_pred, history = math.inf, None, []
     for epoch in range(config.num_epochs):
@@ -253,7 +254,7 @@ def train_localizer(config: LocalizerConfig, data_dir: str | Path, folds_path: s
         chosen[held] = np.clip(meta["stack_length"][held].map(middle_index) + per_fold[int(fold)], 0,
                                meta["stack_length"][held] - 1)
     # Written last: its presence marks a finished localiser.
-    (localizer_dir(output_dir) / "slice_choice.json").write_text(json.dumps({
+    write_text_atomic(localizer_dir(output_dir) / "slice_choice.json", json.dumps({
         "offset_from_middle": offset, "offset_from_middle_per_fold": per_fold,
         "offset_counts": {int(k): int(v) for k, v in offsets.value_counts().sort_index().items()}}, indent=1))
     return write_localizer_report(meta, predictions, chosen, output_dir, log)
@@ -281,7 +282,7 @@ def write_localizer_report(meta: pd.DataFrame, predictions: np.ndarray, chosen: 
                                       "p90_mm": float(np.percentile(e, 90)) if len(e) else None, "points": int(len(e))}
     finite = errors[np.isfinite(errors)]
     report["all_levels"] = {"median_mm": float(np.median(finite)), "p90_mm": float(np.percentile(finite, 90))}
-    (results / "localizer_report.json").write_text(json.dumps(report, indent=1))
+    write_text_atomic(results / "localizer_report.json", json.dumps(report, indent=1))
     log(f"localizer out-of-fold over {len(meta)} studies: slice within one of the labelled {within_one:.1%} "
         f"(exact {exact:.1%}); point error median {report['all_levels']['median_mm']:.2f} mm, "
         f"90th percentile {report['all_levels']['p90_mm']:.2f} mm")

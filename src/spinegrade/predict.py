@@ -33,6 +33,7 @@ from spinegrade.data.folds import write_csv_atomic
 from spinegrade.data.index import read_csv_checked
 from spinegrade.data.preprocess import PreprocessSettings, prepare_image
 from spinegrade.errors import SpinegradeError
+from spinegrade.files import write_text_atomic
 from spinegrade.localize import LOCALIZER_NAME, LocalizerEnsemble
 from spinegrade.metrics import prior_table
 from spinegrade.models.classifier import LevelClassifier, ModelSpec, load_state
@@ -371,7 +372,7 @@ def predict_study(study_dir: str | Path, output_dir: str | Path, backbones: list
                                  "y": float(st.points[k, 1]), **dict(zip(PROBABILITY_COLUMNS, map(float, probs[k])))})
         log(f"{level_title(level)}: {grade:12s} normal/mild {probs[k, 0]:.2f}  moderate {probs[k, 1]:.2f}  severe {probs[k, 2]:.2f}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "grades.json").write_text(json.dumps(result, indent=1))
+    write_text_atomic(out_dir / "grades.json", json.dumps(result, indent=1))
     _draw_levels(s, st.points, result["levels"], out_dir / "graded_slice.png")
     log(f"written: {out_dir / 'grades.json'}, {out_dir / 'graded_slice.png'}")
     return result

@@ -16,6 +16,7 @@ import pandas as pd
 
 from spinegrade import plots
 from spinegrade.constants import PROBABILITY_COLUMNS, SEVERITIES, level_title
+from spinegrade.files import write_text_atomic
 
 SETTINGS_SHOWN = ["backbone", "input", "image_size", "crop_mm", "num_epochs", "batch_size", "learning_rate",
                   "weight_decay", "level_embeddings", "freeze_backbone", "unfreeze_last_n", "class_weights",
@@ -157,7 +158,5 @@ def write_report(output_dir: Path, summary: pd.DataFrame, backbones: list, prior
             parts.append(f"<h2>Data</h2><p>{html.escape(str(exc))}</p>")
     parts.append("</body></html>")
     path = output_dir / "report.html"
-    tmp = path.with_name(".report.html.tmp")
-    tmp.write_text("\n".join(parts))
-    tmp.replace(path)
+    write_text_atomic(path, "\n".join(parts))
     return path

@@ -9,6 +9,7 @@ from datetime import date
 from pathlib import Path
 
 from spinegrade.blend import load_blend
+from spinegrade.files import write_text_atomic
 from spinegrade.predict import predict_split
 
 
@@ -31,6 +32,6 @@ def submit(data_dir: str | Path, output_dir: str | Path, description: str = "ble
                 "oof_loss": {"backbones": blend_info["backbone_oof_loss"],
                              "blend_in_sample": blend_info["blend_oof_loss_in_sample"],
                              "blend_nested": blend_info["blend_oof_loss_nested"]}}
-    path.with_suffix(".json").write_text(json.dumps(manifest, indent=1))
+    write_text_atomic(path.with_suffix(".json"), json.dumps(manifest, indent=1))
     log(f"submission: {path} (and {folder / 'submission.csv'}), manifest {path.with_suffix('.json')}")
     return path

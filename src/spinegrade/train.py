@@ -33,6 +33,7 @@ from spinegrade.data.folds import read_folds, write_csv_atomic
 from spinegrade.data.index import build_index
 from spinegrade.data.preprocess import PreprocessSettings, build_cache
 from spinegrade.errors import SpinegradeError
+from spinegrade.files import write_text_atomic
 from spinegrade.metrics import competition_score, prior_table, weighted_prior
 from spinegrade.models.classifier import (
     LevelClassifier,
@@ -117,12 +118,6 @@ def select_device(requested: str | None = None) -> torch.device:
 def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -246,7 +241,7 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
 
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
-    _atomic_text(out / "model.json", json.dumps({
+    write_text_atomic(out / "model.json", json.dumps({
         **spec.to_dict(), "input": config.input, "image_size": config.image_size, "crop_mm": config.crop_mm,
         "mean": list(mean), "std": list(std), "labels": list(SEVERITIES), "condition": config.condition,
         "fold": fold, "name": config.name}, indent=1))
@@ -324,7 +319,7 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
             f"{' (best)' if improved else ''} | {row['seconds']:.1f}s")
     if best_epoch < 0:
         raise SpinegradeError(f"{config.name} fold {fold}: no epoch was run (num_epochs={config.num_epochs})")
-    _atomic_text(done, json.dumps({"best_epoch": best_epoch, "best_score": best_score, "prior_score": prior_score,
+    write_text_atomic(done, json.dumps({"best_epoch": best_epoch, "best_score": best_score, "prior_score": prior_score,
                                    "epochs": config.num_epochs, "config": _identity(config)}, indent=1))
     log(f"{config.name} fold {fold}: best epoch {best_epoch + 1}, held-out competition loss {best_score:.4f} "
         f"(weight-scaled class prior {prior_score:.4f})")

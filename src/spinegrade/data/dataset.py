@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import albumentations as A
 import cv2
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import Dataset
-
-import pandas as pd
 
 from spinegrade.constants import AXIAL_T2, flipped_condition
 

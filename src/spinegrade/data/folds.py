@@ -8,8 +8,6 @@ which makes the out-of-fold predictions of different backbones comparable row by
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
 from spinegrade.errors import SpinegradeError
+from spinegrade.files import write_csv_atomic  # noqa: F401  (re-exported: callers import it from here)
 
 
 def make_folds(labels_wide: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> pd.DataFrame:
@@ -32,21 +31,6 @@ def make_folds(labels_wide: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> p
     for k, (_, held_out) in enumerate(splitter.split(np.zeros(len(values)), onehot)):
         fold[held_out] = k
     return pd.DataFrame({"study_id": labels_wide.index.to_numpy(), "fold": fold}).sort_values("study_id").reset_index(drop=True)
-
-
-def write_csv_atomic(df: pd.DataFrame, path: str | Path) -> None:
-    """Write through a temporary file and rename, so a killed run never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            df.to_csv(f, index=False)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; outputs are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_folds(path: str | Path) -> pd.DataFrame:

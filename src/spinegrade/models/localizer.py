@@ -18,7 +18,6 @@ from spinegrade.constants import LEVELS
 from spinegrade.models.classifier import create_backbone
 
 
-
 @dataclass
 class LocalizerSpec:
     backbone: str = "efficientnet_lite0"
