@@ -11,6 +11,9 @@
 #   make predict                                 localise and grade the test split: a submission
 #   make blend                                   OOF-tuned blend weights of every trained backbone
 #   make submission                              the blend on the test split: submissions/submission.csv
+#   make kernel                                  the offline Kaggle kernel of the blend, with its datasets: kernels/
+#   make kernel-run                              rehearse that kernel here (Kaggle-like environment, no network)
+#   make upload [DRY_RUN=1]                      create/version its datasets and push it (kaggle command)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -27,6 +30,10 @@ FOLD ?= 0
 BACKBONES ?= vit swin beit efficientnet resnet152 convnext
 TRAIN_FLAGS ?=
 LOCALIZER_FLAGS ?=
+KERNELS_DIR ?= $(OUTPUT_DIR)/kernels
+KERNEL_NAME ?= spinegrade-rsna-2024
+KERNEL_FLAGS ?=
+DRY_RUN ?=
 LOCALIZER_DONE = $(OUTPUT_DIR)/trained_models/localizer/slice_choice.json
 
 # The demo keeps its own synthetic data beside (never over) a real download.
@@ -39,7 +46,8 @@ DEMO_BACKBONES ?= efficientnet_lite0 efficientnet_lite0_wide
 DEMO_TRAIN_FLAGS ?= --num_epochs 5
 DEMO_LOCALIZER_FLAGS ?= --image_size 64 --num_epochs 12 --batch_size 4
 
-.PHONY: install demo test download index folds synth clean-demo train-fold train train-all evaluate train-localizer predict blend submission
+.PHONY: install demo test download index folds synth clean-demo train-fold train train-all evaluate train-localizer predict blend submission \
+	kernel kernel-run upload
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +74,8 @@ demo: install
 	$(SPINEGRADE) submit --data-dir $(DEMO_DATA) --output-dir $(DEMO_OUTPUT) --description demo-lite0-blend
 	$(SPINEGRADE) score $(DEMO_OUTPUT)/submissions/submission.csv --labels $(DEMO_DATA)-answers/test.csv \
 		--data-dir $(DEMO_DATA) --output-dir $(DEMO_OUTPUT)
+	$(SPINEGRADE) kernel --output-dir $(DEMO_OUTPUT) --offline
+	$(SPINEGRADE) kernel-run --output-dir $(DEMO_OUTPUT) --data-dir $(DEMO_DATA)
 
 synth: install
 	$(SPINEGRADE) synth $(DATA_DIR)
@@ -93,6 +103,16 @@ blend: install
 
 submission: install
 	$(SPINEGRADE) submit --data-dir $(DATA_DIR) --output-dir $(OUTPUT_DIR)
+
+kernel: install
+	$(SPINEGRADE) kernel --output-dir $(OUTPUT_DIR) --kernels-dir $(KERNELS_DIR) --name $(KERNEL_NAME) $(KERNEL_FLAGS)
+
+kernel-run: install
+	$(SPINEGRADE) kernel-run --data-dir $(DATA_DIR) --kernels-dir $(KERNELS_DIR) --name $(KERNEL_NAME) \
+		--work-dir $(OUTPUT_DIR)/kernel-run
+
+upload: install
+	$(SPINEGRADE) upload --kernels-dir $(KERNELS_DIR) --name $(KERNEL_NAME) $(if $(DRY_RUN),--dry-run)
 
 train-fold: install
 	$(SPINEGRADE) train --models $(BACKBONE) --fold $(FOLD) --data-dir $(DATA_DIR) --folds $(FOLDS) \

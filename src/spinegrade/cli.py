@@ -161,6 +161,31 @@ def cmd_score(args: argparse.Namespace) -> None:
         print("  class prior  " + "  ".join(f"{k} {v:.4f}" for k, v in base.items()))
 
 
+def cmd_kernel(args: argparse.Namespace) -> None:
+    from spinegrade.kernel.build import build_kernel
+
+    build = build_kernel(args.output_dir, args.kernels_dir, name=args.name, username=args.username,
+                         wheelhouse=args.wheelhouse, offline=args.offline)
+    print(f"kernel ready in {build.kernel_dir}: rehearse it with `spinegrade kernel-run`, send it with `make upload`")
+
+
+def cmd_kernel_run(args: argparse.Namespace) -> None:
+    from spinegrade.kernel.local import run_kernel_locally
+
+    kernels_dir = args.kernels_dir or args.output_dir / "kernels"
+    root = args.work_dir or args.output_dir / "kernel-run"
+    submission, seconds = run_kernel_locally(kernels_dir / args.name, args.data_dir, root,
+                                             python=args.python)
+    print(f"kernel finished in {seconds:.1f} s: {submission}")
+
+
+def cmd_upload(args: argparse.Namespace) -> None:
+    from spinegrade.kernel.upload import upload
+
+    kernels_dir = args.kernels_dir or args.output_dir / "kernels"
+    upload(kernels_dir, name=args.name, message=args.message, dry_run=args.dry_run)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from spinegrade.evaluate import format_summary, run_evaluation
 
@@ -265,6 +290,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", "--data_dir", type=Path, default=DEFAULT_DATA_DIR,
                    help="for the data report and example images (skipped when absent)")
     p.set_defaults(func=cmd_evaluate)
+
+    from spinegrade.kernel import DEFAULT_NAME
+
+    p = sub.add_parser("kernel", help="build the offline Kaggle kernel of the blend and the datasets it mounts")
+    p.add_argument("--output-dir", "--output_dir", type=Path, default=Path("."), help="where trained_models/ and oof/ are")
+    p.add_argument("--kernels-dir", type=Path, default=None, help="default: OUTPUT/kernels")
+    p.add_argument("--name", default=DEFAULT_NAME, help="kernel slug; the datasets are NAME-code and NAME-models")
+    p.add_argument("--username", default=None, help="Kaggle user owning it (default: KAGGLE_USERNAME or kaggle.json)")
+    p.add_argument("--wheelhouse", type=Path, default=None,
+                   help="folder of dependency wheels to use first (default: KERNELS/wheelhouse, filled by downloads)")
+    p.add_argument("--offline", action="store_true",
+                   help="never download wheels: pack missing ones from this environment (this Python only)")
+    p.set_defaults(func=cmd_kernel)
+
+    p = sub.add_parser("kernel-run", help="rehearse the built kernel here: Kaggle-like environment, no network")
+    p.add_argument("--data-dir", "--data_dir", type=Path, default=DEFAULT_DATA_DIR, help="mounted as the competition")
+    p.add_argument("--output-dir", "--output_dir", type=Path, default=Path("."))
+    p.add_argument("--kernels-dir", type=Path, default=None, help="default: OUTPUT/kernels")
+    p.add_argument("--name", default=DEFAULT_NAME)
+    p.add_argument("--work-dir", type=Path, default=None, help="input/, working/ and env/ go here (default: OUTPUT/kernel-run)")
+    p.add_argument("--python", type=Path, default=None, help="run with this interpreter instead of a Kaggle-like environment")
+    p.set_defaults(func=cmd_kernel_run)
+
+    p = sub.add_parser("upload", help="create or version the kernel's datasets and push the kernel (kaggle command)")
+    p.add_argument("--output-dir", "--output_dir", type=Path, default=Path("."))
+    p.add_argument("--kernels-dir", type=Path, default=None, help="default: OUTPUT/kernels")
+    p.add_argument("--name", default=DEFAULT_NAME)
+    p.add_argument("--message", default="spinegrade kernel", help="dataset version message")
+    p.add_argument("--dry-run", action="store_true", help="print the kaggle commands, run nothing")
+    p.set_defaults(func=cmd_upload)
 
     p = sub.add_parser("download", help="download the competition data with the kaggle command")
     p.add_argument("--dest", type=Path, default=Path("input"))

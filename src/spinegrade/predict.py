@@ -29,11 +29,11 @@ from spinegrade.constants import (
     row_id,
 )
 from spinegrade.data.dicom import DicomReadError, Stack, list_dicom_files, main_stack, read_files, read_series, read_slice
-from spinegrade.data.folds import write_csv_atomic
 from spinegrade.data.index import read_csv_checked
 from spinegrade.data.preprocess import PreprocessSettings, prepare_image
 from spinegrade.errors import SpinegradeError
-from spinegrade.files import write_text_atomic
+from spinegrade.files import write_csv_atomic, write_text_atomic
+from spinegrade.progress import Progress
 from spinegrade.localize import LOCALIZER_NAME, LocalizerEnsemble
 from spinegrade.metrics import prior_table
 from spinegrade.models.classifier import LevelClassifier, ModelSpec, load_state
@@ -234,14 +234,17 @@ def write_submission(frame: pd.DataFrame, path: Path, sample: pd.DataFrame | Non
 
 def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, backbones: list[str] | None = None,
                   blend: Blend | None = None, out: str | Path | None = None, device: str | None = None,
-                  log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  log=print, predictions_dir: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Predict every study of ``split``; write per-backbone predictions and a submission (the
     ``blend``'s mix of the backbones, or their plain mean without one).
 
+    ``output_dir`` (where ``trained_models/`` is) is only read when ``out`` and ``predictions_dir``
+    are given, so the models may sit on a read-only mount (a Kaggle dataset).
     Returns (per-backbone predictions, submission)."""
     from spinegrade.train import select_device
 
     data_dir, output_dir = Path(data_dir), Path(output_dir)
+    predictions_dir = Path(predictions_dir) if predictions_dir else output_dir / "predictions"
     device_ = select_device(device)
     backbones = backbones or trained_backbones(output_dir)
     if not backbones:
@@ -252,7 +255,8 @@ def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, back
     localizer = LocalizerEnsemble(output_dir, device=device_)
     located: list[LocatedStudy] = []
     started = time.perf_counter()
-    for n, (study, series_dir) in enumerate(sorted(series.items()), start=1):
+    progress = Progress(len(series), "localised", log)
+    for study, series_dir in sorted(series.items()):
         t0 = time.perf_counter()
         try:
             stack, problem = _read_stack(series_dir)
@@ -263,6 +267,7 @@ def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, back
         if st.problem:
             log(f"warning: study {study}: {st.problem}; its rows get the training prior")
         located.append(st)
+        progress.step()
     localised_ok = {s.study_id for s in located if s.points is not None}
     log(f"localised {sum(s.points is not None for s in located)} of {len(located)} studies "
         f"({(time.perf_counter() - started) / max(len(located), 1):.2f} s per study: reading and localising)")
@@ -289,7 +294,6 @@ def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, back
                 log(f"warning: study {st.study_id}: {st.problem}; its rows get the training prior")
         del models
     per_backbone = pd.DataFrame(rows, columns=["row_id", "backbone", *PROBABILITY_COLUMNS])
-    predictions_dir = output_dir / "predictions"
     write_csv_atomic(per_backbone, predictions_dir / f"{split}_per_backbone.csv")
     priors = training_priors(data_dir, output_dir)
     uncovered = [c for c in CONDITIONS if c not in covered]

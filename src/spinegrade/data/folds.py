@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_csv_atomic  # noqa: F401  (re-exported: callers import it from here)
@@ -24,6 +23,8 @@ def make_folds(labels_wide: pd.DataFrame, n_folds: int = 5, seed: int = 42) -> p
         raise SpinegradeError(f"--n-folds must be at least 2, got {n_folds}")
     if len(labels_wide) < n_folds:
         raise SpinegradeError(f"{len(labels_wide)} studies cannot make {n_folds} folds")
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold  # training only: inference never needs it
+
     values = labels_wide.to_numpy()
     onehot = np.concatenate([(values == k).astype(int) for k in range(3)], axis=1)
     splitter = MultilabelStratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)

@@ -1,0 +1,213 @@
+"""Build the Kaggle kernel of a trained blend: the notebook script and the two datasets it mounts.
+
+    kernels/<name>/            kernel-metadata.json and <name>.py (a short script calling the package)
+    kernels/<name>-code/       wheels/ (spinegrade and the bundled dependencies) and dataset-metadata.json
+    kernels/<name>-models/     trained_models/ (only the blend's backbones, finished folds, best weights),
+                               oof/blend.json, configs/, spinegrade-models.json, dataset-metadata.json
+
+Each folder is built beside its final place and renamed over it, so an interrupted build never
+leaves a half-filled dataset that an upload would send.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from spinegrade.blend import load_blend
+from spinegrade.constants import COMPETITION
+from spinegrade.errors import SpinegradeError
+from spinegrade.files import write_text_atomic
+from spinegrade.kernel import (
+    BUNDLED_PACKAGES,
+    DEFAULT_NAME,
+    KAGGLE_IMAGE_PACKAGES,
+    KAGGLE_PYTHON_VERSIONS,
+    MODELS_MARKER,
+)
+from spinegrade.kernel.wheels import collect_wheels
+from spinegrade.localize import LOCALIZER_NAME
+
+PLACEHOLDER_USER = "your-kaggle-username"
+
+KERNEL_SCRIPT = '''"""{name}: spinegrade offline inference for {competition}.
+
+Built by `spinegrade kernel` on {built}. Installs spinegrade and the packages the Kaggle image lacks
+from the {code} dataset (no index, no network), then localises and grades every test study with
+the blend in the {models} dataset and writes /kaggle/working/submission.csv. KAGGLE_INPUT and
+KAGGLE_WORKING point it at other folders for a local run.
+"""
+import glob
+import importlib
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the network
+INPUT = os.environ.get("KAGGLE_INPUT", "/kaggle/input")
+# where Kaggle mounts the code dataset; else wherever a mount put it (one or two folders deep)
+candidates = [os.path.join(INPUT, "{code}", "wheels")] + sorted(glob.glob(os.path.join(INPUT, "*", "wheels"))) \
+    + sorted(glob.glob(os.path.join(INPUT, "*", "*", "wheels")))
+wheels = next(w for w in candidates if os.path.isfile(os.path.join(w, "requirements.txt")))
+subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--find-links", wheels,
+                "-r", os.path.join(wheels, "requirements.txt")], check=True)
+importlib.invalidate_caches()
+
+from spinegrade.kernel.runtime import run_kernel  # noqa: E402
+
+run_kernel(models_dataset="{models}")
+'''
+
+
+@dataclass
+class KernelBuild:
+    kernel_dir: Path
+    code_dir: Path
+    models_dir: Path
+    sizes: dict[str, int]  # bytes per folder name
+    username: str
+
+
+def kaggle_username(explicit: str | None = None) -> str | None:
+    """The Kaggle user owning the kernel: given, else KAGGLE_USERNAME, else the kaggle.json in use."""
+    if explicit:
+        return explicit
+    if os.environ.get("KAGGLE_USERNAME"):
+        return os.environ["KAGGLE_USERNAME"]
+    for folder in (os.environ.get("KAGGLE_CONFIG_DIR"), Path.home() / ".kaggle", Path.home() / ".config" / "kaggle"):
+        path = Path(folder) / "kaggle.json" if folder else None
+        if path is not None and path.is_file():
+            try:
+                return json.loads(path.read_text()).get("username")
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def check_slug(name: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{4,48}[a-z0-9]", name):
+        raise SpinegradeError(f"kernel name {name!r}: use 6 to 50 lowercase letters, digits and dashes "
+                              "(Kaggle derives the kernel's address from it)")
+    return name
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _fresh(final: Path) -> Path:
+    staging = final.with_name(f".{final.name}.building")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _publish(staging: Path, final: Path) -> None:
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _dataset_metadata(folder: Path, user: str, slug: str, title: str) -> None:
+    write_text_atomic(folder / "dataset-metadata.json", json.dumps(
+        {"title": title, "id": f"{user}/{slug}", "licenses": [{"name": "CC0-1.0"}]}, indent=1))
+
+
+def copy_models(output_dir: Path, target: Path, log=print) -> dict:
+    """The blend's backbones (finished folds: settings and best weights), the localiser, the priors
+    and the blend itself; nothing the blend does not use."""
+    blend = load_blend(output_dir)
+    used = [n for n, w in zip(blend.backbones, blend.weights) if w > 0]
+    models = Path(output_dir) / "trained_models"
+    folds: dict[str, list[str]] = {}
+    for name in used:
+        finished = sorted(p.parent for p in (models / name).glob("fold*/done.json"))
+        if not finished:
+            raise SpinegradeError(f"{models / name}: the blend uses {name} but it has no finished fold")
+        folds[name] = [f.name for f in finished]
+        for fold in finished:
+            for file in ("model.json", "best.safetensors", "done.json", "config.yaml"):
+                if (fold / file).is_file():
+                    (target / "trained_models" / name / fold.name).mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(fold / file, target / "trained_models" / name / fold.name / file)
+        if (finished[0] / "config.yaml").is_file():
+            (target / "configs").mkdir(exist_ok=True)
+            shutil.copy2(finished[0] / "config.yaml", target / "configs" / f"{name}.yaml")
+    localizer = models / LOCALIZER_NAME
+    if not (localizer / "slice_choice.json").is_file():
+        raise SpinegradeError(f"{localizer}: no finished localiser to bundle (run `make train-localizer`)")
+    (target / "trained_models" / LOCALIZER_NAME).mkdir(parents=True)
+    shutil.copy2(localizer / "slice_choice.json", target / "trained_models" / LOCALIZER_NAME / "slice_choice.json")
+    for fold in sorted(p.parent for p in localizer.glob("fold*/best.safetensors")):
+        (target / "trained_models" / LOCALIZER_NAME / fold.name).mkdir()
+        for file in ("localizer.json", "best.safetensors"):
+            shutil.copy2(fold / file, target / "trained_models" / LOCALIZER_NAME / fold.name / file)
+    if (models / "priors.csv").is_file():
+        shutil.copy2(models / "priors.csv", target / "trained_models" / "priors.csv")
+    (target / "oof").mkdir()
+    shutil.copy2(Path(output_dir) / "oof" / "blend.json", target / "oof" / "blend.json")
+    return {"backbones": used, "weights": dict(zip(blend.backbones, map(float, blend.weights))),
+            "mode": blend.mode, "folds": folds}
+
+
+def build_kernel(output_dir: str | Path, kernels_dir: str | Path | None = None, name: str = DEFAULT_NAME,
+                 username: str | None = None, wheelhouse: str | Path | None = None, offline: bool = False,
+                 python_versions: tuple[str, ...] = KAGGLE_PYTHON_VERSIONS, log=print) -> KernelBuild:
+    """Everything the kernel needs, under ``kernels_dir`` (default ``OUTPUT/kernels``)."""
+    output_dir = Path(output_dir)
+    kernels_dir = Path(kernels_dir) if kernels_dir else output_dir / "kernels"
+    name = check_slug(name)
+    user = kaggle_username(username)
+    if not user:
+        user = PLACEHOLDER_USER
+        log(f"warning: no KAGGLE_USERNAME (nor kaggle.json); the ids say {PLACEHOLDER_USER!r}: "
+            "rebuild with KAGGLE_USERNAME=you before `make upload`")
+    code_slug, models_slug = f"{name}-code", f"{name}-models"
+    built = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+    models_final = kernels_dir / models_slug
+    staging = _fresh(models_final)
+    info = copy_models(output_dir, staging, log=log)
+    write_text_atomic(staging / MODELS_MARKER, json.dumps(
+        {**info, "spinegrade": metadata.version("spinegrade"), "built": built, "output_dir": str(output_dir)}, indent=1))
+    _dataset_metadata(staging, user, models_slug, f"{name} models")
+    _publish(staging, models_final)
+
+    code_final = kernels_dir / code_slug
+    staging = _fresh(code_final)
+    log(f"wheels for {code_slug}:")
+    names = collect_wheels(staging / "wheels", Path(wheelhouse) if wheelhouse else kernels_dir / "wheelhouse",
+                           offline, python_versions, log=log)
+    write_text_atomic(staging / "wheels" / "requirements.txt", "\n".join(names) + "\n")
+    write_text_atomic(staging / "README.md", f"# {code_slug}\n\nWheels installed by the {name} kernel with "
+                      "`pip install --no-index --no-deps`: " + ", ".join(BUNDLED_PACKAGES) + ".\nThe kernel assumes "
+                      "the Kaggle image provides: " + ", ".join(KAGGLE_IMAGE_PACKAGES) + ".\n")
+    _dataset_metadata(staging, user, code_slug, f"{name} code")
+    _publish(staging, code_final)
+
+    kernel_final = kernels_dir / name
+    staging = _fresh(kernel_final)
+    write_text_atomic(staging / f"{name}.py", KERNEL_SCRIPT.format(name=name, competition=COMPETITION, built=built,
+                                                                   code=code_slug, models=models_slug))
+    write_text_atomic(staging / "kernel-metadata.json", json.dumps({
+        "id": f"{user}/{name}", "title": name, "code_file": f"{name}.py", "language": "python",
+        "kernel_type": "script", "is_private": True, "enable_gpu": True, "enable_tpu": False,
+        "enable_internet": False, "dataset_sources": [f"{user}/{code_slug}", f"{user}/{models_slug}"],
+        "competition_sources": [COMPETITION], "kernel_sources": [], "model_sources": []}, indent=1))
+    _publish(staging, kernel_final)
+
+    sizes = {p.name: folder_size(p) for p in (kernel_final, code_final, models_final)}
+    for folder, size in sizes.items():
+        log(f"{kernels_dir / folder}: {size / 1e6:.1f} MB")
+    members = [f"{b} (weight {info['weights'][b]:.2f}, {len(info['folds'][b])} folds)" for b in info["backbones"]]
+    log(f"blend: {', '.join(members)}")
+    return KernelBuild(kernel_final, code_final, models_final, sizes, user)

@@ -1,0 +1,134 @@
+"""The Kaggle kernel: built from a real trained run, run offline in a Kaggle-like environment, uploaded
+(dry run) with the kaggle command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from spinegrade.blend import load_blend, run_blend
+from spinegrade.constants import COMPETITION, PROBABILITY_COLUMNS
+from spinegrade.kernel import BUNDLED_PACKAGES, MODELS_MARKER
+from spinegrade.kernel.build import build_kernel
+from spinegrade.kernel.local import run_kernel_locally
+from spinegrade.kernel.runtime import run_kernel
+from spinegrade.predict import predict_split
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = lambda *_: None  # noqa: E731
+
+
+def _blend_output(trained_run, root: Path, weights: list[float] | None = None) -> Path:
+    """An output folder sharing the trained models, with its own blend (fitted, or with given weights)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "trained_models").symlink_to(trained_run["out"] / "trained_models")
+    (root / "oof").mkdir()
+    for name in ("efficientnet_lite0", "efficientnet_lite0_wide"):
+        (root / "oof" / name).symlink_to(trained_run["out"] / "oof" / name)
+    run_blend(root, trained_run["folds"], log=QUIET)
+    if weights is not None:
+        info = json.loads((root / "oof" / "blend.json").read_text())
+        info.update(backbones=["efficientnet_lite0", "efficientnet_lite0_wide"], weights=weights)
+        (root / "oof" / "blend.json").write_text(json.dumps(info))
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(trained_run, tmp_path_factory):
+    out = _blend_output(trained_run, tmp_path_factory.mktemp("kernel") / "out")
+    build = build_kernel(out, username="tester", offline=True, log=QUIET)
+    return {"out": out, "build": build}
+
+
+def test_kernel_metadata_is_complete_offline_and_names_the_folders_built(built):
+    build = built["build"]
+    meta = json.loads((build.kernel_dir / "kernel-metadata.json").read_text())
+    for field in ("id", "title", "code_file", "language", "kernel_type", "dataset_sources", "competition_sources"):
+        assert meta[field], field
+    assert meta["enable_internet"] is False and meta["enable_gpu"] is True and meta["is_private"] is True
+    assert (meta["language"], meta["kernel_type"]) == ("python", "script")
+    assert meta["id"] == f"tester/{build.kernel_dir.name}" and (build.kernel_dir / meta["code_file"]).is_file()
+    assert meta["competition_sources"] == [COMPETITION]
+    datasets = {json.loads((d / "dataset-metadata.json").read_text())["id"] for d in (build.code_dir, build.models_dir)}
+    assert set(meta["dataset_sources"]) == datasets == {f"tester/{build.code_dir.name}", f"tester/{build.models_dir.name}"}
+    wheels = {p.name.split("-")[0].replace("_", "-") for p in (build.code_dir / "wheels").glob("*.whl")}
+    assert wheels == set(BUNDLED_PACKAGES)
+    assert set(build.sizes) == {build.kernel_dir.name, build.code_dir.name, build.models_dir.name}
+
+
+def _weights_in(models_dir: Path) -> set[str]:
+    return {str(p.relative_to(models_dir)) for p in models_dir.rglob("*.safetensors")}
+
+
+def test_models_dataset_holds_exactly_the_blends_weights(built, trained_run, tmp_path):
+    models = built["build"].models_dir
+    trained = trained_run["out"] / "trained_models"
+    expected = {str(p.relative_to(trained.parent)) for p in trained.glob("*/fold*/best.safetensors")}
+    assert _weights_in(models) == expected  # both backbones (3 folds each) and the localiser's 3 folds
+    assert (models / "oof" / "blend.json").is_file() and (models / MODELS_MARKER).is_file()
+    assert not list(models.rglob("last.pt"))  # resumable training state stays home
+
+    # A blend that gives one backbone no weight: that backbone's weights stay out.
+    out = _blend_output(trained_run, tmp_path / "out", weights=[0.0, 1.0])
+    only_wide = build_kernel(out, username="tester", offline=True, log=QUIET).models_dir
+    assert {p.split("/")[1] for p in _weights_in(only_wide)} == {"efficientnet_lite0_wide", "localizer"}
+
+
+def test_kernel_runs_offline_in_a_kaggle_like_environment_and_matches_the_local_submission(built, trained_run, tmp_path):
+    submission, _ = run_kernel_locally(built["build"].kernel_dir, trained_run["data"], tmp_path / "kaggle", log=QUIET)
+    log = (tmp_path / "kaggle" / "kernel.log").read_text()
+    assert "s per study" in log and "network unreachable" not in log
+    env_python = tmp_path / "kaggle" / "env" / "bin" / "python"
+    probe = subprocess.run([str(env_python), "-c", "import importlib.util as u; print(u.find_spec('iterstrat'), "
+                            "u.find_spec('spinegrade').origin)"], capture_output=True, text=True, check=True).stdout
+    assert probe.startswith("None") and str(tmp_path) in probe  # only the image's packages and the kernel's wheels
+
+    predict_split(trained_run["data"], "test", built["out"], blend=load_blend(built["out"]), out=tmp_path / "local.csv",
+                  log=QUIET)  # what `make submission` writes for these models
+    kernel, local = pd.read_csv(submission), pd.read_csv(tmp_path / "local.csv")
+    assert list(kernel["row_id"]) == list(local["row_id"])
+    np.testing.assert_allclose(kernel[list(PROBABILITY_COLUMNS)].to_numpy(),
+                               local[list(PROBABILITY_COLUMNS)].to_numpy(), atol=1e-6)
+
+
+def test_kernel_writes_a_complete_prior_submission_when_the_models_are_missing(trained_run, tmp_path):
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    (inputs / COMPETITION).symlink_to(trained_run["data"])
+    lines: list[str] = []
+    out = run_kernel("absent-models", input_root=inputs, working=tmp_path / "working", log=lines.append)
+    frame = pd.read_csv(out)
+    assert len(frame) == 5 * 25 and np.allclose(frame[list(PROBABILITY_COLUMNS)].sum(axis=1), 1)
+    assert any("prediction failed" in line for line in lines)
+
+
+def _make(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    venv = Path(sys.prefix)
+    return subprocess.run(["make", "-s", "-C", str(ROOT), "-o", str(venv / ".installed"), f"VENV={venv}", *args],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_make_upload_dry_run_prints_the_kaggle_commands(built):
+    result = _make("upload", "DRY_RUN=1", f"KERNELS_DIR={built['build'].kernel_dir.parent}")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("kaggle kernels push -p ") for line in lines)
+    for dataset in (built["build"].code_dir, built["build"].models_dir):
+        assert any(f"kaggle datasets create -p {dataset}" in line for line in lines)
+        assert any(f"kaggle datasets version -p {dataset}" in line for line in lines)
+
+
+def test_upload_without_credentials_stops_with_one_line(built, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE_")}
+    env.update(HOME=str(tmp_path), KAGGLE_CONFIG_DIR=str(tmp_path / "no-kaggle"))
+    result = _make("upload", f"KERNELS_DIR={built['build'].kernel_dir.parent}", env=env)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("spinegrade")]
+    assert len(errors) == 1 and "no Kaggle credentials" in errors[0] and "Traceback" not in result.stderr
