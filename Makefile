@@ -29,6 +29,9 @@ BACKBONE ?= convnext
 FOLD ?= 0
 BACKBONES ?= vit swin beit efficientnet resnet152 convnext
 TRAIN_FLAGS ?=
+# Training always resumes: finished folds are skipped, an unfinished one continues from its last epoch
+# (RESUME= starts unfinished folds over; TRAIN_FLAGS=--force retrains finished ones).
+RESUME ?= --resume
 LOCALIZER_FLAGS ?=
 KERNELS_DIR ?= $(OUTPUT_DIR)/kernels
 KERNEL_NAME ?= spinegrade-rsna-2024
@@ -116,14 +119,16 @@ upload: install
 
 train-fold: install
 	$(SPINEGRADE) train --models $(BACKBONE) --fold $(FOLD) --data-dir $(DATA_DIR) --folds $(FOLDS) \
-		--output-dir $(OUTPUT_DIR) $(TRAIN_FLAGS)
+		--output-dir $(OUTPUT_DIR) $(RESUME) $(TRAIN_FLAGS)
 
 train: install $(LOCALIZER_DONE)
-	$(SPINEGRADE) train --models $(BACKBONE) --data-dir $(DATA_DIR) --folds $(FOLDS) --output-dir $(OUTPUT_DIR) $(TRAIN_FLAGS)
+	$(SPINEGRADE) train --models $(BACKBONE) --data-dir $(DATA_DIR) --folds $(FOLDS) --output-dir $(OUTPUT_DIR) \
+		$(RESUME) $(TRAIN_FLAGS)
 	$(MAKE) evaluate
 
 train-all: install $(LOCALIZER_DONE)
-	$(SPINEGRADE) train --models $(BACKBONES) --data-dir $(DATA_DIR) --folds $(FOLDS) --output-dir $(OUTPUT_DIR) $(TRAIN_FLAGS)
+	$(SPINEGRADE) train --models $(BACKBONES) --data-dir $(DATA_DIR) --folds $(FOLDS) --output-dir $(OUTPUT_DIR) \
+		$(RESUME) $(TRAIN_FLAGS)
 	$(MAKE) evaluate
 
 evaluate: install

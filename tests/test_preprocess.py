@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from spinegrade.data.index import build_index
 from spinegrade.data.preprocess import PreprocessSettings, _write_cache, build_cache
@@ -40,7 +43,7 @@ def test_a_concurrent_builder_finishing_first_is_not_an_error(synth_dataset, tmp
     # A second process that started before the first finished renames onto a complete cache.
     _write_cache(samples, SETTINGS, cache.directory, workers=1, log=lambda *_: None)
     assert len(build_cache(samples, SETTINGS, tmp_path, workers=1, log=lambda *_: None)) == 5
-    assert [p.name for p in tmp_path.iterdir()] == [cache.directory.name]  # no temporary left behind
+    assert not [p.name for p in tmp_path.rglob(".*")]  # no temporary left behind
 
 
 def test_unreadable_file_is_named_and_skipped(dataset_copy, tmp_path):
@@ -66,3 +69,41 @@ def test_canvas_centre_is_what_prediction_sees_and_neighbours_are_other_slices(s
         centre = cache.images[k, 1, 4:36, 4:36].astype(int)
         assert np.abs(centre - direct).max() <= 1  # equal up to rounding of the projected point
         assert not np.array_equal(cache.images[k, 0], cache.images[k, 1])
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_build_resumes_at_the_first_series_not_decoded(synth_dataset, tmp_path):
+    samples = _samples(synth_dataset)
+    series = samples["image_path"].map(lambda p: str(Path(p).parent)).nunique()
+    seen: list[str] = []
+
+    def stop_after_three(line: str) -> None:
+        seen.append(line)
+        if line.startswith("cache: decoded 3/"):
+            raise Interrupt  # Ctrl-C, or a kill, in the middle of decoding
+
+    with pytest.raises(Interrupt):
+        build_cache(samples, SETTINGS, tmp_path / "a", workers=1, log=stop_after_three)
+    assert "ETA" in seen[-1]
+    assert not list((tmp_path / "a").glob("spinal*"))  # no assembled cache a later run would trust
+    lines: list[str] = []
+    resumed = build_cache(samples, SETTINGS, tmp_path / "a", workers=1, log=lines.append)
+    assert any(f"3 of {series} series already decoded" in line for line in lines)
+    assert sum(line.startswith("cache: decoded") for line in lines) >= 1
+    fresh = build_cache(samples, SETTINGS, tmp_path / "b", workers=1, log=lambda *_: None)
+    np.testing.assert_array_equal(resumed.images, fresh.images)
+    assert resumed.samples.equals(fresh.samples)
+
+
+def test_a_larger_sample_set_decodes_only_the_series_it_adds(synth_dataset, tmp_path):
+    samples = _samples(synth_dataset)
+    studies = sorted(samples["study_id"].unique())
+    small = samples[samples["study_id"].isin(studies[:10])].reset_index(drop=True)
+    build_cache(small, SETTINGS, tmp_path, workers=2, log=lambda *_: None)
+    lines: list[str] = []
+    build_cache(samples, SETTINGS, tmp_path, workers=2, log=lines.append)
+    added = samples["image_path"].map(lambda p: str(Path(p).parent))[~samples["study_id"].isin(studies[:10])].nunique()
+    assert any(f"decoding the other {added}" in line for line in lines), lines

@@ -89,18 +89,19 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     overrides = {name: getattr(args, name) for name, _, _ in TRAIN_OVERRIDES}
     configs = [load_config(name, overrides) for name in args.models]  # fail early on any bad name
-    from spinegrade.train import train_fold  # heavy imports only once the settings are known good
+    from spinegrade.distributed import check_request, launch, world_from_environment  # heavy: settings are good
 
-    folds = args.fold if args.fold is not None else sorted(read_folds(args.folds)["fold"].unique())
-    results = []
-    for config in configs:
-        for fold in folds:
-            results.append(train_fold(config, args.data_dir, args.folds, args.output_dir, int(fold),
-                                      resume=args.resume, force=args.force, device=args.device))
+    check_request(args.devices, args.num_nodes, args.strategy)
+    from spinegrade.train import finished_folds, train_folds
+
+    folds = args.fold if args.fold is not None else sorted(int(f) for f in read_folds(args.folds)["fold"].unique())
+    launch(train_folds, (configs, folds, args.data_dir, args.folds, args.output_dir, args.resume, args.force,
+                         args.device), args.devices, args.num_nodes, args.strategy)
+    if not world_from_environment().is_main:
+        return
     print("\nname                 fold  best epoch  held-out loss  class prior")
-    for r in results:
-        print(f"{r.name:20s} {r.fold:4d}  {r.best_epoch + 1:10d}  {r.best_score:13.4f}  {r.prior_score:11.4f}"
-              f"{'  (already trained)' if r.skipped else ''}")
+    for r in finished_folds(args.output_dir, [c.name for c in configs], folds):
+        print(f"{r['name']:20s} {r['fold']:4d}  {r['best_epoch'] + 1:10d}  {r['best_score']:13.4f}  {r['prior_score']:11.4f}")
     from spinegrade.evaluate import format_scores, oof_scores, read_oof
 
     for config in configs:
@@ -236,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue each fold from its last checkpoint")
     p.add_argument("--force", action="store_true", help="retrain folds already finished")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--devices", type=int, default=1, help="processes (GPUs) on this machine, data-parallel (DDP)")
+    p.add_argument("--num_nodes", "--num-nodes", dest="num_nodes", type=int, default=1,
+                   help="machines; each runs its own processes under torchrun or srun (scripts/slurm/)")
+    p.add_argument("--strategy", default="auto", help="auto or ddp (torch.distributed; gloo on CPU, NCCL on GPU)")
     for name, kind, help_text in TRAIN_OVERRIDES:
         p.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help_text)
     p.set_defaults(func=cmd_train)

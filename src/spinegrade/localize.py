@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from spinegrade.config import LocalizerConfig
 from spinegrade.constants import LEVELS, level_title
-from spinegrade.data.dicom import DicomReadError, Stack, main_stack, read_series
+from spinegrade.data.dicom import MIN_IMAGE_SIDE, DicomReadError, Stack, main_stack, read_series
 from spinegrade.data.folds import read_folds, write_csv_atomic
 from spinegrade.data.index import build_index
 from spinegrade.data.preprocess import window_to_uint8
@@ -91,6 +91,8 @@ def _prepare_study(args) -> dict | str:
     if k is None:
         return f"study {row['study_id']}: labelled slice {row['instance_number']} not readable in {row['series_dir']}"
     s = stack.slices[k]
+    if min(s.shape) < MIN_IMAGE_SIDE:
+        return f"study {row['study_id']}: {s.path}: image of {s.shape} pixels is too small to localise on"
     return {"study_id": row["study_id"], "image": slice_image(s.pixels, size), "slice_index": k,
             "stack_length": len(stack), "rows": s.shape[0], "cols": s.shape[1],
             "row_spacing": s.pixel_spacing[0], "col_spacing": s.pixel_spacing[1]}
@@ -114,8 +116,13 @@ def prepare_localizer_data(samples: pd.DataFrame, size: int, log=print) -> tuple
         kept.append(r)
     meta = pd.DataFrame(kept).merge(samples, on="study_id")
     for level in LEVELS:
-        meta[f"{level}_u"] = (meta[f"{level}_x"] + 0.5) / meta["cols"]
-        meta[f"{level}_v"] = (meta[f"{level}_y"] + 0.5) / meta["rows"]
+        u = (meta[f"{level}_x"] + 0.5) / meta["cols"]
+        v = (meta[f"{level}_y"] + 0.5) / meta["rows"]
+        outside = ~((u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)) & u.notna() & v.notna()
+        for r in meta[outside].itertuples():
+            log(f"skipped point: study {r.study_id} {level_title(level)} at ({getattr(r, f'{level}_x')}, "
+                f"{getattr(r, f'{level}_y')}) lies outside its {r.cols}x{r.rows} image")
+        meta[f"{level}_u"], meta[f"{level}_v"] = u.where(~outside), v.where(~outside)  # NaN: unlabelled
     return np.stack(images) if images else np.zeros((0, size, size), np.uint8), meta
 
 

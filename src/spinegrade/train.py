@@ -32,6 +32,7 @@ from spinegrade.data.dataset import Jitter, LevelDataset, build_transform, mirro
 from spinegrade.data.folds import read_folds, write_csv_atomic
 from spinegrade.data.index import build_index
 from spinegrade.data.preprocess import PreprocessSettings, build_cache
+from spinegrade.distributed import SINGLE, World, start, stop, world_from_environment
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_text_atomic
 from spinegrade.metrics import competition_score, prior_table, weighted_prior
@@ -68,20 +69,21 @@ def oof_path(output_dir: Path, name: str, fold: int) -> Path:
 class EpochSampler(Sampler[int]):
     """Shuffles with a permutation drawn from (seed, epoch), so an epoch is the same whether it runs
     first or after a ``--resume``; it hands the dataset ``epoch * n + index`` so that augmentation
-    can be seeded per (epoch, sample) whatever worker draws it."""
+    can be seeded per (epoch, sample) whatever worker draws it. Under DDP each process takes its
+    shard of the same permutation, so the processes together see exactly a single process's epoch."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool):
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+    def __init__(self, n: int, seed: int, shuffle: bool, world: World = SINGLE):
+        self.n, self.seed, self.shuffle, self.epoch, self.world = n, seed, shuffle, 0, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n) if self.shuffle else np.arange(self.n)
-        return iter((self.epoch * self.n + order).tolist())
+        return iter(self.world.shard((self.epoch * self.n + order).tolist()))
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.world.shard(list(range(self.n))))
 
 
 class SeededDataset(torch.utils.data.Dataset):
@@ -109,10 +111,15 @@ def class_weights(targets: np.ndarray, mode: str) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def select_device(requested: str | None = None) -> torch.device:
+def select_device(requested: str | None = None, world: World = SINGLE) -> torch.device:
+    """The requested device, else a GPU when there is one (under DDP, this process's own GPU)."""
     if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(requested)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and world.enabled:
+        return torch.device("cuda", world.local_rank)
+    return device
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -148,8 +155,10 @@ def load_samples(config: TrainConfig, data_dir: Path, folds_path: Path, log=prin
     return merged, index.table
 
 
-def predict_probabilities(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and the sample indices they belong to."""
+def predict_probabilities(model: nn.Module, loader: DataLoader, device: torch.device,
+                          world: World = SINGLE) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and the sample indices they belong to (under DDP, gathered from every
+    process's shard, each sample once, in index order)."""
     model.eval()
     probs, indices = [], []
     use_bf16 = device.type == "cuda"
@@ -162,7 +171,10 @@ def predict_probabilities(model: nn.Module, loader: DataLoader, device: torch.de
                 logits = model(image, batch["level"].to(device, non_blocking=True))
             probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
             indices.append(batch["index"].numpy())
-    return np.concatenate(probs), np.concatenate(indices)
+    shards = world.gather((np.concatenate(probs), np.concatenate(indices)))
+    probs_all, indices_all = np.concatenate([p for p, _ in shards]), np.concatenate([i for _, i in shards])
+    indices_all, first = np.unique(indices_all, return_index=True)  # padding repeats a few samples
+    return probs_all[first], indices_all
 
 
 def _score(samples: pd.DataFrame, probs: np.ndarray) -> dict[str, float]:
@@ -180,11 +192,15 @@ def prior_probabilities(train: pd.DataFrame, held_out: pd.DataFrame) -> np.ndarr
 
 def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path, output_dir: str | Path,
                fold: int, resume: bool = False, force: bool = False, device: str | None = None,
-               log=print) -> FoldResult:
+               log=print, world: World = SINGLE) -> FoldResult:
+    """Train one fold. Under DDP (``world``) every process calls this; only rank 0 writes and logs."""
     data_dir, folds_path, output_dir = Path(data_dir), Path(folds_path), Path(output_dir)
+    main = world.is_main
+    if not main:
+        log = _quiet
     out = fold_dir(output_dir, config.name, fold)
     done = out / "done.json"
-    if done.is_file() and not force and not resume:
+    if done.is_file() and not force:
         info = json.loads(done.read_text())
         if info.get("config") == _identity(config):
             log(f"{config.name} fold {fold}: already trained (best epoch {info['best_epoch'] + 1}, "
@@ -192,19 +208,30 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
             return FoldResult(config.name, fold, info["best_epoch"], info["best_score"], info["prior_score"],
                               oof_path(output_dir, config.name, fold), skipped=True)
         log(f"{config.name} fold {fold}: trained before with other settings; training again")
-    done.unlink(missing_ok=True)  # from here on the fold is unfinished until a new done.json lands
+    world.barrier()  # every process has read done.json before it goes
+    if main:
+        done.unlink(missing_ok=True)  # from here on the fold is unfinished until a new done.json lands
     samples, labels = load_samples(config, data_dir, folds_path, log)
-    write_priors(labels, output_dir / "trained_models" / "priors.csv")
+    if main:
+        write_priors(labels, output_dir / "trained_models" / "priors.csv")
     if fold not in set(samples["fold"]):
         raise SpinegradeError(f"fold {fold} not in {folds_path} (folds: {sorted(set(samples['fold']))})")
-    cache = build_cache(samples, PreprocessSettings.from_config(config), output_dir / "cache", log=log)
+    settings = PreprocessSettings.from_config(config)
+    if main:  # one process decodes; the others open what it built
+        cache = build_cache(samples, settings, output_dir / "cache", log=log)
+    world.barrier()
+    if not main:
+        cache = build_cache(samples, settings, output_dir / "cache", log=_quiet)
     table = cache.samples
     train_idx = np.flatnonzero(table["fold"].to_numpy() != fold)
     val_idx = np.flatnonzero(table["fold"].to_numpy() == fold)
     targets = table["severity"].to_numpy()
     log(f"{config.name} fold {fold}: {len(train_idx)} training samples, {len(val_idx)} held out")
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        raise SpinegradeError(f"{config.name} fold {fold}: {len(train_idx)} training and {len(val_idx)} held-out "
+                              "samples have a readable image; the skipped files are listed above")
 
-    device_ = select_device(device)
+    device_ = select_device(device, world)
     _seed_everything(config.seed)
     spec = ModelSpec(config.backbone, config.level_embeddings, tuple(config.hidden_sizes), config.dropout)
     model = LevelClassifier(spec)
@@ -216,6 +243,13 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
     model.to(device_)
     if device_.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    net = model  # what training calls; validation and checkpoints use the model itself
+    if world.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device_.index] if device_.type == "cuda" else None,
+                                                        gradient_as_bucket_view=True)
+    batch_size = max(1, config.batch_size // world.world_size)  # per process: the global batch stays batch_size
+    if world.enabled:
+        log(f"DDP: {world.world_size} processes, {batch_size} samples each per step ({device_.type})")
 
     weights = class_weights(targets[train_idx], config.class_weights)
     log(f"class weights ({config.class_weights}): " + ", ".join(f"{s} {w:.3f}" for s, w in zip(SEVERITIES, weights.tolist())))
@@ -232,26 +266,34 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
         image_size=config.image_size, jitter=jitter), config.seed)
     val_set = LevelDataset(cache.images, levels, targets, build_transform(mean, std, False), val_idx,
                            image_size=config.image_size)
-    train_sampler = EpochSampler(len(train_set), config.seed, shuffle=True)
+    train_sampler = EpochSampler(len(train_set), config.seed, shuffle=True, world=world)
     workers = max(0, int(config.num_workers))
     loader_args = dict(num_workers=workers, pin_memory=device_.type == "cuda", persistent_workers=workers > 0)
-    train_loader = DataLoader(train_set, batch_size=config.batch_size, sampler=train_sampler,
-                              drop_last=len(train_set) > config.batch_size, **loader_args)
-    val_loader = DataLoader(val_set, batch_size=config.batch_size * 2, shuffle=False, **loader_args)
+    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=train_sampler,
+                              drop_last=len(train_sampler) > batch_size, **loader_args)
+    val_loader = DataLoader(val_set, batch_size=batch_size * 2, sampler=world.shard(list(range(len(val_set)))),
+                            **loader_args)
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
-    write_text_atomic(out / "model.json", json.dumps({
-        **spec.to_dict(), "input": config.input, "image_size": config.image_size, "crop_mm": config.crop_mm,
-        "mean": list(mean), "std": list(std), "labels": list(SEVERITIES), "condition": config.condition,
-        "fold": fold, "name": config.name}, indent=1))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+        write_text_atomic(out / "model.json", json.dumps({
+            **spec.to_dict(), "input": config.input, "image_size": config.image_size, "crop_mm": config.crop_mm,
+            "mean": list(mean), "std": list(std), "labels": list(SEVERITIES), "condition": config.condition,
+            "fold": fold, "name": config.name}, indent=1))
 
     val_rows = table.iloc[val_idx].reset_index(drop=True)
     prior_score = _score(val_rows, prior_probabilities(table.iloc[train_idx], val_rows))["score"]
     start_epoch, best_score, best_epoch, history = 0, math.inf, -1, []
     last = out / "last.pt"
     if resume and last.is_file():
-        state = torch.load(last, map_location=device_, weights_only=True)
+        state = load_checkpoint(last, device_)
+        saved = {k: v for k, v in (state.get("config") or {}).items() if k != "num_epochs"}
+        wanted = {k: v for k, v in _identity(config).items() if k != "num_epochs"}  # more epochs: a resume
+        if saved != wanted:
+            changed = sorted(k for k in wanted.keys() | saved.keys() if saved.get(k) != wanted.get(k))
+            raise SpinegradeError(f"{last}: saved by a run with other settings ({', '.join(changed)}); resume with "
+                                  "the same settings, or use --force to start this fold over")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best_score, best_epoch = int(state["epoch"]) + 1, float(state["best_score"]), int(state["best_epoch"])
@@ -270,14 +312,14 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
         train_sampler.set_epoch(epoch)
         total_loss, correct, seen = 0.0, 0, 0
         train_probs, train_seen = [], []
-        for batch in _progress(train_loader, f"epoch {epoch + 1}/{config.num_epochs}"):
+        for batch in _progress(train_loader, f"epoch {epoch + 1}/{config.num_epochs}", main):
             image = batch["image"].to(device_, non_blocking=True)
             if device_.type == "cuda":
                 image = image.contiguous(memory_format=torch.channels_last)
             level = batch["level"].to(device_, non_blocking=True)
             target = batch["target"].to(device_, non_blocking=True)
             with torch.autocast(device_.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = model(image, level)
+                logits = net(image, level)
                 loss = criterion(logits.float(), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -287,10 +329,11 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
             seen += len(target)
             train_probs.append(torch.softmax(logits.detach().float(), dim=1).cpu().numpy())
             train_seen.append(batch["index"].numpy())
-        probs, idx = predict_probabilities(model, val_loader, device_)
-        order = np.argsort(idx)
-        probs = probs[order]
-        held = table.iloc[np.sort(idx)].reset_index(drop=True)
+        total_loss, correct, seen = (sum(v) for v in zip(*world.gather((total_loss, correct, seen))))
+        trained = world.gather((train_probs, train_seen))
+        train_probs, train_seen = [p for ps, _ in trained for p in ps], [i for _, ix in trained for i in ix]
+        probs, idx = predict_probabilities(model, val_loader, device_, world)
+        held = table.iloc[idx].reset_index(drop=True)
         scores = _score(held, probs)
         val_loss = float(nn.functional.cross_entropy(torch.log(torch.tensor(probs).clamp_min(1e-15)),
                                                      torch.tensor(held["severity"].to_numpy()), weight=weights))
@@ -309,21 +352,52 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
         improved = scores["score"] < best_score
         if improved:
             best_score, best_epoch = scores["score"], epoch
-            save_state(model, out / "best.safetensors")
-            write_oof(held, probs, oof_path(output_dir, config.name, fold), fold)
-        write_csv_atomic(pd.DataFrame(history), out / "metrics.csv")
-        _atomic_torch_save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "best_score": best_score, "best_epoch": best_epoch}, last)
+        if main:
+            if improved:
+                save_state(model, out / "best.safetensors")
+                write_oof(held, probs, oof_path(output_dir, config.name, fold), fold)
+            write_csv_atomic(pd.DataFrame(history), out / "metrics.csv")
+            _atomic_torch_save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "best_score": best_score, "best_epoch": best_epoch, "config": _identity(config)}, last)
         log(f"epoch {epoch + 1}/{config.num_epochs}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
             f"held-out loss {val_loss:.4f} acc {row['val_accuracy']:.3f} competition {scores['score']:.4f}"
             f"{' (best)' if improved else ''} | {row['seconds']:.1f}s")
     if best_epoch < 0:
         raise SpinegradeError(f"{config.name} fold {fold}: no epoch was run (num_epochs={config.num_epochs})")
-    write_text_atomic(done, json.dumps({"best_epoch": best_epoch, "best_score": best_score, "prior_score": prior_score,
-                                   "epochs": config.num_epochs, "config": _identity(config)}, indent=1))
+    if main:
+        write_text_atomic(done, json.dumps({"best_epoch": best_epoch, "best_score": best_score,
+                                            "prior_score": prior_score, "epochs": config.num_epochs,
+                                            "config": _identity(config)}, indent=1))
+    world.barrier()  # no process moves to the next fold before this one is marked finished
     log(f"{config.name} fold {fold}: best epoch {best_epoch + 1}, held-out competition loss {best_score:.4f} "
         f"(weight-scaled class prior {prior_score:.4f})")
     return FoldResult(config.name, fold, best_epoch, best_score, prior_score, oof_path(output_dir, config.name, fold))
+
+
+def train_folds(configs: list[TrainConfig], folds: list[int], data_dir: Path, folds_path: Path, output_dir: Path,
+                resume: bool = False, force: bool = False, device: str | None = None) -> None:
+    """Every (config, fold) in turn, in this process's place of the DDP world (a single process when
+    there is none): what ``spinegrade train`` runs, once per process."""
+    world = world_from_environment()
+    start(world, select_device(device).type)
+    try:
+        for config in configs:
+            for fold in folds:
+                train_fold(config, data_dir, folds_path, output_dir, int(fold), resume=resume, force=force,
+                           device=device, world=world)
+    finally:
+        stop(world)
+
+
+def finished_folds(output_dir: Path, names: list[str], folds: list[int]) -> list[dict]:
+    """What done.json says of each finished (name, fold): the summary after a run, whoever ran it."""
+    rows = []
+    for name in names:
+        for fold in folds:
+            done = fold_dir(output_dir, name, int(fold)) / "done.json"
+            if done.is_file():
+                rows.append({"name": name, "fold": int(fold), **json.loads(done.read_text())})
+    return rows
 
 
 def write_priors(labels: pd.DataFrame, path: Path) -> None:
@@ -347,9 +421,23 @@ def write_oof(samples: pd.DataFrame, probs: np.ndarray, path: Path, fold: int) -
     write_csv_atomic(frame, path)
 
 
-def _progress(iterable, description: str):
+def load_checkpoint(path: Path, device: torch.device) -> dict:
+    """A training checkpoint, read with ``weights_only``: tensors and plain values only, so a crafted
+    file can never run code here; anything else is refused with its path."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise SpinegradeError(f"{path}: not a plain training checkpoint, refused ({type(exc).__name__}); "
+                              "delete it, or use --force to start this fold over") from None
+
+
+def _quiet(*_args) -> None:
+    pass
+
+
+def _progress(iterable, description: str, show: bool = True):
     """A progress bar on a terminal, silence in logs and tests."""
-    if sys.stderr.isatty():
+    if show and sys.stderr.isatty():
         from tqdm import tqdm
 
         return tqdm(iterable, desc=description, leave=False)

@@ -23,6 +23,9 @@ from spinegrade.errors import DicomReadError
 _DEFAULT_ORIENTATION = np.array([0.0, 1.0, 0.0, 0.0, 0.0, -1.0])
 # Two slices belong to the same stack when their direction cosines agree to this tolerance.
 _ORIENTATION_TOLERANCE = 1e-3
+# A slice with a side shorter than this shows no anatomy (a 1x1 placeholder, an icon): it is never
+# graded, and never serves as a graded slice's neighbour either.
+MIN_IMAGE_SIDE = 8
 
 
 @dataclass
@@ -128,7 +131,12 @@ def read_slice(path: str | Path, with_pixels: bool = True) -> Slice:
     path = Path(path)
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=not with_pixels)
-    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError, AttributeError) as exc:
+    except InvalidDicomError as exc:
+        if "DICM" not in str(exc):
+            raise DicomReadError(path, f"InvalidDicomError: {exc}") from None
+        # pydicom's message advises force=True, which would only turn a stray file into garbage pixels.
+        raise DicomReadError(path, "not a DICOM file: no 'DICM' marker after the 128-byte preamble") from None
+    except (OSError, EOFError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise DicomReadError(path, f"{type(exc).__name__}: {exc}") from None
     rows, cols = ds.get("Rows"), ds.get("Columns")
     if rows is None or cols is None:

@@ -9,6 +9,7 @@ a required CSV or column is missing, or when no labelled cell is left at all.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -74,6 +75,24 @@ class DataIndex:
         return t if condition is None else t[t["condition"] == condition]
 
 
+def _names(names, limit: int = 6) -> str:
+    """A list of column names short enough for a one-line message (train.csv has 26 columns)."""
+    names = [str(n) for n in names]
+    if not names:
+        return "none"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _looks_like_data(value: str) -> bool:
+    """Every competition CSV starts its rows with a numeric study id; a header never does."""
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
 def read_csv_checked(path: Path, required: list[str], dtypes: dict | None = None) -> pd.DataFrame:
     """Read a competition CSV, failing with the file's name when it is absent, empty or lacks columns."""
     if not path.is_file():
@@ -81,14 +100,27 @@ def read_csv_checked(path: Path, required: list[str], dtypes: dict | None = None
     try:
         df = pd.read_csv(path, dtype=dtypes or {}, keep_default_na=False, na_values=[""])
     except pd.errors.EmptyDataError:
-        raise SpinegradeError(f"{path}: file is empty (expected a header with columns {', '.join(required)})") from None
+        raise SpinegradeError(f"{path}: file is empty (expected a header line naming {_names(required)})") from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
-        raise SpinegradeError(f"{path}: cannot parse as CSV ({exc})") from None
+        raise SpinegradeError(f"{path}: cannot parse as CSV ({str(exc).strip()})") from None
+    # A header saved from a spreadsheet often carries stray spaces around the names.
+    df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise SpinegradeError(
-            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, df.columns)) or 'none'}"
-        )
+        if len(missing) == len(required) and _looks_like_data(df.columns[0]):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                first = f.readline().strip()
+            shown = first if len(first) <= 60 else first[:57] + "..."
+            raise SpinegradeError(f"{path}:1: no header line: the first line is data ({shown!r}); "
+                                  f"it must name the columns {_names(required)}")
+        unexpected = {c.lower(): c for c in df.columns if c not in required}
+        hints = []
+        for column in missing:
+            close = difflib.get_close_matches(column.lower(), list(unexpected), n=1, cutoff=0.6)
+            if close:
+                hints.append(f"is {unexpected[close[0]]!r} meant to be {column!r}?")
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        raise SpinegradeError(f"{path}:1: missing column(s) {_names(missing)}{hint}; found {_names(df.columns)}")
     return df
 
 
@@ -156,11 +188,14 @@ def _read_coordinates(data_dir: Path, problems: list[Problem], labelled_studies:
         for i in df.index[df[column].isna()]:
             problems.append(Problem(f"unknown_{column}", path.name, int(df.at[i, "line"]), f"unknown {column}; row skipped"))
     df = df.dropna(subset=["condition", "level"])
+    raw = df[["x", "y"]].copy()
     for column in ("x", "y"):
         df[column] = pd.to_numeric(df[column], errors="coerce")
-    bad_xy = df["x"].isna() | df["y"].isna() | (df["x"] < 0) | (df["y"] < 0)
+    bad_xy = ~np.isfinite(df["x"]) | ~np.isfinite(df["y"]) | (df["x"] < 0) | (df["y"] < 0)
     for i in df.index[bad_xy]:
-        problems.append(Problem("bad_coordinate", path.name, int(df.at[i, "line"]), "x/y missing, not a number or negative; row skipped"))
+        shown = ", ".join("empty" if pd.isna(v) else repr(str(v)) for v in raw.loc[i])
+        problems.append(Problem("bad_coordinate", path.name, int(df.at[i, "line"]),
+                                f"x/y ({shown}) missing, not a finite number or negative; row skipped"))
     df = df[~bad_xy]
     unknown_study = ~df["study_id"].isin(labelled_studies)
     for i in df.index[unknown_study]:
@@ -195,17 +230,27 @@ def _existing_files(paths: list[str]) -> set[str]:
     return found
 
 
-def _check_readable(paths: list[str], decode_pixels: bool) -> dict[str, str]:
-    """Unreadable DICOM files among ``paths``, with the reason."""
+def _check_readable(paths: list[str], decode_pixels: bool) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
+    """(rows, columns) of each readable DICOM file among ``paths``, and the unreadable ones with the reason."""
     from spinegrade.data.dicom import read_slice
 
-    bad = {}
+    shapes, bad = {}, {}
     for p in paths:
         try:
-            read_slice(p, with_pixels=decode_pixels)
+            shapes[p] = read_slice(p, with_pixels=decode_pixels).shape
         except DicomReadError as exc:
             bad[p] = exc.reason
-    return bad
+    return shapes, bad
+
+
+def _listed_on(points: pd.DataFrame) -> dict[str, str]:
+    """For each image path, the coordinate lines that name it, so a file's problem leads back to its rows."""
+    out = {}
+    for path, lines in points.dropna(subset=["coord_line"]).groupby("image_path")["coord_line"]:
+        numbers = sorted({int(v) for v in lines})
+        shown = ", ".join(map(str, numbers[:5])) + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
+        out[path] = f" (train_label_coordinates.csv line{'s' if len(numbers) > 1 else ''} {shown})"
+    return out
 
 
 def build_index(data_dir: str | Path, split: str = "train", check_images: bool = True,
@@ -227,7 +272,7 @@ def build_index(data_dir: str | Path, split: str = "train", check_images: bool =
     if split == "train":
         labels = _read_labels(data_dir, problems)
         coords = _read_coordinates(data_dir, problems, set(labels["study_id"]))
-        table = labels.merge(coords.drop(columns="line").rename(columns={}), on=["study_id", "condition", "level"],
+        table = labels.merge(coords.rename(columns={"line": "coord_line"}), on=["study_id", "condition", "level"],
                              how="left", suffixes=("", "_coord"))
         orphan = coords.merge(labels[labels["severity"] < 0][["study_id", "condition", "level"]],
                               on=["study_id", "condition", "level"])
@@ -245,7 +290,7 @@ def build_index(data_dir: str | Path, split: str = "train", check_images: bool =
             [(s, c, lv) for s in studies for c in CONDITIONS for lv in LEVELS], columns=["study_id", "condition", "level"]
         )
         table["label"], table["severity"] = np.nan, -1
-        for column in ("series_id", "instance_number", "x", "y"):
+        for column in ("series_id", "instance_number", "x", "y", "coord_line"):
             table[column] = np.nan
 
     # Which series each condition is read on: the coordinate's series when there is one, else the
@@ -287,6 +332,8 @@ def build_index(data_dir: str | Path, split: str = "train", check_images: bool =
     ]
     readable = has_point.copy()
     if check_images:
+        from spinegrade.data.dicom import MIN_IMAGE_SIDE
+
         listed = series.apply(lambda r: data_dir / f"{split}_images" / str(r.study_id) / str(r.series_id), axis=1)
         for (r, folder) in zip(series.itertuples(), listed):
             if not folder.is_dir():
@@ -294,14 +341,32 @@ def build_index(data_dir: str | Path, split: str = "train", check_images: bool =
                                         f"{folder.relative_to(data_dir)}: listed but absent"))
         paths = sorted(set(table.loc[has_point, "image_path"]))
         existing = _existing_files(paths)
+        listed_on = _listed_on(table[has_point])
         for p in paths:
             if p not in existing and Path(p).parent.is_dir():
                 problems.append(Problem("image_missing", str(Path(p).relative_to(data_dir)), None,
-                                        "labelled instance file is absent"))
-        unreadable = _check_readable(sorted(existing), decode_pixels)
+                                        f"labelled instance file is absent{listed_on.get(p, '')}"))
+        shapes, unreadable = _check_readable(sorted(existing), decode_pixels)
         for p, reason in unreadable.items():
-            problems.append(Problem("unreadable_dicom", str(Path(p).relative_to(data_dir)), None, reason))
-        readable = table["image_path"].isin(existing - set(unreadable))
+            problems.append(Problem("unreadable_dicom", str(Path(p).relative_to(data_dir)), None,
+                                    f"{reason}{listed_on.get(p, '')}"))
+        too_small = {p: shape for p, shape in shapes.items() if min(shape) < MIN_IMAGE_SIDE}
+        for p, (rows, cols) in too_small.items():
+            problems.append(Problem("image_too_small", str(Path(p).relative_to(data_dir)), None,
+                                    f"{rows}x{cols} pixels (rows x columns) is too small to grade{listed_on.get(p, '')}; "
+                                    "its samples are skipped"))
+        readable = table["image_path"].isin(existing - set(unreadable) - set(too_small))
+        # A point outside its image would be graded on an empty (black) crop.
+        rows_of = table["image_path"].map(lambda p: shapes[p][0] if p in shapes else np.nan)
+        columns_of = table["image_path"].map(lambda p: shapes[p][1] if p in shapes else np.nan)
+        outside = readable & ((table["y"] >= rows_of) | (table["x"] >= columns_of))
+        for _, r in table[outside].iterrows():
+            rows, cols = shapes[r.image_path]
+            problems.append(Problem("coordinate_outside_image", "train_label_coordinates.csv", int(r.coord_line),
+                                    f"study {r.study_id} {r.condition} {r.level}: point ({r.x:g}, {r.y:g}) lies outside "
+                                    f"{Path(r.image_path).relative_to(data_dir)} ({rows}x{cols} pixels, rows x columns); "
+                                    "sample skipped"))
+        readable &= ~outside
     table["usable"] = (table["severity"] >= 0) & readable if split == "train" else readable
     table["instance_number"] = table["instance_number"].astype("Int64")
     table["series_id"] = table["series_id"].astype("Int64")

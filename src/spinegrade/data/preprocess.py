@@ -8,6 +8,11 @@ without decoding anything again. The key covers everything that changes the byte
 size, crop size, the samples and their points, the preprocessing version), so folds and backbones
 sharing those settings share the cache, and a changed setting can never read a stale one. A cache
 is written to a temporary folder and renamed into place: a killed build leaves nothing trusted.
+
+Decoding is the slow part (the real set is 147,000 files), so it runs over all cores and lands one
+file per series (``cache/series-*/``), each written whole or not at all. A build stopped half-way
+picks up at the first series not decoded, and another sample set with the same preprocessing (more
+studies, other folds) decodes only the series it adds.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import json
 import os
 import shutil
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
+import zipfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,9 +33,10 @@ import pandas as pd
 
 from spinegrade.constants import LEVELS
 from spinegrade.data.dicom import Stack, read_series
-from spinegrade.errors import DicomReadError
+from spinegrade.errors import DicomReadError, SpinegradeError
+from spinegrade.progress import Progress
 
-PREPROCESS_VERSION = 2
+PREPROCESS_VERSION = 3  # 3: tiny neighbour slices and points outside the image are skipped
 # Intensity window: robust to the scanner's arbitrary scale and to a few hot pixels.
 LOW_PERCENTILE, HIGH_PERCENTILE = 1.0, 99.5
 
@@ -127,12 +134,27 @@ def cache_key(settings: PreprocessSettings, samples: pd.DataFrame) -> str:
 
 def _prepare_series(args) -> tuple[list[int], list[np.ndarray], list[str]]:
     """All samples on one series: it is decoded once, whatever the number of levels read on it."""
+    from spinegrade.data.dicom import MIN_IMAGE_SIDE
+
     series_dir, rows, settings = args
     errors: list[DicomReadError] = []
     stacks = read_series(series_dir, errors=errors)
     problems = [f"skipped slice: {e}" for e in errors]
+    # A slice too small to show anatomy leaves the stack, so that it is no sample's neighbour either.
+    too_small: dict[Path, str] = {}
+    for stack in stacks:
+        for s in stack.slices:
+            if min(s.shape) < MIN_IMAGE_SIDE:
+                too_small[Path(s.path)] = f"{s.path}: image of {s.shape[0]}x{s.shape[1]} pixels is too small to grade"
+                problems.append(f"skipped slice: {too_small[Path(s.path)]}")
+    if too_small:
+        stacks = [Stack(kept) for kept in ([s for s in st.slices if Path(s.path) not in too_small] for st in stacks)
+                  if kept]
     indices, images = [], []
     for i, path, instance, x, y in rows:
+        if Path(path) in too_small:
+            problems.append(f"skipped sample: {too_small[Path(path)]}")
+            continue
         found = [(st, st.index_of_instance(instance)) for st in stacks]
         found = [(st, k) for st, k in found if k is not None]
         if not found:
@@ -140,8 +162,11 @@ def _prepare_series(args) -> tuple[list[int], list[np.ndarray], list[str]]:
             problems.append(f"skipped sample: {reason}")
             continue
         stack, k = found[0]
-        if min(stack.slices[k].shape) < 8:
-            problems.append(f"skipped sample: {path}: image of {stack.slices[k].shape} pixels is too small to grade")
+        height, width = stack.slices[k].shape
+        # A point off the image would be cropped from the black border: an empty image with a grade.
+        if not (np.isfinite(x) and np.isfinite(y) and 0 <= x < width and 0 <= y < height):
+            problems.append(f"skipped sample: {path}: point ({x:g}, {y:g}) lies outside the image "
+                            f"({height}x{width} pixels, rows x columns)")
             continue
         indices.append(i)
         images.append(prepare_stack(stack, k, x, y, settings))
@@ -172,34 +197,83 @@ def _complete(directory: Path) -> bool:
     return (directory / "samples.csv").is_file() and (directory / "images.npy").is_file()
 
 
-def _write_cache(samples: pd.DataFrame, settings: PreprocessSettings, directory: Path, workers: int, log) -> None:
-    series_dirs = samples["image_path"].map(lambda p: str(Path(p).parent))
-    jobs = [
-        (directory, [(int(i), r.image_path, int(r.instance_number), float(r.x), float(r.y)) for i, r in group.iterrows()],
-         settings)
-        for directory, group in samples.groupby(series_dirs, sort=True)
-    ]
-    workers = workers or min(8, os.cpu_count() or 1)
+def _series_chunk_name(series_dir: str, rows: list[tuple], settings: PreprocessSettings) -> str:
+    """A decoded series is identified by its folder, the samples read on it and the settings: the same
+    chunk serves any sample set (another folds file, a few more studies) that contains those samples."""
+    identity = json.dumps([series_dir, [r[1:] for r in rows], asdict(settings), PREPROCESS_VERSION])
+    return hashlib.sha256(identity.encode()).hexdigest()[:24] + ".npz"
+
+
+def _save_chunk(path: Path, rows: list[tuple], result: tuple[list[int], list[np.ndarray], list[str]],
+                settings: PreprocessSettings) -> None:
+    """One series' canvases, written to a temporary name and renamed: a chunk that exists is whole."""
+    indices, images, problems = result
+    position = {row[0]: k for k, row in enumerate(rows)}
     c = settings.canvas_size
-    images = np.zeros((len(samples), 2 * settings.neighbours + 1, c, c), dtype=np.uint8)
-    ok = np.zeros(len(samples), dtype=bool)
-    if workers > 1 and len(jobs) > 4:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(pool.map(_prepare_series, jobs, chunksize=max(1, len(jobs) // (workers * 8))))
+    stacked = np.stack(images) if images else np.zeros((0, 2 * settings.neighbours + 1, c, c), np.uint8)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, rows=np.array([position[i] for i in indices], dtype=np.int64), images=stacked,
+             problems=np.array(problems, dtype=str))
+    os.replace(tmp, path)
+
+
+def _write_cache(samples: pd.DataFrame, settings: PreprocessSettings, directory: Path, workers: int, log) -> None:
+    """Decode every series not decoded before (in parallel, one chunk file per series, so an
+    interrupted build resumes where it stopped), then assemble the samples' array from the chunks."""
+    series_dirs = samples["image_path"].map(lambda p: str(Path(p).parent))
+    jobs = [(series_dir, [(int(i), r.image_path, int(r.instance_number), float(r.x), float(r.y))
+                          for i, r in group.iterrows()])
+            for series_dir, group in samples.groupby(series_dirs, sort=True)]
+    chunks = directory.parent / f"series-{settings.condition}-{settings.input}-{settings.image_size}-" \
+        f"{hashlib.sha256(json.dumps([asdict(settings), PREPROCESS_VERSION]).encode()).hexdigest()[:12]}"
+    chunks.mkdir(parents=True, exist_ok=True)
+    paths = [chunks / _series_chunk_name(d, rows, settings) for d, rows in jobs]
+    todo = [(job, path) for job, path in zip(jobs, paths) if not _chunk_is_whole(path)]
+    if len(todo) < len(jobs):
+        log(f"cache: {len(jobs) - len(todo)} of {len(jobs)} series already decoded in {chunks}; decoding the other {len(todo)}")
+    workers = workers or os.cpu_count() or 1
+    progress = Progress(len(todo), "cache: decoded", log, unit="series")
+    if workers > 1 and len(todo) > 4:
+        with ProcessPoolExecutor(min(workers, len(todo))) as pool:
+            futures = {pool.submit(_prepare_series, (d, rows, settings)): (rows, path) for (d, rows), path in todo}
+            for future in as_completed(futures):
+                rows, path = futures[future]
+                _save_chunk(path, rows, future.result(), settings)
+                progress.step()
     else:
-        results = [_prepare_series(job) for job in jobs]
-    for indices, prepared, problems in results:
-        for problem in problems:
-            log(problem)
-        for i, image in zip(indices, prepared):
-            images[i] = image
-            ok[i] = True
+        for (d, rows), path in todo:
+            _save_chunk(path, rows, _prepare_series((d, rows, settings)), settings)
+            progress.step()
+    _assemble(samples, jobs, paths, settings, directory, log)
+
+
+def _assemble(samples: pd.DataFrame, jobs: list, paths: list[Path], settings: PreprocessSettings,
+              directory: Path, log) -> None:
+    """The samples' canvases in sample order, written straight to a memory-mapped file (memory stays
+    flat however many studies), into a temporary folder renamed into place."""
+    ok = np.zeros(len(samples), dtype=bool)
+    for (_, rows), path in zip(jobs, paths):
+        chunk = _read_chunk(path, ("rows", "problems"))
+        if chunk is None:
+            raise SpinegradeError(f"{path}: damaged while this cache was being built; run again to decode that series again")
+        for problem in chunk["problems"]:
+            log(str(problem))
+        ok[[rows[k][0] for k in chunk["rows"]]] = True
+    slot = np.cumsum(ok) - 1  # a kept sample's row in the assembled array
     kept = samples[ok].reset_index(drop=True)
     kept = kept.assign(level_index=kept["level"].map({lv: i for i, lv in enumerate(LEVELS)}))
+    c = settings.canvas_size
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        np.save(tmp / "images.npy", images[ok])
+        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
+                                           shape=(len(kept), 2 * settings.neighbours + 1, c, c))
+        for (_, rows), path in zip(jobs, paths):
+            chunk = _read_chunk(path)
+            for k, image in zip(chunk["rows"], chunk["images"]):
+                images[slot[rows[k][0]]] = image
+        images.flush()
+        del images
         kept[SAMPLE_KEY + ["level_index", "image_path", "x", "y"]].to_csv(tmp / "samples.csv", index=False)
         (tmp / "settings.json").write_text(json.dumps({**asdict(settings), "version": PREPROCESS_VERSION}, indent=1))
         tmp.chmod(0o755)
@@ -217,7 +291,45 @@ def _write_cache(samples: pd.DataFrame, settings: PreprocessSettings, directory:
 
 
 def open_cache(directory: str | Path) -> SampleCache:
+    """Never unpickles (``np.load`` refuses object arrays); a damaged cache is named, to be deleted."""
     directory = Path(directory)
-    images = np.load(directory / "images.npy", mmap_mode="r")
-    samples = pd.read_csv(directory / "samples.csv")
+    try:
+        images = np.load(directory / "images.npy", mmap_mode="r")
+        samples = pd.read_csv(directory / "samples.csv")
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise SpinegradeError(f"{directory}: damaged preprocessing cache ({type(exc).__name__}: {exc}); "
+                              "delete that folder and it is built again") from None
+    if len(images) != len(samples):
+        raise SpinegradeError(f"{directory}: damaged preprocessing cache ({len(images)} images, {len(samples)} "
+                              "samples); delete that folder and it is built again")
     return SampleCache(directory, images, samples)
+
+
+CHUNK_FIELDS = ("rows", "images", "problems")
+
+
+def _chunk_is_whole(path: Path) -> bool:
+    """The archive holds exactly the expected plain arrays (headers only are read: cheap). A damaged
+    or tampered file fails this and its series is decoded again."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if sorted(archive.namelist()) != sorted(f"{name}.npy" for name in CHUNK_FIELDS):
+                return False
+            for name in archive.namelist():
+                with archive.open(name) as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    if read_header(f)[2].hasobject:
+                        return False
+        return True
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return False
+
+
+def _read_chunk(path: Path, fields: tuple[str, ...] = CHUNK_FIELDS) -> dict | None:
+    """Those fields of a decoded series (never unpickled), or None when the file is damaged."""
+    try:
+        with np.load(path) as chunk:
+            return {name: chunk[name] for name in fields}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None

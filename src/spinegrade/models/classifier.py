@@ -122,14 +122,24 @@ def freeze_norm_statistics(model: nn.Module) -> None:
 _PREFIXES = ("module.", "model.", "backbone.", "encoder.")
 
 
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file (a format that holds tensors and nothing else); a damaged or disguised file
+    is refused with its path."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # SafetensorError, or an OSError: the file is at fault either way
+        raise SpinegradeError(f"{path}: not a valid safetensors file, refused ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors or .pth file; never unpickles arbitrary objects."""
     if not path.is_file():
         raise SpinegradeError(f"{path}: weights file not found")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return _read_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses code objects: report, never execute
@@ -138,8 +148,12 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict):
-        raise SpinegradeError(f"{path}: expected a state dict")
-    return obj
+        raise SpinegradeError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    # weights_only also lets through plain values (an epoch, a learning rate): only tensors are weights.
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise SpinegradeError(f"{path}: no tensors in this checkpoint")
+    return tensors
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -237,6 +251,12 @@ def save_state(model: nn.Module, path: str | Path) -> None:
 
 
 def load_state(model: nn.Module, path: str | Path) -> None:
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(str(path)))
+    """Weights saved by :func:`save_state`; a file that is not one is refused with its path."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpinegradeError(f"{path}: weights file not found")
+    state = _read_safetensors(path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise SpinegradeError(f"{path}: does not fit the model it was meant for ({str(exc).splitlines()[0]})") from None

@@ -1,0 +1,69 @@
+"""Nothing lost to a crash: a training process killed with SIGKILL part-way, resumed with --resume,
+ends where an uninterrupted run ends; a finished fold is never trained again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from spinegrade.train import fold_dir
+
+CONFIG = """name: killable
+backbone: resnet18
+pretrained: false
+input: crop
+image_size: 64
+batch_size: 16
+num_epochs: 4
+learning_rate: 0.001
+num_workers: 0
+"""
+
+
+def _command(data, folds, out, config, *extra):
+    return [sys.executable, "-m", "spinegrade.cli", "train", "--models", str(config), "--fold", "0", "--data-dir",
+            str(data), "--folds", str(folds), "--output-dir", str(out), "--device", "cpu", *extra]
+
+
+def test_sigkill_mid_training_then_resume_reaches_the_uninterrupted_result(trained_run, tmp_path):
+    data, folds = trained_run["data"], trained_run["folds"]
+    config = tmp_path / "killable.yaml"
+    config.write_text(CONFIG)
+    straight = subprocess.run(_command(data, folds, tmp_path / "straight", config), capture_output=True, text=True,
+                              timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    metrics = fold_dir(out, "killable", 0) / "metrics.csv"
+    process = subprocess.Popen(_command(data, folds, out, config), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.is_file() and len(pd.read_csv(metrics)) >= 2:
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)  # mid-epoch 3, or mid-write: whatever instant it is
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (fold_dir(out, "killable", 0) / "done.json").exists()
+
+    resumed = subprocess.run(_command(data, folds, out, config, "--resume"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed after epoch" in resumed.stdout
+    a = pd.read_csv(fold_dir(tmp_path / "straight", "killable", 0) / "metrics.csv")
+    b = pd.read_csv(metrics)
+    assert list(b["epoch"]) == [0, 1, 2, 3]
+    cols = ["train_loss", "val_loss", "val_accuracy", "val_competition"]
+    pd.testing.assert_frame_equal(a[cols], b[cols], atol=1e-4, rtol=1e-4)
+    oof_a = pd.read_csv(tmp_path / "straight" / "oof" / "killable" / "fold0.csv")
+    oof_b = pd.read_csv(out / "oof" / "killable" / "fold0.csv")
+    pd.testing.assert_frame_equal(oof_a, oof_b, atol=1e-4, rtol=1e-4)
+    assert not [p for p in Path(out).rglob(".*") if p.is_file()]  # no temporary file left behind
+
+    again = subprocess.run(_command(data, folds, out, config, "--resume"), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "already trained" in again.stdout  # a finished fold is not retrained
