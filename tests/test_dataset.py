@@ -20,14 +20,22 @@ def _images(n=4, size=32):
 
 
 def test_augmentation_in_training_only_and_backbone_normalisation():
+    import torch
+
+    from spinegrade.models.classifier import LevelClassifier, ModelSpec
+
     images = _images()
-    plain = LevelDataset(images, [0, 1, 2, 3], [0, 0, 1, 2], build_transform(MEAN, STD, train=False))
+    plain = LevelDataset(images, [0, 1, 2, 3], [0, 0, 1, 2], build_transform(train=False))
     a, b = plain[1]["image"], plain[1]["image"]
-    assert a.shape == (3, 32, 32) and np.array_equal(a.numpy(), b.numpy())
-    expected = (images[1].astype(np.float32) / 255.0 - MEAN[0]) / STD[0]
-    np.testing.assert_allclose(a[0].numpy(), expected, atol=1e-5)
-    np.testing.assert_allclose(a[2].numpy(), (images[1] / 255.0 - MEAN[2]) / STD[2], atol=1e-5)
-    augmented = LevelDataset(images, [0, 1, 2, 3], [0, 0, 1, 2], build_transform(MEAN, STD, train=True, seed=1))
+    assert a.shape == (1, 32, 32) and a.dtype == torch.uint8 and np.array_equal(a.numpy(), b.numpy())
+    assert np.array_equal(a[0].numpy(), images[1])  # no augmentation outside training
+    # The model normalises the grey uint8 batch with its backbone's statistics (ImageNet's for resnet18).
+    model = LevelClassifier(ModelSpec("resnet18", level_embeddings=8))
+    x = model.normalise(a[None]).numpy()[0]
+    assert x.shape == (3, 32, 32)
+    np.testing.assert_allclose(x[0], (images[1].astype(np.float32) / 255.0 - MEAN[0]) / STD[0], atol=1e-5)
+    np.testing.assert_allclose(x[2], (images[1] / 255.0 - MEAN[2]) / STD[2], atol=1e-5)
+    augmented = LevelDataset(images, [0, 1, 2, 3], [0, 0, 1, 2], build_transform(train=True, seed=1))
     draws = [augmented[1]["image"].numpy() for _ in range(6)]
     assert any(not np.allclose(draws[0], d) for d in draws[1:])
 
@@ -51,15 +59,15 @@ def test_flip_swaps_left_right_label_on_whole_axial_images_only():
 
     images = _images(2)
     targets, flipped = left_only["severity"].to_numpy(), mirrored_targets(left_only, labels, "full")
-    always_flip = build_transform(MEAN, STD, train=True, flip_probability=1.0, rotation_degrees=0, seed=0)
-    never_flip = build_transform(MEAN, STD, train=True, flip_probability=0.0, rotation_degrees=0, seed=0)
+    always_flip = build_transform(train=True, flip_probability=1.0, rotation_degrees=0, seed=0)
+    never_flip = build_transform(train=True, flip_probability=0.0, rotation_degrees=0, seed=0)
     flipping = LevelDataset(images, [3, 3], targets, always_flip, flipped_targets=flipped)
     keeping = LevelDataset(images, [3, 3], targets, never_flip, flipped_targets=flipped)
     assert [int(flipping[i]["target"]) for i in range(2)] == [0, 1]
     assert [int(keeping[i]["target"]) for i in range(2)] == [2, 1]
     # The first image really is mirrored (its dark half moved right); the second, unflippable, is not.
-    assert flipping[0]["image"][0, :, -4:].mean() < flipping[0]["image"][0, :, :4].mean()
-    assert flipping[1]["image"][0, :, :4].mean() < flipping[1]["image"][0, :, -4:].mean()
+    assert flipping[0]["image"][0, :, -4:].float().mean() < flipping[0]["image"][0, :, :4].float().mean()
+    assert flipping[1]["image"][0, :, :4].float().mean() < flipping[1]["image"][0, :, -4:].float().mean()
 
 
 def test_crop_keeps_physical_scale_and_centres_the_point():
@@ -83,10 +91,10 @@ def test_jitter_moves_the_point_and_the_slice_in_training_only():
     canvases[0, 1, 20, 20] = 255  # the point, on the centre slice
     canvases[0, 0] = 100  # neighbours are uniformly grey
     canvases[0, 2] = 100
-    plain = LevelDataset(canvases, [0], [0], build_transform(MEAN, STD, train=False), image_size=32)
+    plain = LevelDataset(canvases, [0], [0], build_transform(train=False), image_size=32)
     view = plain._view(0)
     assert view.shape == (32, 32) and view[16, 16] == 255 and view.sum() == 255
-    jittered = LevelDataset(canvases, [0], [0], build_transform(MEAN, STD, train=False), image_size=32,
+    jittered = LevelDataset(canvases, [0], [0], build_transform(train=False), image_size=32,
                             jitter=Jitter(point_sd=2.0, slice_probability=0.5))
     positions, neighbours = set(), 0
     for seed in range(40):

@@ -101,3 +101,19 @@ def test_divergence_stops_with_a_clear_message(train_data, tmp_path):
     with pytest.raises(SpinegradeError, match="diverged at epoch 1"):
         train_fold(config, data, folds_path, tmp_path / "run", 0, log=lambda *_: None)
     assert not (fold_dir(tmp_path / "run", "resnet18", 0) / "done.json").exists()
+
+
+def test_compiled_model_trains_to_the_same_metrics(train_data, tmp_path):
+    data, folds_path = train_data
+    settings = {**SMALL, "backbone": "resnet18", "pretrained": False, "name": "tiny", "num_epochs": 1}
+    plain = train_fold(load_config("resnet18", settings), data, folds_path, tmp_path / "a", 0, log=lambda *_: None)
+    lines = []
+    compiled = train_fold(load_config("resnet18", {**settings, "compile": "eager"}), data, folds_path, tmp_path / "b", 0,
+                          log=lines.append)
+    assert any("torch.compile with the eager backend" in line for line in lines)
+    assert abs(plain.best_score - compiled.best_score) < 1e-4  # graph capture, same arithmetic
+    from spinegrade.errors import SpinegradeError
+
+    with pytest.raises(SpinegradeError, match="unknown backend"):
+        train_fold(load_config("resnet18", {**settings, "compile": "warp-drive"}), data, folds_path, tmp_path / "c", 0,
+                   log=lambda *_: None)

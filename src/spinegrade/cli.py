@@ -77,6 +77,7 @@ TRAIN_OVERRIDES: list[tuple[str, type, str]] = [
     ("seed", int, "random seed (42)"),
     ("class_weights", str, "inverse_frequency, competition (1/2/4) or none"),
     ("num_workers", int, "data loader worker processes"),
+    ("compile", str, "torch.compile the model: off, on, or a backend (eager, aot_eager, inductor)"),
     ("point_jitter_mm", float, "training shift of the point, standard deviation in mm (3)"),
     ("neighbour_slice_probability", float, "how often training uses a neighbouring slice (0.2)"),
     ("backbone", str, "timm model name, overriding the config's"),

@@ -67,6 +67,10 @@ class TrainConfig:
     neighbour_slice_probability: float = 0.2
     seed: int = 42
     num_workers: int = 2
+    # torch.compile the model: "off", "on" (the default inductor backend) or a backend name ("eager",
+    # "aot_eager", "inductor", "cudagraphs"). Speed only: results are the same, so it is not part of a
+    # fold's identity.
+    compile: str = "off"
     condition: str = "spinal_canal_stenosis"
     extra: dict = field(default_factory=dict)  # unknown YAML keys, kept so nothing is silently lost
 

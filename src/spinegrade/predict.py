@@ -45,8 +45,6 @@ class FoldModel:
     fold: int
     model: LevelClassifier
     settings: PreprocessSettings
-    mean: np.ndarray
-    std: np.ndarray
     condition: str
 
 
@@ -69,8 +67,7 @@ def load_fold_models(output_dir: Path, name: str, device: torch.device) -> list[
         model = LevelClassifier(ModelSpec.from_dict(spec))
         load_state(model, folder / "best.safetensors")
         settings = PreprocessSettings(spec["condition"], spec["input"], int(spec["image_size"]), float(spec["crop_mm"]))
-        models.append(FoldModel(name, int(spec["fold"]), model.to(device).eval(), settings,
-                                np.array(spec["mean"], np.float32), np.array(spec["std"], np.float32), spec["condition"]))
+        models.append(FoldModel(name, int(spec["fold"]), model.to(device).eval(), settings, spec["condition"]))
     return models
 
 
@@ -123,8 +120,7 @@ def grade_studies(studies: list[LocatedStudy], models: list[FoldModel], device: 
     total = np.zeros((len(usable) * len(LEVELS), 3))
     levels = torch.arange(len(LEVELS)).repeat(len(usable))
     for m in models:
-        grey = by_settings[m.settings].astype(np.float32) / 255.0
-        batch = torch.from_numpy((grey[:, None] - m.mean[None, :, None, None]) / m.std[None, :, None, None])
+        batch = torch.from_numpy(by_settings[m.settings][:, None])  # uint8 grey: the model normalises
         probs = []
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             for start in range(0, len(batch), 64):

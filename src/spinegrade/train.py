@@ -165,8 +165,6 @@ def predict_probabilities(model: nn.Module, loader: DataLoader, device: torch.de
     with torch.inference_mode():
         for batch in loader:
             image = batch["image"].to(device, non_blocking=True)
-            if device.type == "cuda":
-                image = image.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = model(image, batch["level"].to(device, non_blocking=True))
             probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
@@ -247,6 +245,7 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
     if world.enabled:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device_.index] if device_.type == "cuda" else None,
                                                         gradient_as_bucket_view=True)
+    net = compiled(net, config.compile, log)
     batch_size = max(1, config.batch_size // world.world_size)  # per process: the global batch stays batch_size
     if world.enabled:
         log(f"DDP: {world.world_size} processes, {batch_size} samples each per step ({device_.type})")
@@ -262,10 +261,9 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
     jitter = Jitter(point_sd=config.point_jitter_mm / (config.crop_mm / config.image_size) if config.input == "crop" else 0.0,
                     slice_probability=config.neighbour_slice_probability)
     train_set = SeededDataset(LevelDataset(cache.images, levels, targets, build_transform(
-        mean, std, True, config.flip_probability, config.rotation_degrees), train_idx, flipped,
+        True, config.flip_probability, config.rotation_degrees), train_idx, flipped,
         image_size=config.image_size, jitter=jitter), config.seed)
-    val_set = LevelDataset(cache.images, levels, targets, build_transform(mean, std, False), val_idx,
-                           image_size=config.image_size)
+    val_set = LevelDataset(cache.images, levels, targets, build_transform(False), val_idx, image_size=config.image_size)
     train_sampler = EpochSampler(len(train_set), config.seed, shuffle=True, world=world)
     workers = max(0, int(config.num_workers))
     loader_args = dict(num_workers=workers, pin_memory=device_.type == "cuda", persistent_workers=workers > 0)
@@ -303,7 +301,6 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
     elif resume:
         log(f"no checkpoint in {out}; starting from the first epoch")
 
-    use_bf16 = device_.type == "cuda"
     for epoch in range(start_epoch, config.num_epochs):
         started = time.perf_counter()
         model.train()
@@ -313,17 +310,7 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
         total_loss, correct, seen = 0.0, 0, 0
         train_probs, train_seen = [], []
         for batch in _progress(train_loader, f"epoch {epoch + 1}/{config.num_epochs}", main):
-            image = batch["image"].to(device_, non_blocking=True)
-            if device_.type == "cuda":
-                image = image.contiguous(memory_format=torch.channels_last)
-            level = batch["level"].to(device_, non_blocking=True)
-            target = batch["target"].to(device_, non_blocking=True)
-            with torch.autocast(device_.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = net(image, level)
-                loss = criterion(logits.float(), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, logits, target = train_step(net, batch, criterion, optimizer, device_)
             total_loss += loss.item() * len(target)
             correct += int((logits.argmax(1) == target).sum())
             seen += len(target)
@@ -407,8 +394,8 @@ def write_priors(labels: pd.DataFrame, path: Path) -> None:
 
 
 def _identity(config: TrainConfig) -> dict:
-    """The settings that make a fold's result what it is (worker count does not)."""
-    return json.loads(json.dumps({k: v for k, v in config.to_dict().items() if k != "num_workers"}))
+    """The settings that make a fold's result what it is (worker count and compilation do not)."""
+    return json.loads(json.dumps({k: v for k, v in config.to_dict().items() if k not in ("num_workers", "compile")}))
 
 
 def write_oof(samples: pd.DataFrame, probs: np.ndarray, path: Path, fold: int) -> None:
@@ -419,6 +406,36 @@ def write_oof(samples: pd.DataFrame, probs: np.ndarray, path: Path, fold: int) -
         "fold": fold,
     })
     write_csv_atomic(frame, path)
+
+
+def train_step(net: nn.Module, batch: dict, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimisation step: (loss, logits, target). On a GPU: non-blocking copies of uint8 images
+    from pinned memory, normalised and made channels-last on the GPU, bf16 autocast (loss in float32)."""
+    image = batch["image"].to(device, non_blocking=True)
+    level = batch["level"].to(device, non_blocking=True)
+    target = batch["target"].to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = net(image, level)
+        loss = criterion(logits.float(), target)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, logits, target
+
+
+def compiled(net: nn.Module, mode: str, log=print) -> nn.Module:
+    """``torch.compile`` when asked: the first steps are slower (compilation), the rest faster on a GPU."""
+    mode = str(mode).lower()
+    if mode in ("off", "false", "no", "0", "none", ""):
+        return net
+    backend = "inductor" if mode in ("on", "true", "yes", "1") else mode
+    from torch._dynamo import list_backends
+
+    if backend not in list_backends(exclude_tags=()):
+        raise SpinegradeError(f"--compile {mode}: unknown backend; use off, on, or one of {', '.join(list_backends())}")
+    log(f"torch.compile with the {backend} backend (the first steps include compilation)")
+    return torch.compile(net, backend=backend)
 
 
 def load_checkpoint(path: Path, device: torch.device) -> dict:

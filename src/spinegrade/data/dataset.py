@@ -9,6 +9,7 @@ sagittal image only swaps anterior and posterior, and its label stays.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import albumentations as A
@@ -21,15 +22,16 @@ from torch.utils.data import Dataset
 from spinegrade.constants import AXIAL_T2, flipped_condition
 
 
-def build_transform(mean, std, train: bool, flip_probability: float = 0.5, rotation_degrees: float = 15.0,
+def build_transform(train: bool, flip_probability: float = 0.5, rotation_degrees: float = 15.0,
                     seed: int | None = None) -> A.Compose:
+    """Flip and rotation on the grey uint8 image (training only). Normalisation is the model's
+    (:meth:`LevelClassifier.normalise`): per sample it would triple the pixels and quadruple the bytes."""
     steps = []
     if train:
         steps += [
             A.HorizontalFlip(p=flip_probability),
             A.Rotate(limit=rotation_degrees, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0),
         ]
-    steps.append(A.Normalize(mean=mean, std=std, max_pixel_value=255.0))
     return A.Compose(steps, seed=seed, save_applied_params=True)
 
 
@@ -73,8 +75,10 @@ class LevelDataset(Dataset):
         return len(self.indices)
 
     def set_seed(self, seed: int) -> None:
+        """Seed this sample's draws: jitter and the transforms share one generator (seeding each
+        transform separately costs more than the flip it seeds)."""
         self.rng = np.random.default_rng(seed)
-        self.transform.set_random_seed(seed)
+        self.transform.set_random_state(self.rng, random.Random(seed))
 
     def _view(self, k: int) -> np.ndarray:
         """The model-sized image of sample ``k``: centre slice and centre crop, or jittered ones."""
@@ -91,16 +95,18 @@ class LevelDataset(Dataset):
         return np.asarray(self.images[k, s, top: top + self.image_size, left: left + self.image_size])
 
     def __getitem__(self, i: int) -> dict:
+        """``image``: uint8 (1, H, W), grey; the model normalises it."""
         k = int(self.indices[i])
-        grey = self._view(k)
-        result = self.transform(image=np.repeat(grey[:, :, None], 3, axis=2))
+        result = self.transform(image=self._view(k))
         image, target = result["image"], self.targets[k]
+        if image.ndim == 3:  # albumentations may hand a grey image back with a channel axis
+            image = image[:, :, 0]
         if flip_applied(result):
             if self.flipped_targets[k] >= 0:
                 target = self.flipped_targets[k]
             else:
                 image = image[:, ::-1]
-        image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        image = torch.from_numpy(np.ascontiguousarray(image))[None]
         return {"image": image, "level": torch.tensor(self.levels[k]), "target": torch.tensor(target),
                 "index": torch.tensor(k)}
 

@@ -205,6 +205,14 @@ def list_dicom_files(directory: str | Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
+def load_pixels(s: Slice) -> np.ndarray:
+    """The pixels of a slice read without them (headers first, pixels only for the slices used:
+    a labelled slice and its neighbours are a few of a series' 15 to 20), kept on the slice."""
+    if s.pixels is None:
+        s.pixels = read_slice(s.path, with_pixels=True).pixels
+    return s.pixels
+
+
 def read_series(
     directory: str | Path,
     with_pixels: bool = True,

@@ -51,10 +51,21 @@ class ModelSpec:
 
 
 class LevelClassifier(nn.Module):
+    """Backbone features joined with a level embedding, classified by the MLP head.
+
+    It takes images as the loader gives them: uint8 grey, (N, 1, H, W), and normalises them itself
+    with the backbone's pretraining statistics. The loader then moves a quarter of the bytes of a
+    3-channel float image, and the normalisation runs batched on the model's device (free on a GPU)
+    instead of per sample in the workers. Float input is taken as already normalised."""
+
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
         self.backbone = create_backbone(spec.backbone)
+        mean, std = input_statistics(self.backbone)
+        # Not saved with the weights: they follow from the backbone's name.
+        self.register_buffer("input_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         features = self.backbone.num_features
         self.level_embedding = nn.Embedding(spec.num_levels, spec.level_embeddings)
         h1, h2 = spec.hidden_sizes
@@ -64,8 +75,17 @@ class LevelClassifier(nn.Module):
             nn.Linear(h2, spec.num_classes),
         )
 
+    def normalise(self, image: torch.Tensor) -> torch.Tensor:
+        if image.dtype != torch.uint8:
+            return image
+        x = image.float().div_(255.0)
+        if x.shape[1] == 1:
+            x = x.expand(-1, self.input_mean.shape[1], -1, -1)
+        x = (x - self.input_mean) / self.input_std
+        return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
     def forward(self, image: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-        features = self.backbone(image)
+        features = self.backbone(self.normalise(image))
         return self.head(torch.cat([features, self.level_embedding(level)], dim=1))
 
 

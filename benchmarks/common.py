@@ -1,0 +1,41 @@
+"""What the benchmark scripts share: the data they measure on, and how they report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from spinegrade.data.synthetic import SynthSettings, write_dataset
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, studies: int, sizes: tuple[int, int] = (384, 640)) -> None:
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="a dataset in the RSNA layout (the real one, say); default: synthesise one")
+    parser.add_argument("--studies", type=int, default=studies, help="studies to synthesise without --data-dir")
+    parser.add_argument("--image-size", dest="synth_size", type=int, nargs=2, default=sizes, metavar=("MIN", "MAX"),
+                        help="pixel sizes of synthesised series (default: the real data's usual 384 to 640)")
+
+
+def benchmark_data(args: argparse.Namespace, scratch: Path) -> Path:
+    """``--data-dir``, or a synthetic dataset written under ``scratch`` (same seed: same files)."""
+    if args.data_dir is not None:
+        return args.data_dir
+    target = scratch / "data"
+    write_dataset(target, SynthSettings(studies=args.studies, test_studies=1, seed=3, image_size=tuple(args.synth_size)))
+    return target
+
+
+def machine() -> dict:
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "torch_threads": torch.get_num_threads()}
+
+
+def report(figures: dict) -> None:
+    """The last line of every benchmark: its figures as JSON."""
+    print(json.dumps({**figures, **machine()}))
