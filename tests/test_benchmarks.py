@@ -32,3 +32,35 @@ def test_kernel_speed_benchmark_runs(trained_run, tmp_path):
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["benchmark"] == "kernel_speed" and figures["studies"] == 5
     assert figures["kernel_seconds_median"] > figures["half_seconds_median"] > 0
+
+
+def _run(script: str, *args: str) -> dict:
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_loader_speed_benchmark_runs(synth_dataset):
+    figures = _run("loader_speed.py", "--data-dir", str(synth_dataset), "--samples", "24", "--model-size", "64",
+                   "--batch-size", "8", "--repeats", "1")
+    assert figures["samples"] == 24
+    assert figures["loader_samples_per_s"] > 0 and figures["published_samples_per_s"] > 0
+    assert figures["epoch_over_compute"] > 0
+
+
+def test_preprocess_speed_benchmark_runs(synth_dataset):
+    figures = _run("preprocess_speed.py", "--data-dir", str(synth_dataset), "--repeats", "1", "--workers", "2")
+    assert figures["files"] > figures["series"] > 0 and figures["cache_files_per_s"] > 0
+    assert figures["cache_kb_per_study"] > 0
+
+
+def test_memory_scaling_benchmark_runs():
+    figures = _run("memory_scaling.py", "--studies", "6", "--factor", "2")
+    assert figures["large"]["studies"] == 12 and figures["small"]["anon_mb"] > 0
+
+
+def test_gpu_benchmark_runs_on_the_cpu_too():
+    figures = _run("gpu_train_speed.py", "--configs", "resnet18", "--steps", "2", "--workers", "0", "--model-size", "64",
+                   "--batch-size", "4", "--studies", "4", "--image-size", "96", "128", "--device", "cpu")
+    assert figures["rows"][0]["config"] == "resnet18" and figures["rows"][0]["ratio"] > 0

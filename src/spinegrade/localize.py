@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from spinegrade.config import LocalizerConfig
 from spinegrade.constants import LEVELS, level_title
-from spinegrade.data.dicom import MIN_IMAGE_SIDE, DicomReadError, Stack, main_stack, read_series
+from spinegrade.data.dicom import MIN_IMAGE_SIDE, DicomReadError, Stack, load_pixels, main_stack, read_series
 from spinegrade.data.folds import read_folds, write_csv_atomic
 from spinegrade.data.index import build_index
 from spinegrade.data.preprocess import window_to_uint8
@@ -336,7 +336,7 @@ class LocalizerEnsemble:
     def locate(self, stack: Stack) -> LocatedLevels:
         k = self.choose_slice(stack)
         s = stack.slices[k]
-        image = slice_image(s.pixels, self.size).astype(np.float32) / 255.0
+        image = slice_image(load_pixels(s), self.size).astype(np.float32) / 255.0  # only this slice is decoded
         tensor = torch.from_numpy(np.stack([(image - m) / sd for m, sd in zip(self.mean, self.std)]))[None]
         with torch.inference_mode():
             normalised = np.mean([m(tensor.to(self.device)).cpu().numpy()[0] for m in self.models], axis=0)

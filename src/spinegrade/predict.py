@@ -85,7 +85,14 @@ def locate_study(study_id: int, stack: Stack | None, localizer: LocalizerEnsembl
     started = time.perf_counter()
     if stack is None or len(stack) == 0:
         return LocatedStudy(study_id, None, -1, None, problem or "no readable Sagittal T2/STIR slice")
-    located = localizer.locate(stack)
+    while True:  # a slice whose pixels cannot be decoded leaves the stack, and the choice is made again
+        try:
+            located = localizer.locate(stack)
+            break
+        except DicomReadError:
+            stack.slices.pop(localizer.choose_slice(stack))
+            if not stack.slices:
+                return LocatedStudy(study_id, None, -1, None, problem or "no decodable Sagittal T2/STIR slice")
     for i, s in enumerate(stack.slices):  # keep memory flat over hundreds of studies
         if i != located.slice_index:
             s.pixels = None
@@ -170,7 +177,7 @@ def _read_stack(series_dir: Path | None) -> tuple[Stack | None, str | None]:
     if not series_dir.is_dir():
         return None, f"{series_dir}: series folder absent"
     errors: list[DicomReadError] = []
-    stack = main_stack(read_series(series_dir, errors=errors))
+    stack = main_stack(read_series(series_dir, with_pixels=False, errors=errors))  # the localiser decodes its slice
     if stack is None:
         return None, f"{series_dir}: no readable DICOM file" + (f" ({errors[0]})" if errors else "")
     return stack, None

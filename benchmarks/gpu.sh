@@ -1,0 +1,13 @@
+#!/bin/bash
+# The GPU benchmark, in one run of under 5 minutes on one GPU: training images/s of each of the six
+# backbones of the method, fed by the real loader and by tensors already on the GPU, their ratio and
+# peak memory (batch 32, their default settings). Run from the repository root on a machine with a GPU:
+#
+#   bash benchmarks/gpu.sh            (installs into .venv first when it is missing)
+#
+# Its last line is JSON; the README's table of GPU figures comes from it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[[ -x .venv/bin/python ]] || make install
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+exec .venv/bin/python benchmarks/gpu_train_speed.py --steps "${STEPS:-30}" "$@"

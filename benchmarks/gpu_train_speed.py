@@ -1,0 +1,117 @@
+"""Training images/s of each backbone on this GPU, fed by the real loader against tensors already on the GPU.
+
+For each config (default: the method's six at their own settings, batch 32, bf16, channels-last,
+backbone frozen but for its last 32 tensors), it times --steps optimisation steps through the trainer's
+own step function twice: with batches from the real data path (memory-mapped cache, albumentations,
+DataLoader workers, pinned memory, non-blocking copies) and with one batch already on the device. The
+ratio loader/resident is the share of the GPU's speed the data path lets through (goal: at least 0.9).
+Random weights (no download); peak GPU memory per backbone shows it fits. The last line is JSON.
+
+    python benchmarks/gpu_train_speed.py [--configs vit swin ...] [--steps 30] [--workers 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from common import add_data_arguments, benchmark_data, report
+from spinegrade.config import load_config
+from spinegrade.data.dataset import LevelDataset, build_transform
+from spinegrade.data.index import build_index
+from spinegrade.data.preprocess import PreprocessSettings, build_cache
+from spinegrade.models.classifier import LevelClassifier, ModelSpec, apply_freezing, freeze_norm_statistics
+from spinegrade.train import EpochSampler, SeededDataset, compiled, select_device, train_step
+
+METHOD = ("vit", "swin", "beit", "efficientnet", "resnet152", "convnext")
+
+
+def endless(loader: DataLoader, sampler: EpochSampler):
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def timed_steps(net, batches, steps: int, criterion, optimizer, device) -> float:
+    """Images per second over ``steps`` steps, after 3 warm-up steps."""
+    for _ in range(3):
+        train_step(net, next(batches), criterion, optimizer, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    images = 0
+    for _ in range(steps):
+        batch = next(batches)
+        train_step(net, batch, criterion, optimizer, device)
+        images += len(batch["target"])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return images / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_data_arguments(parser, studies=40)
+    parser.add_argument("--configs", nargs="+", default=list(METHOD))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--compile", default="off", help="off, on, or a torch.compile backend")
+    parser.add_argument("--model-size", type=int, default=None, help="override every config's image size")
+    parser.add_argument("--batch-size", type=int, default=None, help="override every config's batch size")
+    args = parser.parse_args()
+    device = select_device(args.device)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = benchmark_data(args, Path(tmp))
+        table = build_index(data_dir, check_images=False).usable(load_config(args.configs[0]).condition)
+        for name in args.configs:
+            overrides = {"pretrained": False, "image_size": args.model_size, "batch_size": args.batch_size}
+            config = load_config(name, {k: v for k, v in overrides.items() if v is not None})
+            cache = build_cache(table.reset_index(drop=True), PreprocessSettings.from_config(config), Path(tmp) / "cache",
+                                log=lambda *_: None)
+            levels, targets = cache.samples["level_index"].to_numpy(), cache.samples["severity"].to_numpy()
+            dataset = SeededDataset(LevelDataset(cache.images, levels, targets, build_transform(True),
+                                                 image_size=config.image_size), config.seed)
+            sampler = EpochSampler(len(dataset), config.seed, shuffle=True)
+            loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True,
+                                num_workers=args.workers, pin_memory=device.type == "cuda",
+                                persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None)
+            model = LevelClassifier(ModelSpec(config.backbone, config.level_embeddings, tuple(config.hidden_sizes),
+                                              config.dropout)).to(device)
+            if device.type == "cuda":
+                model = model.to(memory_format=torch.channels_last)
+                torch.cuda.reset_peak_memory_stats()
+            apply_freezing(model, config.freeze_backbone, config.unfreeze_last_n)
+            model.train()
+            freeze_norm_statistics(model)
+            net = compiled(model, args.compile, log=lambda *_: None)
+            criterion = nn.CrossEntropyLoss()
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+            fed = timed_steps(net, endless(loader, sampler), args.steps, criterion, optimizer, device)
+            resident_batch = {k: v.to(device) for k, v in next(iter(loader)).items()}
+            resident = timed_steps(net, iter(lambda: resident_batch, None), args.steps, criterion, optimizer, device)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+            rows.append({"config": name, "backbone": config.backbone, "image_size": config.image_size,
+                         "batch_size": config.batch_size, "loader_images_per_s": fed, "resident_images_per_s": resident,
+                         "ratio": fed / resident, "peak_gib": peak})
+            print(f"{name:14s} {config.backbone:45s} loader {fed:8.1f} img/s  on-device {resident:8.1f} img/s  "
+                  f"ratio {fed / resident:.2f}  peak {peak:.1f} GiB", flush=True)
+            del model, net, optimizer, loader
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    report({"benchmark": "gpu_train_speed", "steps": args.steps, "workers": args.workers, "compile": args.compile,
+            "rows": rows, "min_ratio": min(r["ratio"] for r in rows)})
+
+
+if __name__ == "__main__":
+    main()
