@@ -44,7 +44,8 @@ def main() -> None:
         load = sum(float(l.split(" loaded in ")[1].split(" s")[0]) for l in model_lines)
         fixed.append(load)
         totals.append((elapsed - load) / studies)
-        localise.append(float(next(l for l in lines if l.startswith("localised")).split("(")[1].split(" s per")[0]))
+        summary = next(l for l in lines if l.startswith("localised") and " s per study" in l)
+        localise.append(float(summary.split("(")[1].split(" s per")[0]))
         grade.append(sum(float(l.split(" studies in ")[1].split(" s")[0]) for l in model_lines) / studies)
     result = {
         "benchmark": "predict_speed", "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
