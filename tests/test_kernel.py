@@ -132,3 +132,15 @@ def test_upload_without_credentials_stops_with_one_line(built, tmp_path):
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("spinegrade")]
     assert len(errors) == 1 and "no Kaggle credentials" in errors[0] and "Traceback" not in result.stderr
+
+
+def test_kernel_without_its_code_dataset_still_writes_a_valid_submission(built, trained_run, tmp_path):
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    (inputs / COMPETITION).symlink_to(trained_run["data"])  # the models and code datasets not attached
+    script = next(built["build"].kernel_dir.glob("*.py"))
+    env = {**os.environ, "KAGGLE_INPUT": str(inputs), "KAGGLE_WORKING": str(tmp_path / "working")}
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "is not attached" in result.stdout
+    frame = pd.read_csv(tmp_path / "working" / "submission.csv")
+    assert len(frame) == 5 * 25 and np.allclose(frame[list(PROBABILITY_COLUMNS)].to_numpy(), 1 / 3)

@@ -117,3 +117,25 @@ def test_compiled_model_trains_to_the_same_metrics(train_data, tmp_path):
     with pytest.raises(SpinegradeError, match="unknown backend"):
         train_fold(load_config("resnet18", {**settings, "compile": "warp-drive"}), data, folds_path, tmp_path / "c", 0,
                    log=lambda *_: None)
+
+
+def test_force_starts_a_finished_fold_over_even_with_resume(train_data, tmp_path):
+    data, folds_path = train_data
+    config = load_config("resnet18", {**SMALL, "backbone": "resnet18", "pretrained": False, "name": "tiny",
+                                      "num_epochs": 1})
+    train_fold(config, data, folds_path, tmp_path, 0, log=lambda *_: None)
+    lines = []
+    result = train_fold(config, data, folds_path, tmp_path, 0, resume=True, force=True, log=lines.append)
+    assert not result.skipped and any(line.startswith("epoch 1/1") for line in lines)
+    assert not any("resumed after" in line for line in lines)
+    # Fewer epochs than a saved checkpoint ran is another run, not a resume.
+    from spinegrade.errors import SpinegradeError
+
+    (fold_dir(tmp_path, "tiny", 0) / "done.json").unlink()
+    longer = load_config("resnet18", {**SMALL, "backbone": "resnet18", "pretrained": False, "name": "tiny",
+                                      "num_epochs": 2})
+    train_fold(longer, data, folds_path, tmp_path, 0, resume=True, log=lines.append)  # more epochs: resumes
+    assert any("resumed after epoch 0" in line for line in lines)
+    (fold_dir(tmp_path, "tiny", 0) / "done.json").unlink()
+    with pytest.raises(SpinegradeError, match="other settings"):
+        train_fold(config, data, folds_path, tmp_path, 0, resume=True, log=lambda *_: None)

@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -58,8 +59,10 @@ class World:
         rank gets the same count (DDP needs the same number of steps on every rank)."""
         if not self.enabled:
             return items
+        if not items:
+            raise SpinegradeError("nothing to share between the DDP processes (no samples)")
         per_rank = -(-len(items) // self.world_size)
-        padded = items + items[: per_rank * self.world_size - len(items)]
+        padded = (items * self.world_size)[: per_rank * self.world_size]  # cycling: enough even for tiny lists
         return padded[self.rank::self.world_size]
 
 
@@ -82,8 +85,10 @@ def start(world: World, device_type: str) -> None:
         os.environ.setdefault("MASTER_PORT", "29500")
         if device_type == "cuda":
             torch.cuda.set_device(world.local_rank)
+        # Rank 0 alone builds the preprocessing cache while the others wait at a barrier: on the real
+        # data that can take far longer than the default collective timeout.
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=world.rank,
-                                world_size=world.world_size)
+                                world_size=world.world_size, timeout=timedelta(hours=6))
 
 
 def stop(world: World) -> None:
@@ -112,8 +117,7 @@ def _spawned(local_rank: int, world_size: int, port: int, fn, args) -> None:
     try:
         fn(*args)
     except SpinegradeError as exc:  # a user error: one line, like the single-process command
-        if local_rank == 0:
-            print(f"spinegrade train: error: {exc}", file=sys.stderr, flush=True)
+        print(f"spinegrade train: error (process {local_rank}): {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

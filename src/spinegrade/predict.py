@@ -28,7 +28,16 @@ from spinegrade.constants import (
     level_title,
     row_id,
 )
-from spinegrade.data.dicom import DicomReadError, Stack, list_dicom_files, main_stack, read_files, read_series, read_slice
+from spinegrade.data.dicom import (
+    MIN_IMAGE_SIDE,
+    DicomReadError,
+    Stack,
+    list_dicom_files,
+    main_stack,
+    read_files,
+    read_series,
+    read_slice,
+)
 from spinegrade.data.index import read_csv_checked
 from spinegrade.data.preprocess import PreprocessSettings, prepare_image
 from spinegrade.errors import SpinegradeError
@@ -177,7 +186,10 @@ def _read_stack(series_dir: Path | None) -> tuple[Stack | None, str | None]:
     if not series_dir.is_dir():
         return None, f"{series_dir}: series folder absent"
     errors: list[DicomReadError] = []
-    stack = main_stack(read_series(series_dir, with_pixels=False, errors=errors))  # the localiser decodes its slice
+    stacks = read_series(series_dir, with_pixels=False, errors=errors)  # the localiser decodes its slice
+    # Placeholder images (under 8 pixels a side) are no slice to grade, as in training.
+    stack = main_stack([Stack(kept) for kept in ([s for s in st.slices if min(s.shape) >= MIN_IMAGE_SIDE]
+                                                 for st in stacks) if kept])
     if stack is None:
         return None, f"{series_dir}: no readable DICOM file" + (f" ({errors[0]})" if errors else "")
     return stack, None

@@ -198,6 +198,8 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
         log = _quiet
     out = fold_dir(output_dir, config.name, fold)
     done = out / "done.json"
+    if force:
+        resume = False  # --force starts the fold over, whatever was saved
     if done.is_file() and not force:
         info = json.loads(done.read_text())
         if info.get("config") == _identity(config):
@@ -206,6 +208,8 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
             return FoldResult(config.name, fold, info["best_epoch"], info["best_score"], info["prior_score"],
                               oof_path(output_dir, config.name, fold), skipped=True)
         log(f"{config.name} fold {fold}: trained before with other settings; training again")
+        # A finished run is continued only to train it longer; other settings start over.
+        resume = resume and _continues(info.get("config"), _identity(config))
     world.barrier()  # every process has read done.json before it goes
     if main:
         done.unlink(missing_ok=True)  # from here on the fold is unfinished until a new done.json lands
@@ -247,6 +251,9 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
                                                         gradient_as_bucket_view=True)
     net = compiled(net, config.compile, log)
     batch_size = max(1, config.batch_size // world.world_size)  # per process: the global batch stays batch_size
+    if config.batch_size % world.world_size:
+        log(f"warning: batch_size {config.batch_size} is not a multiple of {world.world_size} processes; "
+            f"the global batch is {batch_size * world.world_size}")
     if world.enabled:
         log(f"DDP: {world.world_size} processes, {batch_size} samples each per step ({device_.type})")
 
@@ -286,9 +293,8 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
     last = out / "last.pt"
     if resume and last.is_file():
         state = load_checkpoint(last, device_)
-        saved = {k: v for k, v in (state.get("config") or {}).items() if k != "num_epochs"}
-        wanted = {k: v for k, v in _identity(config).items() if k != "num_epochs"}  # more epochs: a resume
-        if saved != wanted:
+        saved, wanted = dict(state.get("config") or {}), _identity(config)
+        if not _continues(saved, wanted):
             changed = sorted(k for k in wanted.keys() | saved.keys() if saved.get(k) != wanted.get(k))
             raise SpinegradeError(f"{last}: saved by a run with other settings ({', '.join(changed)}); resume with "
                                   "the same settings, or use --force to start this fold over")
@@ -391,6 +397,15 @@ def write_priors(labels: pd.DataFrame, path: Path) -> None:
     """The weight-scaled prior of every condition and level, for targets no model covers at prediction
     time (saved with the models so a kernel needs no train.csv)."""
     write_csv_atomic(prior_table(labels), path)
+
+
+def _continues(saved: dict | None, wanted: dict) -> bool:
+    """Whether a run saved with ``saved`` settings may be continued as one with ``wanted``: the same
+    settings, or the same with more epochs (fewer would mix a longer run's weights into a shorter one)."""
+    saved = dict(saved or {})
+    if saved.get("num_epochs", math.inf) <= wanted["num_epochs"]:
+        saved["num_epochs"] = wanted["num_epochs"]
+    return saved == wanted
 
 
 def _identity(config: TrainConfig) -> dict:

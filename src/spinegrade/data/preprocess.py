@@ -125,7 +125,7 @@ SAMPLE_KEY = ["study_id", "condition", "level"]
 
 
 def prepare_stack(stack: Stack, index: int, x: float, y: float, settings: PreprocessSettings,
-                  windowed: dict[int, tuple[float, float]] | None = None,
+                  windowed: dict[int, tuple[float, float] | None] | None = None,
                   problems: list[str] | None = None) -> np.ndarray:
     """Canvases (2 * neighbours + 1, C, C) for slice ``index`` of ``stack`` and its neighbours, each
     centred on the same patient-space point (projected on the neighbour's own geometry); at the
@@ -145,8 +145,11 @@ def prepare_stack(stack: Stack, index: int, x: float, y: float, settings: Prepro
                     raise
                 if problems is not None:
                     problems.append(f"neighbouring slice replaced by the labelled one: {exc}")
-                stack.slices[k] = stack.slices[index]
-                windowed[k] = windowed[index] if index in windowed else window_limits(load_pixels(stack.slices[index]))
+                windowed[k] = None  # undecodable: remembered for the other samples of this series
+        if windowed[k] is None:
+            k = index
+            if k not in windowed:
+                windowed[k] = window_limits(load_pixels(stack.slices[k]))
         s = stack.slices[k]
         px, py, _ = s.patient_to_pixel(point)
         out.append(prepare_image(s.pixels, s.pixel_spacing, px, py, settings, size=settings.canvas_size,
@@ -254,10 +257,16 @@ def _save_chunk(path: Path, rows: list[tuple], result: tuple[list[int], list[np.
     position = {row[0]: k for k, row in enumerate(rows)}
     c = settings.canvas_size
     stacked = np.stack(images) if images else np.zeros((0, 2 * settings.neighbours + 1, c, c), np.uint8)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, rows=np.array([position[i] for i in indices], dtype=np.int64), images=stacked,
-             problems=np.array(problems, dtype=str))
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # unique across machines
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, rows=np.array([position[i] for i in indices], dtype=np.int64), images=stacked,
+                     problems=np.array(problems, dtype=str))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _write_cache(samples: pd.DataFrame, settings: PreprocessSettings, directory: Path, workers: int, log) -> None:
@@ -313,6 +322,9 @@ def _assemble(samples: pd.DataFrame, jobs: list, paths: list[Path], settings: Pr
                                            shape=(len(kept), 2 * settings.neighbours + 1, c, c))
         for (_, rows), path in zip(jobs, paths):
             chunk = _read_chunk(path)
+            if chunk is None or chunk["images"].shape[1:] != images.shape[1:]:
+                raise SpinegradeError(f"{path}: damaged while this cache was being built; run again to decode "
+                                      "that series again")
             for k, image in zip(chunk["rows"], chunk["images"]):
                 images[slot[rows[k][0]]] = image
         images.flush()

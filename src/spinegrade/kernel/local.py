@@ -114,9 +114,10 @@ def run_kernel_locally(kernel_dir: str | Path, data_dir: str | Path, root: str |
     meta = json.loads((kernel_dir / "kernel-metadata.json").read_text())
     inputs, working = kaggle_tree(Path(data_dir), kernel_dir, root)
     python = Path(python).absolute() if python else kaggle_like_environment(root / "env", log=log)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    # Nothing of this machine's Python or pip set-up (an extra find-links folder, say) may reach the kernel.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "PIP_"))}
     env.update(KAGGLE_INPUT=str(inputs), KAGGLE_WORKING=str(working), PIP_NO_INDEX="1",
-               PIP_DISABLE_PIP_VERSION_CHECK="1")
+               PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_CONFIG_FILE=os.devnull)
     started = time.perf_counter()
     result = subprocess.run([str(python), str(kernel_dir / meta["code_file"])], env=env, cwd=working,
                             capture_output=True, text=True)

@@ -123,7 +123,8 @@ def download_wheels(name: str, version: str, dest: Path, python_versions: tuple[
 
 
 def collect_wheels(dest: Path, wheelhouse: Path, offline: bool, python_versions: tuple[str, ...], log=print) -> list[str]:
-    """Fill ``dest`` with wheels of every bundled package; returns the requirement names.
+    """Fill ``dest`` with wheels of every bundled package; returns pinned requirements (``name==version``:
+    a bare name would let pip keep an older copy already on the Kaggle image).
 
     Downloaded wheels are kept in ``wheelhouse``, so the next build needs no network."""
     from spinegrade.kernel import BUNDLED_PACKAGES
@@ -151,4 +152,4 @@ def collect_wheels(dest: Path, wheelhouse: Path, offline: bool, python_versions:
         pure = packed.name.endswith("-none-any.whl")
         log(f"  {name} {version}: {packed.name} (packed from the installed copy"
             + (")" if pure else f"; installs only on Python {sys.version_info.major}.{sys.version_info.minor})"))
-    return list(BUNDLED_PACKAGES)
+    return [f"{name}=={metadata.version(name)}" for name in BUNDLED_PACKAGES]
