@@ -23,13 +23,19 @@ def kaggle_executable() -> str:
     return found
 
 
+def kaggle_config_dirs() -> list[Path]:
+    """Where the kaggle command looks for kaggle.json: KAGGLE_CONFIG_DIR when set, else its two defaults."""
+    if os.environ.get("KAGGLE_CONFIG_DIR"):
+        return [Path(os.environ["KAGGLE_CONFIG_DIR"])]
+    return [Path.home() / ".kaggle", Path.home() / ".config" / "kaggle"]
+
+
 def has_kaggle_credentials() -> bool:
     if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
         return True
     if os.environ.get("KAGGLE_API_TOKEN"):
         return True
-    config_dir = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
-    return (config_dir / "kaggle.json").is_file() or (config_dir / "access_token").is_file()
+    return any((d / "kaggle.json").is_file() or (d / "access_token").is_file() for d in kaggle_config_dirs())
 
 
 def download_competition(dest: str | Path) -> Path:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from spinegrade.blend import load_blend
 from spinegrade.constants import COMPETITION, CONDITIONS, LEVELS
+from spinegrade.download import kaggle_config_dirs
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_text_atomic
 from spinegrade.kernel import (
@@ -101,9 +102,9 @@ def kaggle_username(explicit: str | None = None) -> str | None:
         return explicit
     if os.environ.get("KAGGLE_USERNAME"):
         return os.environ["KAGGLE_USERNAME"]
-    for folder in (os.environ.get("KAGGLE_CONFIG_DIR"), Path.home() / ".kaggle", Path.home() / ".config" / "kaggle"):
-        path = Path(folder) / "kaggle.json" if folder else None
-        if path is not None and path.is_file():
+    for folder in kaggle_config_dirs():
+        path = folder / "kaggle.json"
+        if path.is_file():
             try:
                 return json.loads(path.read_text()).get("username")
             except (OSError, ValueError):
