@@ -1,9 +1,10 @@
 """Training images/s of each backbone on this GPU, fed by the real loader against tensors already on the GPU.
 
 For each config (default: the method's six at their own settings, batch 32, bf16, channels-last,
-backbone frozen but for its last 32 tensors), it times --steps optimisation steps through the trainer's
-own step function twice: with batches from the real data path (memory-mapped cache, albumentations,
-DataLoader workers, pinned memory, non-blocking copies) and with one batch already on the device. The
+backbone frozen but for its last 32 tensors), it times windows of --steps optimisation steps through
+the trainer's own step and tally (median of --repeats), twice: with batches from the real data path
+(memory-mapped cache, albumentations, DataLoader workers, pinned memory, non-blocking copies) and with
+one batch already on the device. The
 ratio loader/resident is the share of the GPU's speed the data path lets through (goal: at least 0.9).
 Random weights (no download); peak GPU memory per backbone shows it fits. The last line is JSON.
 
@@ -13,14 +14,16 @@ Random weights (no download); peak GPU memory per backbone shows it fits. The la
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from common import add_data_arguments, benchmark_data, report
 from spinegrade.config import load_config
@@ -28,41 +31,58 @@ from spinegrade.data.dataset import LevelDataset, build_transform
 from spinegrade.data.index import build_index
 from spinegrade.data.preprocess import PreprocessSettings, build_cache
 from spinegrade.models.classifier import LevelClassifier, ModelSpec, apply_freezing, freeze_norm_statistics
-from spinegrade.train import EpochSampler, SeededDataset, compiled, select_device, train_step
+from spinegrade.train import EpochSampler, EpochTally, SeededDataset, compiled, select_device, train_step
 
 METHOD = ("vit", "swin", "beit", "efficientnet", "resnet152", "convnext")
 
 
-def endless(loader: DataLoader, sampler: EpochSampler):
-    epoch = 0
-    while True:
-        sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+class Epochs(Sampler[int]):
+    """Consecutive epochs of the trainer's sampler as one: a real epoch is hundreds of batches, the
+    benchmark's data set a few, and a measurement that crossed epoch boundaries would time the loader's
+    restarts rather than its steady state."""
+
+    def __init__(self, sampler: EpochSampler, epochs: int):
+        self.sampler, self.epochs = sampler, epochs
+
+    def __iter__(self):
+        for epoch in range(self.epochs):
+            self.sampler.set_epoch(epoch)
+            yield from self.sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler) * self.epochs
 
 
-def timed_steps(net, batches, steps: int, criterion, optimizer, device) -> float:
-    """Images per second over ``steps`` steps, after 3 warm-up steps."""
-    for _ in range(3):
+def rates(net, batches, warmup: int, steps: int, repeats: int, criterion, optimizer, device) -> list[float]:
+    """Images per second in ``repeats`` consecutive windows of ``steps`` steps, after ``warmup`` steps.
+
+    The warm-up for the loader is longer than its prefetch queue, so the windows time the steady
+    state: batches made while the model was being built do not count."""
+    for _ in range(warmup):
         train_step(net, next(batches), criterion, optimizer, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    images = 0
-    for _ in range(steps):
-        batch = next(batches)
-        train_step(net, batch, criterion, optimizer, device)
-        images += len(batch["target"])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return images / (time.perf_counter() - started)
+    figures = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        images, tally = 0, EpochTally()
+        for _ in range(steps):
+            batch = next(batches)
+            tally.add(*train_step(net, batch, criterion, optimizer, device), batch["index"])
+            images += len(batch["target"])
+        tally.totals()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        figures.append(images / (time.perf_counter() - started))
+    return figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_data_arguments(parser, studies=40)
     parser.add_argument("--configs", nargs="+", default=list(METHOD))
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=30, help="steps per timed window")
+    parser.add_argument("--repeats", type=int, default=3, help="timed windows per feed (medians are quoted)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--device", default=None)
     parser.add_argument("--compile", default="off", help="off, on, or a torch.compile backend")
@@ -82,10 +102,14 @@ def main() -> None:
             levels, targets = cache.samples["level_index"].to_numpy(), cache.samples["severity"].to_numpy()
             dataset = SeededDataset(LevelDataset(cache.images, levels, targets, build_transform(True),
                                                  image_size=config.image_size), config.seed)
-            sampler = EpochSampler(len(dataset), config.seed, shuffle=True)
+            prefetch = 4
+            warmup = args.workers * prefetch + 3
+            batches_needed = warmup + args.steps * args.repeats + 1
+            epochs = math.ceil(batches_needed * config.batch_size / len(dataset)) + 1
+            sampler = Epochs(EpochSampler(len(dataset), config.seed, shuffle=True), epochs)
             loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True,
                                 num_workers=args.workers, pin_memory=device.type == "cuda",
-                                persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None)
+                                persistent_workers=args.workers > 0, prefetch_factor=prefetch if args.workers else None)
             model = LevelClassifier(ModelSpec(config.backbone, config.level_embeddings, tuple(config.hidden_sizes),
                                               config.dropout)).to(device)
             if device.type == "cuda":
@@ -97,9 +121,12 @@ def main() -> None:
             net = compiled(model, args.compile, log=lambda *_: None)
             criterion = nn.CrossEntropyLoss()
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
-            fed = timed_steps(net, endless(loader, sampler), args.steps, criterion, optimizer, device)
-            resident_batch = {k: v.to(device) for k, v in next(iter(loader)).items()}
-            resident = timed_steps(net, iter(lambda: resident_batch, None), args.steps, criterion, optimizer, device)
+            batches = iter(loader)
+            fed = rates(net, batches, warmup, args.steps, args.repeats, criterion, optimizer, device)
+            resident_batch = {k: v if k == "index" else v.to(device) for k, v in next(batches).items()}
+            resident = rates(net, iter(lambda: resident_batch, None), 3, args.steps, args.repeats, criterion,
+                             optimizer, device)
+            fed, resident = statistics.median(fed), statistics.median(resident)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
             rows.append({"config": name, "backbone": config.backbone, "image_size": config.image_size,
                          "batch_size": config.batch_size, "loader_images_per_s": fed, "resident_images_per_s": resident,
@@ -109,7 +136,7 @@ def main() -> None:
             del model, net, optimizer, loader
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    report({"benchmark": "gpu_train_speed", "steps": args.steps, "workers": args.workers, "compile": args.compile,
+    report({"benchmark": "gpu_train_speed", "steps": args.steps, "repeats": args.repeats, "workers": args.workers, "compile": args.compile,
             "rows": rows, "min_ratio": min(r["ratio"] for r in rows)})
 
 

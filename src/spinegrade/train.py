@@ -167,9 +167,9 @@ def predict_probabilities(model: nn.Module, loader: DataLoader, device: torch.de
             image = batch["image"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = model(image, batch["level"].to(device, non_blocking=True))
-            probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+            probs.append(torch.softmax(logits.float(), dim=1))  # on the device: no wait per batch
             indices.append(batch["index"].numpy())
-    shards = world.gather((np.concatenate(probs), np.concatenate(indices)))
+    shards = world.gather((torch.cat(probs).cpu().numpy(), np.concatenate(indices)))
     probs_all, indices_all = np.concatenate([p for p, _ in shards]), np.concatenate([i for _, i in shards])
     indices_all, first = np.unique(indices_all, return_index=True)  # padding repeats a few samples
     return probs_all[first], indices_all
@@ -313,15 +313,10 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
         freeze_norm_statistics(model)
         torch.manual_seed(config.seed * 1000 + epoch)  # dropout: same stream on a resumed run
         train_sampler.set_epoch(epoch)
-        total_loss, correct, seen = 0.0, 0, 0
-        train_probs, train_seen = [], []
+        tally = EpochTally()
         for batch in _progress(train_loader, f"epoch {epoch + 1}/{config.num_epochs}", main):
-            loss, logits, target = train_step(net, batch, criterion, optimizer, device_)
-            total_loss += loss.item() * len(target)
-            correct += int((logits.argmax(1) == target).sum())
-            seen += len(target)
-            train_probs.append(torch.softmax(logits.detach().float(), dim=1).cpu().numpy())
-            train_seen.append(batch["index"].numpy())
+            tally.add(*train_step(net, batch, criterion, optimizer, device_), batch["index"])
+        total_loss, correct, seen, train_probs, train_seen = tally.totals()
         total_loss, correct, seen = (sum(v) for v in zip(*world.gather((total_loss, correct, seen))))
         trained = world.gather((train_probs, train_seen))
         train_probs, train_seen = [p for ps, _ in trained for p in ps], [i for _, ix in trained for i in ix]
@@ -421,6 +416,36 @@ def write_oof(samples: pd.DataFrame, probs: np.ndarray, path: Path, fold: int) -
         "fold": fold,
     })
     write_csv_atomic(frame, path)
+
+
+class EpochTally:
+    """A training epoch's running loss, accuracy and probabilities, kept where the model runs: reading
+    them back after every step would make the host wait for the GPU each step, so that it could never
+    queue the next one. They come to the host once, at the end of the epoch."""
+
+    def __init__(self) -> None:
+        self.loss_sum: torch.Tensor | None = None
+        self.correct: torch.Tensor | None = None
+        self.seen = 0
+        self.probabilities: list[torch.Tensor] = []
+        self.indices: list[np.ndarray] = []
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, index: torch.Tensor) -> None:
+        logits = logits.detach()
+        batch_loss = loss.detach().float() * len(target)
+        batch_correct = (logits.argmax(1) == target).sum()
+        self.loss_sum = batch_loss if self.loss_sum is None else self.loss_sum + batch_loss
+        self.correct = batch_correct if self.correct is None else self.correct + batch_correct
+        self.seen += len(target)
+        self.probabilities.append(torch.softmax(logits.float(), dim=1))
+        self.indices.append(index.numpy())
+
+    def totals(self) -> tuple[float, int, int, list[np.ndarray], list[np.ndarray]]:
+        """(loss sum, correct, seen, [probabilities], [sample indices]); the lists are empty for an empty epoch."""
+        if not self.seen:
+            return 0.0, 0, 0, [], []
+        probabilities = torch.cat(self.probabilities).cpu().numpy()
+        return float(self.loss_sum), int(self.correct), self.seen, [probabilities], [np.concatenate(self.indices)]
 
 
 def train_step(net: nn.Module, batch: dict, criterion: nn.Module, optimizer: torch.optim.Optimizer,
