@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from common import add_data_arguments, benchmark_data, report
 from spinegrade.config import load_config
-from spinegrade.data.dataset import LevelDataset, build_transform
+from spinegrade.data.dataset import LevelDataset, build_transform, init_worker
 from spinegrade.data.index import build_index
 from spinegrade.data.preprocess import PreprocessSettings, build_cache
 from spinegrade.models.classifier import LevelClassifier, ModelSpec, apply_freezing, freeze_norm_statistics
@@ -109,7 +109,8 @@ def main() -> None:
             sampler = Epochs(EpochSampler(len(dataset), config.seed, shuffle=True), epochs)
             loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True,
                                 num_workers=args.workers, pin_memory=device.type == "cuda",
-                                persistent_workers=args.workers > 0, prefetch_factor=prefetch if args.workers else None)
+                                persistent_workers=args.workers > 0, prefetch_factor=prefetch if args.workers else None,
+                                worker_init_fn=init_worker)
             model = LevelClassifier(ModelSpec(config.backbone, config.level_embeddings, tuple(config.hidden_sizes),
                                               config.dropout)).to(device)
             if device.type == "cuda":

@@ -34,7 +34,7 @@ from torchvision import transforms
 
 from common import add_data_arguments, benchmark_data, report
 from spinegrade.config import TrainConfig
-from spinegrade.data.dataset import LevelDataset, build_transform
+from spinegrade.data.dataset import LevelDataset, build_transform, init_worker
 from spinegrade.data.index import build_index
 from spinegrade.data.preprocess import PreprocessSettings, build_cache
 from spinegrade.models.classifier import LevelClassifier, ModelSpec, apply_freezing, input_statistics
@@ -98,7 +98,7 @@ def main() -> None:
         ours = SeededDataset(LevelDataset(cache.images, levels, targets, build_transform(True)), seed=0)
         sampler = EpochSampler(n, seed=0, shuffle=True)
         loader = DataLoader(ours, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                            persistent_workers=args.workers > 0)
+                            persistent_workers=args.workers > 0, worker_init_fn=init_worker)
         published = DataLoader(PublishedDataset(list(table["image_path"]), levels, targets, args.image_size, mean, std),
                                batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
         criterion = nn.CrossEntropyLoss()

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from spinegrade.config import LocalizerConfig
 from spinegrade.constants import LEVELS, level_title
+from spinegrade.data.dataset import init_worker
 from spinegrade.data.dicom import MIN_IMAGE_SIDE, DicomReadError, Stack, load_pixels, main_stack, read_series
 from spinegrade.data.folds import read_folds, write_csv_atomic
 from spinegrade.data.index import build_index
@@ -189,8 +190,10 @@ def train_localizer_fold(config: LocalizerConfig, images: np.ndarray, meta: pd.D
     val_set = PointDataset(images[val_idx], points[val_idx], mean, std, train=False)
     generator = torch.Generator().manual_seed(config.seed + fold)
     train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=generator,
-                              num_workers=config.num_workers, drop_last=len(train_set) > config.batch_size)
-    val_loader = DataLoader(val_set, batch_size=config.batch_size * 2, num_workers=config.num_workers)
+                              num_workers=config.num_workers, drop_last=len(train_set) > config.batch_size,
+                              worker_init_fn=init_worker)
+    val_loader = DataLoader(val_set, batch_size=config.batch_size * 2, num_workers=config.num_workers,
+                            worker_init_fn=init_worker)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, pct_start=0.15,
                                                    total_steps=max(1, config.num_epochs * len(train_loader)))

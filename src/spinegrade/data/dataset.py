@@ -131,11 +131,8 @@ def mirrored_targets(samples: pd.DataFrame, labels: pd.DataFrame, input_mode: st
     return out
 
 
-def seed_worker(worker_id: int) -> None:
-    """Give every DataLoader worker its own augmentation stream, derived from the loader's seed."""
-    info = torch.utils.data.get_worker_info()
-    seed = int(info.seed % (2**31))
-    np.random.seed(seed)
-    dataset = info.dataset
-    if hasattr(dataset, "transform"):
-        dataset.transform.set_random_seed(seed)
+def init_worker(worker_id: int) -> None:
+    """DataLoader workers run OpenCV on one thread each. The workers already share out the cores;
+    OpenCV's own pool inside each of them would put several threads on every core, and the process
+    that drives the GPU, which launches the model's kernels one by one, would wait for a core."""
+    cv2.setNumThreads(0)  # 0: run sequentially (1 can deadlock in a forked worker with OpenCV 5)
