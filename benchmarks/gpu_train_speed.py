@@ -2,10 +2,11 @@
 
 For each config (default: the method's six at their own settings, batch 32, bf16, channels-last,
 backbone frozen but for its last 32 tensors), it times windows of --steps optimisation steps through
-the trainer's own step and tally (median of --repeats), twice: with batches from the real data path
-(memory-mapped cache, albumentations, DataLoader workers, pinned memory, non-blocking copies) and with
-one batch already on the device. The
-ratio loader/resident is the share of the GPU's speed the data path lets through (goal: at least 0.9).
+the trainer's own step and tally, interleaved --repeats times: with batches from the real data path
+(memory-mapped cache, albumentations, DataLoader workers, pinned memory, non-blocking copies), with
+one batch already on the device, and the loader alone (no model) for its own capacity. The ratio
+loader/resident (median of the per-repeat ratios) is the share of the GPU's speed that the data path
+lets through (goal: at least 0.9).
 Random weights (no download); peak GPU memory per backbone shows it fits. The last line is JSON.
 
     python benchmarks/gpu_train_speed.py [--configs vit swin ...] [--steps 30] [--workers 8]
@@ -53,27 +54,49 @@ class Epochs(Sampler[int]):
         return len(self.sampler) * self.epochs
 
 
-def rates(net, batches, warmup: int, steps: int, repeats: int, criterion, optimizer, device) -> list[float]:
-    """Images per second in ``repeats`` consecutive windows of ``steps`` steps, after ``warmup`` steps.
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
-    The warm-up for the loader is longer than its prefetch queue, so the windows time the steady
-    state: batches made while the model was being built do not count."""
+
+def training_window(net, batches, steps: int, criterion, optimizer, device) -> float:
+    """Images per second over ``steps`` of the trainer's steps (step and tally), batches from ``batches``."""
+    sync(device)
+    started = time.perf_counter()
+    images, tally = 0, EpochTally()
+    for _ in range(steps):
+        batch = next(batches)
+        tally.add(*train_step(net, batch, criterion, optimizer, device), batch["index"])
+        images += len(batch["target"])
+    tally.totals()
+    sync(device)
+    return images / (time.perf_counter() - started)
+
+
+def loading_window(batches, steps: int, queued: int) -> float:
+    """Images per second the loader makes with no model to feed: the queue it filled meanwhile is
+    emptied first, so the window times production, not batches already made."""
+    for _ in range(queued):
+        next(batches)
+    started = time.perf_counter()
+    images = sum(len(next(batches)["target"]) for _ in range(steps))
+    return images / (time.perf_counter() - started)
+
+
+def measure(net, batches, resident: dict, warmup: int, queued: int, steps: int, repeats: int, criterion, optimizer,
+            device) -> dict[str, list[float]]:
+    """Per repeat, in turn: the model fed by the loader, the loader alone, the model on a batch already
+    on the device. Interleaving puts each pair under the same conditions of a shared machine (the
+    ratio is taken per repeat). The loader's window follows the loader-alone window, which leaves the
+    prefetch queue empty, so it never times batches made while the model ran on resident data."""
     for _ in range(warmup):
         train_step(net, next(batches), criterion, optimizer, device)
-    figures = []
+    figures: dict[str, list[float]] = {"fed": [], "alone": [], "resident": []}
+    on_device = iter(lambda: resident, None)
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        images, tally = 0, EpochTally()
-        for _ in range(steps):
-            batch = next(batches)
-            tally.add(*train_step(net, batch, criterion, optimizer, device), batch["index"])
-            images += len(batch["target"])
-        tally.totals()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        figures.append(images / (time.perf_counter() - started))
+        figures["resident"].append(training_window(net, on_device, steps, criterion, optimizer, device))
+        figures["alone"].append(loading_window(batches, steps, queued))
+        figures["fed"].append(training_window(net, batches, steps, criterion, optimizer, device))
     return figures
 
 
@@ -104,7 +127,8 @@ def main() -> None:
                                                  image_size=config.image_size), config.seed)
             prefetch = 4
             warmup = args.workers * prefetch + 3
-            batches_needed = warmup + args.steps * args.repeats + 1
+            queued = args.workers * prefetch
+            batches_needed = warmup + 1 + args.repeats * (queued + 2 * args.steps)
             epochs = math.ceil(batches_needed * config.batch_size / len(dataset)) + 1
             sampler = Epochs(EpochSampler(len(dataset), config.seed, shuffle=True), epochs)
             loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True,
@@ -123,22 +147,22 @@ def main() -> None:
             criterion = nn.CrossEntropyLoss()
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
             batches = iter(loader)
-            fed = rates(net, batches, warmup, args.steps, args.repeats, criterion, optimizer, device)
             resident_batch = {k: v if k == "index" else v.to(device) for k, v in next(batches).items()}
-            resident = rates(net, iter(lambda: resident_batch, None), 3, args.steps, args.repeats, criterion,
-                             optimizer, device)
-            fed, resident = statistics.median(fed), statistics.median(resident)
+            got = measure(net, batches, resident_batch, warmup, queued, args.steps, args.repeats, criterion,
+                          optimizer, device)
+            ratio = statistics.median(f / r for f, r in zip(got["fed"], got["resident"]))
+            fed, resident, alone = (statistics.median(got[k]) for k in ("fed", "resident", "alone"))
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
             rows.append({"config": name, "backbone": config.backbone, "image_size": config.image_size,
                          "batch_size": config.batch_size, "loader_images_per_s": fed, "resident_images_per_s": resident,
-                         "ratio": fed / resident, "peak_gib": peak})
+                         "ratio": ratio, "loader_alone_images_per_s": alone, "peak_gib": peak})
             print(f"{name:14s} {config.backbone:45s} loader {fed:8.1f} img/s  on-device {resident:8.1f} img/s  "
-                  f"ratio {fed / resident:.2f}  peak {peak:.1f} GiB", flush=True)
+                  f"ratio {ratio:.2f}  loader alone {alone:8.1f} img/s  peak {peak:.1f} GiB", flush=True)
             del model, net, optimizer, loader
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    report({"benchmark": "gpu_train_speed", "steps": args.steps, "repeats": args.repeats, "workers": args.workers, "compile": args.compile,
-            "rows": rows, "min_ratio": min(r["ratio"] for r in rows)})
+    report({"benchmark": "gpu_train_speed", "steps": args.steps, "repeats": args.repeats, "workers": args.workers,
+            "compile": args.compile, "rows": rows, "min_ratio": min(r["ratio"] for r in rows)})
 
 
 if __name__ == "__main__":
