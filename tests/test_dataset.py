@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import albumentations as A
+import cv2
 import numpy as np
 import pandas as pd
+import torch
 
 from spinegrade.constants import AXIAL_T2, SAGITTAL_T2
-from spinegrade.data.dataset import LevelDataset, build_transform, mirrored_targets
+from spinegrade.data.dataset import LeanRotate, LevelDataset, build_transform, init_worker, mirrored_targets
 from spinegrade.data.preprocess import PreprocessSettings, prepare_image
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -106,3 +109,42 @@ def test_jitter_moves_the_point_and_the_slice_in_training_only():
             positions.add(tuple(np.argwhere(v == 255)[0]))
     assert 8 <= neighbours <= 32 and len(positions) > 3
     assert all(12 <= r <= 20 and 12 <= c <= 20 for r, c in positions)  # never beyond the 4-pixel margin
+
+
+def test_lean_rotate_gives_albumentations_rotate_pixels_points_and_boxes():
+    """The cheaper rotation must be the same augmentation: same draws, same output to the pixel."""
+    rng = np.random.default_rng(1)
+    for shape in [(224, 224), (97, 131), (64, 80, 1), (64, 80, 3)]:
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        for seed in range(25):
+            outputs = []
+            for rotate in (A.Rotate, LeanRotate):
+                pipeline = A.Compose([rotate(limit=30, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0)],
+                                     keypoint_params=A.KeypointParams(format="xy"),
+                                     bbox_params=A.BboxParams(format="pascal_voc", label_fields=[]), seed=seed)
+                outputs.append(pipeline(image=image, mask=image, keypoints=np.array([[10.0, 20.0], [40.0, 50.0]]),
+                                        bboxes=np.array([[10, 10, 50, 40]])))
+            ours, theirs = outputs[1], outputs[0]
+            assert ours["image"].shape == theirs["image"].shape == image.shape
+            assert np.array_equal(ours["image"], theirs["image"]), (shape, seed)
+            assert np.array_equal(ours["mask"], theirs["mask"])
+            assert np.allclose(ours["keypoints"], theirs["keypoints"]) and np.allclose(ours["bboxes"], theirs["bboxes"])
+            assert not np.array_equal(ours["image"], image)  # it did rotate
+
+
+def test_dataloader_workers_run_opencv_sequentially():
+    dataset = LevelDataset(np.zeros((4, 1, 32, 32), np.uint8), np.zeros(4), np.zeros(4), build_transform(True))
+    loader = torch.utils.data.DataLoader(_ThreadCount(dataset), batch_size=2, num_workers=1, worker_init_fn=init_worker)
+    assert {int(n) for batch in loader for n in batch} == {1}  # cv2 reports 1 when threading is off
+
+
+class _ThreadCount(torch.utils.data.Dataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        self.dataset[i]
+        return cv2.getNumThreads()

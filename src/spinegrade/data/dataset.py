@@ -9,6 +9,7 @@ sagittal image only swaps anterior and posterior, and its label stays.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -22,6 +23,44 @@ from torch.utils.data import Dataset
 from spinegrade.constants import AXIAL_T2, flipped_condition
 
 
+class LeanRotate(A.Rotate):
+    """``A.Rotate`` with its matrices built in plain arithmetic and the image warped by one OpenCV call.
+
+    Same random draw, same matrices (to rounding), same pixels, same handling of masks, boxes and
+    key points (inherited). ``A.Rotate`` builds each matrix from six numpy 3x3 products and checks it
+    against the identity with ``np.allclose``: about 170 us per sample on a 224-pixel image, close to the
+    cost of the warp itself and more than the rest of the sample. ``crop_border`` and images of more
+    than 4 channels take the inherited path."""
+
+    def get_params_dependent_on_data(self, params: dict, data: dict) -> dict:
+        if self.crop_border:
+            return super().get_params_dependent_on_data(params, data)
+        angle = self.py_random.uniform(*self.limit)
+        height, width = params["shape"][:2]
+        return {"x_min": -1, "x_max": -1, "y_min": -1, "y_max": -1,
+                "matrix": rotation_matrix(angle, width / 2 - 0.5, height / 2 - 0.5),
+                "bbox_matrix": rotation_matrix(angle, width / 2, height / 2)}
+
+    def apply(self, img: np.ndarray, matrix: np.ndarray, x_min: int, x_max: int, y_min: int, y_max: int,
+              **params) -> np.ndarray:
+        channels = 1 if img.ndim == 2 else img.shape[-1]
+        if self.crop_border or channels > 4 or not np.isscalar(self.fill):
+            return super().apply(img, matrix, x_min, x_max, y_min, y_max, **params)
+        height, width = params["shape"][:2]
+        out = cv2.warpAffine(img, matrix[:2], (width, height), flags=self.interpolation,
+                             borderMode=self.border_mode, borderValue=(self.fill,) * 4)
+        return out[..., None] if img.ndim == 3 and out.ndim == 2 else out
+
+
+def rotation_matrix(degrees: float, centre_x: float, centre_y: float) -> np.ndarray:
+    """The 3x3 matrix of albumentations' rotation by ``degrees`` about (centre_x, centre_y)."""
+    radians = math.radians(degrees % 360)
+    c, s = math.cos(radians), math.sin(radians)
+    return np.array([[c, s, centre_x - c * centre_x - s * centre_y],
+                     [-s, c, centre_y + s * centre_x - c * centre_y],
+                     [0.0, 0.0, 1.0]])
+
+
 def build_transform(train: bool, flip_probability: float = 0.5, rotation_degrees: float = 15.0,
                     seed: int | None = None) -> A.Compose:
     """Flip and rotation on the grey uint8 image (training only). Normalisation is the model's
@@ -30,7 +69,7 @@ def build_transform(train: bool, flip_probability: float = 0.5, rotation_degrees
     if train:
         steps += [
             A.HorizontalFlip(p=flip_probability),
-            A.Rotate(limit=rotation_degrees, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0),
+            LeanRotate(limit=rotation_degrees, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0),
         ]
     return A.Compose(steps, seed=seed, save_applied_params=True)
 
