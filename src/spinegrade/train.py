@@ -28,9 +28,10 @@ from torch.utils.data import DataLoader, Sampler
 
 from spinegrade.config import TrainConfig, save_config
 from spinegrade.constants import PROBABILITY_COLUMNS, SEVERITIES, SEVERITY_WEIGHTS, row_id
-from spinegrade.data.dataset import Jitter, LevelDataset, build_transform, init_worker, mirrored_targets
+from spinegrade.data.dataset import Jitter, LevelDataset, build_transform, mirrored_targets
 from spinegrade.data.folds import read_folds, write_csv_atomic
 from spinegrade.data.index import build_index
+from spinegrade.data.loader import batch_loader
 from spinegrade.data.preprocess import PreprocessSettings, build_cache
 from spinegrade.distributed import SINGLE, World, start, stop, world_from_environment
 from spinegrade.errors import SpinegradeError
@@ -273,12 +274,11 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
     val_set = LevelDataset(cache.images, levels, targets, build_transform(False), val_idx, image_size=config.image_size)
     train_sampler = EpochSampler(len(train_set), config.seed, shuffle=True, world=world)
     workers = max(0, int(config.num_workers))
-    loader_args = dict(num_workers=workers, pin_memory=device_.type == "cuda", persistent_workers=workers > 0,
-                       worker_init_fn=init_worker)
-    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=train_sampler,
-                              drop_last=len(train_sampler) > batch_size, **loader_args)
-    val_loader = DataLoader(val_set, batch_size=batch_size * 2, sampler=world.shard(list(range(len(val_set)))),
-                            **loader_args)
+    loader_args = dict(image_shape=(1, config.image_size, config.image_size), workers=workers,
+                       pin_memory=device_.type == "cuda")
+    train_loader = batch_loader(train_set, batch_size, train_sampler, drop_last=len(train_sampler) > batch_size,
+                                **loader_args)
+    val_loader = batch_loader(val_set, batch_size * 2, world.shard(list(range(len(val_set)))), **loader_args)
 
     if main:
         out.mkdir(parents=True, exist_ok=True)

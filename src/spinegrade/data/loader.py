@@ -1,0 +1,142 @@
+"""Batches from DataLoader workers through a ring of shared-memory slots, not fresh shared tensors.
+
+PyTorch's DataLoader moves every tensor of every batch from a worker to the training process in
+a new shared-memory segment: the worker creates it, the training process receives its file
+descriptor over a socket, maps it and faults its pages in, and frees it after the step. For a batch
+of 32 grey 224-pixel images with three small label tensors that is about 2.5 ms of the training
+process's CPU time per batch on a 2-core machine (``benchmarks/batch_transfer.py``), and on a GPU
+the training process is the one launching the model's kernels, so the GPU waits for it.
+
+Here the training process allocates, once, a ring of batch-sized slots in shared memory that the
+workers inherit. A worker writes its samples into the slot its batch was given and returns only
+(ring, slot, count); the training process copies the slot out (into pinned memory when batches go
+to a GPU) and hands the step an ordinary dict of tensors. A slot is reused only after the training
+process has taken its batch: the DataLoader dispatches a new batch only when the training process
+takes one, so at most ``workers * prefetch`` batches are in flight, and the ring has two slots more
+than that.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+import weakref
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from spinegrade.data.dataset import init_worker
+
+# The live rings of this process, by key: a worker's reply names its ring instead of carrying it.
+# Weak, so a ring goes with its loader (a run trains many folds in one process).
+_RINGS: weakref.WeakValueDictionary[str, BatchRing] = weakref.WeakValueDictionary()
+
+
+class BatchRing:
+    """``slots`` batches of uint8 images and int64 (level, target, index) rows in shared memory."""
+
+    def __init__(self, slots: int, batch_size: int, image_shape: tuple[int, ...]):
+        self.key = uuid.uuid4().hex
+        self.images = torch.empty((slots, batch_size, *image_shape), dtype=torch.uint8).share_memory_()
+        self.labels = torch.empty((slots, 3, batch_size), dtype=torch.int64).share_memory_()
+        _RINGS[self.key] = self
+
+    def batch(self, slot: int, count: int, pin: bool) -> dict[str, torch.Tensor]:
+        """The slot's batch in tensors of its own (the slot is refilled later), in pinned memory if
+        asked (PyTorch's caching host allocator: no new pages per batch). Each tensor is contiguous,
+        since a copy to the GPU from a strided one would first make it contiguous in unpinned memory."""
+        images = _copy(self.images[slot, :count], pin)
+        level, target, index = _copy(self.labels[slot, :, :count], pin)
+        return {"image": images, "level": level, "target": target, "index": index}
+
+
+def _copy(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin).copy_(tensor)
+
+
+class SlotReply:
+    """What a worker sends back for a batch. The DataLoader's pinning thread calls ``pin_memory``,
+    so the copy out of the ring into pinned memory happens there, off the training loop."""
+
+    def __init__(self, key: str, slot: int, count: int):
+        self.key, self.slot, self.count = key, slot, count
+
+    def pin_memory(self, device=None) -> dict[str, torch.Tensor]:
+        return _RINGS[self.key].batch(self.slot, self.count, pin=True)
+
+
+class _SlotBatches(Sampler):
+    """Batches of the sampler's indices, each with the ring slot it goes to. The slot counter runs
+    on across epochs, so a new epoch never writes into the slot of a batch the last one handed out."""
+
+    def __init__(self, sampler: Iterable[int], batch_size: int, drop_last: bool, slots: int):
+        self.sampler, self.batch_size, self.drop_last, self.slots = sampler, batch_size, drop_last, slots
+        self.counter = itertools.count()
+
+    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
+        indices = iter(self.sampler)
+        while batch := list(itertools.islice(indices, self.batch_size)):
+            if len(batch) < self.batch_size and self.drop_last:
+                return
+            yield next(self.counter) % self.slots, batch
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+class _FillSlots(Dataset):
+    """Runs in the workers: writes a batch's samples into its slot and replies with the slot."""
+
+    def __init__(self, dataset: Dataset, ring: BatchRing):
+        self.dataset, self.ring = dataset, ring
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, request: tuple[int, list[int]]) -> SlotReply:
+        slot, indices = request
+        images, labels = self.ring.images[slot], self.ring.labels[slot]
+        for row, i in enumerate(indices):
+            sample = self.dataset[i]
+            images[row].copy_(sample["image"])
+            labels[0, row], labels[1, row], labels[2, row] = sample["level"], sample["target"], sample["index"]
+        return SlotReply(self.ring.key, slot, len(indices))
+
+
+def _reply(reply: SlotReply) -> SlotReply:
+    return reply
+
+
+class RingLoader:
+    """Iterates dict batches (image, level, target, index) like a DataLoader over ``dataset``."""
+
+    def __init__(self, loader: DataLoader, ring: BatchRing, pin: bool):
+        self.loader, self.ring, self.pin = loader, ring, pin
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        replies = iter(self.loader)  # now, as a DataLoader would: the workers start on the epoch at once
+        return (reply if isinstance(reply, dict) else self.ring.batch(reply.slot, reply.count, pin=False)
+                for reply in replies)
+
+
+def batch_loader(dataset: Dataset, batch_size: int, sampler: Iterable[int], *, image_shape: tuple[int, ...],
+                 workers: int, pin_memory: bool, drop_last: bool = False, prefetch: int = 2,
+                 persistent_workers: bool | None = None) -> Iterable[dict[str, torch.Tensor]]:
+    """Batches of a :class:`LevelDataset`-like ``dataset`` in ``sampler``'s order.
+
+    With workers, through a :class:`BatchRing`; without, a plain DataLoader (nothing crosses a process)."""
+    if workers <= 0:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                          pin_memory=pin_memory)
+    slots = workers * prefetch + 2
+    ring = BatchRing(slots, batch_size, image_shape)
+    loader = DataLoader(_FillSlots(dataset, ring), batch_sampler=_SlotBatches(sampler, batch_size, drop_last, slots),
+                        collate_fn=_reply, num_workers=workers, prefetch_factor=prefetch, pin_memory=pin_memory,
+                        persistent_workers=True if persistent_workers is None else persistent_workers,
+                        worker_init_fn=init_worker)
+    return RingLoader(loader, ring, pin_memory)
