@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU benchmark, in one run of under 5 minutes on one GPU: training images/s of each of the six
-# backbones of the method, fed by the real loader and by tensors already on the GPU, their ratio and
-# peak memory (batch 32, their default settings). Run from the repository root on a machine with a GPU:
+# backbones of the method, fed by the trainer's loader, by PyTorch's DataLoader and by tensors already
+# on the GPU, the ratios and peak memory (batch 32, their default settings). Run from the repository root on a machine with a GPU:
 #
 #   bash benchmarks/gpu.sh            (installs into .venv first when it is missing)
 #   PYTHON=python3 bash benchmarks/gpu.sh   (an interpreter that already has torch with CUDA and the

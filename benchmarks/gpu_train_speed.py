@@ -3,13 +3,15 @@
 For each config (default: the method's six at their own settings, batch 32, bf16, channels-last,
 backbone frozen but for its last 32 tensors), it times windows of --steps optimisation steps through
 the trainer's own step and tally, interleaved --repeats times: with batches from the real data path
-(memory-mapped cache, albumentations, DataLoader workers, pinned memory, non-blocking copies), with
-one batch already on the device, and the loader alone (no model) for its own capacity. The ratio
-loader/resident (median of the per-repeat ratios) is the share of the GPU's speed that the data path
-lets through (goal: at least 0.9).
-Random weights (no download); peak GPU memory per backbone shows it fits. The last line is JSON.
+(memory-mapped cache, albumentations, workers, pinned memory, non-blocking copies), with one batch
+already on the device, and the loader alone (no model) for its own capacity. The ratio fed/resident
+(median of the per-repeat ratios) is the share of the GPU's speed that the data path lets through
+(goal: at least 0.9). Each loader in --loaders is measured on the same model: ``ring``, the trainer's
+(batches cross from the workers through shared slots, ``spinegrade.data.loader``), and ``dataloader``,
+PyTorch's DataLoader with the same settings. Random weights (no download); peak GPU memory per
+backbone shows it fits. The last line is JSON.
 
-    python benchmarks/gpu_train_speed.py [--configs vit swin ...] [--steps 30] [--workers 8]
+    python benchmarks/gpu_train_speed.py [--configs vit swin ...] [--steps 30] [--workers 8] [--loaders ring]
 """
 
 from __future__ import annotations
@@ -30,11 +32,23 @@ from common import add_data_arguments, benchmark_data, report
 from spinegrade.config import load_config
 from spinegrade.data.dataset import LevelDataset, build_transform, init_worker
 from spinegrade.data.index import build_index
+from spinegrade.data.loader import batch_loader
 from spinegrade.data.preprocess import PreprocessSettings, build_cache
 from spinegrade.models.classifier import LevelClassifier, ModelSpec, apply_freezing, freeze_norm_statistics
 from spinegrade.train import EpochSampler, EpochTally, SeededDataset, compiled, select_device, train_step
 
 METHOD = ("vit", "swin", "beit", "efficientnet", "resnet152", "convnext")
+LOADERS = ("ring", "dataloader")
+
+
+def make_loader(kind: str, dataset, sampler, config, workers: int, prefetch: int, device: torch.device):
+    """The trainer's loader (``ring``), or PyTorch's DataLoader with the same settings."""
+    if kind == "ring":
+        return batch_loader(dataset, config.batch_size, sampler, image_shape=(1, config.image_size, config.image_size),
+                            workers=workers, pin_memory=device.type == "cuda", drop_last=True, prefetch=prefetch)
+    return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      prefetch_factor=prefetch if workers else None, worker_init_fn=init_worker)
 
 
 class Epochs(Sampler[int]):
@@ -108,6 +122,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed windows per feed (medians are quoted)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--device", default=None)
+    parser.add_argument("--loaders", nargs="+", choices=LOADERS, default=list(LOADERS),
+                        help="the trainer's ring of shared slots and/or PyTorch's DataLoader as it stands")
     parser.add_argument("--compile", default="off", help="off, on, or a torch.compile backend")
     parser.add_argument("--model-size", type=int, default=None, help="override every config's image size")
     parser.add_argument("--batch-size", type=int, default=None, help="override every config's batch size")
@@ -131,10 +147,6 @@ def main() -> None:
             batches_needed = warmup + 1 + args.repeats * (queued + 2 * args.steps)
             epochs = math.ceil(batches_needed * config.batch_size / len(dataset)) + 1
             sampler = Epochs(EpochSampler(len(dataset), config.seed, shuffle=True), epochs)
-            loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True,
-                                num_workers=args.workers, pin_memory=device.type == "cuda",
-                                persistent_workers=args.workers > 0, prefetch_factor=prefetch if args.workers else None,
-                                worker_init_fn=init_worker)
             model = LevelClassifier(ModelSpec(config.backbone, config.level_embeddings, tuple(config.hidden_sizes),
                                               config.dropout)).to(device)
             if device.type == "cuda":
@@ -146,23 +158,28 @@ def main() -> None:
             net = compiled(model, args.compile, log=lambda *_: None)
             criterion = nn.CrossEntropyLoss()
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
-            batches = iter(loader)
-            resident_batch = {k: v if k == "index" else v.to(device) for k, v in next(batches).items()}
-            got = measure(net, batches, resident_batch, warmup, queued, args.steps, args.repeats, criterion,
-                          optimizer, device)
-            ratio = statistics.median(f / r for f, r in zip(got["fed"], got["resident"]))
-            fed, resident, alone = (statistics.median(got[k]) for k in ("fed", "resident", "alone"))
-            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-            rows.append({"config": name, "backbone": config.backbone, "image_size": config.image_size,
-                         "batch_size": config.batch_size, "loader_images_per_s": fed, "resident_images_per_s": resident,
-                         "ratio": ratio, "loader_alone_images_per_s": alone, "peak_gib": peak})
-            print(f"{name:14s} {config.backbone:45s} loader {fed:8.1f} img/s  on-device {resident:8.1f} img/s  "
-                  f"ratio {ratio:.2f}  loader alone {alone:8.1f} img/s  peak {peak:.1f} GiB", flush=True)
-            del model, net, optimizer, loader
+            for kind in args.loaders:
+                loader = make_loader(kind, dataset, sampler, config, args.workers, prefetch, device)
+                batches = iter(loader)
+                resident_batch = {k: v if k == "index" else v.to(device) for k, v in next(batches).items()}
+                got = measure(net, batches, resident_batch, warmup, queued, args.steps, args.repeats, criterion,
+                              optimizer, device)
+                ratio = statistics.median(f / r for f, r in zip(got["fed"], got["resident"]))
+                fed, resident, alone = (statistics.median(got[k]) for k in ("fed", "resident", "alone"))
+                peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+                rows.append({"config": name, "backbone": config.backbone, "loader": kind,
+                             "image_size": config.image_size, "batch_size": config.batch_size,
+                             "loader_images_per_s": fed, "resident_images_per_s": resident, "ratio": ratio,
+                             "loader_alone_images_per_s": alone, "peak_gib": peak})
+                print(f"{name:13s} {kind:10s} fed {fed:7.1f} img/s  on-device {resident:7.1f} img/s  "
+                      f"ratio {ratio:.2f}  loader alone {alone:7.1f} img/s  peak {peak:.1f} GiB", flush=True)
+                del batches, loader
+            del model, net, optimizer
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     report({"benchmark": "gpu_train_speed", "steps": args.steps, "repeats": args.repeats, "workers": args.workers,
-            "compile": args.compile, "rows": rows, "min_ratio": min(r["ratio"] for r in rows)})
+            "compile": args.compile, "rows": rows,
+            "min_ratio": {kind: min(r["ratio"] for r in rows if r["loader"] == kind) for kind in args.loaders}})
 
 
 if __name__ == "__main__":
