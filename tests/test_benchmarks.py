@@ -55,6 +55,14 @@ def test_memory_scaling_benchmark_runs():
 
 
 def test_gpu_benchmark_runs_on_the_cpu_too():
-    figures = _run("gpu_train_speed.py", "--configs", "resnet18", "--steps", "2", "--workers", "0", "--model-size", "64",
+    figures = _run("gpu_train_speed.py", "--configs", "resnet18", "--steps", "2", "--workers", "1", "--model-size", "64",
                    "--batch-size", "4", "--studies", "4", "--image-size", "96", "128", "--device", "cpu")
-    assert figures["rows"][0]["config"] == "resnet18" and figures["rows"][0]["ratio"] > 0
+    assert [(r["config"], r["loader"]) for r in figures["rows"]] == [("resnet18", "ring"), ("resnet18", "dataloader")]
+    assert all(r["ratio"] > 0 for r in figures["rows"])
+
+
+def test_batch_transfer_benchmark_runs(synth_dataset):
+    figures = _run("batch_transfer.py", "--data-dir", str(synth_dataset), "--model-size", "64", "--batch-size", "4",
+                   "--rounds", "2", "--settle", "0.3")
+    assert figures["dataloader_us_per_batch"] > 0 and figures["ring_us_per_batch"] > 0
+    assert figures["ring_reused_buffer_us_per_batch"] > 0
