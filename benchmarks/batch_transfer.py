@@ -9,8 +9,8 @@ batch while the training thread sleeps, then the thread takes them. Same samples
 suite checks they are equal). Without a GPU there is no pinning thread, so the figures are the
 training thread's own work; with one, the same work runs in the pinning thread of the same process,
 which holds the same interpreter lock. Three figures: PyTorch's DataLoader; the ring as CPU training
-uses it (each batch copied out into fresh tensors); the ring copied into one reused buffer, as the
-pinning thread does on a GPU with PyTorch's cached pinned memory.
+uses it (each batch copied out into fresh tensors); the ring copied into one reused buffer, a CPU
+stand-in for the GPU path's copy into cached pinned memory.
 Medians over --rounds; the ratio is taken within one run. The last line is JSON.
 
     python benchmarks/batch_transfer.py [--model-size 224] [--batch-size 32] [--workers 2] [--rounds 7]
@@ -55,9 +55,11 @@ def received_cpu_us(epoch, batches: int, rounds: int, settle: float) -> list[flo
 
 
 def copied_into_one_buffer(loader):
-    """The ring's replies copied into one reused buffer: what the pinning thread does on a GPU, where
-    pinned memory comes from PyTorch's caching allocator. On a CPU the ring's batches are fresh
-    tensors, and a fresh tensor of a few MB costs its page faults; that is the "ring" figure."""
+    """The ring's replies copied into one reused buffer. On a GPU the pinning thread copies each batch
+    into pinned memory from PyTorch's caching host allocator, which hands back the blocks of freed
+    batches, so no new pages; a reused buffer is this CPU's stand-in for that (an estimate, not the GPU
+    path itself). On a CPU the ring's batches are fresh tensors, and a fresh tensor of a few MB costs
+    its page faults; that is the "ring" figure."""
     ring, replies = loader.ring, iter(loader.loader)
     images, labels = torch.empty_like(ring.images[0]), torch.empty_like(ring.labels[0])
 

@@ -6,9 +6,10 @@ the trainer's own step and tally, interleaved --repeats times: with batches from
 (memory-mapped cache, albumentations, workers, pinned memory, non-blocking copies), with one batch
 already on the device, and the loader alone (no model) for its own capacity. The ratio fed/resident
 (median of the per-repeat ratios) is the share of the GPU's speed that the data path lets through
-(goal: at least 0.9). Each loader in --loaders is measured on the same model: ``ring``, the trainer's
-(batches cross from the workers through shared slots, ``spinegrade.data.loader``), and ``dataloader``,
-PyTorch's DataLoader with the same settings. Random weights (no download); peak GPU memory per
+(goal: at least 0.9). Each loader in --loaders is measured on the same model: ``ring``, the loader
+the trainer uses (batches cross from the workers through shared slots, ``spinegrade.data.loader``),
+and ``dataloader``, PyTorch's DataLoader; both with this script's --workers and a prefetch of 4 batches
+per worker (the trainer: --num_workers, 2). Their order alternates from one backbone to the next. Random weights (no download); peak GPU memory per
 backbone shows it fits. The last line is JSON.
 
     python benchmarks/gpu_train_speed.py [--configs vit swin ...] [--steps 30] [--workers 8] [--loaders ring]
@@ -158,7 +159,7 @@ def main() -> None:
             net = compiled(model, args.compile, log=lambda *_: None)
             criterion = nn.CrossEntropyLoss()
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
-            for kind in args.loaders:
+            for kind in (args.loaders if len(rows) // len(args.loaders) % 2 == 0 else args.loaders[::-1]):
                 loader = make_loader(kind, dataset, sampler, config, args.workers, prefetch, device)
                 batches = iter(loader)
                 resident_batch = {k: v if k == "index" else v.to(device) for k, v in next(batches).items()}

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from spinegrade.data import loader as ring_loader
 from spinegrade.data.dataset import LevelDataset, build_transform, init_worker
 from spinegrade.data.loader import batch_loader
+from spinegrade.errors import SpinegradeError
 from spinegrade.train import EpochSampler, SeededDataset
 
 N, CANVAS, SIZE = 70, 40, 32
@@ -41,7 +42,7 @@ def test_ring_batches_equal_dataloader_batches_over_epochs(drop_last):
                         drop_last=drop_last)
     assert len(ours) == len(theirs) == (8 if drop_last else 9)
     expected, got = _epochs(theirs, theirs_sampler, 3), _epochs(ours, ours_sampler, 3)
-    # 27 batches through a ring of 2 * 2 + 2 slots: every slot was refilled several times while the
+    # 27 batches through a ring of 2 * 2 + 1 slots: every slot was refilled several times while the
     # batches taken earlier were still held, and they must not have changed.
     assert len(got) == len(expected) == 3 * len(theirs)
     for mine, reference in zip(got, expected):
@@ -76,3 +77,9 @@ def test_pinned_batches_are_pinned_and_equal():
     for mine, reference in zip(ours, theirs):
         assert all(t.is_pinned() and t.is_contiguous() for t in mine.values())
         assert all(torch.equal(mine[k], reference[k]) for k in reference)
+
+
+def test_too_little_shared_memory_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(ring_loader, "_free_shared_memory", lambda: 2**20)  # 1 MB free in /dev/shm
+    with pytest.raises(SpinegradeError, match=r"needs \d+ MB of shared memory.*1 MB free.*--shm-size"):
+        batch_loader(_dataset(), 64, list(range(N)), image_shape=(1, 224, 224), workers=8, pin_memory=False)

@@ -169,7 +169,7 @@ def predict_probabilities(model: nn.Module, loader: DataLoader, device: torch.de
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = model(image, batch["level"].to(device, non_blocking=True))
             probs.append(torch.softmax(logits.float(), dim=1))  # on the device: no wait per batch
-            indices.append(batch["index"].numpy())
+            indices.append(batch["index"].numpy().copy())  # not a view: it would hold the batch's pinned block
     shards = world.gather((torch.cat(probs).cpu().numpy(), np.concatenate(indices)))
     probs_all, indices_all = np.concatenate([p for p, _ in shards]), np.concatenate([i for _, i in shards])
     indices_all, first = np.unique(indices_all, return_index=True)  # padding repeats a few samples
@@ -439,7 +439,7 @@ class EpochTally:
         self.correct = batch_correct if self.correct is None else self.correct + batch_correct
         self.seen += len(target)
         self.probabilities.append(torch.softmax(logits.float(), dim=1))
-        self.indices.append(index.numpy())
+        self.indices.append(index.numpy().copy())  # not a view: it would hold the batch's pinned block
 
     def totals(self) -> tuple[float, int, int, list[np.ndarray], list[np.ndarray]]:
         """(loss sum, correct, seen, [probabilities], [sample indices]); the lists are empty for an empty epoch."""

@@ -43,6 +43,8 @@ class LeanRotate(A.Rotate):
 
     def apply(self, img: np.ndarray, matrix: np.ndarray, x_min: int, x_max: int, y_min: int, y_max: int,
               **params) -> np.ndarray:
+        if matrix[0, 0] == 1.0 and matrix[0, 1] == 0.0:  # no rotation: the image as it is, as A.Rotate does
+            return img
         channels = 1 if img.ndim == 2 else img.shape[-1]
         if self.crop_border or channels > 4 or not np.isscalar(self.fill):
             return super().apply(img, matrix, x_min, x_max, y_min, y_max, **params)

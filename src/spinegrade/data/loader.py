@@ -9,16 +9,20 @@ the training process is the one launching the model's kernels, so the GPU waits 
 
 Here the training process allocates, once, a ring of batch-sized slots in shared memory that the
 workers inherit. A worker writes its samples into the slot its batch was given and returns only
-(ring, slot, count); the training process copies the slot out (into pinned memory when batches go
-to a GPU) and hands the step an ordinary dict of tensors. A slot is reused only after the training
-process has taken its batch: the DataLoader dispatches a new batch only when the training process
-takes one, so at most ``workers * prefetch`` batches are in flight, and the ring has two slots more
-than that.
+(the ring's key, slot, count); the training process copies the slot out (into pinned memory when
+batches go to a GPU) and hands the step an ordinary dict of tensors. A slot is reused only after
+its batch has been copied out: the DataLoader sends ``workers * prefetch`` batches to the workers
+when an epoch starts and one more each time it hands a batch out, in order, so when batch k is
+handed out (already copied) the furthest batch sent is k + workers * prefetch, and the ring has one
+slot more than that. Across epochs the workers are persistent, and PyTorch's DataLoader lets each
+finish the batches it holds before it sends the next epoch's.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+import os
 import uuid
 import weakref
 from collections.abc import Iterable, Iterator
@@ -27,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from spinegrade.data.dataset import init_worker
+from spinegrade.errors import SpinegradeError
 
 # The live rings of this process, by key: a worker's reply names its ring instead of carrying it.
 # Weak, so a ring goes with its loader (a run trains many folds in one process).
@@ -38,17 +43,37 @@ class BatchRing:
 
     def __init__(self, slots: int, batch_size: int, image_shape: tuple[int, ...]):
         self.key = uuid.uuid4().hex
-        self.images = torch.empty((slots, batch_size, *image_shape), dtype=torch.uint8).share_memory_()
-        self.labels = torch.empty((slots, 3, batch_size), dtype=torch.int64).share_memory_()
+        size = slots * batch_size * (math.prod(image_shape) + 3 * 8)
+        advice = "use fewer --num_workers, or give the machine more /dev/shm (docker run --shm-size=2g)"
+        free = _free_shared_memory()
+        if free is not None and size > free:
+            # Checked first: an over-full /dev/shm would only show later, as a worker killed by SIGBUS.
+            raise SpinegradeError(f"the loader needs {size / 2**20:.0f} MB of shared memory for its batches and "
+                                  f"/dev/shm has {free / 2**20:.0f} MB free; {advice}")
+        try:
+            self.images = torch.empty((slots, batch_size, *image_shape), dtype=torch.uint8).share_memory_()
+            self.labels = torch.empty((slots, 3, batch_size), dtype=torch.int64).share_memory_()
+        except RuntimeError as exc:
+            raise SpinegradeError(f"could not allocate {size / 2**20:.0f} MB of shared memory for the loader's "
+                                  f"batches ({exc}); {advice}") from None
         _RINGS[self.key] = self
 
     def batch(self, slot: int, count: int, pin: bool) -> dict[str, torch.Tensor]:
         """The slot's batch in tensors of its own (the slot is refilled later), in pinned memory if
-        asked (PyTorch's caching host allocator: no new pages per batch). Each tensor is contiguous,
-        since a copy to the GPU from a strided one would first make it contiguous in unpinned memory."""
+        asked (from PyTorch's caching host allocator, which reuses the blocks of freed batches). Each
+        tensor is contiguous: a copy to the GPU from a strided one would first make it contiguous in
+        unpinned memory, and wait."""
         images = _copy(self.images[slot, :count], pin)
         level, target, index = _copy(self.labels[slot, :, :count], pin)
         return {"image": images, "level": level, "target": target, "index": index}
+
+
+def _free_shared_memory() -> int | None:
+    try:
+        stats = os.statvfs("/dev/shm")
+    except OSError:  # no /dev/shm (not Linux): nothing to check
+        return None
+    return stats.f_bavail * stats.f_frsize
 
 
 def _copy(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
@@ -67,8 +92,8 @@ class SlotReply:
 
 
 class _SlotBatches(Sampler):
-    """Batches of the sampler's indices, each with the ring slot it goes to. The slot counter runs
-    on across epochs, so a new epoch never writes into the slot of a batch the last one handed out."""
+    """Batches of the sampler's indices, each with the ring slot it goes to, in turn. The counter runs
+    on across epochs: the slot order is that of one long stream of batches."""
 
     def __init__(self, sampler: Iterable[int], batch_size: int, drop_last: bool, slots: int):
         self.sampler, self.batch_size, self.drop_last, self.slots = sampler, batch_size, drop_last, slots
@@ -112,31 +137,33 @@ def _reply(reply: SlotReply) -> SlotReply:
 class RingLoader:
     """Iterates dict batches (image, level, target, index) like a DataLoader over ``dataset``."""
 
-    def __init__(self, loader: DataLoader, ring: BatchRing, pin: bool):
-        self.loader, self.ring, self.pin = loader, ring, pin
+    def __init__(self, loader: DataLoader, ring: BatchRing):
+        self.loader, self.ring = loader, ring
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         replies = iter(self.loader)  # now, as a DataLoader would: the workers start on the epoch at once
+        # Pinned batches come as dicts from the pinning thread; without pinning, the copy is made here.
         return (reply if isinstance(reply, dict) else self.ring.batch(reply.slot, reply.count, pin=False)
                 for reply in replies)
 
 
 def batch_loader(dataset: Dataset, batch_size: int, sampler: Iterable[int], *, image_shape: tuple[int, ...],
-                 workers: int, pin_memory: bool, drop_last: bool = False, prefetch: int = 2,
-                 persistent_workers: bool | None = None) -> Iterable[dict[str, torch.Tensor]]:
+                 workers: int, pin_memory: bool, drop_last: bool = False,
+                 prefetch: int = 2) -> Iterable[dict[str, torch.Tensor]]:
     """Batches of a :class:`LevelDataset`-like ``dataset`` in ``sampler``'s order.
 
-    With workers, through a :class:`BatchRing`; without, a plain DataLoader (nothing crosses a process)."""
+    With workers, through a :class:`BatchRing`, with persistent workers (the slot order relies on the
+    DataLoader finishing a worker's batches before the next epoch's); without, a plain DataLoader
+    (nothing crosses a process)."""
     if workers <= 0:
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                           pin_memory=pin_memory)
-    slots = workers * prefetch + 2
+    slots = workers * prefetch + 1
     ring = BatchRing(slots, batch_size, image_shape)
     loader = DataLoader(_FillSlots(dataset, ring), batch_sampler=_SlotBatches(sampler, batch_size, drop_last, slots),
                         collate_fn=_reply, num_workers=workers, prefetch_factor=prefetch, pin_memory=pin_memory,
-                        persistent_workers=True if persistent_workers is None else persistent_workers,
-                        worker_init_fn=init_worker)
-    return RingLoader(loader, ring, pin_memory)
+                        persistent_workers=True, worker_init_fn=init_worker)
+    return RingLoader(loader, ring)
