@@ -139,3 +139,18 @@ def test_force_starts_a_finished_fold_over_even_with_resume(train_data, tmp_path
     (fold_dir(tmp_path, "tiny", 0) / "done.json").unlink()
     with pytest.raises(SpinegradeError, match="other settings"):
         train_fold(config, data, folds_path, tmp_path, 0, resume=True, log=lambda *_: None)
+
+
+def test_workers_and_their_ring_of_slots_train_to_the_same_metrics_as_one_process(train_data, tmp_path):
+    """With workers, batches cross through the ring of shared slots; augmentation is seeded per sample,
+    so the epochs must be the ones a single process makes, to the last digit the float sums allow."""
+    data, folds_path = train_data
+    settings = {**SMALL, "backbone": "resnet18", "pretrained": False, "name": "tiny", "num_epochs": 2}
+    alone = train_fold(load_config("resnet18", settings), data, folds_path, tmp_path / "a", 1, log=lambda *_: None)
+    helped = train_fold(load_config("resnet18", {**settings, "num_workers": 2}), data, folds_path, tmp_path / "b", 1,
+                        log=lambda *_: None)
+    cols = ["train_loss", "train_accuracy", "val_loss", "val_competition"]
+    a = pd.read_csv(fold_dir(tmp_path / "a", "tiny", 1) / "metrics.csv")[cols]
+    b = pd.read_csv(fold_dir(tmp_path / "b", "tiny", 1) / "metrics.csv")[cols]
+    pd.testing.assert_frame_equal(a, b, atol=1e-6, rtol=1e-6)
+    assert alone.best_score == pytest.approx(helped.best_score, abs=1e-6)

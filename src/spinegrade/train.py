@@ -275,7 +275,7 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
     train_sampler = EpochSampler(len(train_set), config.seed, shuffle=True, world=world)
     workers = max(0, int(config.num_workers))
     loader_args = dict(image_shape=(1, config.image_size, config.image_size), workers=workers,
-                       pin_memory=device_.type == "cuda")
+                       pin_memory=device_.type == "cuda", seed=config.seed)
     train_loader = batch_loader(train_set, batch_size, train_sampler, drop_last=len(train_sampler) > batch_size,
                                 **loader_args)
     val_loader = batch_loader(val_set, batch_size * 2, world.shard(list(range(len(val_set)))), **loader_args)

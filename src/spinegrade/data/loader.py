@@ -151,19 +151,24 @@ class RingLoader:
 
 
 def batch_loader(dataset: Dataset, batch_size: int, sampler: Iterable[int], *, image_shape: tuple[int, ...],
-                 workers: int, pin_memory: bool, drop_last: bool = False,
-                 prefetch: int = 2) -> Iterable[dict[str, torch.Tensor]]:
+                 workers: int, pin_memory: bool, drop_last: bool = False, prefetch: int = 2,
+                 seed: int = 0) -> Iterable[dict[str, torch.Tensor]]:
     """Batches of a :class:`LevelDataset`-like ``dataset`` in ``sampler``'s order.
 
     With workers, through a :class:`BatchRing`, with persistent workers (the slot order relies on the
     DataLoader finishing a worker's batches before the next epoch's); without, a plain DataLoader
-    (nothing crosses a process)."""
+    (nothing crosses a process).
+
+    The DataLoader draws its workers' base seed from a generator of its own (``seed``): from torch's
+    global one, it would draw a different number of times per epoch with workers than without, and
+    shift the dropout of the training that follows, so results would depend on ``num_workers``."""
+    generator = torch.Generator().manual_seed(seed)
     if workers <= 0:
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                          pin_memory=pin_memory)
+                          pin_memory=pin_memory, generator=generator)
     slots = workers * prefetch + 1
     ring = BatchRing(slots, batch_size, image_shape)
     loader = DataLoader(_FillSlots(dataset, ring), batch_sampler=_SlotBatches(sampler, batch_size, drop_last, slots),
                         collate_fn=_reply, num_workers=workers, prefetch_factor=prefetch, pin_memory=pin_memory,
-                        persistent_workers=True, worker_init_fn=init_worker)
+                        persistent_workers=True, worker_init_fn=init_worker, generator=generator)
     return RingLoader(loader, ring)
