@@ -267,18 +267,29 @@ def test_no_known_severity_left_stops_in_one_line(csv_copy, capsys):
 
 # 6 ------------------------------------------------------------------------------------------------
 
-def test_missing_or_non_numeric_coordinates_are_named_and_skipped(baseline, csv_copy, capsys):
-    path = csv_copy / COORDINATES
-    coords = pd.read_csv(path, dtype=str, keep_default_na=False)
-    spinal = coords.index[coords["condition"] == "Spinal Canal Stenosis"]
-    bad = {spinal[0]: ("x", ""), spinal[1]: ("y", "NaN"), spinal[2]: ("x", "inf"), spinal[3]: ("y", "twelve")}
-    for i, (column, value) in bad.items():
+def _spinal_points(csv_copy: Path, as_text: bool) -> tuple[pd.DataFrame, pd.Index]:
+    """The coordinates CSV (as text, to write values a number column would refuse) and its spinal rows."""
+    coords = pd.read_csv(csv_copy / COORDINATES, **({"dtype": str, "keep_default_na": False} if as_text else {}))
+    return coords, coords.index[coords["condition"] == "Spinal Canal Stenosis"]
+
+
+def _named_after_edits(csv_copy: Path, coords: pd.DataFrame, edits: dict, kind: str):
+    """Writes ``edits`` ({row: (column, value)}) into the CSV, indexes it, and checks that exactly those
+    rows are named as ``kind``, by file and line; returns the index and its problems by line."""
+    for i, (column, value) in edits.items():
         coords.loc[i, column] = value
-    coords.to_csv(path, index=False)
+    coords.to_csv(csv_copy / COORDINATES, index=False)
     index = build_index(csv_copy)
-    named = {p.line: p for p in index.problems if p.kind == "bad_coordinate"}
-    assert set(named) == {i + 2 for i in bad}
+    named = {p.line: p for p in index.problems if p.kind == kind}
+    assert set(named) == {i + 2 for i in edits}
     assert all(p.file == COORDINATES for p in named.values())
+    return index, named
+
+
+def test_missing_or_non_numeric_coordinates_are_named_and_skipped(baseline, csv_copy, capsys):
+    coords, spinal = _spinal_points(csv_copy, as_text=True)
+    bad = {spinal[0]: ("x", ""), spinal[1]: ("y", "NaN"), spinal[2]: ("x", "inf"), spinal[3]: ("y", "twelve")}
+    index, named = _named_after_edits(csv_copy, coords, bad, "bad_coordinate")
     assert "'twelve'" in named[spinal[3] + 2].message and "'inf'" in named[spinal[2] + 2].message
     # The graded cells lose their point, so they are named again as graded without coordinates.
     assert sum(p.kind == "label_without_coordinates" for p in index.problems) == len(bad)
@@ -288,20 +299,12 @@ def test_missing_or_non_numeric_coordinates_are_named_and_skipped(baseline, csv_
 
 
 def test_points_outside_the_image_are_named_and_skipped(baseline, csv_copy, tmp_path):
-    path = csv_copy / COORDINATES
-    coords = pd.read_csv(path)
-    spinal = coords.index[coords["condition"] == "Spinal Canal Stenosis"]
+    coords, spinal = _spinal_points(csv_copy, as_text=False)
     first = coords.loc[spinal[0]]
     image = csv_copy / "train_images" / str(first.study_id) / str(first.series_id) / f"{first.instance_number}.dcm"
     rows, columns = read_slice(image, with_pixels=False).shape
     moved = {spinal[0]: ("x", 5000.0), spinal[1]: ("y", 1e6), spinal[2]: ("x", float(columns))}
-    for i, (column, value) in moved.items():
-        coords.loc[i, column] = value
-    coords.to_csv(path, index=False)
-    index = build_index(csv_copy)
-    outside = {p.line: p for p in index.problems if p.kind == "coordinate_outside_image"}
-    assert set(outside) == {i + 2 for i in moved}
-    assert all(p.file == COORDINATES for p in outside.values())
+    index, outside = _named_after_edits(csv_copy, coords, moved, "coordinate_outside_image")
     assert str(image.relative_to(csv_copy)) in outside[spinal[0] + 2].message
     assert f"{rows}x{columns}" in outside[spinal[0] + 2].message
     assert len(index.usable()) == len(baseline.usable()) - len(moved)
