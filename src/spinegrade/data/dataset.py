@@ -1,7 +1,7 @@
 """Samples as dicts (image, level, target, index) from the preprocessing cache; albumentations pipelines.
 
-Augmentation runs on training samples only: horizontal flip and rotation, then normalisation
-with the backbone's own mean and std. A horizontal flip of an *axial* image exchanges the
+Augmentation runs on training samples only: horizontal flip and rotation of the uint8 grey image;
+the model normalises whole batches with its backbone's mean and std. A horizontal flip of an *axial* image exchanges the
 patient's left and right, so a sample carrying a left/right label takes the other side's label
 when flipped (the rule lives in :func:`spinegrade.constants.flipped_condition`); flipping a
 sagittal image only swaps anterior and posterior, and its label stays.
