@@ -87,7 +87,7 @@ class LocalizerConfig:
     backbone: str = "efficientnet_lite0"
     pretrained: bool = True
     weights: str | None = None
-    image_size: int = 256  # the whole sagittal slice, resized to a square
+    image_size: int = 256  # side of the square input: a fixed field in mm around the sagittal slice
     batch_size: int = 8
     num_epochs: int = 20
     learning_rate: float = 1e-3

@@ -1,0 +1,85 @@
+"""The localiser sees millimetres, not pixels: the same anatomy stored on another matrix is found in the same place."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pydicom
+from dicom_factory import restored
+
+from spinegrade.data.dicom import main_stack, read_series
+from spinegrade.localize import LocalizerEnsemble, SquareView
+
+
+def _disc_phantom(shape, spacing, centre_mm, radius_mm=12.0) -> np.ndarray:
+    """A bright disc of ``radius_mm`` at ``centre_mm`` (column, row in mm from the first pixel's centre)."""
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
+    distance = np.hypot(cols * spacing[1] - centre_mm[0], rows * spacing[0] - centre_mm[1])
+    return np.where(distance < radius_mm, 1000.0, 100.0).astype(np.float32)
+
+
+def test_square_view_shows_the_same_millimetres_whatever_the_matrix():
+    field, size = 240.0, 64
+    # The same 240 x 240 mm of anatomy: 480 x 480 at 0.5 mm, and 200 x 400 at 1.2 x 0.6 mm.
+    square = SquareView.of((480, 480), (0.5, 0.5), size, field)
+    oblong = SquareView.of((200, 400), (1.2, 0.6), size, field)
+    a = square.render(_disc_phantom((480, 480), (0.5, 0.5), (150.0, 90.0)))
+    b = oblong.render(_disc_phantom((200, 400), (1.2, 0.6), (150.0, 90.0)))
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 4  # only resampling differs
+    squashed_b = np.asarray(SquareView(200, 400, size, size, 0, 0, size).render(_disc_phantom((200, 400), (1.2, 0.6), (150.0, 90.0))))
+    assert np.abs(a.astype(int) - squashed_b.astype(int)).mean() < 4  # same field: squashing is the identity here
+    # Half the field of view, padded to 4:3: the anatomy keeps its size and the slice's centre stays the square's.
+    small = SquareView.of((240, 320), (0.5, 0.5), size, field)
+    assert (small.width, small.height) == (43, 32) and (small.left, small.top) == (10, 16)
+    c = small.render(_disc_phantom((240, 320), (0.5, 0.5), (80.0, 60.0)))
+    disc_a, disc_c = (a > 128).sum(), (c > 128).sum()
+    assert abs(disc_a - disc_c) <= 0.15 * disc_a
+    # Larger than the field: cut on every side, never an error.
+    big = SquareView.of((1000, 600), (0.5, 0.5), size, field)
+    assert big.top < 0 and big.left < 0 and big.render(np.ones((1000, 600), np.float32)).shape == (size, size)
+
+
+def test_square_view_coordinates_round_trip():
+    view = SquareView.of((200, 400), (1.2, 0.6), 64, 300.0)
+    x, y = np.array([0.0, 123.4, 399.0]), np.array([0.0, 77.7, 199.0])
+    u, v = view.to_unit(x, y)
+    assert ((u > 0) & (u < 1) & (v > 0) & (v < 1)).all()
+    back = view.to_pixels(u, v)
+    np.testing.assert_allclose(back, (x, y), atol=1e-9)
+    # The pixel centres of the slice's corners sit half a pixel inside its edges in the square.
+    edges = view.to_unit(np.array([-0.5, 399.5]), np.array([-0.5, 199.5]))
+    np.testing.assert_allclose(np.array(edges) * 64, [[view.left, view.left + view.width],
+                                                      [view.top, view.top + view.height]])
+
+
+def test_points_stay_put_when_the_slices_are_stored_on_another_matrix(trained_run, tmp_path):
+    """Every test study's sagittal T2 series re-stored with a sixth of its width of black added on
+    each side (4:3 in millimetres), its rows resampled to 0.75 of their number (pixels 1.33 times
+    taller than wide), inverted as MONOCHROME1 and kept as signed values with a slope and intercept.
+    A localiser that squashed each slice into its square would see the anatomy 25% narrower; one
+    that sees millimetres finds the same points."""
+    data = trained_run["data"]
+    localizer = LocalizerEnsemble(trained_run["out"])
+    series = pd.read_csv(data / "test_series_descriptions.csv")
+    series = series[series["series_description"] == "Sagittal T2/STIR"]
+    shifts = []
+    for row in series.itertuples():
+        folder = data / "test_images" / str(row.study_id) / str(row.series_id)
+        copy = tmp_path / str(row.series_id)
+        for path in sorted(folder.iterdir()):
+            pad = int(pydicom.dcmread(path, stop_before_pixels=True).Columns) // 6
+            restored(path, copy / path.name, pad_columns=(pad, pad), row_scale=0.75, monochrome1=True,
+                     rescale=(0.5, -1024.0))
+        stacks = [main_stack(read_series(f, with_pixels=False)) for f in (folder, copy)]
+        rows, cols = stacks[1].slices[0].shape
+        assert cols > 1.6 * rows  # really stored on another matrix
+        found = [localizer.locate(stack) for stack in stacks]
+        assert found[0].slice_index == found[1].slice_index
+        for (x0, y0), (x1, y1) in zip(found[0].points, found[1].points):
+            a = stacks[0].slices[found[0].slice_index].pixel_to_patient(x0, y0)
+            b = stacks[1].slices[found[1].slice_index].pixel_to_patient(x1, y1)
+            shifts.append(float(np.linalg.norm(a - b)))
+    assert len(shifts) == 5 * len(series) and len(series) > 0
+    # The 64-pixel input is about 4 mm a pixel: resampling alone moves a point by about 1.5 mm
+    # (median). Squashing each slice into the square instead moved them by about 4 mm.
+    assert np.median(shifts) < 2.5, shifts
