@@ -1,4 +1,5 @@
-"""The localiser sees millimetres, not pixels: the same anatomy stored on another matrix is found in the same place."""
+"""Whole-slice inputs see millimetres, not pixels: the same anatomy stored on another matrix looks the same
+to the grading models and is found in the same place by the localiser."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pydicom
 from dicom_factory import restored
 
 from spinegrade.data.dicom import main_stack, read_series
-from spinegrade.localize import LocalizerEnsemble, SquareView
+from spinegrade.data.preprocess import PreprocessSettings, SquareView, prepare_image
+from spinegrade.localize import LocalizerEnsemble
 
 
 def _disc_phantom(shape, spacing, centre_mm, radius_mm=12.0) -> np.ndarray:
@@ -37,6 +39,18 @@ def test_square_view_shows_the_same_millimetres_whatever_the_matrix():
     # Larger than the field: cut on every side, never an error.
     big = SquareView.of((1000, 600), (0.5, 0.5), size, field)
     assert big.top < 0 and big.left < 0 and big.render(np.ones((1000, 600), np.float32)).shape == (size, size)
+
+
+def test_whole_slice_input_keeps_the_slice_shape():
+    """``input: full`` (the published method's whole slice) letterboxes a 4:3 slice instead of squashing it."""
+    settings = PreprocessSettings("spinal_canal_stenosis", "full", 64, 0.0)
+    pixels = _disc_phantom((300, 400), (0.5, 0.5), (100.0, 75.0), radius_mm=30.0)
+    image = prepare_image(pixels, (0.5, 0.5), 0.0, 0.0, settings)
+    assert image.shape == (64, 64)
+    assert (image[:8] == 0).all() and (image[-8:] == 0).all() and image[8:-8].max() == 255  # bars above and below
+    disc = np.argwhere(image > 128)
+    height, width = np.ptp(disc, axis=0) + 1
+    assert abs(int(height) - int(width)) <= 1  # still a disc, not an ellipse
 
 
 def test_square_view_coordinates_round_trip():

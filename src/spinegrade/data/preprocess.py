@@ -1,6 +1,6 @@
 """Decode each needed DICOM slice once into model-ready 8-bit images, cached on disk.
 
-Training never touches DICOM: every sample's image (the whole slice resized, or a crop of fixed
+Training never touches DICOM: every sample's image (the whole slice, its shape kept, or a crop of fixed
 physical size around the labelled point) is computed once and stored in one memory-mapped array
 per cache key. Each sample keeps its neighbouring slices too, and a crop keeps a margin around
 it, so that training can shift the point and the slice the way a localiser's errors would
@@ -36,7 +36,7 @@ from spinegrade.data.dicom import MIN_IMAGE_SIDE, Stack, load_pixels, read_serie
 from spinegrade.errors import DicomReadError, SpinegradeError
 from spinegrade.progress import Progress
 
-PREPROCESS_VERSION = 3  # 3: window applied after the crop; tiny slices and points off the image skipped
+PREPROCESS_VERSION = 4  # 4: whole slices keep their shape; 3: window after the crop, tiny slices skipped
 # Intensity window: robust to the scanner's arbitrary scale and to a few hot pixels.
 LOW_PERCENTILE, HIGH_PERCENTILE = 1.0, 99.5
 
@@ -88,6 +88,71 @@ def window_to_uint8(pixels: np.ndarray) -> np.ndarray:
     return apply_window(pixels, window_limits(pixels))
 
 
+@dataclass(frozen=True)
+class SquareView:
+    """Where a whole slice sits in a square model input, in millimetres rather than pixels.
+
+    The square shows ``field_mm`` (by default the slice's longer side) centred on the slice's
+    centre: the slice is resized to that scale along both axes, black around it, cut where it is
+    larger. So the anatomy keeps its shape whatever the slice's matrix, aspect ratio or pixel
+    spacing, and with a fixed ``field_mm`` (the localiser's) its size too. Squashing each slice into
+    the square instead made a localiser trained on square slices miss by 17 mm (median) on the
+    same slices padded to 4:3. Fields may be numpy arrays (one view per row of a table).
+    """
+
+    rows: int | np.ndarray  # the slice's size in pixels
+    cols: int | np.ndarray
+    width: int | np.ndarray  # the slice's size in the square, in its pixels
+    height: int | np.ndarray
+    left: int | np.ndarray  # the slice's top-left corner in the square
+    top: int | np.ndarray
+    size: int  # the square's side
+
+    @classmethod
+    def of(cls, shape: tuple[int, int], pixel_spacing: tuple[float, float], size: int,
+           field_mm: float | None = None) -> "SquareView":
+        """``field_mm`` None: the slice's own longer side (the whole slice, its shape kept)."""
+        rows, cols = shape
+        height_mm, width_mm = rows * pixel_spacing[0], cols * pixel_spacing[1]
+        field_mm = field_mm or max(height_mm, width_mm)
+        width, height = max(1, round(size * width_mm / field_mm)), max(1, round(size * height_mm / field_mm))
+        return cls(rows, cols, width, height, (size - width) // 2, (size - height) // 2, size)
+
+    @classmethod
+    def columns(cls, table: pd.DataFrame, size: int, trailing_axes: int = 0) -> "SquareView":
+        """The views of every row of a table with the ``view_*`` columns :meth:`as_dict` writes, as
+        arrays of shape (N, 1, ...) with ``trailing_axes`` ones, to broadcast against (N, ...) points."""
+        shape = (-1,) + (1,) * trailing_axes
+        return cls(*(table[f"view_{k}"].to_numpy().reshape(shape)
+                     for k in ("rows", "cols", "width", "height", "left", "top")), size)
+
+    def as_dict(self) -> dict:
+        return {"view_rows": self.rows, "view_cols": self.cols, "view_width": self.width, "view_height": self.height,
+                "view_left": self.left, "view_top": self.top}
+
+    def render(self, pixels: np.ndarray, limits: tuple[float, float] | None = None) -> np.ndarray:
+        """The slice resized into its place in the square, then windowed (``limits``: the slice's
+        own window by default): uint8 (size, size), black around the slice."""
+        limits = limits or window_limits(pixels)
+        canvas = np.full((self.size, self.size), limits[0], np.float32)  # the window's black
+        resized = cv2.resize(np.asarray(pixels, dtype=np.float32), (self.width, self.height),
+                             interpolation=cv2.INTER_AREA)
+        top, left = max(self.top, 0), max(self.left, 0)  # negative: the slice is cut on that side
+        bottom, right = min(self.top + self.height, self.size), min(self.left + self.width, self.size)
+        canvas[top:bottom, left:right] = resized[top - self.top:bottom - self.top, left - self.left:right - self.left]
+        return apply_window(canvas, limits)
+
+    def to_unit(self, x, y):
+        """Pixel coordinates of the slice (centre of the first pixel at 0) -> [0, 1] of the square."""
+        return ((self.left + (x + 0.5) * self.width / self.cols) / self.size,
+                (self.top + (y + 0.5) * self.height / self.rows) / self.size)
+
+    def to_pixels(self, u, v):
+        """The inverse of :meth:`to_unit`."""
+        return ((u * self.size - self.left) * self.cols / self.width - 0.5,
+                (v * self.size - self.top) * self.rows / self.height - 0.5)
+
+
 def prepare_image(pixels: np.ndarray, pixel_spacing: tuple[float, float], x: float, y: float,
                   settings: PreprocessSettings, size: int | None = None,
                   limits: tuple[float, float] | None = None) -> np.ndarray:
@@ -99,8 +164,8 @@ def prepare_image(pixels: np.ndarray, pixel_spacing: tuple[float, float], x: flo
     limits = limits or window_limits(pixels)
     size = size or settings.image_size
     image = np.asarray(pixels, dtype=np.float32)
-    if settings.input == "full":
-        return apply_window(cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA), limits)
+    if settings.input == "full":  # the whole slice, its shape kept
+        return SquareView.of(image.shape, pixel_spacing, size).render(image, limits)
     row_spacing, col_spacing = pixel_spacing
     mm_per_output_pixel = settings.mm_per_pixel
     sx, sy = col_spacing / mm_per_output_pixel, row_spacing / mm_per_output_pixel
