@@ -66,3 +66,10 @@ def test_batch_transfer_benchmark_runs(synth_dataset):
                    "--rounds", "2", "--settle", "0.3")
     assert figures["dataloader_us_per_batch"] > 0 and figures["ring_us_per_batch"] > 0
     assert figures["ring_reused_buffer_us_per_batch"] > 0
+
+
+def test_storage_invariance_benchmark_runs(trained_run):
+    figures = _run("storage_invariance.py", "--data-dir", str(trained_run["data"]), "--output-dir", str(trained_run["out"]),
+                   "--answers", str(trained_run["answers"] / "test.csv"), "--variants", "4:3, centred", "8 bits")
+    assert [r["variant"] for r in figures["rows"]] == ["as stored", "4:3, centred", "8 bits"]
+    assert all(r["studies"] == 5 and r["spinal"] > 0 for r in figures["rows"])

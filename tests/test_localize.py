@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pydicom
-from dicom_factory import restored
 
 from spinegrade.data.dicom import main_stack, read_series
 from spinegrade.data.preprocess import PreprocessSettings, SquareView, prepare_image
+from spinegrade.data.restore import Storage, restore
 from spinegrade.localize import LocalizerEnsemble
 
 
@@ -80,10 +79,9 @@ def test_points_stay_put_when_the_slices_are_stored_on_another_matrix(trained_ru
     for row in series.itertuples():
         folder = data / "test_images" / str(row.study_id) / str(row.series_id)
         copy = tmp_path / str(row.series_id)
+        storage = Storage(pad_columns=(1 / 6, 1 / 6), row_scale=0.75, monochrome1=True, rescale=(0.5, -1024.0))
         for path in sorted(folder.iterdir()):
-            pad = int(pydicom.dcmread(path, stop_before_pixels=True).Columns) // 6
-            restored(path, copy / path.name, pad_columns=(pad, pad), row_scale=0.75, monochrome1=True,
-                     rescale=(0.5, -1024.0))
+            restore(path, copy / path.name, storage)
         stacks = [main_stack(read_series(f, with_pixels=False)) for f in (folder, copy)]
         rows, cols = stacks[1].slices[0].shape
         assert cols > 1.6 * rows  # really stored on another matrix
@@ -97,3 +95,22 @@ def test_points_stay_put_when_the_slices_are_stored_on_another_matrix(trained_ru
     # The 64-pixel input is about 4 mm a pixel: resampling alone moves a point by about 1.5 mm
     # (median). Squashing each slice into the square instead moved them by about 4 mm.
     assert np.median(shifts) < 2.5, shifts
+
+
+def test_restored_files_keep_the_anatomy_in_patient_space(tmp_path):
+    from dicom_factory import write_mr
+
+    from spinegrade.data.dicom import read_slice
+
+    pixels = np.full((40, 30), 100, np.uint16)
+    pixels[25, 7] = 3000  # one bright pixel: where it is in patient space must not change
+    original = read_slice(write_mr(tmp_path / "a.dcm", pixels, instance=1, position=(3.0, -20.0, 40.0)))
+    bright = original.pixel_to_patient(7, 25)
+    for storage in (Storage(pad_columns=(0.25, 0.1)), Storage(row_scale=0.5), Storage(monochrome1=True, rescale=(0.5, -1024.0)),
+                    Storage(bits=8), Storage(pad_columns=(0.2, 0.2), row_scale=2.0, monochrome1=True)):
+        s = read_slice(restore(original.path, tmp_path / "b.dcm", storage))
+        row, col = np.unravel_index(np.argmax(s.pixels), s.pixels.shape)
+        moved = np.linalg.norm(s.pixel_to_patient(col, row) - bright)
+        assert moved <= max(s.pixel_spacing) / 2 + 1e-6, (storage, moved)
+        if storage.row_scale == 1.0:
+            assert s.shape[0] == 40 and (s.pixels == s.pixels.max()).sum() == 1  # still one bright pixel

@@ -1,0 +1,90 @@
+"""Store a DICOM slice as another scanner might, with the anatomy left where it is in patient space.
+
+Datasets in the RSNA layout differ in how they store the same anatomy: matrix and aspect ratio,
+pixel spacing, photometric interpretation, signed values with a rescale, bit depth. Results should
+depend on the anatomy alone. These rewrites let the tests and `benchmarks/storage_invariance.py`
+check that on real files: each keeps ImagePositionPatient and PixelSpacing consistent with the
+new pixels, so a point in patient space lands on the same anatomy before and after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How to store a slice. ``pad_columns``: fractions of the width added as black on the left and
+    right; ``row_scale``: the rows resampled to this fraction of their number (taller pixels);
+    ``rescale``: (slope, intercept) with signed stored values; ``bits``: 16 or 8."""
+
+    pad_columns: tuple[float, float] = (0.0, 0.0)
+    row_scale: float = 1.0
+    monochrome1: bool = False
+    rescale: tuple[float, float] | None = None
+    bits: int = 16
+
+
+def restore(src: Path, dst: Path, storage: Storage) -> Path:
+    """Write ``src`` stored as ``storage`` says to ``dst``."""
+    ds = pydicom.dcmread(src)
+    values = ds.pixel_array.astype(np.float64)
+    row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
+    position = np.array([float(v) for v in ds.ImagePositionPatient])
+    orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
+    if storage.row_scale != 1.0:
+        rows = max(1, int(round(values.shape[0] * storage.row_scale)))
+        actual = rows / values.shape[0]
+        values = cv2.resize(values, (values.shape[1], rows), interpolation=cv2.INTER_AREA)
+        # The first row's centre moves by half a new pixel less half an old one.
+        position = position + (0.5 / actual - 0.5) * row_spacing * orientation[3:]
+        row_spacing /= actual
+    left, right = (int(round(f * values.shape[1])) for f in storage.pad_columns)
+    values = np.pad(values, ((0, 0), (left, right)))
+    position = position - left * col_spacing * orientation[:3]
+    if storage.monochrome1:
+        values = values.max() - values
+    signed = storage.rescale is not None
+    if signed:
+        slope, intercept = storage.rescale
+        values = (values - intercept) / slope  # a reader's values are stored * slope + intercept
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if storage.bits == 8:
+        values = (values - values.min()) * (255.0 / max(np.ptp(values), 1e-6))
+        dtype = np.int8 if signed else np.uint8
+        values = values - 128 if signed else values
+    else:
+        dtype = np.int16 if signed else np.uint16
+    stored = np.round(values).astype(dtype)
+    ds.BitsAllocated = ds.BitsStored = storage.bits
+    ds.HighBit = storage.bits - 1
+    ds.PixelRepresentation = int(signed)
+    ds.PhotometricInterpretation = "MONOCHROME1" if storage.monochrome1 else "MONOCHROME2"
+    ds.PixelSpacing = [round(row_spacing, 6), round(col_spacing, 6)]
+    ds.ImagePositionPatient = [round(float(v), 4) for v in position]
+    ds.Rows, ds.Columns = stored.shape
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.PixelData = stored.tobytes()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dst, enforce_file_format=True)
+    return dst
+
+
+def restore_split(data_dir: Path, target: Path, storage: Storage, split: str = "test") -> Path:
+    """A copy of ``data_dir`` whose ``{split}_images`` are stored as ``storage`` says; every other
+    file and folder is linked, not copied."""
+    target.mkdir(parents=True)
+    images = f"{split}_images"
+    for entry in data_dir.iterdir():
+        if entry.name != images:
+            (target / entry.name).symlink_to(entry.resolve())
+    for path in sorted((data_dir / images).rglob("*")):
+        if path.is_file():
+            restore(path, target / images / path.relative_to(data_dir / images), storage)
+    return target
