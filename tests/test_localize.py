@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from spinegrade.data.dicom import main_stack, read_series
-from spinegrade.data.preprocess import PreprocessSettings, SquareView, prepare_image
+from spinegrade.data.preprocess import PreprocessSettings, SquareView, content_box, prepare_image, window_limits
 from spinegrade.data.restore import Storage, restore
 from spinegrade.localize import LocalizerEnsemble
 
@@ -50,6 +50,20 @@ def test_whole_slice_input_keeps_the_slice_shape():
     disc = np.argwhere(image > 128)
     height, width = np.ptp(disc, axis=0) + 1
     assert abs(int(height) - int(width)) <= 1  # still a disc, not an ellipse
+
+
+def test_black_bands_on_one_side_do_not_move_the_anatomy():
+    rng = np.random.default_rng(0)
+    anatomy = _disc_phantom((60, 80), (0.5, 0.5), (25.0, 12.0), radius_mm=8.0)
+    slice_ = anatomy + rng.normal(0, 5, anatomy.shape).astype(np.float32)  # noise everywhere, as in any real image
+    padded = np.pad(slice_, ((5, 0), (30, 0)))  # black bands on the top and the left
+    assert content_box(padded) == (5, 65, 30, 110) and content_box(slice_) == (0, 60, 0, 80)
+    a = SquareView.fitted(slice_, (0.5, 0.5), 64, field_mm=50.0)
+    b = SquareView.fitted(padded, (0.5, 0.5), 64, field_mm=50.0)
+    x, y = np.array([0.0, 40.0, 79.0]), np.array([0.0, 30.0, 59.0])
+    np.testing.assert_allclose(a.to_unit(x, y), b.to_unit(x + 30, y + 5), atol=1 / 64)
+    shown = [a.render(slice_).astype(int), b.render(padded, window_limits(slice_)).astype(int)]
+    assert np.abs(shown[0] - shown[1]).mean() < 3  # the same picture, but for resampling
 
 
 def test_square_view_coordinates_round_trip():

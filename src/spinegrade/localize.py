@@ -110,7 +110,7 @@ def _prepare_study(args) -> dict | str:
     if isinstance(found, str):
         return found
     s, k, stack_length = found
-    view = SquareView.of(s.shape, s.pixel_spacing, size, field_mm)
+    view = SquareView.fitted(s.pixels, s.pixel_spacing, size, field_mm)
     return {"study_id": row["study_id"], "image": view.render(s.pixels), "slice_index": k,
             "stack_length": stack_length, "rows": s.shape[0], "cols": s.shape[1],
             "row_spacing": s.pixel_spacing[0], "col_spacing": s.pixel_spacing[1], **view.as_dict()}
@@ -161,7 +161,7 @@ class PointDataset(Dataset):
         normalise = A.Normalize(mean=mean, std=std, max_pixel_value=255.0)
         if train:
             self.transform = A.Compose(
-                [A.Affine(rotate=(-10, 10), scale=(0.9, 1.1), translate_percent=(-0.2, 0.2), p=0.8),
+                [A.Affine(rotate=(-10, 10), scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), p=0.8),
                  A.RandomBrightnessContrast(p=0.5), normalise],
                 seed=seed, keypoint_params=A.KeypointParams(format="xy", remove_invisible=False))
         else:
@@ -380,8 +380,9 @@ class LocalizerEnsemble:
     def locate(self, stack: Stack) -> LocatedLevels:
         k = self.choose_slice(stack)
         s = stack.slices[k]
-        view = SquareView.of(s.shape, s.pixel_spacing, self.size, self.field_mm)
-        image = view.render(load_pixels(s)).astype(np.float32) / 255.0  # only this slice is decoded
+        pixels = load_pixels(s)  # only this slice is decoded
+        view = SquareView.fitted(pixels, s.pixel_spacing, self.size, self.field_mm)
+        image = view.render(pixels).astype(np.float32) / 255.0
         tensor = torch.from_numpy(np.stack([(image - m) / sd for m, sd in zip(self.mean, self.std)]))[None]
         with torch.inference_mode():
             normalised = np.mean([m(tensor.to(self.device)).cpu().numpy()[0] for m in self.models], axis=0)

@@ -1,4 +1,4 @@
-"""The only module that touches pydicom: read DICOM slices and series with their geometry.
+"""The pipeline's only DICOM reader: DICOM slices and series with their geometry.
 
 Slice order in a series is taken from geometry, never from file names or instance numbers: the
 real data has instance numbers that start at 5031 and sagittal series that run right-to-left as

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -36,7 +37,7 @@ from spinegrade.data.dicom import MIN_IMAGE_SIDE, Stack, load_pixels, read_serie
 from spinegrade.errors import DicomReadError, SpinegradeError
 from spinegrade.progress import Progress
 
-PREPROCESS_VERSION = 4  # 4: whole slices keep their shape; 3: window after the crop, tiny slices skipped
+PREPROCESS_VERSION = 4  # 4: whole slices keep their shape, padding outside the window; 3: window after the crop
 # Intensity window: robust to the scanner's arbitrary scale and to a few hot pixels.
 LOW_PERCENTILE, HIGH_PERCENTILE = 1.0, 99.5
 
@@ -71,8 +72,22 @@ class PreprocessSettings:
 WINDOW_SAMPLE_PIXELS = 65536
 
 
+def content_box(pixels: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right), ends excluded: the slice without the rows and columns at its edges
+    that hold one single value. Those are padding (a scanner's rectangular field of view filled
+    out, an image pasted on a larger matrix), never anatomy: even air has noise."""
+    varying_rows = np.flatnonzero(np.ptp(pixels, axis=1) > 0)
+    varying_cols = np.flatnonzero(np.ptp(pixels, axis=0) > 0)
+    if len(varying_rows) == 0 or len(varying_cols) == 0:
+        return 0, pixels.shape[0], 0, pixels.shape[1]
+    return int(varying_rows[0]), int(varying_rows[-1]) + 1, int(varying_cols[0]), int(varying_cols[-1]) + 1
+
+
 def window_limits(pixels: np.ndarray) -> tuple[float, float]:
-    """The slice's intensity window: its 1st and 99.5th percentiles (robust to scanner scale and hot pixels)."""
+    """The slice's intensity window: the 1st and 99.5th percentiles of its content (robust to scanner
+    scale and hot pixels; black padding, left out by :func:`content_box`, would drag the 1st down)."""
+    top, bottom, left, right = content_box(pixels)
+    pixels = pixels[top:bottom, left:right]
     stride = max(1, int(np.sqrt(pixels.size / WINDOW_SAMPLE_PIXELS)))
     lo, hi = np.percentile(pixels[::stride, ::stride], [LOW_PERCENTILE, HIGH_PERCENTILE])
     return float(lo), float(hi)
@@ -84,39 +99,47 @@ def apply_window(values: np.ndarray, limits: tuple[float, float]) -> np.ndarray:
     return np.clip(scaled, 0, 255, out=scaled).astype(np.uint8)
 
 
-def window_to_uint8(pixels: np.ndarray) -> np.ndarray:
-    return apply_window(pixels, window_limits(pixels))
-
-
 @dataclass(frozen=True)
 class SquareView:
     """Where a whole slice sits in a square model input, in millimetres rather than pixels.
 
-    The square shows ``field_mm`` (by default the slice's longer side) centred on the slice's
-    centre: the slice is resized to that scale along both axes, black around it, cut where it is
-    larger. So the anatomy keeps its shape whatever the slice's matrix, aspect ratio or pixel
-    spacing, and with a fixed ``field_mm`` (the localiser's) its size too. Squashing each slice into
-    the square instead made a localiser trained on square slices miss by 17 mm (median) on the
-    same slices padded to 4:3. Fields may be numpy arrays (one view per row of a table).
+    The square shows ``field_mm`` (by default the longer side of the slice's content) centred on
+    the slice's content: the slice is resized to that scale along both axes, black around it, cut
+    where it is larger. So the anatomy keeps its shape whatever the slice's matrix, aspect ratio or
+    pixel spacing, and with a fixed ``field_mm`` (the localiser's) its size too. Squashing each
+    slice into the square instead made a localiser trained on square slices miss by 17 mm (median)
+    on the same slices padded to 4:3. The content is the slice less its padding (:func:`content_box`),
+    so black bands added on one side do not push the anatomy off-centre. Fields may be numpy arrays
+    (one view per row of a table).
     """
 
     rows: int | np.ndarray  # the slice's size in pixels
     cols: int | np.ndarray
     width: int | np.ndarray  # the slice's size in the square, in its pixels
     height: int | np.ndarray
-    left: int | np.ndarray  # the slice's top-left corner in the square
+    left: int | np.ndarray  # the slice's top-left corner in the square (negative: cut on that side)
     top: int | np.ndarray
     size: int  # the square's side
 
     @classmethod
     def of(cls, shape: tuple[int, int], pixel_spacing: tuple[float, float], size: int,
-           field_mm: float | None = None) -> "SquareView":
-        """``field_mm`` None: the slice's own longer side (the whole slice, its shape kept)."""
+           field_mm: float | None = None, content: tuple[int, int, int, int] | None = None) -> "SquareView":
+        """``content``: (top, bottom, left, right) pixel rows and columns, ends excluded, to centre
+        and measure (the whole slice by default); ``field_mm`` None: the content's longer side."""
         rows, cols = shape
-        height_mm, width_mm = rows * pixel_spacing[0], cols * pixel_spacing[1]
-        field_mm = field_mm or max(height_mm, width_mm)
-        width, height = max(1, round(size * width_mm / field_mm)), max(1, round(size * height_mm / field_mm))
-        return cls(rows, cols, width, height, (size - width) // 2, (size - height) // 2, size)
+        top, bottom, left, right = content or (0, rows, 0, cols)
+        field_mm = field_mm or max((bottom - top) * pixel_spacing[0], (right - left) * pixel_spacing[1])
+        width = max(1, round(size * cols * pixel_spacing[1] / field_mm))
+        height = max(1, round(size * rows * pixel_spacing[0] / field_mm))
+        # The content's centre (in pixel edges: the slice spans 0..cols) lands on the square's centre.
+        return cls(rows, cols, width, height, math.floor(size / 2 - (left + right) / 2 * width / cols),
+                   math.floor(size / 2 - (top + bottom) / 2 * height / rows), size)
+
+    @classmethod
+    def fitted(cls, pixels: np.ndarray, pixel_spacing: tuple[float, float], size: int,
+               field_mm: float | None = None) -> "SquareView":
+        """The view of a decoded slice: centred on its content, padding left out."""
+        return cls.of(pixels.shape, pixel_spacing, size, field_mm, content_box(pixels))
 
     @classmethod
     def columns(cls, table: pd.DataFrame, size: int, trailing_axes: int = 0) -> "SquareView":
