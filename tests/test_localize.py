@@ -3,8 +3,11 @@ to the grading models and is found in the same place by the localiser."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
+import pydicom
 
 from spinegrade.data.dicom import main_stack, read_series
 from spinegrade.data.preprocess import PreprocessSettings, SquareView, content_box, prepare_image, window_limits
@@ -128,3 +131,24 @@ def test_restored_files_keep_the_anatomy_in_patient_space(tmp_path):
         assert moved <= max(s.pixel_spacing) / 2 + 1e-6, (storage, moved)
         if storage.row_scale == 1.0:
             assert s.shape[0] == 40 and (s.pixels == s.pixels.max()).sum() == 1  # still one bright pixel
+
+
+def test_one_slice_with_a_wrong_pixel_spacing_does_not_set_the_field(dataset_copy):
+    """The field is a high percentile of the slices' sizes, not the largest: a slice whose PixelSpacing
+    claims 5 mm pixels would otherwise shrink every other slice's anatomy to a fifth."""
+    from spinegrade.localize import localizer_samples, prepare_localizer_data
+
+    samples = localizer_samples(dataset_copy)
+    odd = samples.iloc[0]
+    for path in Path(odd["series_dir"]).iterdir():
+        ds = pydicom.dcmread(path)
+        ds.PixelSpacing = [5 * float(v) for v in ds.PixelSpacing]
+        ds.save_as(path)
+    lines = []
+    images, meta, field_mm = prepare_localizer_data(samples, 64, log=lines.append)
+    sides = np.maximum(meta["rows"] * meta["row_spacing"], meta["cols"] * meta["col_spacing"])
+    normal = sides[meta["study_id"] != odd["study_id"]]
+    assert normal.max() * 0.9 <= field_mm <= normal.max()
+    assert any(f"study {odd['study_id']}" in line and "outside the localiser's" in line for line in lines), lines
+    kept = meta[meta["study_id"] != odd["study_id"]]
+    assert kept[[c for c in meta.columns if c.endswith("_u")]].notna().all().all()  # nothing else cut

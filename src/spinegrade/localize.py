@@ -41,6 +41,7 @@ from spinegrade.models.classifier import input_statistics, load_pretrained, load
 from spinegrade.models.localizer import LevelLocalizer, LocalizerSpec, heatmap_loss, soft_argmax
 
 LOCALIZER_NAME = "localizer"
+FIELD_PERCENTILE = 95  # of the training slices' longer sides: the localiser's field (prepare_localizer_data)
 
 
 def localizer_dir(output_dir: Path) -> Path:
@@ -126,11 +127,16 @@ def _map(function, jobs: list) -> list:
 
 def prepare_localizer_data(samples: pd.DataFrame, size: int, log=print) -> tuple[np.ndarray, pd.DataFrame, float]:
     """Each study's labelled slice in its :class:`SquareView`, decoded once, with the points
-    normalised to [0, 1] of that view; and the view's field in mm (the largest labelled slice, from
-    the headers alone: a first pass, so that every slice is rendered at the same scale)."""
+    normalised to [0, 1] of that view; and the view's field in mm.
+
+    The field is the 95th percentile of the labelled slices' longer sides, read from the headers in
+    a first pass so that every slice is rendered at the same scale. Not the largest: one slice with
+    a wrong PixelSpacing would shrink every other slice's anatomy. The few larger slices are cut at
+    their edges, and a point that falls outside the field is left out of training like an
+    unlabelled one."""
     rows = samples.to_dict("records")
     extents = [e for e in _map(_slice_extent_mm, rows) if not isinstance(e, str)]
-    field_mm = max(extents) if extents else None
+    field_mm = float(np.percentile(extents, FIELD_PERCENTILE, method="lower")) if extents else None
     results = _map(_prepare_study, [(r, size, field_mm) for r in rows])
     kept, images = [], []
     for r in results:
@@ -143,15 +149,20 @@ def prepare_localizer_data(samples: pd.DataFrame, size: int, log=print) -> tuple
         return np.zeros((0, size, size), np.uint8), pd.DataFrame(), field_mm
     meta = pd.DataFrame(kept).merge(samples, on="study_id")
     view = SquareView.columns(meta, size)
-    for level in LEVELS:
+    on_image = _on_image(meta)
+    for k, level in enumerate(LEVELS):
         x, y = meta[f"{level}_x"], meta[f"{level}_y"]
-        inside = (x >= -0.5) & (x <= meta["cols"] - 0.5) & (y >= -0.5) & (y <= meta["rows"] - 0.5)
-        outside = ~inside & x.notna() & y.notna()
+        outside = ~on_image[:, k] & x.notna().to_numpy() & y.notna().to_numpy()
         for r in meta[outside].itertuples():
             log(f"skipped point: study {r.study_id} {level_title(level)} at ({getattr(r, f'{level}_x')}, "
                 f"{getattr(r, f'{level}_y')}) lies outside its {r.cols}x{r.rows} image")
         u, v = view.to_unit(x.to_numpy(), y.to_numpy())
-        meta[f"{level}_u"], meta[f"{level}_v"] = np.where(outside, np.nan, u), np.where(outside, np.nan, v)  # NaN: unlabelled
+        cut = on_image[:, k] & ~((u >= 0) & (u <= 1) & (v >= 0) & (v <= 1))
+        for r in meta[cut].itertuples():
+            log(f"skipped point: study {r.study_id} {level_title(level)} lies outside the localiser's "
+                f"{field_mm:.0f} mm field (its slice is {r.rows * r.row_spacing:.0f} x {r.cols * r.col_spacing:.0f} mm)")
+        unused = ~on_image[:, k] | cut
+        meta[f"{level}_u"], meta[f"{level}_v"] = np.where(unused, np.nan, u), np.where(unused, np.nan, v)  # NaN: unlabelled
     return np.stack(images), meta, field_mm
 
 
@@ -186,6 +197,14 @@ class PointDataset(Dataset):
         return image, torch.from_numpy(moved), torch.from_numpy(known)
 
 
+def _on_image(meta: pd.DataFrame) -> np.ndarray:
+    """(N, 5): the level has a labelled point, and it lies on its slice."""
+    x = np.stack([meta[f"{lv}_x"].to_numpy(dtype=float) for lv in LEVELS], axis=1)
+    y = np.stack([meta[f"{lv}_y"].to_numpy(dtype=float) for lv in LEVELS], axis=1)
+    cols, rows = meta["cols"].to_numpy()[:, None], meta["rows"].to_numpy()[:, None]
+    return (x >= -0.5) & (x <= cols - 0.5) & (y >= -0.5) & (y <= rows - 0.5)  # False where NaN
+
+
 def _in_pixels(pred: np.ndarray, meta: pd.DataFrame, size: int) -> np.ndarray:
     """(N, 5, 2) predictions normalised to each row's square view -> pixel coordinates of its slice."""
     x, y = SquareView.columns(meta, size, trailing_axes=1).to_pixels(pred[..., 0], pred[..., 1])
@@ -196,7 +215,7 @@ def _errors_mm(pred: np.ndarray, meta: pd.DataFrame, size: int) -> np.ndarray:
     """(N, 5) distance between predicted and labelled points in millimetres."""
     pixels = _in_pixels(pred, meta, size)
     true = np.stack([meta[[f"{lv}_x", f"{lv}_y"]].to_numpy(dtype=float) for lv in LEVELS], axis=1)
-    true = np.where(np.isfinite(np.stack([meta[[f"{lv}_u", f"{lv}_v"]].to_numpy() for lv in LEVELS], axis=1)), true, np.nan)
+    true = np.where(_on_image(meta)[..., None], true, np.nan)  # points cut from the field still count
     dx = (pixels[..., 0] - true[..., 0]) * meta["col_spacing"].to_numpy()[:, None]
     dy = (pixels[..., 1] - true[..., 1]) * meta["row_spacing"].to_numpy()[:, None]
     return np.hypot(dx, dy)
