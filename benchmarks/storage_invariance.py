@@ -32,7 +32,7 @@ VARIANTS = {
     "4:3, centred": Storage(pad_columns=(1 / 6, 1 / 6)),
     "4:3, off-centre": Storage(pad_columns=(0.0, 1 / 3)),
     "pixels 1.33x taller": Storage(row_scale=0.75),
-    "MONOCHROME1, signed, rescaled": Storage(monochrome1=True, rescale=(0.5, -1024.0)),
+    "MONOCHROME1, signed, rescaled": Storage(monochrome1=True, rescale=(0.5, 1024.0)),
     "8 bits": Storage(bits=8),
 }
 

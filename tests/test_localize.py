@@ -96,7 +96,7 @@ def test_points_stay_put_when_the_slices_are_stored_on_another_matrix(trained_ru
     for row in series.itertuples():
         folder = data / "test_images" / str(row.study_id) / str(row.series_id)
         copy = tmp_path / str(row.series_id)
-        storage = Storage(pad_columns=(1 / 6, 1 / 6), row_scale=0.75, monochrome1=True, rescale=(0.5, -1024.0))
+        storage = Storage(pad_columns=(1 / 6, 1 / 6), row_scale=0.75, monochrome1=True, rescale=(0.5, 1024.0))
         for path in sorted(folder.iterdir()):
             restore(path, copy / path.name, storage)
         stacks = [main_stack(read_series(f, with_pixels=False)) for f in (folder, copy)]
@@ -123,7 +123,7 @@ def test_restored_files_keep_the_anatomy_in_patient_space(tmp_path):
     pixels[25, 7] = 3000  # one bright pixel: where it is in patient space must not change
     original = read_slice(write_mr(tmp_path / "a.dcm", pixels, instance=1, position=(3.0, -20.0, 40.0)))
     bright = original.pixel_to_patient(7, 25)
-    for storage in (Storage(pad_columns=(0.25, 0.1)), Storage(row_scale=0.5), Storage(monochrome1=True, rescale=(0.5, -1024.0)),
+    for storage in (Storage(pad_columns=(0.25, 0.1)), Storage(row_scale=0.5), Storage(monochrome1=True, rescale=(0.5, 1024.0)),
                     Storage(bits=8), Storage(pad_columns=(0.2, 0.2), row_scale=2.0, monochrome1=True)):
         s = read_slice(restore(original.path, tmp_path / "b.dcm", storage))
         row, col = np.unravel_index(np.argmax(s.pixels), s.pixels.shape)
@@ -131,6 +131,14 @@ def test_restored_files_keep_the_anatomy_in_patient_space(tmp_path):
         assert moved <= max(s.pixel_spacing) / 2 + 1e-6, (storage, moved)
         if storage.row_scale == 1.0:
             assert s.shape[0] == 40 and (s.pixels == s.pixels.max()).sum() == 1  # still one bright pixel
+        if storage.rescale is not None:
+            assert pydicom.dcmread(tmp_path / "b.dcm").pixel_array.min() < 0  # really signed values on disk
+    # A file that is itself MONOCHROME1 with a rescale is read for what it means before it is stored again.
+    odd = read_slice(write_mr(tmp_path / "c.dcm", pixels.max() - pixels, instance=1, position=(3.0, -20.0, 40.0),
+                              monochrome1=True, rescale=(2.0, 5.0)))
+    again = read_slice(restore(odd.path, tmp_path / "d.dcm", Storage()))
+    np.testing.assert_allclose(again.pixels, odd.pixels)
+    assert np.unravel_index(np.argmax(again.pixels), again.shape) == (25, 7)
 
 
 def test_one_slice_with_a_wrong_pixel_spacing_does_not_set_the_field(dataset_copy):
@@ -152,3 +160,17 @@ def test_one_slice_with_a_wrong_pixel_spacing_does_not_set_the_field(dataset_cop
     assert any(f"study {odd['study_id']}" in line and "outside the localiser's" in line for line in lines), lines
     kept = meta[meta["study_id"] != odd["study_id"]]
     assert kept[[c for c in meta.columns if c.endswith("_u")]].notna().all().all()  # nothing else cut
+
+
+def test_a_hot_pixel_on_a_flat_slice_is_not_content():
+    flat = np.zeros((512, 512), np.float32)
+    flat[100, 200] = 4000.0
+    assert content_box(flat) == (0, 512, 0, 512)
+    view = SquareView.fitted(flat, (0.5, 0.5), 64)
+    assert (view.width, view.height) == (64, 64)  # the whole slice, not a 1-pixel field blown up
+
+
+def test_localisers_from_before_field_mm_still_see_the_squashed_slice():
+    view = SquareView.squashed((300, 400), 64)
+    u, v = np.array([0.0, 0.5, 1.0]), np.array([0.25, 0.5, 0.75])
+    np.testing.assert_allclose(view.to_pixels(u, v), (u * 400 - 0.5, v * 300 - 0.5))  # the old mapping

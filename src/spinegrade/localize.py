@@ -376,7 +376,7 @@ class LocalizerEnsemble:
         if not folds:
             raise SpinegradeError(f"{root}: no trained localiser (run `spinegrade train-localizer` / `make train-localizer`)")
         self.device = select_device(device)
-        self.models, self.size = [], None
+        self.models, self.size, fields = [], None, set()
         for folder in folds:
             spec = json.loads((folder / "localizer.json").read_text())
             model = LevelLocalizer(LocalizerSpec(spec["backbone"], spec.get("channels", 64),
@@ -384,7 +384,11 @@ class LocalizerEnsemble:
             load_state(model, folder / "best.safetensors")
             self.models.append(model.to(self.device).eval())
             self.size, self.mean, self.std = int(spec["image_size"]), spec["mean"], spec["std"]
-            self.field_mm = spec.get("field_mm")  # absent: a localiser that saw each whole slice
+            fields.add(spec.get("field_mm"))  # absent: a localiser that saw each slice squashed
+        if len(fields) > 1:
+            raise SpinegradeError(f"{root}: fold localisers were trained on different fields ({sorted(map(str, fields))} mm); "
+                                  "train the localiser again")
+        self.field_mm = fields.pop()
         choice = root / "slice_choice.json"
         if not choice.is_file():
             raise SpinegradeError(f"{root}: the localiser's training did not finish (no slice_choice.json)")
@@ -400,7 +404,8 @@ class LocalizerEnsemble:
         k = self.choose_slice(stack)
         s = stack.slices[k]
         pixels = load_pixels(s)  # only this slice is decoded
-        view = SquareView.fitted(pixels, s.pixel_spacing, self.size, self.field_mm)
+        view = (SquareView.fitted(pixels, s.pixel_spacing, self.size, self.field_mm) if self.field_mm
+                else SquareView.squashed(pixels.shape, self.size))
         image = view.render(pixels).astype(np.float32) / 255.0
         tensor = torch.from_numpy(np.stack([(image - m) / sd for m, sd in zip(self.mean, self.std)]))[None]
         with torch.inference_mode():

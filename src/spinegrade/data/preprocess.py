@@ -78,9 +78,12 @@ def content_box(pixels: np.ndarray) -> tuple[int, int, int, int]:
     out, an image pasted on a larger matrix), never anatomy: even air has noise."""
     varying_rows = np.flatnonzero(np.ptp(pixels, axis=1) > 0)
     varying_cols = np.flatnonzero(np.ptp(pixels, axis=0) > 0)
+    whole = 0, pixels.shape[0], 0, pixels.shape[1]
     if len(varying_rows) == 0 or len(varying_cols) == 0:
-        return 0, pixels.shape[0], 0, pixels.shape[1]
-    return int(varying_rows[0]), int(varying_rows[-1]) + 1, int(varying_cols[0]), int(varying_cols[-1]) + 1
+        return whole
+    box = int(varying_rows[0]), int(varying_rows[-1]) + 1, int(varying_cols[0]), int(varying_cols[-1]) + 1
+    # A few varying pixels on a flat slice (a marker, a hot pixel) are no content to centre on or scale to.
+    return box if min(box[1] - box[0], box[3] - box[2]) >= MIN_IMAGE_SIDE else whole
 
 
 def window_limits(pixels: np.ndarray) -> tuple[float, float]:
@@ -136,6 +139,12 @@ class SquareView:
                    math.floor(size / 2 - (top + bottom) / 2 * height / rows), size)
 
     @classmethod
+    def squashed(cls, shape: tuple[int, int], size: int) -> "SquareView":
+        """The whole slice resized to the square whatever its shape: how localisers trained before
+        ``field_mm`` existed saw every slice, kept so that they still see what they learnt on."""
+        return cls(shape[0], shape[1], size, size, 0, 0, size)
+
+    @classmethod
     def fitted(cls, pixels: np.ndarray, pixel_spacing: tuple[float, float], size: int,
                field_mm: float | None = None) -> "SquareView":
         """The view of a decoded slice: centred on its content, padding left out."""
@@ -144,7 +153,7 @@ class SquareView:
     @classmethod
     def columns(cls, table: pd.DataFrame, size: int, trailing_axes: int = 0) -> "SquareView":
         """The views of every row of a table with the ``view_*`` columns :meth:`as_dict` writes, as
-        arrays of shape (N, 1, ...) with ``trailing_axes`` ones, to broadcast against (N, ...) points."""
+        arrays of shape ``(N,) + (1,) * trailing_axes``, to broadcast against (N, ...) points."""
         shape = (-1,) + (1,) * trailing_axes
         return cls(*(table[f"view_{k}"].to_numpy().reshape(shape)
                      for k in ("rows", "cols", "width", "height", "left", "top")), size)

@@ -17,6 +17,8 @@ import numpy as np
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian
 
+from spinegrade.data.dicom import read_slice
+
 
 @dataclass(frozen=True)
 class Storage:
@@ -34,7 +36,10 @@ class Storage:
 def restore(src: Path, dst: Path, storage: Storage) -> Path:
     """Write ``src`` stored as ``storage`` says to ``dst``."""
     ds = pydicom.dcmread(src)
-    values = ds.pixel_array.astype(np.float64)
+    values = read_slice(src).pixels.astype(np.float64)  # what the file means: rescaled, bright is high
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        if keyword in ds:
+            delattr(ds, keyword)
     row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
     position = np.array([float(v) for v in ds.ImagePositionPatient])
     orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
@@ -61,7 +66,12 @@ def restore(src: Path, dst: Path, storage: Storage) -> Path:
         values = values - 128 if signed else values
     else:
         dtype = np.int16 if signed else np.uint16
-    stored = np.round(values).astype(dtype)
+    values = np.round(values)
+    limits = np.iinfo(dtype)
+    if values.min() < limits.min or values.max() > limits.max:
+        raise ValueError(f"{src}: stored values {values.min():g}..{values.max():g} do not fit {np.dtype(dtype).name} "
+                         f"with {storage}")
+    stored = values.astype(dtype)
     ds.BitsAllocated = ds.BitsStored = storage.bits
     ds.HighBit = storage.bits - 1
     ds.PixelRepresentation = int(signed)
