@@ -63,3 +63,12 @@ def trained_run(tmp_path_factory):
         for fold in range(3):
             train_fold(config, data, folds, out, fold, log=quiet)
     return {"data": data, "folds": folds, "out": out, "answers": root / "data-answers", "localizer_report": report}
+
+
+@pytest.fixture
+def logged(caplog):
+    """``logged()``: the messages the ``spinegrade`` logger emitted so far in this test (INFO and up)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="spinegrade")
+    return lambda: [r.getMessage() for r in caplog.records if r.name.startswith("spinegrade")]
