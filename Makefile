@@ -3,7 +3,8 @@
 #   make test                          the whole test suite
 #   make download                      the real competition data into input/ (Kaggle credentials)
 #   make index / make folds            data report / patient-grouped folds for DATA_DIR
-#   make train-fold BACKBONE=convnext FOLD=0    one backbone, one fold
+#   make train-fold BACKBONE=convnext FOLD=0    one backbone, one fold (CONDITIONS="spinal foraminal": groups;
+#                                                empty: every group that has a locator)
 #   make train BACKBONE=convnext                 one backbone, every fold
 #   make train-all                               every backbone of the method (BACKBONES), every fold
 #   make evaluate                                OOF metrics, plots and report.html for every trained backbone
@@ -29,6 +30,11 @@ BACKBONE ?= convnext
 FOLD ?= 0
 BACKBONES ?= vit swin beit efficientnet resnet152 convnext
 TRAIN_FLAGS ?=
+# Condition groups to train (spinal foraminal subarticular); empty: every group that has a locator.
+CONDITIONS ?=
+CONDITIONS_FLAG = $(if $(strip $(CONDITIONS)),--conditions $(CONDITIONS))
+# Groups whose locator exists (constants.GROUPS): the "localiser done" check covers each of them.
+LOCATOR_GROUPS ?= spinal
 # Training always resumes: finished folds are skipped, an unfinished one continues from its last epoch
 # (RESUME= starts unfinished folds over; TRAIN_FLAGS=--force retrains finished ones).
 RESUME ?= --resume
@@ -37,7 +43,7 @@ KERNELS_DIR ?= $(OUTPUT_DIR)/kernels
 KERNEL_NAME ?= spinegrade-rsna-2024
 KERNEL_FLAGS ?=
 DRY_RUN ?=
-LOCALIZER_DONE = $(OUTPUT_DIR)/trained_models/localizer/slice_choice.json
+LOCALIZER_DONE = $(foreach g,$(LOCATOR_GROUPS),$(OUTPUT_DIR)/trained_models/localizer/$(g)/slice_choice.json)
 
 # The demo keeps its own synthetic data beside (never over) a real download.
 DEMO_DATA ?= input/demo/rsna-2024-lumbar-spine-degenerative-classification
@@ -68,7 +74,7 @@ demo: install
 		--test-studies $(DEMO_TEST_STUDIES) --image-size 192 288 --seed 0
 	$(SPINEGRADE) index --data-dir $(DEMO_DATA)
 	$(SPINEGRADE) folds --data-dir $(DEMO_DATA) --n-folds $(N_FOLDS) --out $(DEMO_FOLDS)
-	@test -f $(DEMO_OUTPUT)/trained_models/localizer/slice_choice.json || $(SPINEGRADE) train-localizer \
+	@test -f $(DEMO_OUTPUT)/trained_models/localizer/spinal/slice_choice.json || $(SPINEGRADE) train-localizer \
 		--data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) --output-dir $(DEMO_OUTPUT) $(DEMO_LOCALIZER_FLAGS)
 	$(SPINEGRADE) train --models $(DEMO_BACKBONES) --data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) \
 		--output-dir $(DEMO_OUTPUT) $(DEMO_TRAIN_FLAGS)
@@ -93,7 +99,8 @@ folds: install
 	$(SPINEGRADE) folds --data-dir $(DATA_DIR) --n-folds $(N_FOLDS) --out $(FOLDS)
 
 train-localizer: install
-	$(SPINEGRADE) train-localizer --data-dir $(DATA_DIR) --folds $(FOLDS) --output-dir $(OUTPUT_DIR) $(LOCALIZER_FLAGS)
+	$(SPINEGRADE) train-localizer --data-dir $(DATA_DIR) --folds $(FOLDS) --output-dir $(OUTPUT_DIR) $(CONDITIONS_FLAG) \
+		$(LOCALIZER_FLAGS)
 
 $(LOCALIZER_DONE):
 	$(MAKE) train-localizer
@@ -119,16 +126,16 @@ upload: install
 
 train-fold: install
 	$(SPINEGRADE) train --models $(BACKBONE) --fold $(FOLD) --data-dir $(DATA_DIR) --folds $(FOLDS) \
-		--output-dir $(OUTPUT_DIR) $(RESUME) $(TRAIN_FLAGS)
+		--output-dir $(OUTPUT_DIR) $(CONDITIONS_FLAG) $(RESUME) $(TRAIN_FLAGS)
 
 train: install $(LOCALIZER_DONE)
 	$(SPINEGRADE) train --models $(BACKBONE) --data-dir $(DATA_DIR) --folds $(FOLDS) --output-dir $(OUTPUT_DIR) \
-		$(RESUME) $(TRAIN_FLAGS)
+		$(CONDITIONS_FLAG) $(RESUME) $(TRAIN_FLAGS)
 	$(MAKE) evaluate
 
 train-all: install $(LOCALIZER_DONE)
 	$(SPINEGRADE) train --models $(BACKBONES) --data-dir $(DATA_DIR) --folds $(FOLDS) --output-dir $(OUTPUT_DIR) \
-		$(RESUME) $(TRAIN_FLAGS)
+		$(CONDITIONS_FLAG) $(RESUME) $(TRAIN_FLAGS)
 	$(MAKE) evaluate
 
 evaluate: install

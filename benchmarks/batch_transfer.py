@@ -85,8 +85,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = benchmark_data(args, Path(tmp))
         samples = build_index(data_dir, check_images=False).usable(SPINAL).reset_index(drop=True)
-        cache = build_cache(samples, PreprocessSettings(SPINAL, "full", args.image_size, 48.0), Path(tmp) / "cache",
-                            log=lambda *_: None)
+        cache = build_cache(samples, PreprocessSettings(SPINAL, "full", args.image_size, 48.0), Path(tmp) / "cache")
         levels, targets = cache.samples["level_index"].to_numpy(), cache.samples["severity"].to_numpy()
         dataset = SeededDataset(LevelDataset(cache.images, levels, targets, build_transform(True)), seed=0)
         queued = args.workers * args.prefetch

@@ -137,8 +137,8 @@ def main() -> None:
         for name in args.configs:
             overrides = {"pretrained": False, "image_size": args.model_size, "batch_size": args.batch_size}
             config = load_config(name, {k: v for k, v in overrides.items() if v is not None})
-            cache = build_cache(table.reset_index(drop=True), PreprocessSettings.from_config(config), Path(tmp) / "cache",
-                                log=lambda *_: None)
+            cache = build_cache(table.reset_index(drop=True), PreprocessSettings.from_config(config),
+                                Path(tmp) / "cache")
             levels, targets = cache.samples["level_index"].to_numpy(), cache.samples["severity"].to_numpy()
             dataset = SeededDataset(LevelDataset(cache.images, levels, targets, build_transform(True),
                                                  image_size=config.image_size), config.seed)

@@ -48,8 +48,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        build = build_kernel(args.output_dir, tmp / "kernels", username="benchmark", offline=True, log=lambda *_: None)
-        python = kaggle_like_environment(tmp / "env", log=lambda *_: None)
+        build = build_kernel(args.output_dir, tmp / "kernels", username="benchmark", offline=True)
+        python = kaggle_like_environment(tmp / "env")
         runs = {"all": args.data_dir, "half": half_split(args.data_dir, tmp / "half")}
         seconds: dict[str, list[float]] = {k: [] for k in runs}
         studies: dict[str, int] = {}
@@ -57,7 +57,7 @@ def main() -> None:
             for key, data in runs.items():
                 root = tmp / f"run-{key}"
                 shutil.rmtree(root / "working", ignore_errors=True)
-                _, wall = run_kernel_locally(build.kernel_dir, data, root, python=python, log=lambda *_: None)
+                _, wall = run_kernel_locally(build.kernel_dir, data, root, python=python)
                 studies[key] = json.loads((root / "working" / "kernel_timing.json").read_text())["studies"]
                 seconds[key].append(wall)
     whole, half = statistics.median(seconds["all"]), statistics.median(seconds["half"])

@@ -90,7 +90,7 @@ def main() -> None:
         samples = build_index(data_dir, check_images=False).usable(SPINAL).head(args.samples).reset_index(drop=True)
         settings = PreprocessSettings(SPINAL, "full", args.image_size, 48.0)
         started = time.perf_counter()
-        cache = build_cache(samples, settings, Path(tmp) / "cache", log=lambda *_: None)
+        cache = build_cache(samples, settings, Path(tmp) / "cache")
         cache_seconds = time.perf_counter() - started
         table = cache.samples
         n = len(table)

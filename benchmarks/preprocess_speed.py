@@ -55,7 +55,7 @@ def main() -> None:
             root = Path(tmp) / "cache"
             shutil.rmtree(root, ignore_errors=True)
             started = time.perf_counter()
-            cache = build_cache(samples, settings, root, workers=args.workers, log=lambda *_: None)
+            cache = build_cache(samples, settings, root, workers=args.workers)
             build = time.perf_counter() - started
             plain = pydicom_loop(files)
             ours.append(len(files) / build)

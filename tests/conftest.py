@@ -55,13 +55,12 @@ def trained_run(tmp_path_factory):
     folds = root / "folds.csv"
     write_csv_atomic(make_folds(build_index(data, check_images=False).labels_wide(), n_folds=3, seed=0), folds)
     out = root / "out"
-    quiet = lambda *_: None  # noqa: E731
-    report = train_localizer(LocalizerConfig(image_size=64, num_epochs=25, batch_size=4), data, folds, out, log=quiet)
+    report = train_localizer(LocalizerConfig(image_size=64, num_epochs=25, batch_size=4), data, folds, out)
     small = {"image_size": 64, "batch_size": 16, "num_workers": 0, "num_epochs": 5}
     for name in ("efficientnet_lite0", "efficientnet_lite0_wide"):
         config = load_config(name, small)
         for fold in range(3):
-            train_fold(config, data, folds, out, fold, log=quiet)
+            train_fold(config, data, folds, out, fold)
     return {"data": data, "folds": folds, "out": out, "answers": root / "data-answers", "localizer_report": report}
 
 

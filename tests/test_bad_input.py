@@ -99,12 +99,13 @@ def _assert_one_line_error(code: int, err: str, *named: str) -> None:
         assert name in err, (name, err)
 
 
-def _cache(data_dir: Path, cache_root: Path, condition: str = SPINAL):
-    """The training path: samples from the CSVs alone (no image check), then the preprocessing cache."""
+def _cache(data_dir: Path, cache_root: Path, logged, condition: str = SPINAL):
+    """The training path: samples from the CSVs alone (no image check), then the preprocessing cache; with
+    the lines the build logged (``logged``: the fixture)."""
     samples = build_index(data_dir, check_images=False).usable(condition)
-    lines: list[str] = []
-    cache = build_cache(samples, SETTINGS, cache_root, workers=1, log=lines.append)
-    return samples, cache, lines
+    before = len(logged())
+    cache = build_cache(samples, SETTINGS, cache_root, workers=1)
+    return samples, cache, logged()[before:]
 
 
 def _victim(baseline, data_dir: Path, k: int = 0) -> tuple[Path, pd.DataFrame]:
@@ -142,7 +143,7 @@ def _pixels_cut(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", [_garbage, _empty, _header_cut, _pixels_cut])
-def test_corrupt_or_truncated_dicom_is_named_and_skipped(baseline, dataset_copy, tmp_path, damage):
+def test_corrupt_or_truncated_dicom_is_named_and_skipped(baseline, dataset_copy, tmp_path, damage, logged):
     victim, rows = _victim(baseline, dataset_copy)
     damage(victim)
     with pytest.raises(DicomReadError, match=victim.name) as raised:
@@ -156,7 +157,7 @@ def test_corrupt_or_truncated_dicom_is_named_and_skipped(baseline, dataset_copy,
     assert len(index.usable()) == len(baseline.usable()) - len(rows)
     assert problem.file in format_report(index)
     # Training: the cache names the file and keeps every other sample.
-    samples, cache, lines = _cache(dataset_copy, tmp_path / "cache")
+    samples, cache, lines = _cache(dataset_copy, tmp_path / "cache", logged)
     assert len(cache) == len(samples) - len(rows)
     assert not cache.samples["image_path"].eq(str(victim)).any()
     assert any(str(victim) in line and "skipped sample" in line for line in lines)
@@ -164,7 +165,7 @@ def test_corrupt_or_truncated_dicom_is_named_and_skipped(baseline, dataset_copy,
 
 # 2 ------------------------------------------------------------------------------------------------
 
-def test_listed_file_absent_on_disk_is_named_and_skipped(baseline, dataset_copy, tmp_path, capsys):
+def test_listed_file_absent_on_disk_is_named_and_skipped(baseline, dataset_copy, tmp_path, capsys, logged):
     victim, rows = _victim(baseline, dataset_copy)
     victim.unlink()
     index = build_index(dataset_copy)
@@ -175,7 +176,7 @@ def test_listed_file_absent_on_disk_is_named_and_skipped(baseline, dataset_copy,
     assert len(index.usable()) == len(baseline.usable()) - len(rows)
     code, out, _ = _cli(capsys, "index", "--data-dir", dataset_copy)
     assert code == 0 and problem.file in out and "image_missing" in out
-    samples, cache, log = _cache(dataset_copy, tmp_path / "cache")
+    samples, cache, log = _cache(dataset_copy, tmp_path / "cache", logged)
     assert len(cache) == len(samples) - len(rows)
     assert any(str(victim) in line and "file not found" in line for line in log)
 
@@ -298,7 +299,7 @@ def test_missing_or_non_numeric_coordinates_are_named_and_skipped(baseline, csv_
     assert code == 0 and f"{COORDINATES}:{spinal[3] + 2}:" in out
 
 
-def test_points_outside_the_image_are_named_and_skipped(baseline, csv_copy, tmp_path):
+def test_points_outside_the_image_are_named_and_skipped(baseline, csv_copy, tmp_path, logged):
     coords, spinal = _spinal_points(csv_copy, as_text=False)
     first = coords.loc[spinal[0]]
     image = csv_copy / "train_images" / str(first.study_id) / str(first.series_id) / f"{first.instance_number}.dcm"
@@ -309,7 +310,7 @@ def test_points_outside_the_image_are_named_and_skipped(baseline, csv_copy, tmp_
     assert f"{rows}x{columns}" in outside[spinal[0] + 2].message
     assert len(index.usable()) == len(baseline.usable()) - len(moved)
     # Training reads the CSVs alone: the cache must catch them, never crop an empty image.
-    samples, cache, lines = _cache(csv_copy, tmp_path / "cache")
+    samples, cache, lines = _cache(csv_copy, tmp_path / "cache", logged)
     assert len(cache) == len(samples) - len(moved)
     assert sum("lies outside the image" in line for line in lines) == len(moved)
     assert all(any(f"point ({coords.loc[i, 'x']:g}, {coords.loc[i, 'y']:g})" in line for line in lines) for i in moved)
@@ -318,7 +319,7 @@ def test_points_outside_the_image_are_named_and_skipped(baseline, csv_copy, tmp_
 
 # 7 ------------------------------------------------------------------------------------------------
 
-def test_study_without_usable_series_is_named_and_the_rest_goes_on(baseline, dataset_copy, tmp_path):
+def test_study_without_usable_series_is_named_and_the_rest_goes_on(baseline, dataset_copy, tmp_path, logged):
     listed, junk = baseline.study_ids[:2]
     # Study `listed`: none of its series is listed, nor on disk.
     series = pd.read_csv(dataset_copy / SERIES)
@@ -338,7 +339,7 @@ def test_study_without_usable_series_is_named_and_the_rest_goes_on(baseline, dat
     before = baseline.usable()
     assert len(usable) == int((~before["study_id"].isin([listed, junk])).sum())
     # Training, which reads only the CSVs, learns the same at the cache and goes on with the rest.
-    samples, cache, lines = _cache(dataset_copy, tmp_path / "cache")
+    samples, cache, lines = _cache(dataset_copy, tmp_path / "cache", logged)
     assert set(cache.samples["study_id"]) == set(samples["study_id"]) - {listed, junk}
     assert any(f"/train_images/{junk}/" in line and "skipped sample" in line for line in lines)
 
@@ -364,7 +365,7 @@ def _shrink_to_one_pixel(path: Path) -> None:
              spacing=tuple(float(v) for v in ds.PixelSpacing), description=str(ds.SeriesDescription))
 
 
-def test_one_pixel_image_is_skipped_and_never_a_neighbour(baseline, dataset_copy, tmp_path):
+def test_one_pixel_image_is_skipped_and_never_a_neighbour(baseline, dataset_copy, tmp_path, logged):
     labelled, rows = _victim(baseline, dataset_copy, 0)
     _shrink_to_one_pixel(labelled)
     # In another study, the slice next to the labelled one becomes 1x1: its samples stay, with real neighbours.
@@ -380,7 +381,7 @@ def test_one_pixel_image_is_skipped_and_never_a_neighbour(baseline, dataset_copy
     assert "1x1 pixels" in small[0].message and COORDINATES in small[0].message
     assert len(index.usable()) == len(baseline.usable()) - len(rows)
 
-    samples, cache, lines = _cache(dataset_copy, tmp_path / "cache")
+    samples, cache, lines = _cache(dataset_copy, tmp_path / "cache", logged)
     assert len(cache) == len(samples) - len(rows)
     assert sum(str(labelled) in line and "skipped sample" in line and "1x1" in line for line in lines) == len(rows)
     assert any(str(neighbour) in line and "skipped slice" in line for line in lines)
@@ -391,7 +392,7 @@ def test_one_pixel_image_is_skipped_and_never_a_neighbour(baseline, dataset_copy
 
 # 9 ------------------------------------------------------------------------------------------------
 
-def test_non_dicom_files_in_a_series_folder_are_named_and_ignored(baseline, dataset_copy, tmp_path):
+def test_non_dicom_files_in_a_series_folder_are_named_and_ignored(baseline, dataset_copy, tmp_path, logged):
     victim, _ = _victim(baseline, dataset_copy)
     series_dir = victim.parent
     strays = [series_dir / "notes.txt", series_dir / "Thumbs.db"]
@@ -408,7 +409,7 @@ def test_non_dicom_files_in_a_series_folder_are_named_and_ignored(baseline, data
     assert all("not a DICOM file" in str(e) and str(e.path) in str(e) for e in errors)
     assert len(stack) == len(list(series_dir.glob("*.dcm")))
 
-    samples, cache, lines = _cache(dataset_copy, tmp_path / "cache")
+    samples, cache, lines = _cache(dataset_copy, tmp_path / "cache", logged)
     assert len(cache) == len(samples)
     for stray in strays:
         assert any(str(stray) in line and "not a DICOM file" in line for line in lines)
@@ -517,7 +518,7 @@ def test_hostile_best_weights_are_refused_without_running_them(tmp_path):
 def test_hostile_cache_arrays_are_never_unpickled(synth_dataset, tmp_path, kind):
     samples = build_index(synth_dataset, check_images=False).usable(SPINAL).head(10)
     root = tmp_path / "cache"
-    build_cache(samples, SETTINGS, root, workers=1, log=lambda *_: None)
+    build_cache(samples, SETTINGS, root, workers=1)
     marker = tmp_path / "MARKER"
     arrays = sorted(p for p in root.rglob("*") if p.suffix in (".npy", ".npz"))
     assert arrays
@@ -534,7 +535,7 @@ def test_hostile_cache_arrays_are_never_unpickled(synth_dataset, tmp_path, kind)
     # pickled objects: it may fail or decode again, never run them.
     for attempt in range(2):
         try:
-            build_cache(samples, SETTINGS, root, workers=1, log=lambda *_: None)
+            build_cache(samples, SETTINGS, root, workers=1)
         except (SpinegradeError, ValueError, OSError):
             pass
         assert not marker.exists()

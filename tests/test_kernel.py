@@ -43,7 +43,7 @@ def _blend_output(trained_run, root: Path, weights: list[float] | None = None) -
 @pytest.fixture(scope="module")
 def built(trained_run, tmp_path_factory):
     out = _blend_output(trained_run, tmp_path_factory.mktemp("kernel") / "out")
-    build = build_kernel(out, username="tester", offline=True, log=QUIET)
+    build = build_kernel(out, username="tester", offline=True)
     return {"out": out, "build": build}
 
 
@@ -77,12 +77,12 @@ def test_models_dataset_holds_exactly_the_blends_weights(built, trained_run, tmp
 
     # A blend that gives one backbone no weight: that backbone's weights stay out.
     out = _blend_output(trained_run, tmp_path / "out", weights=[0.0, 1.0])
-    only_wide = build_kernel(out, username="tester", offline=True, log=QUIET).models_dir
+    only_wide = build_kernel(out, username="tester", offline=True).models_dir
     assert {p.split("/")[1] for p in _weights_in(only_wide)} == {"efficientnet_lite0_wide", "localizer"}
 
 
 def test_kernel_runs_offline_in_a_kaggle_like_environment_and_matches_the_local_submission(built, trained_run, tmp_path):
-    submission, _ = run_kernel_locally(built["build"].kernel_dir, trained_run["data"], tmp_path / "kaggle", log=QUIET)
+    submission, _ = run_kernel_locally(built["build"].kernel_dir, trained_run["data"], tmp_path / "kaggle")
     log = (tmp_path / "kaggle" / "kernel.log").read_text()
     assert "s per study" in log and "network unreachable" not in log
     env_python = tmp_path / "kaggle" / "env" / "bin" / "python"
@@ -98,15 +98,14 @@ def test_kernel_runs_offline_in_a_kaggle_like_environment_and_matches_the_local_
                                local[list(PROBABILITY_COLUMNS)].to_numpy(), atol=1e-6)
 
 
-def test_kernel_writes_a_complete_prior_submission_when_the_models_are_missing(trained_run, tmp_path):
+def test_kernel_writes_a_complete_prior_submission_when_the_models_are_missing(trained_run, tmp_path, logged):
     inputs = tmp_path / "input"
     inputs.mkdir()
     (inputs / COMPETITION).symlink_to(trained_run["data"])
-    lines: list[str] = []
-    out = run_kernel("absent-models", input_root=inputs, working=tmp_path / "working", log=lines.append)
+    out = run_kernel("absent-models", input_root=inputs, working=tmp_path / "working")
     frame = pd.read_csv(out)
     assert len(frame) == 5 * 25 and np.allclose(frame[list(PROBABILITY_COLUMNS)].sum(axis=1), 1)
-    assert any("prediction failed" in line for line in lines)
+    assert any("prediction failed" in line for line in logged())
 
 
 def _make(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -62,3 +62,41 @@ def test_reference_figures_on_the_real_labels(real_metadata):
     for _, rows in table.groupby(["condition", "level"]):
         prior.loc[rows.index, ["normal_mild", "moderate", "severe"]] = weighted_prior(rows["severity"].to_numpy())
     assert competition_score(prior)["score"] == pytest.approx(0.790, abs=0.0005)
+
+
+def _random_frame(seed: int) -> "pd.DataFrame":
+    """Rows of every condition for 12 studies, random grades (some unlabelled) and probabilities."""
+    import numpy as np
+    import pandas as pd
+
+    from spinegrade.constants import CONDITIONS, LEVELS
+
+    rng = np.random.default_rng(seed)
+    rows = [(s, c, lv) for s in range(100, 112) for c in CONDITIONS for lv in LEVELS]
+    frame = pd.DataFrame(rows, columns=["study_id", "condition", "level"]).sample(frac=1, random_state=seed)
+    frame["severity"] = rng.choice([-1, 0, 0, 0, 1, 2], size=len(frame))
+    p = rng.dirichlet([1, 1, 1], size=len(frame))
+    frame[["normal_mild", "moderate", "severe"]] = p
+    return frame.reset_index(drop=True)
+
+
+def test_fixed_rows_score_is_the_metric_on_every_group_and_any_severe():
+    from spinegrade.constants import GROUPS
+    from spinegrade.metrics import FixedRowsScore, competition_score
+
+    frame = _random_frame(0)
+    probs = frame[["normal_mild", "moderate", "severe"]].to_numpy()
+    scores = competition_score(frame)
+    assert set(scores) == {*GROUPS, "any_severe_spinal", "score"}
+    assert abs(FixedRowsScore(frame)(probs) - scores["score"]) < 1e-12
+    for group, spec in GROUPS.items():  # each group alone, and any_severe_spinal with the spinal rows
+        rows = frame[frame["condition"].isin(spec.conditions)].reset_index(drop=True)
+        p = rows[["normal_mild", "moderate", "severe"]].to_numpy()
+        alone = competition_score(rows)
+        assert abs(FixedRowsScore(rows)(p) - alone["score"]) < 1e-12
+        if spec.any_severe_term:
+            assert abs(alone["score"] - (alone[group] + alone[spec.any_severe_term]) / 2) < 1e-12
+    other = _random_frame(1)[["normal_mild", "moderate", "severe"]].to_numpy() * 3  # unnormalised rows too
+    frame2 = frame.copy()
+    frame2[["normal_mild", "moderate", "severe"]] = other
+    assert abs(FixedRowsScore(frame)(other) - competition_score(frame2)["score"]) < 1e-12

@@ -6,6 +6,11 @@ log-probabilities renormalised (a geometric mean, which rewards agreement); each
 temperature. Weights tuned and scored on the same predictions flatter themselves, so the choice
 between them, and the figure reported for unseen studies, come from a nested estimate: for each
 fold, weights fitted on the other folds' OOF rows and scored on that fold's.
+
+Each condition group is blended on its own OOF rows (the spinal group scored with
+any_severe_spinal): a backbone trained on one group only is left out of the others' blends.
+``oof/blend.json`` is ``{"groups": {group: {...}}}``; one written before groups existed (no
+``groups`` key) reads as the spinal group's.
 """
 
 from __future__ import annotations
@@ -18,14 +23,16 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
-from spinegrade.constants import CONDITION_GROUP, METRIC_GROUPS, PROBABILITY_COLUMNS, SEVERITY_WEIGHTS
+from spinegrade.constants import GROUPS, PROBABILITY_COLUMNS
 from spinegrade.data.folds import read_folds, write_csv_atomic
 from spinegrade.errors import SpinegradeError
-from spinegrade.evaluate import complete_backbones, read_oof
 from spinegrade.files import write_text_atomic
-from spinegrade.metrics import competition_score
+from spinegrade.layout import BLEND_NAME, LEGACY_GROUP, RunLayout, run_folds
+from spinegrade.logs import get_logger, result
+from spinegrade.metrics import FixedRowsScore, competition_score
+from spinegrade.oof import complete_names, read_oof
 
-BLEND_NAME = "blend"
+log = get_logger(__name__)
 NEAR_ZERO = 0.02  # a weight below this is reported as contributing nothing
 EPS = 1e-7
 
@@ -79,44 +86,11 @@ def _loss(frame: pd.DataFrame, probs: np.ndarray) -> float:
     return competition_score(scored)["score"]
 
 
-class FastLoss:
-    """The competition loss of :func:`spinegrade.metrics.competition_score` for a fixed set of rows,
-    with the grouping precomputed: the optimiser calls it thousands of times."""
-
-    def __init__(self, frame: pd.DataFrame):
-        labels = frame["severity"].to_numpy()
-        groups = frame["condition"].map(CONDITION_GROUP).to_numpy()
-        self.groups = []
-        for g in METRIC_GROUPS:
-            rows = np.flatnonzero((groups == g) & (labels >= 0))
-            if len(rows):
-                self.groups.append((rows, labels[rows], np.asarray(SEVERITY_WEIGHTS)[labels[rows]]))
-        spinal = np.flatnonzero((groups == "spinal") & (labels >= 0))
-        self.any_severe = None
-        if len(spinal):
-            order = spinal[np.argsort(frame["study_id"].to_numpy()[spinal], kind="stable")]
-            studies = frame["study_id"].to_numpy()[order]
-            starts = np.flatnonzero(np.r_[True, studies[1:] != studies[:-1]])
-            y = np.maximum.reduceat((labels[order] == 2).astype(float), starts)
-            w = np.maximum.reduceat(np.asarray(SEVERITY_WEIGHTS)[labels[order]], starts)
-            self.any_severe = (order, starts, y, w)
-
-    def __call__(self, probs: np.ndarray) -> float:
-        p = probs / probs.sum(axis=1, keepdims=True)
-        p = np.clip(p, 1e-15, 1 - 1e-15)
-        terms = [float(np.sum(w * -np.log(p[rows, y])) / np.sum(w)) for rows, y, w in self.groups]
-        if self.any_severe is not None:
-            order, starts, y, w = self.any_severe
-            q = np.clip(np.maximum.reduceat(p[order, 2], starts), 1e-15, 1 - 1e-15)
-            terms.append(float(np.sum(w * -(y * np.log(q) + (1 - y) * np.log(1 - q))) / np.sum(w)))
-        return float(np.mean(terms))
-
-
 def fit_blend(frame: pd.DataFrame, per_backbone: list[np.ndarray], backbones: list[str], mode: str,
               fit_temperature: bool) -> Blend:
     """Weights (and temperature) minimising the competition loss of the blended rows of ``frame``."""
     n = len(backbones)
-    loss = FastLoss(frame)
+    loss = FixedRowsScore(frame)
 
     def unpack(x):
         return _softmax(x[:n]), (float(np.exp(x[n])) if fit_temperature else 1.0)
@@ -138,6 +112,7 @@ def fit_blend(frame: pd.DataFrame, per_backbone: list[np.ndarray], backbones: li
 
 @dataclass
 class BlendReport:
+    group: str
     blend: Blend
     backbone_losses: dict[str, float]
     in_sample: float
@@ -145,14 +120,15 @@ class BlendReport:
     candidates: dict[str, dict] = field(default_factory=dict)
     near_zero: list[str] = field(default_factory=list)
     rows: int = 0
+    payload: dict = field(default_factory=dict)  # what blend.json keeps of it
 
 
-def aligned_oof(output_dir: Path, backbones: list[str]) -> tuple[pd.DataFrame, list[np.ndarray]]:
-    """Rows every backbone predicted (the same studies and levels), in one order."""
-    frames = {name: read_oof(output_dir, name).set_index("row_id") for name in backbones}
+def aligned_oof(layout: RunLayout, backbones: list[str], group: str) -> tuple[pd.DataFrame, list[np.ndarray]]:
+    """Rows of ``group`` every backbone predicted (the same studies and levels), in one order."""
+    frames = {name: read_oof(layout, name, group).set_index("row_id") for name in backbones}
     common = sorted(set.intersection(*(set(f.index) for f in frames.values())))
     if not common:
-        raise SpinegradeError("the backbones' OOF predictions share no row: were they trained on the same data?")
+        raise SpinegradeError(f"{group}: the backbones' OOF predictions share no row: were they trained on the same data?")
     first = frames[backbones[0]].loc[common].reset_index()
     return first, [frames[name].loc[common, list(PROBABILITY_COLUMNS)].to_numpy(dtype=float) for name in backbones]
 
@@ -169,18 +145,32 @@ def nested_loss(frame: pd.DataFrame, per_backbone: list[np.ndarray], backbones: 
     return _loss(frame, out), out
 
 
-def run_blend(output_dir: str | Path, folds_path: str | Path, temperature: bool = False, log=print) -> BlendReport:
-    """Blend every complete backbone; write ``oof/blend.json`` and the nested blended OOF in ``oof/blend/``."""
-    output_dir = Path(output_dir)
-    folds = sorted(read_folds(folds_path)["fold"].unique().tolist())
-    names, partial = complete_backbones(output_dir, folds)
-    names = [n for n in names if n != BLEND_NAME]
-    for name, missing in partial.items():
-        if name != BLEND_NAME:
-            log(f"{name}: folds {missing} missing; left out of the blend")
-    if not names:
-        raise SpinegradeError(f"{output_dir / 'oof'}: no backbone has OOF predictions for every fold {folds}")
-    frame, per_backbone = aligned_oof(output_dir, names)
+def run_blend(output_dir: str | Path, folds_path: str | Path | None = None, temperature: bool = False) -> dict[str, BlendReport]:
+    """Blend, per condition group, every backbone with OOF predictions of that group on every fold;
+    write ``oof/blend.json`` and the nested blended OOF in ``oof/blend/<group>/``."""
+    layout = RunLayout(output_dir)
+    folds = sorted(read_folds(run_folds(layout, folds_path))["fold"].unique().tolist())
+    reports: dict[str, BlendReport] = {}
+    for group in GROUPS:
+        names, partial = complete_names(layout, group, folds)
+        names = [n for n in names if n != BLEND_NAME]
+        for name, missing in partial.items():
+            if name != BLEND_NAME:
+                log.info(f"{name} {group}: folds {missing} missing; left out of the {group} blend")
+        if names:
+            reports[group] = blend_group(layout, group, names, folds, temperature)
+    if not reports:
+        raise SpinegradeError(f"{layout.oof}: no backbone has OOF predictions for every fold {folds} of any group")
+    payload = {"groups": {g: r.payload for g, r in reports.items()}, "folds": folds}
+    write_text_atomic(layout.blend_json, json.dumps(payload, indent=1))
+    for r in reports.values():
+        result(log, format_blend(r))
+    return reports
+
+
+def blend_group(layout: RunLayout, group: str, names: list[str], folds: list[int], temperature: bool) -> BlendReport:
+    """The blend of one group: both mixing modes fitted, the one with the lower nested loss kept."""
+    frame, per_backbone = aligned_oof(layout, names, group)
     losses = {name: _loss(frame, p) for name, p in zip(names, per_backbone)}
     candidates = {}
     for mode in ("probability", "log"):
@@ -196,7 +186,7 @@ def run_blend(output_dir: str | Path, folds_path: str | Path, temperature: bool 
     snapped = np.where(blend.weights < NEAR_ZERO, 0.0, blend.weights)
     blend.weights = snapped / snapped.sum()
     chosen["in_sample"] = _loss(frame, blend.combine(per_backbone))
-    report = BlendReport(blend, losses, chosen["in_sample"], chosen["nested"],
+    report = BlendReport(group, blend, losses, chosen["in_sample"], chosen["nested"],
                          {m: {"in_sample": c["in_sample"], "nested": c["nested"], **c["blend"].to_dict()}
                           for m, c in candidates.items()}, near_zero, len(frame))
     # The blend's OOF files hold the nested predictions (each fold blended with weights fitted on the
@@ -207,19 +197,18 @@ def run_blend(output_dir: str | Path, folds_path: str | Path, temperature: bool 
         out = frame.loc[rows, ["row_id"]].copy()
         out[list(PROBABILITY_COLUMNS)] = blended[rows]
         out["label"], out["fold"] = frame.loc[rows, "label"].to_numpy(), fold
-        write_csv_atomic(out, output_dir / "oof" / BLEND_NAME / f"fold{fold}.csv")
-    payload = {**blend.to_dict(), "why": f"{mode} mixing had the lower nested loss "
-               + ", ".join(f"({m} {c['nested']:.4f})" for m, c in report.candidates.items()),
-               "temperature_fitted": temperature, "backbone_oof_loss": losses, "blend_oof_loss_in_sample": report.in_sample,
-               "blend_oof_loss_nested": report.nested, "near_zero_weight": near_zero, "rows": len(frame),
-               "candidates": report.candidates, "folds": folds}
-    write_text_atomic(output_dir / "oof" / "blend.json", json.dumps(payload, indent=1))
-    log(format_blend(report))
+        write_csv_atomic(out, layout.oof_file(BLEND_NAME, group, fold, existing=False))
+    report.payload = {**blend.to_dict(), "why": f"{mode} mixing had the lower nested loss "
+                      + ", ".join(f"({m} {c['nested']:.4f})" for m, c in report.candidates.items()),
+                      "temperature_fitted": temperature, "backbone_oof_loss": losses,
+                      "blend_oof_loss_in_sample": report.in_sample, "blend_oof_loss_nested": report.nested,
+                      "near_zero_weight": near_zero, "rows": len(frame), "candidates": report.candidates}
     return report
 
 
 def format_blend(report: BlendReport) -> str:
-    lines = [f"OOF competition loss over {report.rows} levels (spinal term and any_severe_spinal):"]
+    terms = [report.group] + ([GROUPS[report.group].any_severe_term] if GROUPS[report.group].any_severe_term else [])
+    lines = [f"{report.group}: OOF competition loss over {report.rows} levels ({', '.join(terms)}):"]
     for name, loss in report.backbone_losses.items():
         w = report.blend.weights[report.blend.backbones.index(name)]
         lines.append(f"  {name:24s} {loss:.4f}   weight {w:.3f}{'  (near zero: contributes nothing)' if name in report.near_zero else ''}")
@@ -229,8 +218,17 @@ def format_blend(report: BlendReport) -> str:
     return "\n".join(lines)
 
 
-def load_blend(output_dir: str | Path) -> Blend:
-    path = Path(output_dir) / "oof" / "blend.json"
+def load_blends(output_dir: str | Path) -> dict[str, Blend]:
+    """The blend of every group in ``oof/blend.json`` (one written before groups: the spinal group's)."""
+    path = RunLayout(output_dir).blend_json
     if not path.is_file():
         raise SpinegradeError(f"{path}: no blend yet (run `spinegrade blend` / `make blend`)")
-    return Blend.from_dict(json.loads(path.read_text()))
+    info = json.loads(path.read_text())
+    groups = info["groups"] if "groups" in info else {LEGACY_GROUP: info}
+    return {g: Blend.from_dict(d) for g, d in groups.items()}
+
+
+def blend_info(output_dir: str | Path) -> dict[str, dict]:
+    """What ``oof/blend.json`` says of each group (losses, candidates), in the same reading as :func:`load_blends`."""
+    info = json.loads(RunLayout(output_dir).blend_json.read_text())
+    return info["groups"] if "groups" in info else {LEGACY_GROUP: info}

@@ -1,17 +1,25 @@
 """Command line: thin argument parsing over the package's functions.
 
 User errors (:class:`SpinegradeError`) print one line and exit with status 2; nothing here
-holds logic a test or notebook would need, so they call the same functions directly.
+holds logic a test or notebook would need, so they call the same functions directly. Output goes
+through the ``spinegrade`` logger (``--quiet``: warnings, errors and the final result tables only;
+``--verbose``: everything), and a command that works in an output folder also appends its log to
+``OUTPUT/spinegrade.log``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from spinegrade.constants import COMPETITION
+from spinegrade.constants import COMPETITION, GROUPS, check_groups
 from spinegrade.errors import SpinegradeError
+from spinegrade.layout import RunLayout
+from spinegrade.logs import get_logger, log_to_file, result, setup_logging
+
+log = get_logger("spinegrade.cli")
 
 DEFAULT_DATA_DIR = Path("input") / COMPETITION
 DEFAULT_FOLDS = Path("input") / "folds.csv"
@@ -84,12 +92,22 @@ TRAIN_OVERRIDES: list[tuple[str, type, str]] = [
 ]
 
 
+def trained_groups(conditions: list[str] | None) -> list[str]:
+    """``--conditions`` checked; by default every group with a locator (a group without one could be
+    trained on its labelled points but never predicted, so it is trained only when asked for)."""
+    if conditions:
+        return check_groups(conditions)
+    return [g for g, spec in GROUPS.items() if spec.locator is not None]
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from spinegrade.config import load_config
     from spinegrade.data.folds import read_folds
 
     overrides = {name: getattr(args, name) for name, _, _ in TRAIN_OVERRIDES}
-    configs = [load_config(name, overrides) for name in args.models]  # fail early on any bad name
+    groups = trained_groups(args.conditions)
+    # fail early on any bad name or setting, for every (backbone, group)
+    configs = [load_config(name, overrides, group=group) for name in args.models for group in groups]
     from spinegrade.distributed import check_request, launch, world_from_environment  # heavy: settings are good
 
     check_request(args.devices, args.num_nodes, args.strategy)
@@ -100,15 +118,18 @@ def cmd_train(args: argparse.Namespace) -> None:
                          args.device), args.devices, args.num_nodes, args.strategy)
     if not world_from_environment().is_main:
         return
-    print("\nname                 fold  best epoch  held-out loss  class prior")
-    for r in finished_folds(args.output_dir, [c.name for c in configs], folds):
-        print(f"{r['name']:20s} {r['fold']:4d}  {r['best_epoch'] + 1:10d}  {r['best_score']:13.4f}  {r['prior_score']:11.4f}")
-    from spinegrade.evaluate import format_scores, oof_scores, read_oof
+    lines = ["", "name                 group         fold  best epoch  held-out loss  class prior"]
+    for r in finished_folds(args.output_dir, configs, folds):
+        lines.append(f"{r['name']:20s} {r['group']:12s} {r['fold']:5d}  {r['best_epoch'] + 1:10d}  "
+                     f"{r['best_score']:13.4f}  {r['prior_score']:11.4f}")
+    from spinegrade.evaluate import format_scores, oof_scores
+    from spinegrade.oof import read_oof
 
     for config in configs:
-        oof = read_oof(args.output_dir, config.name)
+        oof = read_oof(RunLayout(args.output_dir), config.name, config.group)
         if not oof.empty:
-            print(format_scores(config.name, oof_scores(oof)))
+            lines.append(format_scores(config.name, config.group, oof_scores(oof)))
+    result(log, "\n".join(lines))
 
 
 def cmd_train_localizer(args: argparse.Namespace) -> None:
@@ -120,9 +141,13 @@ def cmd_train_localizer(args: argparse.Namespace) -> None:
             setattr(config, name, getattr(args, name))
     if args.pretrained is not None:
         config.pretrained = parse_bool(args.pretrained)
-    from spinegrade.localize import train_localizer
+    from spinegrade.localize import GROUP, train_localizer
 
-    train_localizer(config, args.data_dir, args.folds, args.output_dir, device=args.device)
+    for group in trained_groups(args.conditions):
+        if GROUPS[group].locator is None:
+            log.warning(f"{group}: no locator to train yet; its rows are the training prior at prediction")
+        elif group == GROUP:
+            train_localizer(config, args.data_dir, args.folds, args.output_dir, device=args.device)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -152,7 +177,8 @@ def cmd_score(args: argparse.Namespace) -> None:
     from spinegrade.predict import score_submission
 
     scores = score_submission(args.submission, args.labels)
-    print(f"{args.submission} against {args.labels}:\n  submission   " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    lines = [f"{args.submission} against {args.labels}:",
+             "  submission   " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items())]
     if args.data_dir is not None:
         import pandas as pd
 
@@ -160,7 +186,8 @@ def cmd_score(args: argparse.Namespace) -> None:
 
         prior = prior_submission(pd.read_csv(args.submission)["row_id"], args.data_dir, args.output_dir)
         base = score_submission(prior, args.labels)
-        print("  class prior  " + "  ".join(f"{k} {v:.4f}" for k, v in base.items()))
+        lines.append("  class prior  " + "  ".join(f"{k} {v:.4f}" for k, v in base.items()))
+    result(log, "\n".join(lines))
 
 
 def cmd_kernel(args: argparse.Namespace) -> None:
@@ -174,30 +201,35 @@ def cmd_kernel(args: argparse.Namespace) -> None:
 def cmd_kernel_run(args: argparse.Namespace) -> None:
     from spinegrade.kernel.local import run_kernel_locally
 
-    kernels_dir = args.kernels_dir or args.output_dir / "kernels"
+    kernels_dir = args.kernels_dir or RunLayout(args.output_dir).kernels
     root = args.work_dir or args.output_dir / "kernel-run"
     submission, seconds = run_kernel_locally(kernels_dir / args.name, args.data_dir, root,
                                              python=args.python)
-    print(f"kernel finished in {seconds:.1f} s: {submission}")
+    result(log, f"kernel finished in {seconds:.1f} s: {submission}")
 
 
 def cmd_upload(args: argparse.Namespace) -> None:
     from spinegrade.kernel.upload import upload
 
-    kernels_dir = args.kernels_dir or args.output_dir / "kernels"
+    kernels_dir = args.kernels_dir or RunLayout(args.output_dir).kernels
     upload(kernels_dir, name=args.name, message=args.message, dry_run=args.dry_run)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from spinegrade.evaluate import format_summary, run_evaluation
+    from spinegrade.evaluate import format_competition, format_summary, run_evaluation
 
     data_dir = args.data_dir if args.data_dir.is_dir() else None
     summary = run_evaluation(args.output_dir, args.folds, data_dir=data_dir)
-    print(format_summary(summary))
+    import pandas as pd
+
+    competition = pd.read_csv(RunLayout(args.output_dir).results / "competition.csv")
+    result(log, format_summary(summary) + "\n" + format_competition(competition))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spinegrade", description=__doc__.splitlines()[0])
+    parser.add_argument("--quiet", "-q", action="store_true", help="only warnings, errors and the final results")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug lines too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write a synthetic dataset in the RSNA layout (real DICOM files)")
@@ -230,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train backbones fold by fold; out-of-fold predictions to OUTPUT/oof/")
     p.add_argument("--models", "--model", nargs="+", required=True, help="config names in configs/ (or YAML files)")
+    p.add_argument("--conditions", nargs="+", default=None, metavar="GROUP",
+                   help=f"condition groups to train: {', '.join(GROUPS)} (default: every group with a locator)")
     p.add_argument("--fold", type=int, nargs="+", default=None, help="fold(s) to train (default: every fold)")
     p.add_argument("--data-dir", "--data_dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--folds", type=Path, default=DEFAULT_FOLDS)
@@ -246,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help_text)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("train-localizer", help="train the level localiser fold by fold; out-of-fold report")
+    p = sub.add_parser("train-localizer", help="train each condition group's locator fold by fold; out-of-fold report")
+    p.add_argument("--conditions", nargs="+", default=None, metavar="GROUP",
+                   help="condition groups whose locators to train (default: every group with a locator)")
     p.add_argument("--data-dir", "--data_dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--folds", type=Path, default=DEFAULT_FOLDS)
     p.add_argument("--output-dir", "--output_dir", type=Path, default=Path("."))
@@ -269,9 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("blend", help="blend weights tuned on OOF loss, with a nested estimate; oof/blend.json")
+    p = sub.add_parser("blend", help="blend weights tuned on OOF loss per group, with a nested estimate; oof/blend.json")
     p.add_argument("--output-dir", "--output_dir", type=Path, default=Path("."))
-    p.add_argument("--folds", type=Path, default=DEFAULT_FOLDS)
+    p.add_argument("--folds", type=Path, default=None, help="default: the copy the run made at training (OUTPUT/folds.csv)")
     p.add_argument("--temperature", action="store_true", help="also fit one temperature for the blend")
     p.set_defaults(func=cmd_blend)
 
@@ -290,9 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", "--output_dir", type=Path, default=Path("."))
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("evaluate", help="OOF metrics, confusion matrices, plots and report.html for every backbone")
+    p = sub.add_parser("evaluate", help="OOF metrics, confusion matrices, plots and report.html for every backbone and group")
     p.add_argument("--output-dir", "--output_dir", type=Path, default=Path("."))
-    p.add_argument("--folds", type=Path, default=DEFAULT_FOLDS)
+    p.add_argument("--folds", type=Path, default=None, help="default: the copy the run made at training (OUTPUT/folds.csv)")
     p.add_argument("--data-dir", "--data_dir", type=Path, default=DEFAULT_DATA_DIR,
                    help="for the data report and example images (skipped when absent)")
     p.set_defaults(func=cmd_evaluate)
@@ -335,13 +371,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Under torchrun or srun every rank runs this: only rank 0 says more than warnings.
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+    setup_logging(quiet=args.quiet or rank != 0, verbose=args.verbose and rank == 0)
     try:
+        output_dir = getattr(args, "output_dir", None)
+        if output_dir is not None and args.command not in ("score", "kernel-run", "upload"):
+            log_to_file(Path(output_dir) / "spinegrade.log")
         args.func(args)
     except SpinegradeError as exc:
-        print(f"spinegrade {args.command}: error: {exc}", file=sys.stderr)
+        log.error(f"spinegrade {args.command}: error: {exc}")
         return 2
     except KeyboardInterrupt:
-        print(f"spinegrade {args.command}: interrupted", file=sys.stderr)
+        log.error(f"spinegrade {args.command}: interrupted")
         return 130
     return 0
 

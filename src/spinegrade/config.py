@@ -1,8 +1,11 @@
 """Training settings: defaults of the published method, a YAML per backbone, command-line overrides.
 
-Precedence, lowest first: the dataclass defaults below (the published method's), then
-``configs/<name>.yaml``, then flags given on the command line. The resolved settings are saved
-beside the weights so a run always says what it did.
+A backbone is trained once per condition group, so its settings are resolved per group. Precedence,
+lowest first: the dataclass defaults below (the published method's); the group's own preprocessing
+in the registry (``constants.GROUPS``: whole slice or crop, crop size); ``configs/<name>.yaml``'s top
+level; its ``groups: {<group>: {...}}`` section; flags given on the command line (a flag applies to
+every group being trained). The resolved settings are saved beside the weights so a run always says
+what it did.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from spinegrade.constants import CONDITIONS
+from spinegrade.constants import CONDITION_GROUP, GROUPS
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_text_atomic
 
@@ -71,7 +74,7 @@ class TrainConfig:
     # "aot_eager", "inductor", "cudagraphs"). Speed only: results are the same, so it is not part of a
     # fold's identity.
     compile: str = "off"
-    condition: str = "spinal_canal_stenosis"
+    group: str = "spinal"  # the condition group (constants.GROUPS) this model grades
     extra: dict = field(default_factory=dict)  # unknown YAML keys, kept so nothing is silently lost
 
     def to_dict(self) -> dict:
@@ -127,8 +130,22 @@ def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
     return sorted(p.stem for p in config_dir.glob("*.yaml"))
 
 
-def load_config(name_or_path: str, overrides: dict[str, Any] | None = None, config_dir: Path = CONFIG_DIR) -> TrainConfig:
-    """``name_or_path``: a config name in ``configs/`` or a YAML file; ``overrides`` win over it."""
+def _read_yaml(path: Path) -> dict:
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SpinegradeError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(values, dict):
+        raise SpinegradeError(f"{path}: expected a mapping of settings")
+    if "condition" in values:  # before condition groups: `condition: spinal_canal_stenosis`
+        condition = values.pop("condition")
+        if condition not in CONDITION_GROUP:
+            raise SpinegradeError(f"{path}: condition must be one of {', '.join(CONDITION_GROUP)}, got {condition!r}")
+        values.setdefault("group", CONDITION_GROUP[condition])
+    return values
+
+
+def config_path(name_or_path: str, config_dir: Path = CONFIG_DIR) -> Path:
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = config_dir / f"{name_or_path}.yaml"
@@ -136,14 +153,36 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None, conf
         raise SpinegradeError(
             f"no config {name_or_path!r} ({path}); available: {', '.join(available_configs(config_dir)) or 'none'}"
         )
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SpinegradeError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(values, dict):
-        raise SpinegradeError(f"{path}: expected a mapping of settings")
+    return path
+
+
+def config_group(name_or_path: str, config_dir: Path = CONFIG_DIR) -> str:
+    """The group a config names (``group:``, or a pre-group ``condition:``); spinal when it names none."""
+    return _read_yaml(config_path(name_or_path, config_dir)).get("group", "spinal")
+
+
+def load_config(name_or_path: str, overrides: dict[str, Any] | None = None, config_dir: Path = CONFIG_DIR,
+                group: str | None = None) -> TrainConfig:
+    """``name_or_path``: a config name in ``configs/`` or a YAML file, resolved for ``group`` (default:
+    the group the YAML names, else spinal); ``overrides`` (flags) win over everything."""
+    path = config_path(name_or_path, config_dir)
+    file_values = _read_yaml(path)
+    sections = file_values.pop("groups", None) or {}
+    if not isinstance(sections, dict) or any(not isinstance(v, dict) for v in sections.values()):
+        raise SpinegradeError(f"{path}: `groups:` must map group names to settings, e.g. groups: {{foraminal: {{crop_mm: 40}}}}")
+    unknown_groups = sorted(set(sections) - set(GROUPS))
+    if unknown_groups:
+        raise SpinegradeError(f"{path}: unknown group(s) under `groups:` {', '.join(unknown_groups)}; known: {', '.join(GROUPS)}")
+    group = group or (overrides or {}).get("group") or file_values.get("group") or "spinal"
+    if group not in GROUPS:
+        raise SpinegradeError(f"{path}: group must be one of {', '.join(GROUPS)}, got {group!r}")
+    registry = GROUPS[group]
+    values: dict[str, Any] = {"input": registry.input, "crop_mm": registry.crop_mm}
+    values.update(file_values)
+    values.update(sections.get(group, {}))
     values.setdefault("name", path.stem)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values["group"] = group
     extra = dict(values.pop("extra", None) or {})
     unknown = sorted(k for k in values if k not in _FIELDS)
     if unknown:
@@ -154,8 +193,6 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None, conf
         raise SpinegradeError(f"{path}: input must be 'full' or 'crop', got {config.input!r}")
     if config.class_weights not in ("inverse_frequency", "competition", "none"):
         raise SpinegradeError(f"{path}: class_weights must be inverse_frequency, competition or none")
-    if config.condition not in CONDITIONS:
-        raise SpinegradeError(f"{path}: condition must be one of {', '.join(CONDITIONS)}, got {config.condition!r}")
     if len(config.hidden_sizes) != 2:
         raise SpinegradeError(f"{path}: hidden_sizes must be two numbers, got {list(config.hidden_sizes)}")
     return config

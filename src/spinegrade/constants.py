@@ -8,15 +8,12 @@ so a spelling is never re-typed elsewhere.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from spinegrade.errors import SpinegradeError
+
 COMPETITION = "rsna-2024-lumbar-spine-degenerative-classification"
 
-CONDITIONS: tuple[str, ...] = (
-    "spinal_canal_stenosis",
-    "left_neural_foraminal_narrowing",
-    "right_neural_foraminal_narrowing",
-    "left_subarticular_stenosis",
-    "right_subarticular_stenosis",
-)
 LEVELS: tuple[str, ...] = ("l1_l2", "l2_l3", "l3_l4", "l4_l5", "l5_s1")
 SEVERITIES: tuple[str, ...] = ("Normal/Mild", "Moderate", "Severe")
 # Submission column for each severity, in the same order.
@@ -29,24 +26,63 @@ SAGITTAL_T2 = "Sagittal T2/STIR"
 AXIAL_T2 = "Axial T2"
 SERIES_DESCRIPTIONS: tuple[str, ...] = (SAGITTAL_T1, SAGITTAL_T2, AXIAL_T2)
 
-# Which series a radiologist marks each condition on.
-CONDITION_SERIES: dict[str, str] = {
-    "spinal_canal_stenosis": SAGITTAL_T2,
-    "left_neural_foraminal_narrowing": SAGITTAL_T1,
-    "right_neural_foraminal_narrowing": SAGITTAL_T1,
-    "left_subarticular_stenosis": AXIAL_T2,
-    "right_subarticular_stenosis": AXIAL_T2,
-}
+@dataclass(frozen=True)
+class ConditionGroup:
+    """One metric group of the competition and how spinegrade reads it: everything a stage needs to
+    know of a group comes from here, so a group is added by filling an entry (and its locator)."""
 
-# Metric groups: left and right are scored together.
-CONDITION_GROUP: dict[str, str] = {
-    "spinal_canal_stenosis": "spinal",
-    "left_neural_foraminal_narrowing": "foraminal",
-    "right_neural_foraminal_narrowing": "foraminal",
-    "left_subarticular_stenosis": "subarticular",
-    "right_subarticular_stenosis": "subarticular",
-}
-METRIC_GROUPS: tuple[str, ...] = ("spinal", "foraminal", "subarticular")
+    name: str  # the metric group: the value of --conditions, the folder under trained_models/<backbone>/
+    conditions: tuple[str, ...]  # scored together (left and right)
+    series: str  # the series description a radiologist reads it on
+    input: str  # default preprocessing: "full" (the whole slice) or "crop" (crop_mm around the point)
+    crop_mm: float
+    locator: str | None  # what places its points on a study without coordinates; None: none yet (prior rows)
+    any_severe_term: str | None = None  # the per-study "any level Severe" term the metric adds, if any
+
+
+@dataclass(frozen=True)
+class Condition:
+    name: str  # train.csv's spelling: left_neural_foraminal_narrowing
+    group: str
+    side: str | None  # the patient's "left" or "right"; None for a midline condition
+
+
+GROUPS: dict[str, ConditionGroup] = {g.name: g for g in (
+    # The published method grades the whole slice; configs choose crops for small CPU backbones.
+    ConditionGroup("spinal", ("spinal_canal_stenosis",), SAGITTAL_T2, input="full", crop_mm=48.0,
+                   locator="sagittal_levels", any_severe_term="any_severe_spinal"),
+    ConditionGroup("foraminal", ("left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing"), SAGITTAL_T1,
+                   input="crop", crop_mm=40.0, locator=None),
+    ConditionGroup("subarticular", ("left_subarticular_stenosis", "right_subarticular_stenosis"), AXIAL_T2,
+                   input="crop", crop_mm=40.0, locator=None),
+)}
+METRIC_GROUPS: tuple[str, ...] = tuple(GROUPS)
+
+REGISTRY: dict[str, Condition] = {c.name: c for c in (
+    Condition("spinal_canal_stenosis", "spinal", None),
+    Condition("left_neural_foraminal_narrowing", "foraminal", "left"),
+    Condition("right_neural_foraminal_narrowing", "foraminal", "right"),
+    Condition("left_subarticular_stenosis", "subarticular", "left"),
+    Condition("right_subarticular_stenosis", "subarticular", "right"),
+)}
+assert all(c in GROUPS[spec.group].conditions for c, spec in REGISTRY.items())
+CONDITIONS: tuple[str, ...] = tuple(REGISTRY)
+
+# Derived views of the registry, for lookups by condition.
+CONDITION_GROUP: dict[str, str] = {c.name: c.group for c in REGISTRY.values()}
+CONDITION_SERIES: dict[str, str] = {c.name: GROUPS[c.group].series for c in REGISTRY.values()}
+
+
+def group_of(condition: str) -> ConditionGroup:
+    return GROUPS[REGISTRY[condition].group]
+
+
+def check_groups(names) -> list[str]:
+    """Group names as given on a command line, checked; in registry order."""
+    unknown = [n for n in names if n not in GROUPS]
+    if unknown:
+        raise SpinegradeError(f"unknown condition group(s) {', '.join(unknown)}: use {', '.join(GROUPS)}")
+    return [g for g in GROUPS if g in names]
 
 
 def label_column(condition: str, level: str) -> str:
@@ -87,13 +123,11 @@ CONDITION_FROM_TITLE: dict[str, str] = {condition_title(c): c for c in CONDITION
 LEVEL_FROM_TITLE: dict[str, str] = {level_title(lv): lv for lv in LEVELS}
 SEVERITY_INDEX: dict[str, int] = {s: i for i, s in enumerate(SEVERITIES)}
 
-# A horizontal flip of an image exchanges the patient's left and right.
-_SIDE_SWAP = {"left_": "right_", "right_": "left_"}
-
-
 def flipped_condition(condition: str) -> str:
-    """The condition a horizontal flip turns ``condition`` into (left <-> right; spinal unchanged)."""
-    for prefix, other in _SIDE_SWAP.items():
-        if condition.startswith(prefix):
-            return other + condition[len(prefix) :]
-    return condition
+    """The condition a flip that exchanges the patient's sides turns ``condition`` into: the same group's
+    condition on the other side (a midline condition is unchanged)."""
+    spec = REGISTRY[condition]
+    if spec.side is None:
+        return condition
+    other = "right" if spec.side == "left" else "left"
+    return next(c for c in GROUPS[spec.group].conditions if REGISTRY[c].side == other)

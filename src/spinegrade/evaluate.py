@@ -1,8 +1,10 @@
 """Out-of-fold evaluation: every training study predicted by the fold model that never saw it.
 
-``run_evaluation`` reads ``OUTPUT/oof/<name>/fold*.csv`` for every backbone whose folds are all
-there and writes, under the same output directory, ``results/`` (metrics JSON per backbone,
-``summary.csv``, confusion matrices, per-level tables), ``plots/`` and ``report.html``. Every
+``run_evaluation`` reads ``OUTPUT/oof/<name>/<group>/fold*.csv`` for every (backbone, condition
+group) whose folds are all there and writes, under the same output directory, ``results/`` (metrics
+JSON per backbone and group, ``summary.csv`` with a row per (backbone, group) and the group's class
+prior, ``competition.csv`` with the full competition score over the groups each backbone grades,
+confusion matrices, per-level tables), ``plots/`` and ``report.html`` (a section per group). Every
 figure is computed from the OOF files on disk, so any number can be traced back to predictions.
 """
 
@@ -17,68 +19,44 @@ import pandas as pd
 import yaml
 
 from spinegrade import plots
-from spinegrade.constants import LEVELS, PROBABILITY_COLUMNS, SEVERITIES, SEVERITY_INDEX, parse_row_id
+from spinegrade.blend import blend_info, load_blends
+from spinegrade.constants import GROUPS, LEVELS, PROBABILITY_COLUMNS, SEVERITIES
 from spinegrade.data.folds import read_folds, write_csv_atomic
+from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_text_atomic
+from spinegrade.layout import BLEND_NAME, RunLayout, run_folds
+from spinegrade.logs import get_logger
 from spinegrade.metrics import (
+    class_prior,
     classification_metrics,
     competition_score,
     reliability_table,
     weighted_log_loss,
-    weighted_prior,
 )
+from spinegrade.oof import complete_names, parsed, read_oof
+from spinegrade.report import write_report
+
+log = get_logger(__name__)
 
 PRIOR_NAME = "class_prior"
+# The metric's terms, in the competition's order: one per group, then the any-severe terms.
+TERMS = [*GROUPS, *(g.any_severe_term for g in GROUPS.values() if g.any_severe_term)]
 # Figures reported per fold (mean and spread) and in summary.csv.
-FOLD_FIGURES = ("score", "spinal", "any_severe_spinal", "accuracy", "balanced_accuracy", "f1_macro")
+FOLD_FIGURES = ("score", *TERMS, "accuracy", "balanced_accuracy", "f1_macro")
 SUMMARY_COLUMNS = [
-    "name", "studies", "rows", "score", "score_localised", "score_fold_mean", "score_fold_std", "spinal",
-    "spinal_localised", "any_severe_spinal",
+    "name", "group", "studies", "rows", "score", "score_localised", "score_fold_mean", "score_fold_std", *TERMS,
     "accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted",
     "f1_normal_mild", "f1_moderate", "f1_severe", "roc_auc_normal_mild", "roc_auc_moderate", "roc_auc_severe", "ece",
 ]
 
 
-def read_oof(output_dir: str | Path, name: str) -> pd.DataFrame:
-    """All fold files of one backbone, with study_id, condition, level and severity parsed out."""
-    paths = sorted((Path(output_dir) / "oof" / name).glob("fold*.csv"))
-    if not paths:
-        return pd.DataFrame()
-    return _parsed(pd.concat([pd.read_csv(p) for p in paths], ignore_index=True))
-
-
-def _parsed(oof: pd.DataFrame) -> pd.DataFrame:
-    parsed = [parse_row_id(r) for r in oof["row_id"]]
-    return oof.assign(study_id=[p[0] for p in parsed], condition=[p[1] for p in parsed],
-                      level=[p[2] for p in parsed], severity=oof["label"].map(SEVERITY_INDEX).astype(int))
-
-
-def complete_backbones(output_dir: str | Path, folds: list[int]) -> tuple[list[str], dict[str, list[int]]]:
-    """Backbones with an OOF file for every fold, and the missing folds of the others."""
-    complete, partial = [], {}
-    root = Path(output_dir) / "oof"
-    for directory in sorted(p for p in root.glob("*") if p.is_dir() and p.name != "localised"):
-        present = {int(p.stem.removeprefix("fold")) for p in directory.glob("fold*.csv")}
-        models = Path(output_dir) / "trained_models" / directory.name
-        if models.is_dir():  # a fold still training (or killed) has OOF files but no done.json
-            present &= {int(p.parent.name.removeprefix("fold")) for p in models.glob("fold*/done.json")}
-        missing = [f for f in folds if f not in present]
-        if missing:
-            partial[directory.name] = missing
-        else:
-            complete.append(directory.name)
-    return complete, partial
-
-
 def prior_predictions(oof: pd.DataFrame) -> pd.DataFrame:
-    """The weight-scaled class prior of each condition and level, fitted on the training folds of each
-    row's fold (so the baseline, like the model, never sees the row it predicts)."""
+    """The class prior of each condition and level, fitted on the training folds of each row's fold
+    (so the baseline, like the model, never sees the row it predicts)."""
     out = oof.copy()
     for fold in oof["fold"].unique():
-        train = oof[oof["fold"] != fold]
-        for (condition, level), rows in oof[oof["fold"] == fold].groupby(["condition", "level"]):
-            seen = train[(train["condition"] == condition) & (train["level"] == level)]["severity"].to_numpy()
-            out.loc[rows.index, list(PROBABILITY_COLUMNS)] = weighted_prior(seen)
+        held = oof["fold"] == fold
+        out.loc[held, list(PROBABILITY_COLUMNS)] = class_prior(oof[~held], oof[held])
     return out
 
 
@@ -92,12 +70,13 @@ def evaluate_predictions(oof: pd.DataFrame) -> dict:
     metrics = classification_metrics(labels, _probs(oof))
     metrics.update(competition_score(oof))
     metrics["studies"], metrics["rows"] = int(oof["study_id"].nunique()), int((labels >= 0).sum())
+    figures = [k for k in FOLD_FIGURES if k in metrics]  # the group's terms only
     per_fold = {}
     for fold, rows in oof.groupby("fold"):
         m = {**classification_metrics(rows["severity"].to_numpy(), _probs(rows)), **competition_score(rows)}
-        per_fold[int(fold)] = {k: m.get(k, float("nan")) for k in FOLD_FIGURES}
+        per_fold[int(fold)] = {k: m.get(k, float("nan")) for k in figures}
     metrics["per_fold"] = per_fold
-    for k in FOLD_FIGURES:
+    for k in figures:
         values = np.array([f[k] for f in per_fold.values()], dtype=float)
         metrics[f"{k}_fold_mean"] = float(np.nanmean(values))
         metrics[f"{k}_fold_std"] = float(np.nanstd(values))
@@ -115,7 +94,7 @@ def per_level_table(oof: pd.DataFrame) -> pd.DataFrame:
         m = classification_metrics(sub["severity"].to_numpy(), _probs(sub))
         rows.append({"level": level, "support": len(sub), "accuracy": m["accuracy"],
                      **{f"f1_{c}": m[f"f1_{c}"] for c in PROBABILITY_COLUMNS},
-                     "spinal_loss": weighted_log_loss(sub["severity"].to_numpy(), _probs(sub))})
+                     "loss": weighted_log_loss(sub["severity"].to_numpy(), _probs(sub))})
     return pd.DataFrame(rows)
 
 
@@ -134,9 +113,10 @@ def one_vs_rest_matrices(confusion: np.ndarray) -> dict[str, np.ndarray]:
 
 @dataclass
 class BackboneReport:
-    """What the report shows of one backbone (or of the prior)."""
+    """What the report shows of one backbone (or of the prior) on one condition group."""
 
     name: str
+    group: str
     metrics: dict
     settings: dict = field(default_factory=dict)
     figures: dict[str, Path] = field(default_factory=dict)
@@ -171,105 +151,130 @@ def _figures(name: str, metrics: dict, plots_dir: Path, histories: dict[int, pd.
     return figures
 
 
-def _histories(output_dir: Path, name: str) -> dict[int, pd.DataFrame]:
+def _histories(layout: RunLayout, name: str, group: str) -> dict[int, pd.DataFrame]:
     out = {}
-    for path in sorted((output_dir / "trained_models" / name).glob("fold*/metrics.csv")):
+    for path in sorted(layout.model_dir(name, group).glob("fold*/metrics.csv")):
         out[int(path.parent.name.removeprefix("fold"))] = pd.read_csv(path)
     return out
 
 
-def _settings(output_dir: Path, name: str) -> dict:
-    configs = sorted((output_dir / "trained_models" / name).glob("fold*/config.yaml"))
+def _settings(layout: RunLayout, name: str, group: str) -> dict:
+    configs = sorted(layout.model_dir(name, group).glob("fold*/config.yaml"))
     if configs:
         return yaml.safe_load(configs[0].read_text())
-    blend = output_dir / "oof" / "blend.json"
-    if name == "blend" and blend.is_file():  # a blend's settings are its members and weights
-        info = json.loads(blend.read_text())
-        return {"members": ", ".join(f"{b} {w:.3f}" for b, w in zip(info["backbones"], info["weights"])),
-                "mode": info["mode"], "temperature": info["temperature"], "why": info.get("why", "")}
+    if name == BLEND_NAME and layout.blend_json.is_file():  # a blend's settings are its members and weights
+        info = blend_info(layout.root).get(group)
+        if info:
+            return {"members": ", ".join(f"{b} {w:.3f}" for b, w in zip(info["backbones"], info["weights"])),
+                    "mode": info["mode"], "temperature": info["temperature"], "why": info.get("why", "")}
     return {}
 
 
-def summary_row(name: str, metrics: dict) -> dict:
-    return {c: (name if c == "name" else metrics.get(c, float("nan"))) for c in SUMMARY_COLUMNS}
+def summary_row(name: str, group: str, metrics: dict) -> dict:
+    return {c: (name if c == "name" else group if c == "group" else metrics.get(c, float("nan"))) for c in SUMMARY_COLUMNS}
 
 
-def run_evaluation(output_dir: str | Path, folds_path: str | Path, data_dir: str | Path | None = None,
-                   log=print) -> pd.DataFrame:
-    """Evaluate every complete backbone under ``output_dir``; return the summary table."""
-    from spinegrade.errors import SpinegradeError
-    from spinegrade.report import write_report
-
-    output_dir = Path(output_dir)
-    folds = sorted(read_folds(folds_path)["fold"].unique().tolist())
-    names, partial = complete_backbones(output_dir, folds)
-    for name, missing in partial.items():
-        log(f"{name}: folds {missing} have no OOF predictions yet; left out (train them to include it)")
-    if not names:
-        raise SpinegradeError(f"{output_dir / 'oof'}: no backbone has OOF predictions for every fold {folds}")
-    results, plots_dir = output_dir / "results", output_dir / "plots"
-    results.mkdir(parents=True, exist_ok=True)
-    reports, rows = [], []
-    prior_metrics = None
-    localised = _localised(output_dir, data_dir, folds_path, names, log)
-    for name in names:
-        oof = read_oof(output_dir, name)
-        metrics = evaluate_predictions(oof)
-        if name in localised and not localised[name].empty:
-            scores = competition_score(_parsed(localised[name]))
-            metrics["score_localised"], metrics["spinal_localised"] = scores["score"], scores.get("spinal", float("nan"))
-            write_csv_atomic(localised[name], output_dir / "oof" / "localised" / f"{name}.csv")
-        if prior_metrics is None:
-            prior_metrics = evaluate_predictions(prior_predictions(oof))
-        settings = _settings(output_dir, name)
-        payload = {"name": name, **metrics, "class_prior": {k: v for k, v in prior_metrics.items() if k != "per_level"},
-                   "settings": settings, "folds": folds}
-        write_text_atomic(results / f"{name}_oof_metrics.json", json.dumps(payload, indent=1, default=float))
-        _write_tables(name, metrics, results)
-        reports.append(BackboneReport(name, metrics, settings, _figures(name, metrics, plots_dir, _histories(output_dir, name))))
-        rows.append(summary_row(name, metrics))
-        log(f"{name}: OOF competition loss {metrics['score']:.4f} (folds {metrics['score_fold_mean']:.4f} ± "
-            f"{metrics['score_fold_std']:.4f}), macro F1 {metrics['f1_macro']:.3f}, accuracy {metrics['accuracy']:.3f}")
-    rows.append(summary_row(PRIOR_NAME, prior_metrics))
-    _write_tables(PRIOR_NAME, prior_metrics, results)
-    write_text_atomic(results / f"{PRIOR_NAME}_oof_metrics.json", json.dumps({"name": PRIOR_NAME, **prior_metrics}, indent=1, default=float))
+def run_evaluation(output_dir: str | Path, folds_path: str | Path | None = None,
+                   data_dir: str | Path | None = None) -> pd.DataFrame:
+    """Evaluate every complete (backbone, group) under ``output_dir``; return the summary table."""
+    layout = RunLayout(output_dir)
+    folds = sorted(read_folds(run_folds(layout, folds_path))["fold"].unique().tolist())
+    layout.results.mkdir(parents=True, exist_ok=True)
+    reports, rows, priors, full = [], [], {}, {}
+    for group in GROUPS:
+        names, partial = complete_names(layout, group, folds)
+        for name, missing in partial.items():
+            log.info(f"{name} {group}: folds {missing} have no OOF predictions yet; left out (train them to include it)")
+        if not names:
+            continue
+        localised = _localised(layout, group, data_dir, names)
+        prior_metrics = None
+        for name in names:
+            oof = read_oof(layout, name, group)
+            full.setdefault(name, []).append(oof)
+            metrics = evaluate_predictions(oof)
+            if name in localised and not localised[name].empty:
+                metrics["score_localised"] = competition_score(parsed(localised[name]))["score"]
+                write_csv_atomic(localised[name], layout.localised_oof_file(name, group))
+            if prior_metrics is None:
+                prior_oof = prior_predictions(oof)
+                prior_metrics = evaluate_predictions(prior_oof)
+                full.setdefault(PRIOR_NAME, []).append(prior_oof)
+            settings = _settings(layout, name, group)
+            label = f"{name}_{group}"
+            payload = {"name": name, "group": group, **metrics,
+                       "class_prior": {k: v for k, v in prior_metrics.items() if k != "per_level"},
+                       "settings": settings, "folds": folds}
+            write_text_atomic(layout.results / f"{label}_oof_metrics.json", json.dumps(payload, indent=1, default=float))
+            _write_tables(label, metrics, layout.results)
+            reports.append(BackboneReport(name, group, metrics, settings,
+                                          _figures(label, metrics, layout.plots, _histories(layout, name, group))))
+            rows.append(summary_row(name, group, metrics))
+            log.info(f"{name} {group}: OOF competition loss {metrics['score']:.4f} (folds {metrics['score_fold_mean']:.4f} ± "
+                     f"{metrics['score_fold_std']:.4f}), macro F1 {metrics['f1_macro']:.3f}, accuracy {metrics['accuracy']:.3f}")
+        rows.append(summary_row(PRIOR_NAME, group, prior_metrics))
+        priors[group] = BackboneReport(PRIOR_NAME, group, prior_metrics)
+        label = f"{PRIOR_NAME}_{group}"
+        _write_tables(label, prior_metrics, layout.results)
+        write_text_atomic(layout.results / f"{label}_oof_metrics.json",
+                          json.dumps({"name": PRIOR_NAME, "group": group, **prior_metrics}, indent=1, default=float))
+    if not rows:
+        raise SpinegradeError(f"{layout.oof}: no backbone has OOF predictions for every fold {folds} of any group")
     summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
-    write_csv_atomic(summary, results / "summary.csv")
-    comparison = plots.compare_backbones(summary, plots_dir / "backbones_comparison.png")
-    report = write_report(output_dir, summary, reports, BackboneReport(PRIOR_NAME, prior_metrics), comparison,
-                          data_dir=data_dir)
-    log(f"report: {report}")
+    write_csv_atomic(summary, layout.results / "summary.csv")
+    competition = competition_table(full)
+    write_csv_atomic(competition, layout.results / "competition.csv")
+    comparison = plots.compare_backbones(summary, layout.plots / "backbones_comparison.png")
+    report = write_report(layout, summary, competition, reports, priors, comparison, data_dir=data_dir)
+    log.info(f"report: {report}")
     return summary
 
 
-def _localised(output_dir: Path, data_dir, folds_path, names: list[str], log) -> dict[str, pd.DataFrame]:
-    """End-to-end OOF predictions (localiser's points) of the trained backbones, when there is a
-    localiser and the images are at hand; empty otherwise."""
-    from spinegrade.localize import localizer_dir
+def competition_table(full: dict[str, list[pd.DataFrame]]) -> pd.DataFrame:
+    """The competition's terms and their mean for each name over every group it has OOF rows of (the
+    class prior over every group evaluated): the figure a submission of those models would get on
+    these studies, for the targets they grade."""
+    rows = []
+    for name, frames in full.items():
+        scores = competition_score(pd.concat(frames, ignore_index=True))
+        groups = [g for g in GROUPS if g in scores]
+        rows.append({"name": name, "groups": " ".join(groups), **{t: scores.get(t, float("nan")) for t in TERMS},
+                     "score": scores["score"]})
+    return pd.DataFrame(rows, columns=["name", "groups", *TERMS, "score"])
 
-    trained = [n for n in names if any((output_dir / "trained_models" / n).glob("fold*/best.safetensors"))]
-    if data_dir is None or not trained or not any(localizer_dir(output_dir).glob("fold*/best.safetensors")):
-        return {}
-    from spinegrade.blend import BLEND_NAME, load_blend
+
+def _localised(layout: RunLayout, group: str, data_dir, names: list[str]) -> dict[str, pd.DataFrame]:
+    """End-to-end OOF predictions (the locator's points) of the group's trained backbones, when the
+    group has a trained locator and the images are at hand; empty otherwise."""
     from spinegrade.predict import localised_oof
 
-    out = localised_oof(output_dir, data_dir, folds_path, trained, log=log)
-    if BLEND_NAME in names and (output_dir / "oof" / "blend.json").is_file():
-        blend = load_blend(output_dir)
-        if all(n in out for n in blend.backbones):  # the blend's members, mixed the same way
-            frames = [out[n].set_index("row_id") for n in blend.backbones]
-            common = sorted(set.intersection(*(set(f.index) for f in frames)))
-            mixed = blend.combine([f.loc[common, list(PROBABILITY_COLUMNS)].to_numpy() for f in frames])
-            merged = frames[0].loc[common, ["label", "fold"]].reset_index()
-            merged[list(PROBABILITY_COLUMNS)] = mixed
-            out[BLEND_NAME] = merged[["row_id", *PROBABILITY_COLUMNS, "label", "fold"]]
+    trained = [n for n in names if layout.finished_fold_dirs(n, group)]
+    if data_dir is None or not trained or not any(layout.localizer_dir(group).glob("fold*/best.safetensors")):
+        return {}
+    out = localised_oof(layout.root, data_dir, layout.folds if layout.folds.is_file() else None, trained, group)
+    blends = load_blends(layout.root) if layout.blend_json.is_file() else {}
+    blend = blends.get(group)
+    if BLEND_NAME in names and blend is not None and all(n in out for n in blend.backbones):
+        frames = [out[n].set_index("row_id") for n in blend.backbones]  # the blend's members, mixed the same way
+        common = sorted(set.intersection(*(set(f.index) for f in frames)))
+        mixed = blend.combine([f.loc[common, list(PROBABILITY_COLUMNS)].to_numpy() for f in frames])
+        merged = frames[0].loc[common, ["label", "fold"]].reset_index()
+        merged[list(PROBABILITY_COLUMNS)] = mixed
+        out[BLEND_NAME] = merged[["row_id", *PROBABILITY_COLUMNS, "label", "fold"]]
     return out
 
 
 def format_summary(summary: pd.DataFrame) -> str:
-    columns = ["name", "studies", "rows", "score", "score_localised", "spinal", "any_severe_spinal", "f1_macro",
-               "accuracy", "ece"]
-    return summary[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}")
+    terms = [t for t in TERMS if summary[t].notna().any()]
+    columns = ["name", "group", "studies", "rows", "score", "score_localised", *terms, "f1_macro", "accuracy", "ece"]
+    return summary[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="")
+
+
+def format_competition(competition: pd.DataFrame) -> str:
+    terms = [t for t in TERMS if competition[t].notna().any()]
+    return ("OOF competition score over the groups each graded (the prior: over every group evaluated):\n"
+            + competition[["name", "groups", *terms, "score"]].to_string(index=False, float_format=lambda v: f"{v:.4f}",
+                                                                          na_rep=""))
 
 
 def oof_scores(oof: pd.DataFrame) -> dict[str, float]:
@@ -280,9 +285,9 @@ def oof_scores(oof: pd.DataFrame) -> dict[str, float]:
             "studies": int(oof["study_id"].nunique()), "folds": int(oof["fold"].nunique())}
 
 
-def format_scores(name: str, scores: dict[str, float]) -> str:
-    terms = [k for k in ("spinal", "any_severe_spinal", "score") if k in scores]
+def format_scores(name: str, group: str, scores: dict[str, float]) -> str:
+    terms = [k for k in (*TERMS, "score") if k in scores]
     model = "  ".join(f"{k} {scores[k]:.4f}" for k in terms)
     prior = "  ".join(f"{k} {scores['prior_' + k]:.4f}" for k in terms)
-    return (f"{name}: out-of-fold over {scores['folds']} folds, {scores['studies']} studies, {scores['rows']} levels\n"
+    return (f"{name} {group}: out-of-fold over {scores['folds']} folds, {scores['studies']} studies, {scores['rows']} levels\n"
             f"  model: {model}\n  prior: {prior}")

@@ -6,10 +6,11 @@ the training folds label most often. The points: a :class:`LevelLocalizer` on th
 on the labelled points of ``train_label_coordinates.csv`` fold by fold (the same folds as the
 grading models), so that every training study also gets an honest out-of-fold localisation.
 
-Outputs, under ``OUTPUT/``: ``trained_models/localizer/fold<k>/`` (weights, ``localizer.json``,
-``metrics.csv``), ``results/localizer_oof.csv`` (every held-out point, predicted and labelled, with
-its error in mm) and ``results/localizer_report.json`` (slice choice accuracy, median and 90th
-percentile error per level).
+This is the spinal group's locator (``constants.GROUPS``: ``sagittal_levels``). Outputs, under
+``OUTPUT/``: ``trained_models/localizer/spinal/fold<k>/`` (weights, ``localizer.json``,
+``metrics.csv``), ``results/localizer_spinal_oof.csv`` (every held-out point, predicted and labelled,
+with its error in mm) and ``results/localizer_spinal_report.json`` (slice choice accuracy, median and
+90th percentile error per level).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from spinegrade.config import LocalizerConfig
-from spinegrade.constants import LEVELS, level_title
+from spinegrade.constants import GROUPS, LEVELS, level_title
 from spinegrade.data.dataset import init_worker
 from spinegrade.data.dicom import MIN_IMAGE_SIDE, DicomReadError, Slice, Stack, load_pixels, main_stack, read_series
 from spinegrade.data.folds import read_folds, write_csv_atomic
@@ -37,15 +38,15 @@ from spinegrade.data.index import build_index
 from spinegrade.data.preprocess import SquareView
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_text_atomic
+from spinegrade.layout import RunLayout, remember_folds
+from spinegrade.logs import get_logger
 from spinegrade.models.classifier import input_statistics, load_pretrained, load_state, save_state
 from spinegrade.models.localizer import LevelLocalizer, LocalizerSpec, heatmap_loss, soft_argmax
 
-LOCALIZER_NAME = "localizer"
+log = get_logger(__name__)
+
+GROUP = "spinal"  # the group whose points this locator places
 FIELD_PERCENTILE = 95  # of the training slices' longer sides: the localiser's field (prepare_localizer_data)
-
-
-def localizer_dir(output_dir: Path) -> Path:
-    return Path(output_dir) / "trained_models" / LOCALIZER_NAME
 
 
 def middle_index(n: int) -> int:
@@ -65,7 +66,7 @@ class LocatedLevels:
 def localizer_samples(data_dir: Path) -> pd.DataFrame:
     """One row per training study: its spinal canal slice and the five labelled points on it."""
     table = build_index(data_dir, check_images=False).table
-    spinal = table[(table["condition"] == "spinal_canal_stenosis") & table["instance_number"].notna()]
+    spinal = table[table["condition"].isin(GROUPS[GROUP].conditions) & table["instance_number"].notna()]
     rows = []
     for study_id, group in spinal.groupby("study_id"):
         instance = int(group["instance_number"].mode().iloc[0])
@@ -125,7 +126,7 @@ def _map(function, jobs: list) -> list:
     return [function(j) for j in jobs]
 
 
-def prepare_localizer_data(samples: pd.DataFrame, size: int, log=print) -> tuple[np.ndarray, pd.DataFrame, float]:
+def prepare_localizer_data(samples: pd.DataFrame, size: int) -> tuple[np.ndarray, pd.DataFrame, float]:
     """Each study's labelled slice in its :class:`SquareView`, decoded once, with the points
     normalised to [0, 1] of that view; and the view's field in mm.
 
@@ -141,7 +142,7 @@ def prepare_localizer_data(samples: pd.DataFrame, size: int, log=print) -> tuple
     kept, images = [], []
     for r in results:
         if isinstance(r, str):
-            log(f"skipped: {r}")
+            log.info(f"skipped: {r}")
             continue
         images.append(r.pop("image"))
         kept.append(r)
@@ -154,12 +155,12 @@ def prepare_localizer_data(samples: pd.DataFrame, size: int, log=print) -> tuple
         x, y = meta[f"{level}_x"], meta[f"{level}_y"]
         outside = ~on_image[:, k] & x.notna().to_numpy() & y.notna().to_numpy()
         for r in meta[outside].itertuples():
-            log(f"skipped point: study {r.study_id} {level_title(level)} at ({getattr(r, f'{level}_x')}, "
+            log.info(f"skipped point: study {r.study_id} {level_title(level)} at ({getattr(r, f'{level}_x')}, "
                 f"{getattr(r, f'{level}_y')}) lies outside its {r.cols}x{r.rows} image")
         u, v = view.to_unit(x.to_numpy(), y.to_numpy())
         cut = on_image[:, k] & ~((u >= 0) & (u <= 1) & (v >= 0) & (v <= 1))
         for r in meta[cut].itertuples():
-            log(f"skipped point: study {r.study_id} {level_title(level)} lies outside the localiser's "
+            log.info(f"skipped point: study {r.study_id} {level_title(level)} lies outside the localiser's "
                 f"{field_mm:.0f} mm field (its slice is {r.rows * r.row_spacing:.0f} x {r.cols * r.col_spacing:.0f} mm)")
         unused = ~on_image[:, k] | cut
         meta[f"{level}_u"], meta[f"{level}_v"] = np.where(unused, np.nan, u), np.where(unused, np.nan, v)  # NaN: unlabelled
@@ -231,11 +232,11 @@ def _predict(model: LevelLocalizer, loader: DataLoader, device) -> np.ndarray:
 
 
 def train_localizer_fold(config: LocalizerConfig, images: np.ndarray, meta: pd.DataFrame, field_mm: float,
-                         fold: int, output_dir: Path, device, log=print) -> np.ndarray:
+                         fold: int, output_dir: Path, device) -> np.ndarray:
     """Train on the other folds; return held-out predictions (normalised) of the best epoch."""
     torch.manual_seed(config.seed)
     model = LevelLocalizer(LocalizerSpec(config.backbone))
-    log(load_pretrained(model, config.pretrained, config.weights))
+    log.info(load_pretrained(model, config.pretrained, config.weights))
     mean, std = input_statistics(model.backbone)
     model.to(device)
     points = np.stack([meta[[f"{lv}_u", f"{lv}_v"]].to_numpy() for lv in LEVELS], axis=1).astype(np.float32)
@@ -252,7 +253,7 @@ def train_localizer_fold(config: LocalizerConfig, images: np.ndarray, meta: pd.D
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, pct_start=0.15,
                                                    total_steps=max(1, config.num_epochs * len(train_loader)))
-    out = localizer_dir(output_dir) / f"fold{fold}"
+    out = RunLayout(output_dir).localizer_dir(GROUP, existing=False) / f"fold{fold}"
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "localizer.json", json.dumps({**LocalizerSpec(config.backbone).to_dict(), **config.to_dict(),
                                                     "mean": list(mean), "std": list(std), "field_mm": field_mm,
@@ -284,7 +285,7 @@ def train_localizer_fold(config: LocalizerConfig, images: np.ndarray, meta: pd.D
         if median < best:
             best, best_pred = median, pred
             save_state(model, out / "best.safetensors")
-        log(f"localizer fold {fold} epoch {epoch + 1}/{config.num_epochs}: train L1 {history[-1]['train_l1_pixels']:.2f} px, "
+        log.info(f"localizer fold {fold} epoch {epoch + 1}/{config.num_epochs}: train L1 {history[-1]['train_l1_pixels']:.2f} px, "
             f"held-out median {median:.2f} mm, 90th percentile {history[-1]['val_p90_mm']:.2f} mm")
         write_csv_atomic(pd.DataFrame(history), out / "metrics.csv")
     if best_pred is None:
@@ -293,24 +294,26 @@ def train_localizer_fold(config: LocalizerConfig, images: np.ndarray, meta: pd.D
 
 
 def train_localizer(config: LocalizerConfig, data_dir: str | Path, folds_path: str | Path, output_dir: str | Path,
-                    device: str | None = None, log=print) -> dict:
+                    device: str | None = None) -> dict:
     """Train the localiser on every fold and write its out-of-fold report."""
     from spinegrade.train import select_device
 
     output_dir = Path(output_dir)
+    layout = RunLayout(output_dir)
+    remember_folds(layout, Path(folds_path))
     samples = localizer_samples(Path(data_dir))
     folds = read_folds(folds_path)
     samples = samples.merge(folds, on="study_id")
     if samples.empty:
         raise SpinegradeError(f"{data_dir}: no study with spinal canal points to train the localiser on")
-    images, meta, field_mm = prepare_localizer_data(samples, config.image_size, log)
+    images, meta, field_mm = prepare_localizer_data(samples, config.image_size)
     if meta.empty:
         raise SpinegradeError(f"{data_dir}: none of the {len(samples)} labelled spinal canal slices could be read")
     device_ = select_device(device)
     predictions = np.full((len(meta), len(LEVELS), 2), np.nan)
     for fold in sorted(meta["fold"].unique()):
         held = meta["fold"].to_numpy() == fold
-        predictions[held] = train_localizer_fold(config, images, meta, field_mm, int(fold), output_dir, device_, log)
+        predictions[held] = train_localizer_fold(config, images, meta, field_mm, int(fold), output_dir, device_)
     offsets = meta["slice_index"] - meta["stack_length"].map(middle_index)
     offset = int(offsets.mode().iloc[0])
     # Out-of-fold slice choice uses the offset of the training folds only.
@@ -322,14 +325,14 @@ def train_localizer(config: LocalizerConfig, data_dir: str | Path, folds_path: s
         chosen[held] = np.clip(meta["stack_length"][held].map(middle_index) + per_fold[int(fold)], 0,
                                meta["stack_length"][held] - 1)
     # Written last: its presence marks a finished localiser.
-    write_text_atomic(localizer_dir(output_dir) / "slice_choice.json", json.dumps({
+    write_text_atomic(layout.localizer_dir(GROUP, existing=False) / "slice_choice.json", json.dumps({
         "offset_from_middle": offset, "offset_from_middle_per_fold": per_fold,
         "offset_counts": {int(k): int(v) for k, v in offsets.value_counts().sort_index().items()}}, indent=1))
-    return write_localizer_report(meta, predictions, chosen, config.image_size, output_dir, log)
+    return write_localizer_report(meta, predictions, chosen, config.image_size, output_dir)
 
 
 def write_localizer_report(meta: pd.DataFrame, predictions: np.ndarray, chosen: np.ndarray, size: int,
-                           output_dir: Path, log=print) -> dict:
+                           output_dir: Path) -> dict:
     errors = _errors_mm(predictions, meta, size)
     pixels = _in_pixels(predictions, meta, size)
     rows = []
@@ -339,9 +342,9 @@ def write_localizer_report(meta: pd.DataFrame, predictions: np.ndarray, chosen: 
                          "x": pixels[i, k, 0], "y": pixels[i, k, 1],
                          "x_label": getattr(r, f"{level}_x"), "y_label": getattr(r, f"{level}_y"),
                          "error_mm": errors[i, k], "slice_chosen": chosen[i], "slice_labelled": r.slice_index})
-    results = Path(output_dir) / "results"
+    results = RunLayout(output_dir).results
     results.mkdir(parents=True, exist_ok=True)
-    write_csv_atomic(pd.DataFrame(rows), results / "localizer_oof.csv")
+    write_csv_atomic(pd.DataFrame(rows), results / f"localizer_{GROUP}_oof.csv")
     within_one = float((np.abs(chosen - meta["slice_index"].to_numpy()) <= 1).mean())
     exact = float((chosen == meta["slice_index"].to_numpy()).mean())
     report = {"studies": len(meta), "slice_within_one": within_one, "slice_exact": exact, "per_level": {}}
@@ -351,13 +354,13 @@ def write_localizer_report(meta: pd.DataFrame, predictions: np.ndarray, chosen: 
                                       "p90_mm": float(np.percentile(e, 90)) if len(e) else None, "points": int(len(e))}
     finite = errors[np.isfinite(errors)]
     report["all_levels"] = {"median_mm": float(np.median(finite)), "p90_mm": float(np.percentile(finite, 90))}
-    write_text_atomic(results / "localizer_report.json", json.dumps(report, indent=1))
-    log(f"localizer out-of-fold over {len(meta)} studies: slice within one of the labelled {within_one:.1%} "
+    write_text_atomic(results / f"localizer_{GROUP}_report.json", json.dumps(report, indent=1))
+    log.info(f"localizer out-of-fold over {len(meta)} studies: slice within one of the labelled {within_one:.1%} "
         f"(exact {exact:.1%}); point error median {report['all_levels']['median_mm']:.2f} mm, "
         f"90th percentile {report['all_levels']['p90_mm']:.2f} mm")
     for level, v in report["per_level"].items():
         if v["points"]:
-            log(f"  {level_title(level)}: median {v['median_mm']:.2f} mm, 90th percentile {v['p90_mm']:.2f} mm ({v['points']} points)")
+            log.info(f"  {level_title(level)}: median {v['median_mm']:.2f} mm, 90th percentile {v['p90_mm']:.2f} mm ({v['points']} points)")
     return report
 
 
@@ -366,11 +369,12 @@ def write_localizer_report(meta: pd.DataFrame, predictions: np.ndarray, chosen: 
 class LocalizerEnsemble:
     """Every fold's localiser, averaged: the same models whatever study comes."""
 
-    def __init__(self, output_dir: str | Path, device=None, folds: list[int] | None = None):
-        """``folds`` restricts the ensemble to those fold models (for out-of-fold use)."""
+    def __init__(self, root: str | Path, device=None, folds: list[int] | None = None):
+        """``root``: the locator's folder (``RunLayout.localizer_dir``); ``folds`` restricts the ensemble
+        to those fold models (for out-of-fold use)."""
         from spinegrade.train import select_device
 
-        root = localizer_dir(Path(output_dir))
+        root = Path(root)
         folds_found = sorted(p.parent for p in root.glob("fold*/best.safetensors"))
         folds = [f for f in folds_found if folds is None or int(f.name.removeprefix("fold")) in folds]
         if not folds:

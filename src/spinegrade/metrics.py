@@ -1,10 +1,13 @@
-"""The competition metric, on plain arrays. Never mutates its inputs.
+"""The competition metric and the class prior, on plain arrays: the one place for both. Never mutates
+its inputs.
 
-For each group (spinal; foraminal left and right together; subarticular left and right together)
-a log loss with sample weights 1/2/4 by true grade, on rows normalised to sum to one; plus
-``any_severe_spinal``: per study, label 1 when any spinal level is Severe, prediction the largest
-Severe probability over its spinal rows, weight the largest sample weight among those rows. The
-score is the mean of the terms present. Unlabelled rows (grade -1) are not scored.
+For each metric group of the registry (spinal; foraminal left and right together; subarticular left
+and right together) a log loss with sample weights 1/2/4 by true grade, on rows normalised to sum to
+one; plus, for a group with an ``any_severe_term`` (``any_severe_spinal``): per study, label 1 when
+any of its levels is Severe, prediction the largest Severe probability over its rows, weight the
+largest sample weight among those rows. The score is the mean of the terms present. Unlabelled rows
+(grade -1) are not scored. :class:`FixedRowsScore` is the same metric for rows fixed in advance (the
+blend's optimiser calls it thousands of times); a test holds the two equal.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from spinegrade.constants import CONDITION_GROUP, METRIC_GROUPS, SEVERITY_WEIGHTS
+from spinegrade.constants import CONDITION_GROUP, GROUPS, PROBABILITY_COLUMNS, SEVERITY_WEIGHTS
 
 EPS = 1e-15
 
@@ -63,19 +66,53 @@ def competition_score(frame: pd.DataFrame) -> dict[str, float]:
     ``normal_mild, moderate, severe``. Terms for groups with no labelled row are left out, so a
     spinal-only model is scored on ``spinal`` and ``any_severe_spinal``.
     """
-    probs = frame[["normal_mild", "moderate", "severe"]].to_numpy()
+    probs = frame[list(PROBABILITY_COLUMNS)].to_numpy()
     groups = frame["condition"].map(CONDITION_GROUP).to_numpy()
     labels = frame["severity"].to_numpy()
     terms: dict[str, float] = {}
-    for group in METRIC_GROUPS:
-        mask = groups == group
-        if mask.any() and (labels[mask] >= 0).any():
-            terms[group] = weighted_log_loss(labels[mask], probs[mask])
-    spinal = groups == "spinal"
-    if spinal.any() and (labels[spinal] >= 0).any():
-        terms["any_severe_spinal"] = any_severe_log_loss(frame["study_id"].to_numpy()[spinal], labels[spinal], probs[spinal])
+    severe_terms: dict[str, float] = {}
+    for group in GROUPS.values():
+        mask = groups == group.name
+        if not (mask.any() and (labels[mask] >= 0).any()):
+            continue
+        terms[group.name] = weighted_log_loss(labels[mask], probs[mask])
+        if group.any_severe_term:
+            severe_terms[group.any_severe_term] = any_severe_log_loss(
+                frame["study_id"].to_numpy()[mask], labels[mask], probs[mask])
+    terms.update(severe_terms)  # after the group terms, as the competition lists them
     terms["score"] = float(np.mean(list(terms.values()))) if terms else float("nan")
     return terms
+
+
+class FixedRowsScore:
+    """:func:`competition_score`'s ``score`` for a fixed set of rows, with the grouping precomputed:
+    called with the rows' (N, 3) probabilities only."""
+
+    def __init__(self, frame: pd.DataFrame):
+        labels = frame["severity"].to_numpy()
+        groups = frame["condition"].map(CONDITION_GROUP).to_numpy()
+        weights = np.asarray(SEVERITY_WEIGHTS)
+        self.groups, self.any_severe = [], []
+        for group in GROUPS.values():
+            rows = np.flatnonzero((groups == group.name) & (labels >= 0))
+            if not len(rows):
+                continue
+            self.groups.append((rows, labels[rows], weights[labels[rows]]))
+            if group.any_severe_term:
+                order = rows[np.argsort(frame["study_id"].to_numpy()[rows], kind="stable")]
+                studies = frame["study_id"].to_numpy()[order]
+                starts = np.flatnonzero(np.r_[True, studies[1:] != studies[:-1]])
+                y = np.maximum.reduceat((labels[order] == 2).astype(float), starts)
+                w = np.maximum.reduceat(weights[labels[order]], starts)
+                self.any_severe.append((order, starts, y, w))
+
+    def __call__(self, probs: np.ndarray) -> float:
+        p = np.clip(normalise(probs), EPS, 1 - EPS)
+        terms = [float(np.sum(w * -np.log(p[rows, y])) / np.sum(w)) for rows, y, w in self.groups]
+        for order, starts, y, w in self.any_severe:
+            q = np.clip(np.maximum.reduceat(p[order, 2], starts), EPS, 1 - EPS)
+            terms.append(float(np.sum(w * -(y * np.log(q) + (1 - y) * np.log(1 - q))) / np.sum(w)))
+        return float(np.mean(terms)) if terms else float("nan")
 
 
 def weighted_prior(labels: np.ndarray, pseudo_count: float = 1.0) -> np.ndarray:
@@ -90,12 +127,29 @@ def weighted_prior(labels: np.ndarray, pseudo_count: float = 1.0) -> np.ndarray:
 
 
 def prior_table(labels: pd.DataFrame) -> pd.DataFrame:
-    """The weight-scaled prior of every (condition, level) in ``labels`` (the tidy index table)."""
-    from spinegrade.constants import PROBABILITY_COLUMNS
-
+    """The weight-scaled prior of every (condition, level) in ``labels`` (rows with study_id,
+    condition, level, severity: the index table, or OOF rows): what the submission gives targets no
+    model grades, what every model is compared with, what a kernel falls back on (saved with the
+    models as ``priors.csv``)."""
     rows = [{"condition": c, "level": lv, **dict(zip(PROBABILITY_COLUMNS, weighted_prior(g["severity"].to_numpy())))}
             for (c, lv), g in labels.groupby(["condition", "level"])]
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["condition", "level", *PROBABILITY_COLUMNS])
+
+
+def prior_for(table: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
+    """(len(rows), 3): each row's (condition, level) prior from a :func:`prior_table`; a pair the table
+    lacks gets the weight-scaled prior of no label at all (the pseudo-counts alone)."""
+    known = {(r.condition, r.level): np.array([getattr(r, c) for c in PROBABILITY_COLUMNS], dtype=float)
+             for r in table.itertuples()}
+    fallback = weighted_prior(np.array([], dtype=int))
+    return np.stack([known.get((c, lv), fallback) for c, lv in zip(rows["condition"], rows["level"])]) \
+        if len(rows) else np.zeros((0, 3))
+
+
+def class_prior(train: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
+    """The class prior fitted on ``train`` (the training folds) for ``rows`` (the held-out ones): the
+    baseline a fold's model must beat, never fitted on the rows it predicts."""
+    return prior_for(prior_table(train), rows)
 
 
 def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> float:
@@ -139,8 +193,6 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dic
         precision_recall_fscore_support,
         roc_auc_score,
     )
-
-    from spinegrade.constants import PROBABILITY_COLUMNS
 
     labels = np.asarray(labels)
     keep = labels >= 0

@@ -103,9 +103,9 @@ def per_level(table: pd.DataFrame, title: str, path: Path) -> Path:
     axes[0].set_ylim(0, 1.05)
     axes[0].legend(fontsize=7)
     axes[0].set_title("F1 per grade")
-    axes[1].bar(x, table["spinal_loss"], color="tab:red", alpha=0.8)
+    axes[1].bar(x, table["loss"], color="tab:red", alpha=0.8)
     axes[1].set_xticks(x, [level_title(lv) for lv in table["level"]])
-    axes[1].set_title("spinal weighted log loss (lower is better)")
+    axes[1].set_title("weighted log loss (lower is better)")
     for i, s in enumerate(table["support"]):
         axes[1].text(i, 0, f"n={s}", ha="center", va="bottom", fontsize=7)
     fig.suptitle(title, fontsize=10)
@@ -115,9 +115,9 @@ def per_level(table: pd.DataFrame, title: str, path: Path) -> Path:
 def compare_backbones(summary: pd.DataFrame, path: Path) -> Path:
     """Every backbone (and the prior) on the competition loss and macro F1."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(summary) + 2))
-    names = summary["name"].tolist()
+    names = [f"{n} ({g})" for n, g in zip(summary["name"], summary["group"])] if "group" in summary else summary["name"].tolist()
     y = np.arange(len(names))
-    colours = ["tab:grey" if n == "class_prior" else "tab:blue" for n in names]
+    colours = ["tab:grey" if n == "class_prior" else "tab:blue" for n in summary["name"]]
     axes[0].barh(y, summary["score"], xerr=summary.get("score_fold_std"), color=colours)
     axes[0].set_yticks(y, names)
     axes[0].set_xlabel("OOF competition loss (lower is better)")

@@ -1,14 +1,18 @@
-"""From raw DICOM to graded levels, with no coordinates: localise, then grade with every fold model.
+"""From raw DICOM to graded levels, with no coordinates: locate, then grade with every fold model.
 
-Each study's Sagittal T2/STIR series is decoded once; the localiser picks the slice and the five
-points; every fold model of every backbone grades the five levels (fold models averaged). A study
-whose series is missing or unreadable keeps its rows, filled with the training prior, and a
-warning names it: one bad study never stops a run. Targets no model covers (the foraminal and
-subarticular conditions, for now) get the weight-scaled training prior of their condition and level.
+Per condition group (``constants.GROUPS``): the group's locator places its points on the series the
+group is read on, as rows of a locations table (study, condition, level, series, instance, x, y,
+source); every fold model of every backbone of that group grades them (fold models averaged), from
+images made by the same preprocessing as training (``data.preprocess.prepare_stack``, then the
+centre view), so a model sees at test time what it trained on. A study whose series is missing or
+unreadable keeps its rows, filled with the training prior, and a warning names it: one bad study
+never stops a run. A group no model (or no locator) covers gets the weight-scaled training prior of
+each condition and level, and the command names it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -18,9 +22,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from spinegrade.blend import Blend, combine
+from spinegrade.blend import Blend, combine, load_blends
 from spinegrade.constants import (
     CONDITIONS,
+    GROUPS,
     LEVELS,
     PROBABILITY_COLUMNS,
     SAGITTAL_T2,
@@ -39,61 +44,71 @@ from spinegrade.data.dicom import (
     read_slice,
 )
 from spinegrade.data.index import read_csv_checked
-from spinegrade.data.preprocess import PreprocessSettings, prepare_image
+from spinegrade.data.preprocess import PreprocessSettings, centre_view, prepare_stack
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_csv_atomic, write_text_atomic
-from spinegrade.progress import Progress
-from spinegrade.localize import LOCALIZER_NAME, LocalizerEnsemble
-from spinegrade.metrics import prior_table
+from spinegrade.layout import RunLayout
+from spinegrade.localize import LocalizerEnsemble
+from spinegrade.logs import get_logger
+from spinegrade.metrics import prior_for, prior_table
 from spinegrade.models.classifier import LevelClassifier, ModelSpec, load_state
+from spinegrade.progress import Progress
+
+log = get_logger(__name__)
+
+LOCATION_COLUMNS = ["study_id", "condition", "level", "series", "instance_number", "x", "y", "source"]
 
 
 @dataclass
 class FoldModel:
     name: str
+    group: str
     fold: int
     model: LevelClassifier
     settings: PreprocessSettings
-    condition: str
 
 
 def trained_backbones(output_dir: Path) -> list[str]:
-    """Backbones with at least one finished fold under ``output_dir/trained_models``."""
-    root = Path(output_dir) / "trained_models"
-    return sorted(p.name for p in root.glob("*") if p.is_dir() and p.name != LOCALIZER_NAME
-                  and any(p.glob("fold*/done.json")))
+    """Backbones with at least one finished fold of any group under ``output_dir/trained_models``."""
+    return RunLayout(output_dir).backbones()
 
 
-def load_fold_models(output_dir: Path, name: str, device: torch.device) -> list[FoldModel]:
-    """Every finished fold model of one backbone, rebuilt from its model.json and weights alone (a fold
-    still training, or killed, has no done.json and is left out)."""
-    folders = sorted(p.parent for p in (Path(output_dir) / "trained_models" / name).glob("fold*/done.json"))
+def load_fold_models(output_dir: Path, name: str, group: str, device: torch.device) -> list[FoldModel]:
+    """Every finished fold model of one backbone on one group, rebuilt from its model.json and weights
+    alone (a fold still training, or killed, has no done.json and is left out)."""
+    layout = RunLayout(output_dir)
+    folders = layout.finished_fold_dirs(name, group)
     if not folders:
-        raise SpinegradeError(f"{Path(output_dir) / 'trained_models' / name}: no finished fold")
+        raise SpinegradeError(f"{layout.model_dir(name, group)}: no finished fold")
     models = []
     for folder in folders:
         spec = json.loads((folder / "model.json").read_text())
         model = LevelClassifier(ModelSpec.from_dict(spec))
         load_state(model, folder / "best.safetensors")
-        settings = PreprocessSettings(spec["condition"], spec["input"], int(spec["image_size"]), float(spec["crop_mm"]))
-        models.append(FoldModel(name, int(spec["fold"]), model.to(device).eval(), settings, spec["condition"]))
+        models.append(FoldModel(name, group, int(spec["fold"]), model.to(device).eval(), PreprocessSettings.from_model(spec)))
     return models
 
 
+# --- locating -----------------------------------------------------------------------------------
+
 @dataclass
 class LocatedStudy:
+    """One study's series for a group and where its levels were found on it (``locations``: rows of
+    the locations table); ``problem`` says why it has none."""
+
     study_id: int
     stack: Stack | None  # only the chosen slice keeps its pixels
-    slice_index: int
-    points: np.ndarray | None
+    locations: pd.DataFrame | None
     problem: str | None = None
     seconds: float = 0.0
 
 
-def locate_study(study_id: int, stack: Stack | None, localizer: LocalizerEnsemble, problem: str | None = None) -> LocatedStudy:
+def locate_sagittal_levels(study_id: int, stack: Stack | None, series: str, group: str, localizer: LocalizerEnsemble,
+                           problem: str | None = None) -> LocatedStudy:
+    """The spinal group's locator: the mid-sagittal slice of the series and the five level points on it."""
     started = time.perf_counter()
     if stack is None or len(stack) == 0:
-        return LocatedStudy(study_id, None, -1, None, problem or "no readable Sagittal T2/STIR slice")
+        return LocatedStudy(study_id, None, None, problem or f"no readable {GROUPS[group].series} slice")
     while True:  # a slice whose pixels cannot be decoded leaves the stack, and the choice is made again
         try:
             located = localizer.locate(stack)
@@ -101,40 +116,70 @@ def locate_study(study_id: int, stack: Stack | None, localizer: LocalizerEnsembl
         except DicomReadError:
             stack.slices.pop(localizer.choose_slice(stack))
             if not stack.slices:
-                return LocatedStudy(study_id, None, -1, None, problem or "no decodable Sagittal T2/STIR slice")
+                return LocatedStudy(study_id, None, None, problem or f"no decodable {GROUPS[group].series} slice")
     for i, s in enumerate(stack.slices):  # keep memory flat over hundreds of studies
         if i != located.slice_index:
             s.pixels = None
-    return LocatedStudy(study_id, stack, located.slice_index, located.points, seconds=time.perf_counter() - started)
+    instance = stack.slices[located.slice_index].instance_number
+    rows = [[study_id, condition, level, series, instance, float(x), float(y), "localised"]
+            for condition in GROUPS[group].conditions for level, (x, y) in zip(LEVELS, located.points)]
+    return LocatedStudy(study_id, stack, pd.DataFrame(rows, columns=LOCATION_COLUMNS),
+                        seconds=time.perf_counter() - started)
 
 
-def grade_studies(studies: list[LocatedStudy], models: list[FoldModel], device: torch.device) -> dict[int, np.ndarray]:
-    """(5, 3) probabilities per located study, averaged over the fold models."""
-    out: dict[int, np.ndarray] = {}
-    usable = [s for s in studies if s.points is not None]
-    if not usable:
-        return out
-    def crops(st: LocatedStudy, settings: PreprocessSettings) -> list[np.ndarray] | None:
-        s = st.stack.slices[st.slice_index]
-        try:
-            return [prepare_image(s.pixels, s.pixel_spacing, x, y, settings) for x, y in st.points]
-        except Exception as exc:  # an image this code cannot crop: that study gets the prior
-            st.problem, st.points = f"cannot prepare its images ({type(exc).__name__}: {exc})", None
-            return None
+# The registry names each group's locator; these are the implementations (a group whose entry names
+# none gets prior rows).
+LOCATORS = {"sagittal_levels": locate_sagittal_levels}
 
-    prepared: dict[PreprocessSettings, dict[int, list[np.ndarray]]] = {}
-    for settings in {m.settings for m in models}:  # crops shared by fold models with the same preprocessing
+
+def open_locator(output_dir: Path, group: str, device: torch.device, folds: list[int] | None = None):
+    return LocalizerEnsemble(RunLayout(output_dir).localizer_dir(group), device=device, folds=folds)
+
+
+def locate_study(study_id: int, stack: Stack | None, localizer: LocalizerEnsemble, problem: str | None = None,
+                 group: str = "spinal", series: str = "") -> LocatedStudy:
+    """The group's locator on one study's series."""
+    return LOCATORS[GROUPS[group].locator](study_id, stack, series, group, localizer, problem)
+
+
+# --- grading ------------------------------------------------------------------------------------
+
+def model_inputs(study: LocatedStudy, settings: PreprocessSettings) -> np.ndarray | None:
+    """(rows of its locations, H, W) uint8: the images a model of ``settings`` grades, made exactly as
+    training's cache makes them (neighbouring slices are not needed here)."""
+    single = dataclasses.replace(settings, neighbours=0)
+    index = {s.instance_number: k for k, s in enumerate(study.stack.slices)}
+    windows: dict[int, tuple[float, float] | None] = {}
+    images = []
+    for r in study.locations.itertuples():
+        canvases = prepare_stack(study.stack, index[r.instance_number], r.x, r.y, single, windows)
+        images.append(centre_view(canvases, settings.image_size))
+    return np.stack(images)
+
+
+def grade_studies(studies: list[LocatedStudy], models: list[FoldModel], device: torch.device) -> dict[int, dict[str, np.ndarray]]:
+    """Per located study, (5, 3) probabilities per condition of the models' group, averaged over the
+    fold models. A study whose images cannot be made gets a problem and no grades (the prior)."""
+    out: dict[int, dict[str, np.ndarray]] = {}
+    usable = [s for s in studies if s.locations is not None]
+    prepared: dict[PreprocessSettings, dict[int, np.ndarray]] = {}
+    for settings in {m.settings for m in models}:  # images shared by fold models with the same preprocessing
         prepared[settings] = {}
         for st in usable:
-            if st.points is not None and (c := crops(st, settings)) is not None:
-                prepared[settings][st.study_id] = c
-    usable = [s for s in usable if s.points is not None]
+            if st.locations is None:
+                continue
+            try:
+                prepared[settings][st.study_id] = model_inputs(st, settings)
+            except Exception as exc:  # an image this code cannot prepare: that study gets the prior
+                st.problem, st.locations = f"cannot prepare its images ({type(exc).__name__}: {exc})", None
+    usable = [s for s in usable if s.locations is not None]
     if not usable:
         return out
-    by_settings = {settings: np.stack([c for st in usable for c in per_study[st.study_id]])
+    by_settings = {settings: np.concatenate([per_study[st.study_id] for st in usable])
                    for settings, per_study in prepared.items()}
-    total = np.zeros((len(usable) * len(LEVELS), 3))
-    levels = torch.arange(len(LEVELS)).repeat(len(usable))
+    level_index = {lv: i for i, lv in enumerate(LEVELS)}
+    levels = torch.tensor([level_index[lv] for st in usable for lv in st.locations["level"]])
+    total = np.zeros((len(levels), 3))
     for m in models:
         batch = torch.from_numpy(by_settings[m.settings][:, None])  # uint8 grey: the model normalises
         probs = []
@@ -144,8 +189,16 @@ def grade_studies(studies: list[LocatedStudy], models: list[FoldModel], device: 
                 probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
         total += np.concatenate(probs)
     total /= len(models)
-    for i, st in enumerate(usable):
-        out[st.study_id] = total[i * len(LEVELS):(i + 1) * len(LEVELS)]
+    k = 0
+    for st in usable:
+        rows = st.locations.reset_index(drop=True)
+        graded: dict[str, np.ndarray] = {}
+        for condition, part in rows.groupby("condition", sort=False):
+            p = np.full((len(LEVELS), 3), np.nan)
+            p[[level_index[lv] for lv in part["level"]]] = total[k + part.index.to_numpy()]
+            graded[condition] = p
+        out[st.study_id] = graded
+        k += len(rows)
     return out
 
 
@@ -155,14 +208,14 @@ def training_priors(data_dir: Path | None, output_dir: Path) -> pd.DataFrame:
         from spinegrade.data.index import build_index
 
         return prior_table(build_index(data_dir, check_images=False).table)
-    saved = Path(output_dir) / "trained_models" / "priors.csv"
+    saved = RunLayout(output_dir).priors
     if saved.is_file():
         return pd.read_csv(saved)
     raise SpinegradeError(f"no training prior: neither {Path(data_dir or '.') / 'train.csv'} nor {saved} exists")
 
 
-def _study_series(data_dir: Path, split: str) -> dict[int, Path | None]:
-    """The Sagittal T2/STIR series folder of every study listed for ``split`` (None when it has none)."""
+def _study_series(data_dir: Path, split: str, description: str = SAGITTAL_T2) -> dict[int, Path | None]:
+    """The ``description`` series folder of every study listed for ``split`` (None when it has none)."""
     path = data_dir / f"{split}_series_descriptions.csv"
     series = read_csv_checked(path, ["study_id", "series_id", "series_description"])
     out: dict[int, Path | None] = {}
@@ -172,7 +225,7 @@ def _study_series(data_dir: Path, split: str) -> dict[int, Path | None]:
         except (TypeError, ValueError):
             continue  # the index reports bad ids with their line
         out.setdefault(study, None)
-        if r.series_description == SAGITTAL_T2 and out[study] is None:
+        if r.series_description == description and out[study] is None:
             try:
                 out[study] = data_dir / f"{split}_images" / str(study) / str(int(r.series_id))
             except (TypeError, ValueError):
@@ -180,13 +233,13 @@ def _study_series(data_dir: Path, split: str) -> dict[int, Path | None]:
     return out
 
 
-def _read_stack(series_dir: Path | None) -> tuple[Stack | None, str | None]:
+def _read_stack(series_dir: Path | None, description: str = SAGITTAL_T2) -> tuple[Stack | None, str | None]:
     if series_dir is None:
-        return None, "no Sagittal T2/STIR series listed"
+        return None, f"no {description} series listed"
     if not series_dir.is_dir():
         return None, f"{series_dir}: series folder absent"
     errors: list[DicomReadError] = []
-    stacks = read_series(series_dir, with_pixels=False, errors=errors)  # the localiser decodes its slice
+    stacks = read_series(series_dir, with_pixels=False, errors=errors)  # the locator decodes its slice
     # Placeholder images (under 8 pixels a side) are no slice to grade, as in training.
     stack = main_stack([Stack(kept) for kept in ([s for s in st.slices if min(s.shape) >= MIN_IMAGE_SIDE]
                                                  for st in stacks) if kept])
@@ -195,21 +248,27 @@ def _read_stack(series_dir: Path | None) -> tuple[Stack | None, str | None]:
     return stack, None
 
 
-def submission_frame(study_ids: list[int], graded: dict[str, dict[int, dict[str, np.ndarray]]], blend: Blend,
-                     priors: pd.DataFrame) -> pd.DataFrame:
-    """One row per target of every study: the blend of the backbones that grade it (their weights
-    renormalised when some could not), else the training prior of its condition and level."""
-    prior = {(r.condition, r.level): np.array([r.normal_mild, r.moderate, r.severe]) for r in priors.itertuples()}
-    weight = dict(zip(blend.backbones, blend.weights))
+def submission_frame(study_ids: list[int], graded: dict[str, dict[str, dict[int, dict[str, np.ndarray]]]],
+                     blends: dict[str, Blend], priors: pd.DataFrame) -> pd.DataFrame:
+    """One row per target of every study: the blend of the group's backbones that grade it (their
+    weights renormalised when some could not), else the training prior of its condition and level.
+    ``graded[group][backbone][study][condition]`` is (5, 3)."""
     rows = []
     for study in study_ids:
         for condition in CONDITIONS:
-            names = [n for n in blend.backbones if condition in graded.get(n, {}).get(study, {}) and weight[n] > 0]
+            group = GROUPS[next(g for g in GROUPS if condition in GROUPS[g].conditions)].name
+            blend = blends.get(group)
+            by_name = graded.get(group, {})
+            weight = dict(zip(blend.backbones, blend.weights)) if blend else {}
+            names = [n for n in (blend.backbones if blend else []) if weight[n] > 0
+                     and condition in by_name.get(n, {}).get(study, {})]
+            probs = None
             if names:
                 w = np.array([weight[n] for n in names])
-                probs = combine([graded[n][study][condition] for n in names], w / w.sum(), blend.mode, blend.temperature)
+                probs = combine([by_name[n][study][condition] for n in names], w / w.sum(), blend.mode, blend.temperature)
+            prior = prior_for(priors, pd.DataFrame({"condition": [condition] * len(LEVELS), "level": list(LEVELS)}))
             for k, level in enumerate(LEVELS):
-                p = probs[k] if names else prior.get((condition, level), np.full(3, 1 / 3))
+                p = probs[k] if probs is not None and np.isfinite(probs[k]).all() else prior[k]
                 rows.append([row_id(study, condition, level), *p])
     return pd.DataFrame(rows, columns=["row_id", *PROBABILITY_COLUMNS])
 
@@ -233,13 +292,13 @@ def check_submission(frame: pd.DataFrame, sample: pd.DataFrame | None = None) ->
                               "non-negative and sum to 1")
 
 
-def write_submission(frame: pd.DataFrame, path: Path, sample: pd.DataFrame | None = None, log=print) -> None:
+def write_submission(frame: pd.DataFrame, path: Path, sample: pd.DataFrame | None = None) -> None:
     """Check, then write. ``frame`` holds every target of every listed study; when ``sample`` lists
     exactly those rows its order is used, and when it lists others (the shipped sample names one
     study, the hidden test set hundreds) the listed studies win and the mismatch is reported."""
     if sample is not None and set(sample["row_id"]) != set(frame["row_id"]):
-        log(f"warning: sample_submission.csv lists {len(sample)} rows, the test series {len(frame)}; "
-            "writing a row for all 25 targets of every listed study")
+        log.warning(f"sample_submission.csv lists {len(sample)} rows, the test series {len(frame)}; "
+                    "writing a row for all 25 targets of every listed study")
         sample = None
     check_submission(frame, sample)
     if sample is not None:  # the sample's row order
@@ -247,11 +306,48 @@ def write_submission(frame: pd.DataFrame, path: Path, sample: pd.DataFrame | Non
     write_csv_atomic(frame, path)
 
 
+def mean_blends(output_dir: Path, backbones: list[str] | None) -> dict[str, Blend]:
+    """The plain mean of the named (else every trained) backbones, per group they have."""
+    layout = RunLayout(output_dir)
+    backbones = backbones or layout.backbones()
+    if not backbones:
+        raise SpinegradeError(f"{layout.trained_models}: no trained backbone to predict with")
+    out = {}
+    for group in GROUPS:
+        names = [n for n in backbones if layout.finished_fold_dirs(n, group)]
+        if names:
+            out[group] = Blend(names, np.full(len(names), 1.0 / len(names)))
+    if not out:
+        raise SpinegradeError(f"{layout.trained_models}: none of {', '.join(backbones)} has a finished fold")
+    return out
+
+
+def blends_for(output_dir: Path, backbones: list[str] | None) -> dict[str, Blend]:
+    """The tuned blend of each group when there is one: restricted to ``backbones`` when they are named
+    (each group uses the named backbones that have it, with the blend's weights for them); else the
+    plain mean of the named (or every trained) backbones."""
+    layout = RunLayout(output_dir)
+    if not layout.blend_json.is_file():
+        return mean_blends(output_dir, backbones)
+    blends = load_blends(output_dir)
+    if backbones is None:
+        return blends
+    out = {}
+    for group, blend in blends.items():
+        keep = [(n, w) for n, w in zip(blend.backbones, blend.weights) if n in backbones and w > 0]
+        if keep:
+            w = np.array([w for _, w in keep])
+            out[group] = Blend([n for n, _ in keep], w / w.sum(), blend.mode, blend.temperature)
+    for group, blend in mean_blends(output_dir, backbones).items():
+        out.setdefault(group, blend)  # a group the blend never had: the named backbones' mean
+    return out
+
+
 def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, backbones: list[str] | None = None,
-                  blend: Blend | None = None, out: str | Path | None = None, device: str | None = None,
-                  log=print, predictions_dir: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Predict every study of ``split``; write per-backbone predictions and a submission (the
-    ``blend``'s mix of the backbones, or their plain mean without one).
+                  blends: dict[str, Blend] | None = None, out: str | Path | None = None, device: str | None = None,
+                  predictions_dir: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Predict every study of ``split``; write per-backbone predictions and a submission (each group's
+    blend of its backbones, or their plain mean without one).
 
     ``output_dir`` (where ``trained_models/`` is) is only read when ``out`` and ``predictions_dir``
     are given, so the models may sit on a read-only mount (a Kaggle dataset).
@@ -259,81 +355,87 @@ def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, back
     from spinegrade.train import select_device
 
     data_dir, output_dir = Path(data_dir), Path(output_dir)
-    predictions_dir = Path(predictions_dir) if predictions_dir else output_dir / "predictions"
+    layout = RunLayout(output_dir)
+    predictions_dir = Path(predictions_dir) if predictions_dir else layout.predictions
     device_ = select_device(device)
-    backbones = backbones or trained_backbones(output_dir)
-    if not backbones:
-        raise SpinegradeError(f"{output_dir / 'trained_models'}: no trained backbone to predict with")
-    blend = blend or Blend(backbones, np.full(len(backbones), 1.0 / len(backbones)))
-    backbones = [n for n, w in zip(blend.backbones, blend.weights) if w > 0]  # only what the blend uses
-    series = _study_series(data_dir, split)
-    localizer = LocalizerEnsemble(output_dir, device=device_)
-    located: list[LocatedStudy] = []
-    started = time.perf_counter()
-    progress = Progress(len(series), "localised", log)
-    for study, series_dir in sorted(series.items()):
-        t0 = time.perf_counter()
-        try:
-            stack, problem = _read_stack(series_dir)
-            st = locate_study(study, stack, localizer, problem)
-        except Exception as exc:  # one bad study must never stop the run: it gets the prior
-            st = LocatedStudy(study, None, -1, None, f"{series_dir}: {type(exc).__name__}: {exc}")
-        st.seconds = time.perf_counter() - t0
-        if st.problem:
-            log(f"warning: study {study}: {st.problem}; its rows get the training prior")
-        located.append(st)
-        progress.step()
-    localised_ok = {s.study_id for s in located if s.points is not None}
-    log(f"localised {sum(s.points is not None for s in located)} of {len(located)} studies "
-        f"({(time.perf_counter() - started) / max(len(located), 1):.2f} s per study: reading and localising)")
-    graded: dict[str, dict[int, dict[str, np.ndarray]]] = {}
-    covered: set[str] = set()
+    blends = blends or blends_for(output_dir, backbones)
+    studies = sorted(_study_series(data_dir, split))
+    graded: dict[str, dict[str, dict[int, dict[str, np.ndarray]]]] = {}
     rows = []
-    for name in backbones:
-        t0 = time.perf_counter()
-        models = load_fold_models(output_dir, name, device_)
-        loaded = time.perf_counter() - t0
-        condition = models[0].condition
-        covered.add(condition)
-        t0 = time.perf_counter()
-        probs = grade_studies(located, models, device_)
-        graded[name] = {study: {condition: p} for study, p in probs.items()}
-        for study, p in probs.items():
-            for k, level in enumerate(LEVELS):
-                rows.append([row_id(study, condition, level), name, *p[k]])
-        log(f"{name}: {len(models)} fold models loaded in {loaded:.2f} s, graded {len(probs)} studies in "
-            f"{time.perf_counter() - t0:.2f} s")
+    for group, spec in GROUPS.items():
+        blend = blends.get(group)
+        names = [n for n, w in zip(blend.backbones, blend.weights) if w > 0] if blend else []
+        if not names:
+            log.info(f"{group}: no model grades it; its rows get the training prior of each condition and level")
+            continue
+        if spec.locator is None:
+            log.warning(f"{group}: no locator places its points yet; its rows get the training prior")
+            continue
+        located = locate_split(data_dir, split, output_dir, group, device_)
+        graded[group] = {}
+        for name in names:
+            t0 = time.perf_counter()
+            models = load_fold_models(output_dir, name, group, device_)
+            loaded = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            probs = grade_studies(located, models, device_)
+            graded[group][name] = probs
+            for study, per_condition in probs.items():
+                for condition, p in per_condition.items():
+                    rows += [[row_id(study, condition, level), name, *p[k]] for k, level in enumerate(LEVELS)
+                             if np.isfinite(p[k]).all()]
+            log.info(f"{name} {group}: {len(models)} fold models loaded in {loaded:.2f} s, graded {len(probs)} studies "
+                     f"in {time.perf_counter() - t0:.2f} s")
+            del models
         for st in located:
-            if st.problem and st.study_id in localised_ok:
-                localised_ok.discard(st.study_id)
-                log(f"warning: study {st.study_id}: {st.problem}; its rows get the training prior")
-        del models
+            if st.problem and st.study_id not in graded[group][names[0]]:
+                log.warning(f"study {st.study_id}: {st.problem}; its {group} rows get the training prior")
     per_backbone = pd.DataFrame(rows, columns=["row_id", "backbone", *PROBABILITY_COLUMNS])
     write_csv_atomic(per_backbone, predictions_dir / f"{split}_per_backbone.csv")
-    priors = training_priors(data_dir, output_dir)
-    uncovered = [c for c in CONDITIONS if c not in covered]
-    if uncovered:
-        log(f"no model covers {', '.join(uncovered)}: those rows get the training prior of their condition and level")
-    submission = submission_frame(sorted(series), graded, blend, priors)
+    submission = submission_frame(studies, graded, blends, training_priors(data_dir, output_dir))
     sample_path = data_dir / "sample_submission.csv"
     sample = pd.read_csv(sample_path) if split == "test" and sample_path.is_file() else None
-    out = Path(out) if out else output_dir / "submissions" / f"{split}_predictions.csv"
-    write_submission(submission, out, sample, log=log)
-    log(f"{len(submission)} rows for {len(series)} studies written to {out} "
-        f"(per backbone: {predictions_dir / f'{split}_per_backbone.csv'})")
+    out = Path(out) if out else layout.submissions / f"{split}_predictions.csv"
+    write_submission(submission, out, sample)
+    log.info(f"{len(submission)} rows for {len(studies)} studies written to {out} "
+             f"(per backbone: {predictions_dir / f'{split}_per_backbone.csv'})")
     return per_backbone, submission
 
 
-def _blend_or_mean(output_dir: Path, backbones: list[str] | None) -> Blend:
-    """The tuned blend when there is one and no backbones were named; else the plain mean."""
-    from spinegrade.blend import load_blend
+def locate_split(data_dir: Path, split: str, output_dir: Path, group: str, device: torch.device,
+                 folds: pd.Series | None = None) -> list[LocatedStudy]:
+    """Every listed study of ``split`` located for ``group`` on its series. With ``folds`` (study ->
+    fold), each study by the locator of the fold that never saw it (out of fold)."""
+    series = _study_series(data_dir, split, GROUPS[group].series)
+    if folds is None:
+        assigned = {None: sorted(series)}
+    else:
+        assigned = {int(f): sorted(s for s in folds.index[folds == f] if s in series) for f in sorted(folds.unique())}
+    located: list[LocatedStudy] = []
+    started = time.perf_counter()
+    progress = Progress(len(series), "localised")
+    for fold, studies in assigned.items():
+        locator = open_locator(output_dir, group, device, folds=None if fold is None else [fold])
+        for study in studies:
+            t0 = time.perf_counter()
+            series_dir = series[study]
+            try:
+                stack, problem = _read_stack(series_dir, GROUPS[group].series)
+                st = locate_study(study, stack, locator, problem, group=group, series=str(series_dir))
+            except Exception as exc:  # one bad study must never stop the run: it gets the prior
+                st = LocatedStudy(study, None, None, f"{series_dir}: {type(exc).__name__}: {exc}")
+            st.seconds = time.perf_counter() - t0
+            located.append(st)
+            progress.step()
+    log.info(f"{group}: localised {sum(s.locations is not None for s in located)} of {len(located)} studies "
+             f"({(time.perf_counter() - started) / max(len(located), 1):.2f} s per study: reading and localising)")
+    return located
 
-    if backbones is None and (output_dir / "oof" / "blend.json").is_file():
-        return load_blend(output_dir)
-    backbones = backbones or trained_backbones(output_dir)
-    if not backbones:
-        raise SpinegradeError(f"{output_dir / 'trained_models'}: no trained backbone to predict with")
-    return Blend(backbones, np.full(len(backbones), 1.0 / len(backbones)))
+
+def locations_table(located: list[LocatedStudy]) -> pd.DataFrame:
+    """The locations of every located study, one table."""
+    frames = [s.locations for s in located if s.locations is not None]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=LOCATION_COLUMNS)
 
 
 # --- one study straight off a scanner -----------------------------------------------------------
@@ -367,33 +469,40 @@ def find_sagittal_t2(study_dir: Path) -> Stack:
 
 
 def predict_study(study_dir: str | Path, output_dir: str | Path, backbones: list[str] | None = None,
-                  out_dir: str | Path | None = None, device: str | None = None, log=print) -> dict:
-    """Grade one study folder; write JSON and a PNG of the graded slice with the levels marked."""
+                  out_dir: str | Path | None = None, device: str | None = None) -> dict:
+    """Grade one study folder's spinal canal levels; write JSON and a PNG of the graded slice with the
+    levels marked."""
     from spinegrade.train import select_device
 
+    group = "spinal"
     study_dir, output_dir = Path(study_dir), Path(output_dir)
     out_dir = Path(out_dir) if out_dir else study_dir.parent / f"{study_dir.name}-spinegrade"
     device_ = select_device(device)
     stack = find_sagittal_t2(study_dir)
-    localizer = LocalizerEnsemble(output_dir, device=device_)
-    st = locate_study(0, stack, localizer)
-    blend = _blend_or_mean(output_dir, backbones)
+    st = locate_study(0, stack, open_locator(output_dir, group, device_), group=group, series=str(study_dir))
+    blend = blends_for(output_dir, backbones).get(group)
+    if blend is None:
+        raise SpinegradeError(f"{RunLayout(output_dir).trained_models}: no {group} model to grade with")
     backbones = [n for n, w in zip(blend.backbones, blend.weights) if w > 0]
-    per_backbone = [grade_studies([st], load_fold_models(output_dir, name, device_), device_)[0] for name in backbones]
+    condition = GROUPS[group].conditions[0]
+    per_backbone = [grade_studies([st], load_fold_models(output_dir, name, group, device_), device_)[0][condition]
+                    for name in backbones]
     weights = np.array([w for w in blend.weights if w > 0])
     probs = combine(per_backbone, weights / weights.sum(), blend.mode, blend.temperature)
-    s = stack.slices[st.slice_index]
+    points = st.locations[["x", "y"]].to_numpy()
+    s = next(sl for sl in stack.slices if sl.instance_number == st.locations["instance_number"].iloc[0])
     result = {"study_dir": str(study_dir), "series": s.series_description, "slice_instance": s.instance_number,
               "backbones": dict(zip(backbones, map(float, weights / weights.sum()))), "mode": blend.mode, "levels": []}
     for k, level in enumerate(LEVELS):
         grade = SEVERITIES[int(probs[k].argmax())]
-        result["levels"].append({"level": level_title(level), "grade": grade, "x": float(st.points[k, 0]),
-                                 "y": float(st.points[k, 1]), **dict(zip(PROBABILITY_COLUMNS, map(float, probs[k])))})
-        log(f"{level_title(level)}: {grade:12s} normal/mild {probs[k, 0]:.2f}  moderate {probs[k, 1]:.2f}  severe {probs[k, 2]:.2f}")
+        result["levels"].append({"level": level_title(level), "grade": grade, "x": float(points[k, 0]),
+                                 "y": float(points[k, 1]), **dict(zip(PROBABILITY_COLUMNS, map(float, probs[k])))})
+        log.info(f"{level_title(level)}: {grade:12s} normal/mild {probs[k, 0]:.2f}  moderate {probs[k, 1]:.2f}  "
+                 f"severe {probs[k, 2]:.2f}")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "grades.json", json.dumps(result, indent=1))
-    _draw_levels(s, st.points, result["levels"], out_dir / "graded_slice.png")
-    log(f"written: {out_dir / 'grades.json'}, {out_dir / 'graded_slice.png'}")
+    _draw_levels(s, points, result["levels"], out_dir / "graded_slice.png")
+    log.info(f"written: {out_dir / 'grades.json'}, {out_dir / 'graded_slice.png'}")
     return result
 
 
@@ -440,53 +549,45 @@ def prior_submission(row_ids, data_dir: Path | None, output_dir: Path) -> pd.Dat
     """The training prior for every row: the baseline a submission must beat."""
     from spinegrade.constants import parse_row_id
 
-    priors = training_priors(data_dir, output_dir).set_index(["condition", "level"])
-    rows = [[rid, *priors.loc[(c, lv), list(PROBABILITY_COLUMNS)].to_numpy(dtype=float)]
-            for rid, (_, c, lv) in ((r, parse_row_id(r)) for r in row_ids)]
-    return pd.DataFrame(rows, columns=["row_id", *PROBABILITY_COLUMNS])
+    parsed = [parse_row_id(r) for r in row_ids]
+    rows = pd.DataFrame({"condition": [c for _, c, _ in parsed], "level": [lv for _, _, lv in parsed]})
+    probs = prior_for(training_priors(data_dir, output_dir), rows)
+    return pd.DataFrame({"row_id": list(row_ids), **{c: probs[:, k] for k, c in enumerate(PROBABILITY_COLUMNS)}})
 
 
-def localised_oof(output_dir: str | Path, data_dir: str | Path, folds_path: str | Path, backbones: list[str],
-                  device: str | None = None, log=print) -> dict[str, pd.DataFrame]:
-    """Out-of-fold predictions without coordinates: each training study located by the fold
-    localiser and graded by the fold models that never saw it. Beside the OOF predictions at the
+def localised_oof(output_dir: str | Path, data_dir: str | Path, folds_path: str | Path | None, backbones: list[str],
+                  group: str = "spinal", device: str | None = None) -> dict[str, pd.DataFrame]:
+    """Out-of-fold predictions of one group without coordinates: each training study located by the
+    fold's locator and graded by the fold models that never saw it. Beside the OOF predictions at the
     labelled points, this shows what localisation costs."""
     from spinegrade.data.folds import read_folds
     from spinegrade.data.index import build_index
+    from spinegrade.layout import run_folds
     from spinegrade.train import select_device
 
     output_dir, data_dir = Path(output_dir), Path(data_dir)
     device_ = select_device(device)
-    folds = read_folds(folds_path).set_index("study_id")["fold"]
-    series = _study_series(data_dir, "train")
+    folds = read_folds(run_folds(RunLayout(output_dir), folds_path)).set_index("study_id")["fold"]
     table = build_index(data_dir, check_images=False).table
-    models = {name: load_fold_models(output_dir, name, device_) for name in backbones}
-    located: dict[int, list[LocatedStudy]] = {}
-    for fold in sorted(folds.unique()):
-        localizer = LocalizerEnsemble(output_dir, device_, folds=[int(fold)])
-        for study in sorted(s for s in folds.index[folds == fold] if s in series):
-            try:
-                stack, problem = _read_stack(series[study])
-                st = locate_study(study, stack, localizer, problem)
-            except Exception as exc:  # reported, and left out of the end-to-end figure
-                st = LocatedStudy(study, None, -1, None, f"{type(exc).__name__}: {exc}")
-            if st.problem:
-                log(f"end-to-end: study {study} not graded ({st.problem})")
-            located.setdefault(int(fold), []).append(st)
+    labels = table.set_index(["study_id", "condition", "level"])["severity"]
+    located = locate_split(data_dir, "train", output_dir, group, device_, folds=folds)
+    for st in located:
+        if st.problem:
+            log.info(f"end-to-end: study {st.study_id} not graded ({st.problem})")
+    fold_of = folds.to_dict()
     out = {}
-    for name, fold_models in models.items():
+    for name in backbones:
+        models = load_fold_models(output_dir, name, group, device_)
         rows = []
-        condition = fold_models[0].condition
-        labels = table[table["condition"] == condition].set_index(["study_id", "level"])["severity"]
-        for fold, studies in located.items():
-            own = [m for m in fold_models if m.fold == fold]
-            if not own:
-                continue
-            for study, probs in grade_studies(studies, own, device_).items():
-                for k, level in enumerate(LEVELS):
-                    severity = labels.get((study, level), -1)
-                    if severity >= 0:
-                        rows.append([row_id(study, condition, level), *probs[k], SEVERITIES[severity], fold])
+        for fold in sorted({m.fold for m in models}):
+            own = [m for m in models if m.fold == fold]
+            studies = [st for st in located if fold_of.get(st.study_id) == fold]
+            for study, per_condition in grade_studies(studies, own, device_).items():
+                for condition, probs in per_condition.items():
+                    for k, level in enumerate(LEVELS):
+                        severity = labels.get((study, condition, level), -1)
+                        if severity >= 0 and np.isfinite(probs[k]).all():
+                            rows.append([row_id(study, condition, level), *probs[k], SEVERITIES[severity], fold])
         out[name] = pd.DataFrame(rows, columns=["row_id", *PROBABILITY_COLUMNS, "label", "fold"])
-        log(f"{name}: {len(rows)} held-out levels graded at the localiser's points")
+        log.info(f"{name} {group}: {len(rows)} held-out levels graded at the locator's points")
     return out

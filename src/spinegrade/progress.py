@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import time
 
+from spinegrade.logs import get_logger
+
+log = get_logger(__name__)
+
 
 def format_seconds(seconds: float) -> str:
     seconds = max(0.0, seconds)
@@ -18,8 +22,8 @@ def format_seconds(seconds: float) -> str:
 class Progress:
     """Call :meth:`step` once per finished item; a line is logged every ~5% and at the end."""
 
-    def __init__(self, total: int, verb: str, log=print, unit: str = "studies", lines: int = 20):
-        self.total, self.verb, self.log, self.unit = total, verb, log, unit
+    def __init__(self, total: int, verb: str, *, unit: str = "studies", lines: int = 20):
+        self.total, self.verb, self.unit = total, verb, unit
         self.every = max(1, total // max(lines, 1))
         self.done = 0
         self.started = time.perf_counter()
@@ -28,7 +32,7 @@ class Progress:
         before = self.done
         self.done += count
         if self.done // self.every != before // self.every or self.done >= self.total:
-            self.log(self.line())
+            log.info(self.line())
 
     def line(self) -> str:
         elapsed = time.perf_counter() - self.started

@@ -15,8 +15,10 @@ import numpy as np
 import pandas as pd
 
 from spinegrade import plots
-from spinegrade.constants import PROBABILITY_COLUMNS, SEVERITIES, level_title
+from spinegrade.constants import GROUPS, PROBABILITY_COLUMNS, SEVERITIES, level_title
 from spinegrade.files import write_text_atomic
+from spinegrade.layout import RunLayout
+from spinegrade.oof import read_oof
 
 SETTINGS_SHOWN = ["backbone", "input", "image_size", "crop_mm", "num_epochs", "batch_size", "learning_rate",
                   "weight_decay", "level_embeddings", "freeze_backbone", "unfreeze_last_n", "class_weights",
@@ -58,18 +60,18 @@ def _table(frame: pd.DataFrame, row_classes: list[str] | None = None, digits: in
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def _example_figure(output_dir: Path, name: str, oof: pd.DataFrame, data_dir: Path, per_grade: int = 4) -> Path | None:
+def _example_figure(layout: RunLayout, name: str, group: str, oof: pd.DataFrame, data_dir: Path,
+                    per_grade: int = 4) -> Path | None:
     """A few held-out images per true grade with the model's probabilities: the most and least confident."""
     from spinegrade.data.dicom import read_slice
     from spinegrade.data.index import build_index
     from spinegrade.data.preprocess import PreprocessSettings, prepare_image
     from spinegrade.errors import SpinegradeError
 
-    model_files = sorted((output_dir / "trained_models" / name).glob("fold*/model.json"))
+    model_files = sorted(layout.model_dir(name, group).glob("fold*/model.json"))
     if not model_files:
         return None
-    spec = json.loads(model_files[0].read_text())
-    settings = PreprocessSettings(spec["condition"], spec["input"], int(spec["image_size"]), float(spec["crop_mm"]))
+    settings = PreprocessSettings.from_model(json.loads(model_files[0].read_text()))
     try:
         table = build_index(data_dir, check_images=False).table
     except SpinegradeError:
@@ -92,62 +94,45 @@ def _example_figure(output_dir: Path, name: str, oof: pd.DataFrame, data_dir: Pa
             captions.append(f"{r.study_id} {level_title(r.level)}\ntrue {SEVERITIES[grade]}\nN/M/S {probs}")
     if not images:
         return None
-    return plots.examples(images, captions, output_dir / "plots" / f"{name}_examples.png", columns=per_grade)
+    return plots.examples(images, captions, layout.plots / f"{name}_{group}_examples.png", columns=per_grade)
 
 
-def write_report(output_dir: Path, summary: pd.DataFrame, backbones: list, prior, comparison: Path,
-                 data_dir: str | Path | None = None) -> Path:
-    from spinegrade.evaluate import read_oof
-
-    output_dir = Path(output_dir)
-    best = summary[summary["name"] != prior.name]["score"].idxmin()
-    classes = ["best" if i == best else ("prior" if n == prior.name else "") for i, n in zip(summary.index, summary["name"])]
+def write_report(layout: RunLayout, summary: pd.DataFrame, competition: pd.DataFrame, backbones: list,
+                 priors: dict, comparison: Path, data_dir: str | Path | None = None) -> Path:
+    """``report.html``: the full competition score, then a section per condition group (its
+    backbones side by side, a card per backbone, the group's class prior), then the data report."""
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>spinegrade: out-of-fold report</title>",
         f"<style>{CSS}</style></head><body>",
         "<h1>spinegrade: out-of-fold evaluation</h1>",
-        f"<p class='muted'>{html.escape(str(output_dir.resolve()))} · generated "
-        f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} · spinal canal stenosis, graded per level; "
-        "every figure is computed from the OOF files in <code>oof/</code>. Competition loss: mean of the spinal "
-        "weighted log loss and <code>any_severe_spinal</code> (the terms these models cover; lower is better). "
-        "The class prior is the weight-scaled prior of each level, fitted on each fold's training folds.</p>",
-        "<h2>Backbones side by side</h2>",
-        "<div style='overflow-x:auto'>" + _table(summary.rename(columns={"score": "competition"}), classes) + "</div>",
+        f"<p class='muted'>{html.escape(str(layout.root.resolve()))} · generated "
+        f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} · one model per backbone and condition group; "
+        "every figure is computed from the OOF files in <code>oof/</code>. Competition loss: the mean of the "
+        "weighted log loss of each group present (and <code>any_severe_spinal</code> with the spinal group); "
+        "lower is better. The class prior is the weight-scaled prior of each condition and level, fitted on "
+        "each fold's training folds.</p>",
+        "<h2>Competition score over the groups graded</h2>",
+        _table(competition, ["prior" if n == priors_name(priors) else "" for n in competition["name"]]),
         _img(comparison, "backbone comparison"),
     ]
-    for b in backbones:
-        m = b.metrics
-        parts.append(f"<div class='card'><h2>{html.escape(b.name)}</h2>")
-        settings = {k: b.settings.get(k) for k in SETTINGS_SHOWN if k in b.settings} or b.settings
-        parts.append("<h3>Settings</h3>" + _table(pd.DataFrame({"setting": list(settings), "value": [str(v) for v in settings.values()]})))
-        grades = pd.DataFrame({
-            "grade": SEVERITIES,
-            "support": [m[f"support_{c}"] for c in PROBABILITY_COLUMNS],
-            "precision": [m[f"precision_{c}"] for c in PROBABILITY_COLUMNS],
-            "recall": [m[f"recall_{c}"] for c in PROBABILITY_COLUMNS],
-            "F1": [m[f"f1_{c}"] for c in PROBABILITY_COLUMNS],
-            "ROC AUC (one vs rest)": [m[f"roc_auc_{c}"] for c in PROBABILITY_COLUMNS],
-        })
-        parts.append("<h3>Per grade</h3>" + _table(grades))
-        folds = pd.DataFrame([{"fold": f, **v} for f, v in m["per_fold"].items()]).rename(columns={"score": "competition"})
-        parts.append("<h3>Per fold</h3>" + _table(folds))
-        parts.append("<h3>Per level</h3>" + _table(pd.DataFrame(m["per_level"]).assign(level=lambda d: d["level"].map(level_title))))
-        if "curves" in b.figures:
-            parts.append(_img(b.figures["curves"], "training curves"))
-        parts.append("<div class='grid'>" + _img(b.figures["confusion"], "confusion matrix")
-                     + _img(b.figures["reliability"], "reliability diagram") + "</div>")
-        parts.append(_img(b.figures["one_vs_rest"], "one-vs-rest confusion matrices"))
-        parts.append(_img(b.figures["per_level"], "per level"))
-        if data_dir is not None and Path(data_dir).is_dir():
-            example = _example_figure(output_dir, b.name, read_oof(output_dir, b.name), Path(data_dir))
-            if example is not None:
-                parts.append("<h3>Examples</h3><p class='muted'>Per true grade, the held-out levels the model "
-                             "was most and least sure of; probabilities Normal/Mild, Moderate, Severe.</p>")
-                parts.append(_img(example, "examples"))
-        parts.append("</div>")
-    pm = prior.metrics
-    parts.append(f"<h2>Class prior</h2><p>Competition loss {pm['score']:.4f} (spinal {pm['spinal']:.4f}, "
-                 f"any_severe_spinal {pm['any_severe_spinal']:.4f}): the baseline every model must beat.</p>")
+    for group in GROUPS:
+        rows = summary[summary["group"] == group]
+        if rows.empty:
+            continue
+        spec = GROUPS[group]
+        parts.append(f"<h2>{html.escape(group)}: {html.escape(', '.join(spec.conditions))} on {html.escape(spec.series)}</h2>")
+        shown = rows.dropna(axis=1, how="all")
+        prior_name = priors_name(priors)
+        models = shown[shown["name"] != prior_name]
+        best = models["score"].idxmin() if not models.empty else None
+        classes = ["best" if i == best else ("prior" if n == prior_name else "") for i, n in zip(shown.index, shown["name"])]
+        parts.append("<div style='overflow-x:auto'>" + _table(shown.rename(columns={"score": "competition"}), classes) + "</div>")
+        for b in (b for b in backbones if b.group == group):
+            parts.append(_card(layout, b, data_dir))
+        pm = priors[group].metrics
+        terms = ", ".join(f"{t} {pm[t]:.4f}" for t in (group, spec.any_severe_term) if t and t in pm)
+        parts.append(f"<p>Class prior: competition loss {pm['score']:.4f} ({terms}): the baseline every "
+                     f"{html.escape(group)} model must beat.</p>")
     if data_dir is not None and Path(data_dir).is_dir():
         from spinegrade.data.index import build_index, format_report
         from spinegrade.errors import SpinegradeError
@@ -157,6 +142,43 @@ def write_report(output_dir: Path, summary: pd.DataFrame, backbones: list, prior
         except SpinegradeError as exc:
             parts.append(f"<h2>Data</h2><p>{html.escape(str(exc))}</p>")
     parts.append("</body></html>")
-    path = output_dir / "report.html"
-    write_text_atomic(path, "\n".join(parts))
-    return path
+    write_text_atomic(layout.report, "\n".join(parts))
+    return layout.report
+
+
+def priors_name(priors: dict) -> str:
+    return next(iter(priors.values())).name if priors else "class_prior"
+
+
+def _card(layout: RunLayout, b, data_dir) -> str:
+    """One backbone on one group: settings, per grade, per fold, per level, figures, examples."""
+    m = b.metrics
+    parts = [f"<div class='card'><h2>{html.escape(b.name)} <span class='muted'>{html.escape(b.group)}</span></h2>"]
+    settings = {k: b.settings.get(k) for k in SETTINGS_SHOWN if k in b.settings} or b.settings
+    parts.append("<h3>Settings</h3>" + _table(pd.DataFrame({"setting": list(settings), "value": [str(v) for v in settings.values()]})))
+    grades = pd.DataFrame({
+        "grade": SEVERITIES,
+        "support": [m[f"support_{c}"] for c in PROBABILITY_COLUMNS],
+        "precision": [m[f"precision_{c}"] for c in PROBABILITY_COLUMNS],
+        "recall": [m[f"recall_{c}"] for c in PROBABILITY_COLUMNS],
+        "F1": [m[f"f1_{c}"] for c in PROBABILITY_COLUMNS],
+        "ROC AUC (one vs rest)": [m[f"roc_auc_{c}"] for c in PROBABILITY_COLUMNS],
+    })
+    parts.append("<h3>Per grade</h3>" + _table(grades))
+    folds = pd.DataFrame([{"fold": f, **v} for f, v in m["per_fold"].items()]).rename(columns={"score": "competition"})
+    parts.append("<h3>Per fold</h3>" + _table(folds))
+    parts.append("<h3>Per level</h3>" + _table(pd.DataFrame(m["per_level"]).assign(level=lambda d: d["level"].map(level_title))))
+    if "curves" in b.figures:
+        parts.append(_img(b.figures["curves"], "training curves"))
+    parts.append("<div class='grid'>" + _img(b.figures["confusion"], "confusion matrix")
+                 + _img(b.figures["reliability"], "reliability diagram") + "</div>")
+    parts.append(_img(b.figures["one_vs_rest"], "one-vs-rest confusion matrices"))
+    parts.append(_img(b.figures["per_level"], "per level"))
+    if data_dir is not None and Path(data_dir).is_dir():
+        example = _example_figure(layout, b.name, b.group, read_oof(layout, b.name, b.group), Path(data_dir))
+        if example is not None:
+            parts.append("<h3>Examples</h3><p class='muted'>Per true grade, the held-out levels the model "
+                         "was most and least sure of; probabilities Normal/Mild, Moderate, Severe.</p>")
+            parts.append(_img(example, "examples"))
+    parts.append("</div>")
+    return "".join(parts)

@@ -1,17 +1,20 @@
 """Train one backbone on one fold: train on the other folds, pick the best epoch on the held-out fold
 by the competition's weighted log loss, and write that epoch's held-out predictions (out-of-fold).
 
-What a fold leaves in ``OUTPUT/trained_models/<name>/fold<k>/`` describes itself:
+One model per (backbone, condition group): the samples are the labelled levels of the group's
+conditions (``constants.GROUPS``), on the series the group is read on. What a fold leaves in
+``OUTPUT/trained_models/<name>/<group>/fold<k>/`` (:class:`spinegrade.layout.RunLayout`) describes itself:
 ``config.yaml`` (resolved settings), ``model.json`` (construction arguments, input size and
 normalisation, label names, fold), ``best.safetensors`` (weights of the best epoch),
 ``last.pt`` (model, optimiser and progress for ``--resume``; tensors only, loaded with
 ``weights_only=True``), ``metrics.csv`` (one row per epoch) and ``done.json`` once finished.
-The out-of-fold predictions go to ``OUTPUT/oof/<name>/fold<k>.csv``.
+The out-of-fold predictions go to ``OUTPUT/oof/<name>/<group>/fold<k>.csv``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -27,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from spinegrade.config import TrainConfig, save_config
-from spinegrade.constants import PROBABILITY_COLUMNS, SEVERITIES, SEVERITY_WEIGHTS, row_id
+from spinegrade.constants import GROUPS, PROBABILITY_COLUMNS, SEVERITIES, SEVERITY_WEIGHTS, row_id
 from spinegrade.data.dataset import Jitter, LevelDataset, build_transform, mirrored_targets
 from spinegrade.data.folds import read_folds, write_csv_atomic
 from spinegrade.data.index import build_index
@@ -36,7 +39,9 @@ from spinegrade.data.preprocess import PreprocessSettings, build_cache
 from spinegrade.distributed import SINGLE, World, start, stop, world_from_environment
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_text_atomic
-from spinegrade.metrics import competition_score, prior_table, weighted_prior
+from spinegrade.layout import RunLayout, remember_folds
+from spinegrade.logs import ROOT, get_logger, log_to_file, setup_logging
+from spinegrade.metrics import class_prior, competition_score, prior_table
 from spinegrade.models.classifier import (
     LevelClassifier,
     ModelSpec,
@@ -48,23 +53,19 @@ from spinegrade.models.classifier import (
 )
 
 
+log = get_logger(__name__)
+
+
 @dataclass
 class FoldResult:
     name: str
+    group: str
     fold: int
     best_epoch: int
     best_score: float
     prior_score: float
     oof_path: Path
     skipped: bool = False
-
-
-def fold_dir(output_dir: Path, name: str, fold: int) -> Path:
-    return Path(output_dir) / "trained_models" / name / f"fold{fold}"
-
-
-def oof_path(output_dir: Path, name: str, fold: int) -> Path:
-    return Path(output_dir) / "oof" / name / f"fold{fold}.csv"
 
 
 class EpochSampler(Sampler[int]):
@@ -135,11 +136,11 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_samples(config: TrainConfig, data_dir: Path, folds_path: Path, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Usable samples of the config's condition with their fold (what is skipped is counted in the
-    log), and the whole index table (every condition: the flip rule needs the other side's grade)."""
+def load_samples(config: TrainConfig, data_dir: Path, folds_path: Path, say=log.info) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Usable samples of the config's condition group with their fold (what is skipped is counted in
+    the log), and the whole index table (every condition: the flip rule needs the other side's grade)."""
     index = build_index(data_dir, check_images=False)
-    rows = index.table[index.table["condition"] == config.condition]
+    rows = index.table[index.table["condition"].isin(GROUPS[config.group].conditions)]
     unlabelled = int((rows["severity"] < 0).sum())
     no_point = int(((rows["severity"] >= 0) & rows["instance_number"].isna()).sum())
     samples = rows[rows["usable"]]
@@ -147,12 +148,12 @@ def load_samples(config: TrainConfig, data_dir: Path, folds_path: Path, log=prin
     merged = samples.merge(folds, on="study_id", how="left")
     not_in_folds = merged["fold"].isna()
     if not_in_folds.any():
-        log(f"warning: {merged.loc[not_in_folds, 'study_id'].nunique()} studies are not in {folds_path}; skipped")
+        log.warning(f"{merged.loc[not_in_folds, 'study_id'].nunique()} studies are not in {folds_path}; skipped")
     merged = merged[~not_in_folds].astype({"fold": int})
-    log(f"{config.condition}: {len(merged)} samples from {merged['study_id'].nunique()} studies "
+    say(f"{config.group}: {len(merged)} samples from {merged['study_id'].nunique()} studies "
         f"(skipped: {unlabelled} unlabelled levels, {no_point} labelled levels without a point)")
     if merged.empty:
-        raise SpinegradeError(f"no usable {config.condition} samples in {data_dir}")
+        raise SpinegradeError(f"no usable {config.group} samples ({', '.join(GROUPS[config.group].conditions)}) in {data_dir}")
     return merged, index.table
 
 
@@ -182,65 +183,62 @@ def _score(samples: pd.DataFrame, probs: np.ndarray) -> dict[str, float]:
     return competition_score(frame)
 
 
-def prior_probabilities(train: pd.DataFrame, held_out: pd.DataFrame) -> np.ndarray:
-    """The weight-scaled class prior of each level, from the training folds, for the held-out rows."""
-    per_level = {lv: weighted_prior(g["severity"].to_numpy()) for lv, g in train.groupby("level")}
-    overall = weighted_prior(train["severity"].to_numpy())
-    return np.stack([per_level.get(lv, overall) for lv in held_out["level"]])
-
-
 def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path, output_dir: str | Path,
                fold: int, resume: bool = False, force: bool = False, device: str | None = None,
-               log=print, world: World = SINGLE) -> FoldResult:
-    """Train one fold. Under DDP (``world``) every process calls this; only rank 0 writes and logs."""
+               world: World = SINGLE) -> FoldResult:
+    """Train one fold of one backbone on the config's condition group. Under DDP (``world``) every
+    process calls this; only rank 0 writes and logs."""
     data_dir, folds_path, output_dir = Path(data_dir), Path(folds_path), Path(output_dir)
+    layout = RunLayout(output_dir)
     main = world.is_main
-    if not main:
-        log = _quiet
-    out = fold_dir(output_dir, config.name, fold)
+    say = log.info if main else _quiet
+    name, group = config.name, config.group
+    out = layout.fold_dir(name, group, fold, existing=False)
+    oof_file = layout.oof_file(name, group, fold, existing=False)
     done = out / "done.json"
     if force:
         resume = False  # --force starts the fold over, whatever was saved
     if done.is_file() and not force:
         info = json.loads(done.read_text())
         if info.get("config") == _identity(config):
-            log(f"{config.name} fold {fold}: already trained (best epoch {info['best_epoch'] + 1}, "
+            say(f"{name} {group} fold {fold}: already trained (best epoch {info['best_epoch'] + 1}, "
                 f"loss {info['best_score']:.4f}); use --force to retrain")
-            return FoldResult(config.name, fold, info["best_epoch"], info["best_score"], info["prior_score"],
-                              oof_path(output_dir, config.name, fold), skipped=True)
-        log(f"{config.name} fold {fold}: trained before with other settings; training again")
+            return FoldResult(name, group, fold, info["best_epoch"], info["best_score"], info["prior_score"],
+                              oof_file, skipped=True)
+        say(f"{name} {group} fold {fold}: trained before with other settings; training again")
         # A finished run is continued only to train it longer; other settings start over.
         resume = resume and _continues(info.get("config"), _identity(config))
     world.barrier()  # every process has read done.json before it goes
     if main:
         done.unlink(missing_ok=True)  # from here on the fold is unfinished until a new done.json lands
-    samples, labels = load_samples(config, data_dir, folds_path, log)
+    samples, labels = load_samples(config, data_dir, folds_path, say)
     if main:
-        write_priors(labels, output_dir / "trained_models" / "priors.csv")
+        remember_folds(layout, folds_path)
+        write_csv_atomic(prior_table(labels), layout.priors)  # for targets no model covers, and kernels
     if fold not in set(samples["fold"]):
         raise SpinegradeError(f"fold {fold} not in {folds_path} (folds: {sorted(set(samples['fold']))})")
     settings = PreprocessSettings.from_config(config)
     if main:  # one process decodes; the others open what it built
-        cache = build_cache(samples, settings, output_dir / "cache", log=log)
+        cache = build_cache(samples, settings, layout.cache)
     world.barrier()
     if not main:
-        cache = build_cache(samples, settings, output_dir / "cache", log=_quiet)
+        cache = build_cache(samples, settings, layout.cache)
     table = cache.samples
     train_idx = np.flatnonzero(table["fold"].to_numpy() != fold)
     val_idx = np.flatnonzero(table["fold"].to_numpy() == fold)
     targets = table["severity"].to_numpy()
-    log(f"{config.name} fold {fold}: {len(train_idx)} training samples, {len(val_idx)} held out")
+    say(f"{name} {group} fold {fold}: {len(train_idx)} training samples, {len(val_idx)} held out")
     if len(train_idx) == 0 or len(val_idx) == 0:
-        raise SpinegradeError(f"{config.name} fold {fold}: {len(train_idx)} training and {len(val_idx)} held-out "
+        raise SpinegradeError(f"{name} {group} fold {fold}: {len(train_idx)} training and {len(val_idx)} held-out "
                               "samples have a readable image; the skipped files are listed above")
 
     device_ = select_device(device, world)
     _seed_everything(config.seed)
     spec = ModelSpec(config.backbone, config.level_embeddings, tuple(config.hidden_sizes), config.dropout)
     model = LevelClassifier(spec)
-    log(load_pretrained(model, config.pretrained, config.weights))
+    say(load_pretrained(model, config.pretrained, config.weights))
     trainable, frozen = apply_freezing(model, config.freeze_backbone, config.unfreeze_last_n)
-    log(f"parameters: {trainable:,} trainable, {frozen:,} frozen (freeze_backbone={config.freeze_backbone}, "
+    say(f"parameters: {trainable:,} trainable, {frozen:,} frozen (freeze_backbone={config.freeze_backbone}, "
         f"unfreeze_last_n={config.unfreeze_last_n} backbone tensors)")
     mean, std = input_statistics(model.backbone)
     model.to(device_)
@@ -250,16 +248,16 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
     if world.enabled:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device_.index] if device_.type == "cuda" else None,
                                                         gradient_as_bucket_view=True)
-    net = compiled(net, config.compile, log)
+    net = compiled(net, config.compile)
     batch_size = max(1, config.batch_size // world.world_size)  # per process: the global batch stays batch_size
     if config.batch_size % world.world_size:
-        log(f"warning: batch_size {config.batch_size} is not a multiple of {world.world_size} processes; "
+        say(f"warning: batch_size {config.batch_size} is not a multiple of {world.world_size} processes; "
             f"the global batch is {batch_size * world.world_size}")
     if world.enabled:
-        log(f"DDP: {world.world_size} processes, {batch_size} samples each per step ({device_.type})")
+        say(f"DDP: {world.world_size} processes, {batch_size} samples each per step ({device_.type})")
 
     weights = class_weights(targets[train_idx], config.class_weights)
-    log(f"class weights ({config.class_weights}): " + ", ".join(f"{s} {w:.3f}" for s, w in zip(SEVERITIES, weights.tolist())))
+    say(f"class weights ({config.class_weights}): " + ", ".join(f"{s} {w:.3f}" for s, w in zip(SEVERITIES, weights.tolist())))
     criterion = nn.CrossEntropyLoss(weight=weights.to(device_))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
@@ -285,11 +283,11 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
         save_config(config, out / "config.yaml")
         write_text_atomic(out / "model.json", json.dumps({
             **spec.to_dict(), "input": config.input, "image_size": config.image_size, "crop_mm": config.crop_mm,
-            "mean": list(mean), "std": list(std), "labels": list(SEVERITIES), "condition": config.condition,
-            "fold": fold, "name": config.name}, indent=1))
+            "mean": list(mean), "std": list(std), "labels": list(SEVERITIES), "group": group,
+            "conditions": list(GROUPS[group].conditions), "fold": fold, "name": name}, indent=1))
 
     val_rows = table.iloc[val_idx].reset_index(drop=True)
-    prior_score = _score(val_rows, prior_probabilities(table.iloc[train_idx], val_rows))["score"]
+    prior_score = _score(val_rows, class_prior(table.iloc[train_idx], val_rows))["score"]
     start_epoch, best_score, best_epoch, history = 0, math.inf, -1, []
     last = out / "last.pt"
     if resume and last.is_file():
@@ -304,9 +302,9 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
         start_epoch, best_score, best_epoch = int(state["epoch"]) + 1, float(state["best_score"]), int(state["best_epoch"])
         if (out / "metrics.csv").is_file():
             history = pd.read_csv(out / "metrics.csv").query("epoch < @start_epoch").to_dict("records")
-        log(f"resumed after epoch {start_epoch - 1} (best so far: epoch {best_epoch}, loss {best_score:.4f})")
+        say(f"resumed after epoch {start_epoch - 1} (best so far: epoch {best_epoch}, loss {best_score:.4f})")
     elif resume:
-        log(f"no checkpoint in {out}; starting from the first epoch")
+        say(f"no checkpoint in {out}; starting from the first epoch")
 
     for epoch in range(start_epoch, config.num_epochs):
         started = time.perf_counter()
@@ -331,12 +329,11 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
         row = {"epoch": epoch, "train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
                "train_competition": train_scores.get("score", float("nan")),
                "val_loss": val_loss, "val_accuracy": float((probs.argmax(1) == held["severity"].to_numpy()).mean()),
-               "val_spinal": scores.get("spinal", float("nan")),
-               "val_any_severe_spinal": scores.get("any_severe_spinal", float("nan")),
+               **{f"val_{term}": v for term, v in scores.items() if term != "score"},  # the group's terms
                "val_competition": scores["score"], "seconds": time.perf_counter() - started}
         history.append(row)
         if not (math.isfinite(row["train_loss"]) and math.isfinite(scores["score"])):
-            raise SpinegradeError(f"{config.name} fold {fold}: training diverged at epoch {epoch + 1} (loss "
+            raise SpinegradeError(f"{name} {group} fold {fold}: training diverged at epoch {epoch + 1} (loss "
                                   f"{row['train_loss']}, held-out {scores['score']}); lower --learning_rate")
         improved = scores["score"] < best_score
         if improved:
@@ -344,23 +341,23 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
         if main:
             if improved:
                 save_state(model, out / "best.safetensors")
-                write_oof(held, probs, oof_path(output_dir, config.name, fold), fold)
+                write_oof(held, probs, oof_file, fold)
             write_csv_atomic(pd.DataFrame(history), out / "metrics.csv")
             _atomic_torch_save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                 "best_score": best_score, "best_epoch": best_epoch, "config": _identity(config)}, last)
-        log(f"epoch {epoch + 1}/{config.num_epochs}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
+        say(f"epoch {epoch + 1}/{config.num_epochs}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
             f"held-out loss {val_loss:.4f} acc {row['val_accuracy']:.3f} competition {scores['score']:.4f}"
             f"{' (best)' if improved else ''} | {row['seconds']:.1f}s")
     if best_epoch < 0:
-        raise SpinegradeError(f"{config.name} fold {fold}: no epoch was run (num_epochs={config.num_epochs})")
+        raise SpinegradeError(f"{name} {group} fold {fold}: no epoch was run (num_epochs={config.num_epochs})")
     if main:
         write_text_atomic(done, json.dumps({"best_epoch": best_epoch, "best_score": best_score,
                                             "prior_score": prior_score, "epochs": config.num_epochs,
                                             "config": _identity(config)}, indent=1))
     world.barrier()  # no process moves to the next fold before this one is marked finished
-    log(f"{config.name} fold {fold}: best epoch {best_epoch + 1}, held-out competition loss {best_score:.4f} "
+    say(f"{name} {group} fold {fold}: best epoch {best_epoch + 1}, held-out competition loss {best_score:.4f} "
         f"(weight-scaled class prior {prior_score:.4f})")
-    return FoldResult(config.name, fold, best_epoch, best_score, prior_score, oof_path(output_dir, config.name, fold))
+    return FoldResult(name, group, fold, best_epoch, best_score, prior_score, oof_file)
 
 
 def train_folds(configs: list[TrainConfig], folds: list[int], data_dir: Path, folds_path: Path, output_dir: Path,
@@ -368,6 +365,9 @@ def train_folds(configs: list[TrainConfig], folds: list[int], data_dir: Path, fo
     """Every (config, fold) in turn, in this process's place of the DDP world (a single process when
     there is none): what ``spinegrade train`` runs, once per process."""
     world = world_from_environment()
+    if world.enabled and world.is_main and not logging.getLogger(ROOT).handlers:  # a spawned rank 0
+        setup_logging()
+        log_to_file(RunLayout(output_dir).log_file)
     start(world, select_device(device).type)
     try:
         for config in configs:
@@ -378,21 +378,16 @@ def train_folds(configs: list[TrainConfig], folds: list[int], data_dir: Path, fo
         stop(world)
 
 
-def finished_folds(output_dir: Path, names: list[str], folds: list[int]) -> list[dict]:
-    """What done.json says of each finished (name, fold): the summary after a run, whoever ran it."""
+def finished_folds(output_dir: Path, configs: list[TrainConfig], folds: list[int]) -> list[dict]:
+    """What done.json says of each finished (name, group, fold): the summary after a run, whoever ran it."""
+    layout = RunLayout(output_dir)
     rows = []
-    for name in names:
+    for config in configs:
         for fold in folds:
-            done = fold_dir(output_dir, name, int(fold)) / "done.json"
+            done = layout.fold_dir(config.name, config.group, int(fold)) / "done.json"
             if done.is_file():
-                rows.append({"name": name, "fold": int(fold), **json.loads(done.read_text())})
+                rows.append({"name": config.name, "group": config.group, "fold": int(fold), **json.loads(done.read_text())})
     return rows
-
-
-def write_priors(labels: pd.DataFrame, path: Path) -> None:
-    """The weight-scaled prior of every condition and level, for targets no model covers at prediction
-    time (saved with the models so a kernel needs no train.csv)."""
-    write_csv_atomic(prior_table(labels), path)
 
 
 def _continues(saved: dict | None, wanted: dict) -> bool:
@@ -465,7 +460,7 @@ def train_step(net: nn.Module, batch: dict, criterion: nn.Module, optimizer: tor
     return loss, logits, target
 
 
-def compiled(net: nn.Module, mode: str, log=print) -> nn.Module:
+def compiled(net: nn.Module, mode: str) -> nn.Module:
     """``torch.compile`` when asked: the first steps are slower (compilation), the rest faster on a GPU."""
     mode = str(mode).lower()
     if mode in ("off", "false", "no", "0", "none", ""):
@@ -475,7 +470,7 @@ def compiled(net: nn.Module, mode: str, log=print) -> nn.Module:
 
     if backend not in list_backends(exclude_tags=()):
         raise SpinegradeError(f"--compile {mode}: unknown backend; use off, on, or one of {', '.join(list_backends())}")
-    log(f"torch.compile with the {backend} backend (the first steps include compilation)")
+    log.info(f"torch.compile with the {backend} backend (the first steps include compilation)")
     return torch.compile(net, backend=backend)
 
 

@@ -4,7 +4,7 @@ Training never touches DICOM: every sample's image (the whole slice, its shape k
 physical size around the labelled point) is computed once and stored in one memory-mapped array
 per cache key. Each sample keeps its neighbouring slices too, and a crop keeps a margin around
 it, so that training can shift the point and the slice the way a localiser's errors would
-without decoding anything again. The key covers everything that changes the bytes (condition, input mode, image
+without decoding anything again. The key covers everything that changes the bytes (condition group, input mode, image
 size, crop size, the samples and their points, the preprocessing version), so folds and backbones
 sharing those settings share the cache, and a changed setting can never read a stale one. A cache
 is written to a temporary folder and renamed into place: a killed build leaves nothing trusted.
@@ -32,10 +32,13 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from spinegrade.constants import LEVELS
+from spinegrade.constants import CONDITION_GROUP, LEVELS
 from spinegrade.data.dicom import MIN_IMAGE_SIDE, Stack, load_pixels, read_series
 from spinegrade.errors import DicomReadError, SpinegradeError
+from spinegrade.logs import get_logger
 from spinegrade.progress import Progress
+
+log = get_logger(__name__)
 
 PREPROCESS_VERSION = 4  # 4: whole slices keep their shape, padding outside the window; 3: window after the crop
 # Intensity window: robust to the scanner's arbitrary scale and to a few hot pixels.
@@ -44,7 +47,7 @@ LOW_PERCENTILE, HIGH_PERCENTILE = 1.0, 99.5
 
 @dataclass(frozen=True)
 class PreprocessSettings:
-    condition: str
+    group: str  # the condition group (constants.GROUPS) whose samples these are
     input: str  # "full" or "crop"
     image_size: int
     crop_mm: float
@@ -53,7 +56,14 @@ class PreprocessSettings:
 
     @classmethod
     def from_config(cls, config) -> "PreprocessSettings":
-        return cls(config.condition, config.input, config.image_size, config.crop_mm)
+        return cls(config.group, config.input, config.image_size, config.crop_mm)
+
+    @classmethod
+    def from_model(cls, spec: dict) -> "PreprocessSettings":
+        """What a trained fold's ``model.json`` was trained on (one from before condition groups names
+        its ``condition`` instead of its group)."""
+        group = spec.get("group") or CONDITION_GROUP[spec["condition"]]
+        return cls(group, spec["input"], int(spec["image_size"]), float(spec["crop_mm"]))
 
     @property
     def canvas_size(self) -> int:
@@ -254,6 +264,13 @@ def prepare_stack(stack: Stack, index: int, x: float, y: float, settings: Prepro
     return np.stack(out)
 
 
+def centre_view(canvases: np.ndarray, image_size: int) -> np.ndarray:
+    """The model's input from a sample's cached canvases (slices, C, C): the centre slice, cut to
+    ``image_size`` around the centre, as training sees it without jitter (and prediction always)."""
+    margin = (canvases.shape[-1] - image_size) // 2
+    return np.asarray(canvases[canvases.shape[0] // 2, margin:margin + image_size, margin:margin + image_size])
+
+
 @dataclass
 class SampleCache:
     """Cached canvases (N, slices, C, C) uint8, memory-mapped, and their samples table (row i <-> i)."""
@@ -317,7 +334,7 @@ def _prepare_series(args) -> tuple[list[int], list[np.ndarray], list[str]]:
 
 
 def build_cache(samples: pd.DataFrame, settings: PreprocessSettings, cache_root: str | Path,
-                workers: int = 0, log=print) -> SampleCache:
+                workers: int = 0) -> SampleCache:
     """Cache the images of ``samples`` (usable rows of the tidy index) or reuse a cache with the same key.
 
     Samples whose file turns out unreadable are dropped (and logged with the file's path). The
@@ -327,9 +344,9 @@ def build_cache(samples: pd.DataFrame, settings: PreprocessSettings, cache_root:
     """
     samples = samples.reset_index(drop=True)
     key = cache_key(settings, samples)
-    directory = Path(cache_root) / f"{settings.condition}-{settings.input}-{settings.image_size}-{key}"
+    directory = Path(cache_root) / f"{settings.group}-{settings.input}-{settings.image_size}-{key}"
     if not _complete(directory):
-        _write_cache(samples, settings, directory, workers, log)
+        _write_cache(samples, settings, directory, workers)
     cache = open_cache(directory)
     cached = cache.samples[SAMPLE_KEY + ["level_index"]]
     current = cached.merge(samples, on=SAMPLE_KEY, how="left", validate="one_to_one")
@@ -366,22 +383,23 @@ def _save_chunk(path: Path, rows: list[tuple], result: tuple[list[int], list[np.
         raise
 
 
-def _write_cache(samples: pd.DataFrame, settings: PreprocessSettings, directory: Path, workers: int, log) -> None:
+def _write_cache(samples: pd.DataFrame, settings: PreprocessSettings, directory: Path, workers: int) -> None:
     """Decode every series not decoded before (in parallel, one chunk file per series, so an
     interrupted build resumes where it stopped), then assemble the samples' array from the chunks."""
     series_dirs = samples["image_path"].map(lambda p: str(Path(p).parent))
     jobs = [(series_dir, [(int(i), r.image_path, int(r.instance_number), float(r.x), float(r.y))
                           for i, r in group.iterrows()])
             for series_dir, group in samples.groupby(series_dirs, sort=True)]
-    chunks = directory.parent / f"series-{settings.condition}-{settings.input}-{settings.image_size}-" \
+    chunks = directory.parent / f"series-{settings.group}-{settings.input}-{settings.image_size}-" \
         f"{hashlib.sha256(json.dumps([asdict(settings), PREPROCESS_VERSION]).encode()).hexdigest()[:12]}"
     chunks.mkdir(parents=True, exist_ok=True)
     paths = [chunks / _series_chunk_name(d, rows, settings) for d, rows in jobs]
     todo = [(job, path) for job, path in zip(jobs, paths) if not _chunk_is_whole(path)]
     if len(todo) < len(jobs):
-        log(f"cache: {len(jobs) - len(todo)} of {len(jobs)} series already decoded in {chunks}; decoding the other {len(todo)}")
+        log.info(f"cache: {len(jobs) - len(todo)} of {len(jobs)} series already decoded in {chunks}; "
+                 f"decoding the other {len(todo)}")
     workers = workers or os.cpu_count() or 1
-    progress = Progress(len(todo), "cache: decoded", log, unit="series")
+    progress = Progress(len(todo), "cache: decoded", unit="series")
     if workers > 1 and len(todo) > 4:
         with ProcessPoolExecutor(min(workers, len(todo))) as pool:
             futures = {pool.submit(_prepare_series, (d, rows, settings)): (rows, path) for (d, rows), path in todo}
@@ -393,11 +411,11 @@ def _write_cache(samples: pd.DataFrame, settings: PreprocessSettings, directory:
         for (d, rows), path in todo:
             _save_chunk(path, rows, _prepare_series((d, rows, settings)), settings)
             progress.step()
-    _assemble(samples, jobs, paths, settings, directory, log)
+    _assemble(samples, jobs, paths, settings, directory)
 
 
 def _assemble(samples: pd.DataFrame, jobs: list, paths: list[Path], settings: PreprocessSettings,
-              directory: Path, log) -> None:
+              directory: Path) -> None:
     """The samples' canvases in sample order, written straight to a memory-mapped file (memory stays
     flat however many studies), into a temporary folder renamed into place."""
     ok = np.zeros(len(samples), dtype=bool)
@@ -406,7 +424,7 @@ def _assemble(samples: pd.DataFrame, jobs: list, paths: list[Path], settings: Pr
         if chunk is None:
             raise SpinegradeError(f"{path}: damaged while this cache was being built; run again to decode that series again")
         for problem in chunk["problems"]:
-            log(str(problem))
+            log.warning(str(problem))
         ok[[rows[k][0] for k in chunk["rows"]]] = True
     slot = np.cumsum(ok) - 1  # a kept sample's row in the assembled array
     kept = samples[ok].reset_index(drop=True)
@@ -438,8 +456,8 @@ def _assemble(samples: pd.DataFrame, jobs: list, paths: list[Path], settings: Pr
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size_mb = (directory / "images.npy").stat().st_size / 1e6
-    log(f"cache: {len(kept)} samples from {len(jobs)} series in {directory} ({size_mb:.1f} MB, "
-        f"{size_mb * 1000 / max(kept['study_id'].nunique(), 1):.0f} kB per study)")
+    log.info(f"cache: {len(kept)} samples from {len(jobs)} series in {directory} ({size_mb:.1f} MB, "
+             f"{size_mb * 1000 / max(kept['study_id'].nunique(), 1):.0f} kB per study)")
 
 
 def open_cache(directory: str | Path) -> SampleCache:

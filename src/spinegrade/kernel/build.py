@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from spinegrade.blend import load_blend
-from spinegrade.constants import COMPETITION, CONDITIONS, LEVELS
+from spinegrade.blend import load_blends
+from spinegrade.constants import COMPETITION, CONDITIONS, GROUPS, LEVELS
 from spinegrade.download import kaggle_config_dirs
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_text_atomic
@@ -33,7 +33,10 @@ from spinegrade.kernel import (
     MODELS_MARKER,
 )
 from spinegrade.kernel.wheels import collect_wheels
-from spinegrade.localize import LOCALIZER_NAME
+from spinegrade.layout import RunLayout
+from spinegrade.logs import get_logger
+
+log = get_logger(__name__)
 
 PLACEHOLDER_USER = "your-kaggle-username"
 
@@ -144,61 +147,69 @@ def _dataset_metadata(folder: Path, user: str, slug: str, title: str) -> None:
         {"title": title, "id": f"{user}/{slug}", "licenses": [{"name": "CC0-1.0"}]}, indent=1))
 
 
-def copy_models(output_dir: Path, target: Path, log=print) -> dict:
-    """The blend's backbones (finished folds: settings and best weights), the localiser, the priors
-    and the blend itself; nothing the blend does not use."""
-    blend = load_blend(output_dir)
-    used = [n for n, w in zip(blend.backbones, blend.weights) if w > 0]
-    models = Path(output_dir) / "trained_models"
-    folds: dict[str, list[str]] = {}
-    for name in used:
-        finished = sorted(p.parent for p in (models / name).glob("fold*/done.json"))
-        if not finished:
-            raise SpinegradeError(f"{models / name}: the blend uses {name} but it has no finished fold")
-        folds[name] = [f.name for f in finished]
-        for fold in finished:
-            for file in ("model.json", "best.safetensors", "done.json", "config.yaml"):
-                if (fold / file).is_file():
-                    (target / "trained_models" / name / fold.name).mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(fold / file, target / "trained_models" / name / fold.name / file)
-        if (finished[0] / "config.yaml").is_file():
-            (target / "configs").mkdir(exist_ok=True)
-            shutil.copy2(finished[0] / "config.yaml", target / "configs" / f"{name}.yaml")
-    localizer = models / LOCALIZER_NAME
-    if not (localizer / "slice_choice.json").is_file():
-        raise SpinegradeError(f"{localizer}: no finished localiser to bundle (run `make train-localizer`)")
-    (target / "trained_models" / LOCALIZER_NAME).mkdir(parents=True)
-    shutil.copy2(localizer / "slice_choice.json", target / "trained_models" / LOCALIZER_NAME / "slice_choice.json")
-    for fold in sorted(p.parent for p in localizer.glob("fold*/best.safetensors")):
-        (target / "trained_models" / LOCALIZER_NAME / fold.name).mkdir()
-        for file in ("localizer.json", "best.safetensors"):
-            shutil.copy2(fold / file, target / "trained_models" / LOCALIZER_NAME / fold.name / file)
-    if (models / "priors.csv").is_file():
-        shutil.copy2(models / "priors.csv", target / "trained_models" / "priors.csv")
-    (target / "oof").mkdir()
-    shutil.copy2(Path(output_dir) / "oof" / "blend.json", target / "oof" / "blend.json")
-    return {"backbones": used, "weights": dict(zip(blend.backbones, map(float, blend.weights))),
-            "mode": blend.mode, "folds": folds}
+def copy_models(output_dir: Path, target: Path) -> dict:
+    """Each group's blended backbones (finished folds: settings and best weights), the locators of
+    those groups, the priors and the blend itself; nothing the blend does not use. The dataset is
+    written in today's layout whatever layout the run has (a run from before condition groups too)."""
+    source, dest = RunLayout(output_dir), RunLayout(target)
+    blends = load_blends(output_dir)
+    info: dict[str, dict] = {}
+    for group, blend in blends.items():
+        used = [n for n, w in zip(blend.backbones, blend.weights) if w > 0]
+        folds: dict[str, list[str]] = {}
+        for name in used:
+            finished = source.finished_fold_dirs(name, group)
+            if not finished:
+                raise SpinegradeError(f"{source.model_dir(name, group)}: the {group} blend uses {name} but it has no finished fold")
+            folds[name] = [f.name for f in finished]
+            for fold in finished:
+                into = dest.model_dir(name, group, existing=False) / fold.name
+                into.mkdir(parents=True, exist_ok=True)
+                for file in ("model.json", "best.safetensors", "done.json", "config.yaml"):
+                    if (fold / file).is_file():
+                        shutil.copy2(fold / file, into / file)
+            if (finished[0] / "config.yaml").is_file():
+                (target / "configs").mkdir(exist_ok=True)
+                shutil.copy2(finished[0] / "config.yaml", target / "configs" / f"{name}-{group}.yaml")
+        info[group] = {"backbones": used, "weights": dict(zip(blend.backbones, map(float, blend.weights))),
+                       "mode": blend.mode, "folds": folds}
+        if GROUPS[group].locator is None:
+            continue
+        localizer = source.localizer_dir(group)
+        if not (localizer / "slice_choice.json").is_file():
+            raise SpinegradeError(f"{localizer}: no finished {group} locator to bundle (run `make train-localizer`)")
+        into = dest.localizer_dir(group, existing=False)
+        into.mkdir(parents=True)
+        shutil.copy2(localizer / "slice_choice.json", into / "slice_choice.json")
+        for fold in sorted(p.parent for p in localizer.glob("fold*/best.safetensors")):
+            (into / fold.name).mkdir()
+            for file in ("localizer.json", "best.safetensors"):
+                shutil.copy2(fold / file, into / fold.name / file)
+    if source.priors.is_file():
+        shutil.copy2(source.priors, dest.priors)
+    dest.oof.mkdir()
+    shutil.copy2(source.blend_json, dest.blend_json)
+    return {"groups": info}
 
 
 def build_kernel(output_dir: str | Path, kernels_dir: str | Path | None = None, name: str = DEFAULT_NAME,
                  username: str | None = None, wheelhouse: str | Path | None = None, offline: bool = False,
-                 python_versions: tuple[str, ...] = KAGGLE_PYTHON_VERSIONS, log=print) -> KernelBuild:
+                 python_versions: tuple[str, ...] = KAGGLE_PYTHON_VERSIONS) -> KernelBuild:
     """Everything the kernel needs, under ``kernels_dir`` (default ``OUTPUT/kernels``)."""
     output_dir = Path(output_dir)
-    kernels_dir = Path(kernels_dir) if kernels_dir else output_dir / "kernels"
+    kernels_dir = Path(kernels_dir) if kernels_dir else RunLayout(output_dir).kernels
     name = check_slug(name)
     user = kaggle_username(username)
     if not user:
         user = PLACEHOLDER_USER
-        log(f"warning: no KAGGLE_USERNAME (nor kaggle.json); the ids say {PLACEHOLDER_USER!r}: "
-            "rebuild with KAGGLE_USERNAME=you before `make upload`")
+        log.warning(f"no KAGGLE_USERNAME (nor kaggle.json); the ids say {PLACEHOLDER_USER!r}: "
+                    "rebuild with KAGGLE_USERNAME=you before `make upload`")
     code_slug, models_slug = f"{name}-code", f"{name}-models"
     built = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
     models_final = kernels_dir / models_slug
     staging = _fresh(models_final)
-    info = copy_models(output_dir, staging, log=log)
+    info = copy_models(output_dir, staging)
     write_text_atomic(staging / MODELS_MARKER, json.dumps(
         {**info, "spinegrade": metadata.version("spinegrade"), "built": built, "output_dir": str(output_dir)}, indent=1))
     _dataset_metadata(staging, user, models_slug, f"{name} models")
@@ -206,9 +217,9 @@ def build_kernel(output_dir: str | Path, kernels_dir: str | Path | None = None, 
 
     code_final = kernels_dir / code_slug
     staging = _fresh(code_final)
-    log(f"wheels for {code_slug}:")
+    log.info(f"wheels for {code_slug}:")
     names = collect_wheels(staging / "wheels", Path(wheelhouse) if wheelhouse else kernels_dir / "wheelhouse",
-                           offline, python_versions, log=log)
+                           offline, python_versions)
     write_text_atomic(staging / "wheels" / "requirements.txt", "\n".join(names) + "\n")
     write_text_atomic(staging / "README.md", f"# {code_slug}\n\nWheels installed by the {name} kernel with "
                       "`pip install --no-index --no-deps`: " + ", ".join(BUNDLED_PACKAGES) + ".\nThe kernel assumes "
@@ -230,7 +241,8 @@ def build_kernel(output_dir: str | Path, kernels_dir: str | Path | None = None, 
 
     sizes = {p.name: folder_size(p) for p in (kernel_final, code_final, models_final)}
     for folder, size in sizes.items():
-        log(f"{kernels_dir / folder}: {size / 1e6:.1f} MB")
-    members = [f"{b} (weight {info['weights'][b]:.2f}, {len(info['folds'][b])} folds)" for b in info["backbones"]]
-    log(f"blend: {', '.join(members)}")
+        log.info(f"{kernels_dir / folder}: {size / 1e6:.1f} MB")
+    members = [f"{g}: {b} (weight {i['weights'][b]:.2f}, {len(i['folds'][b])} folds)"
+               for g, i in info["groups"].items() for b in i["backbones"]]
+    log.info(f"blend: {', '.join(members)}")
     return KernelBuild(kernel_final, code_final, models_final, sizes, user)

@@ -23,6 +23,9 @@ from pathlib import Path
 from spinegrade.constants import COMPETITION
 from spinegrade.errors import SpinegradeError
 from spinegrade.kernel import KAGGLE_IMAGE_PACKAGES
+from spinegrade.logs import get_logger
+
+log = get_logger(__name__)
 
 NO_NETWORK = '''"""Cut the network for this interpreter: the kernel must never need it."""
 import socket
@@ -60,7 +63,7 @@ def dependency_closure(names: tuple[str, ...]) -> set[str]:
     return seen
 
 
-def kaggle_like_environment(path: Path, log=print) -> Path:
+def kaggle_like_environment(path: Path) -> Path:
     """A virtual environment holding only the Kaggle image's packages; returns its python."""
     python = path / "bin" / "python"
     if not python.exists():
@@ -80,8 +83,8 @@ def kaggle_like_environment(path: Path, log=print) -> Path:
     (site / "kaggle_image.pth").write_text(str(image) + "\n")
     (site / "offline_guard.py").write_text(NO_NETWORK)
     (site / "offline_guard.pth").write_text("import offline_guard\n")
-    log(f"Kaggle-like environment {path}: {len(distributions)} distributions of the Kaggle image "
-        f"({', '.join(KAGGLE_IMAGE_PACKAGES)} and their dependencies), network cut")
+    log.info(f"Kaggle-like environment {path}: {len(distributions)} distributions of the Kaggle image "
+             f"({', '.join(KAGGLE_IMAGE_PACKAGES)} and their dependencies), network cut")
     return python
 
 
@@ -106,14 +109,14 @@ def kaggle_tree(data_dir: Path, kernel_dir: Path, root: Path) -> tuple[Path, Pat
 
 
 def run_kernel_locally(kernel_dir: str | Path, data_dir: str | Path, root: str | Path,
-                       python: str | Path | None = None, log=print) -> tuple[Path, float]:
+                       python: str | Path | None = None) -> tuple[Path, float]:
     """Run the kernel script against ``data_dir``'s test split; returns (submission, seconds).
 
     ``python`` defaults to a Kaggle-like environment under ``root/env``."""
     kernel_dir, root = Path(kernel_dir).resolve(), Path(root).resolve()
     meta = json.loads((kernel_dir / "kernel-metadata.json").read_text())
     inputs, working = kaggle_tree(Path(data_dir), kernel_dir, root)
-    python = Path(python).absolute() if python else kaggle_like_environment(root / "env", log=log)
+    python = Path(python).absolute() if python else kaggle_like_environment(root / "env")
     # Nothing of this machine's Python or pip set-up (an extra find-links folder, say) may reach the kernel.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "PIP_"))}
     env.update(KAGGLE_INPUT=str(inputs), KAGGLE_WORKING=str(working), PIP_NO_INDEX="1",
@@ -124,7 +127,7 @@ def run_kernel_locally(kernel_dir: str | Path, data_dir: str | Path, root: str |
     seconds = time.perf_counter() - started
     (root / "kernel.log").write_text(result.stdout + result.stderr)
     for line in result.stdout.splitlines():
-        log(f"  | {line}")
+        log.info(f"  | {line}")
     if result.returncode != 0:
         tail = "\n".join(result.stderr.strip().splitlines()[-15:])
         raise SpinegradeError(f"the kernel failed (exit {result.returncode}); full log in {root / 'kernel.log'}:\n{tail}")

@@ -8,10 +8,12 @@ mount) gets the training prior for every row, logged loudly; without even a prio
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -19,10 +21,28 @@ import pandas as pd
 from spinegrade.constants import COMPETITION, CONDITIONS, LEVELS, PROBABILITY_COLUMNS, row_id
 from spinegrade.files import write_text_atomic
 from spinegrade.kernel import MODELS_MARKER
+from spinegrade.logs import ROOT, get_logger, setup_logging
+
+log = get_logger(__name__)
 
 
-def log_line(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+@contextmanager
+def _kernel_logging():
+    """Timestamped lines on stdout (where a Kaggle kernel's log, and ``spinegrade kernel-run``, read them)
+    while the kernel runs, unless whoever called it has set up the spinegrade logger already."""
+    logger = logging.getLogger(ROOT)
+    if logger.handlers:
+        yield
+        return
+    level = logger.level
+    setup_logging(timestamps=True, stream=sys.stdout)
+    added = list(logger.handlers)
+    try:
+        yield
+    finally:  # leave the process as it was (a test, a notebook calling run_kernel twice)
+        for handler in added:
+            logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def find_input(root: Path, preferred: str, marker: str) -> Path | None:
@@ -51,7 +71,7 @@ def test_study_ids(competition: Path | None) -> list[int]:
     return []
 
 
-def fallback_submission(competition: Path | None, models: Path | None, log=log_line) -> pd.DataFrame:
+def fallback_submission(competition: Path | None, models: Path | None) -> pd.DataFrame:
     """The training prior on every row of every listed study (uniform when no prior can be had)."""
     from spinegrade.predict import prior_submission
 
@@ -59,16 +79,24 @@ def fallback_submission(competition: Path | None, models: Path | None, log=log_l
     try:
         return prior_submission(rows, competition, models)
     except Exception as exc:
-        log(f"error: no training prior either ({type(exc).__name__}: {exc}); writing uniform probabilities")
+        log.error(f"no training prior either ({type(exc).__name__}: {exc}); writing uniform probabilities")
         return pd.DataFrame([[r, 1 / 3, 1 / 3, 1 / 3] for r in rows], columns=["row_id", *PROBABILITY_COLUMNS])
 
 
 def run_kernel(models_dataset: str = "", input_root: str | Path | None = None, working: str | Path | None = None,
-               device: str | None = None, log=log_line) -> Path:
-    """Predict the mounted test set with the mounted blend; returns the submission's path."""
+               device: str | None = None) -> Path:
+    """Predict the mounted test set with the mounted blend; returns the submission's path.
+
+    Logs timestamped lines on stdout when the spinegrade logger has no handler yet (a Kaggle kernel)."""
+    with _kernel_logging():
+        return _run_kernel(models_dataset, input_root, working, device)
+
+
+def _run_kernel(models_dataset: str, input_root: str | Path | None, working: str | Path | None,
+                device: str | None) -> Path:
     import torch
 
-    from spinegrade.blend import load_blend
+    from spinegrade.blend import load_blends
     from spinegrade.predict import predict_split, write_submission
 
     started = time.perf_counter()
@@ -79,27 +107,27 @@ def run_kernel(models_dataset: str = "", input_root: str | Path | None = None, w
     competition = find_input(input_root, COMPETITION, "test_series_descriptions.csv")
     models = find_input(input_root, models_dataset, MODELS_MARKER)
     cuda = torch.cuda.is_available()
-    log(f"spinegrade kernel: Python {sys.version.split()[0]}, torch {torch.__version__}, "
-        f"{'GPU ' + torch.cuda.get_device_name(0) if cuda else 'CPU'}; competition {competition}, models {models}")
+    log.info(f"spinegrade kernel: Python {sys.version.split()[0]}, torch {torch.__version__}, "
+             f"{'GPU ' + torch.cuda.get_device_name(0) if cuda else 'CPU'}; competition {competition}, models {models}")
     try:
         if competition is None:
             raise FileNotFoundError(f"no test_series_descriptions.csv under {input_root}")
         if models is None:
             raise FileNotFoundError(f"no {MODELS_MARKER} under {input_root} (is the models dataset attached?)")
-        _, submission = predict_split(competition, "test", models, blend=load_blend(models), out=out,
-                                      predictions_dir=working, device=device, log=log)
+        _, submission = predict_split(competition, "test", models, blends=load_blends(models), out=out,
+                                      predictions_dir=working, device=device)
         studies = len(submission) // (len(CONDITIONS) * len(LEVELS))
     except Exception as exc:  # the submission must be written whatever failed
-        log(f"error: prediction failed, every row gets the training prior: {type(exc).__name__}: {exc}")
-        log(traceback.format_exc())
-        submission = fallback_submission(competition, models, log=log)
+        log.error(f"prediction failed, every row gets the training prior: {type(exc).__name__}: {exc}")
+        log.error(traceback.format_exc())
+        submission = fallback_submission(competition, models)
         sample_path = competition / "sample_submission.csv" if competition else None
         sample = pd.read_csv(sample_path) if sample_path and sample_path.is_file() else None
-        write_submission(submission, out, sample, log=log)
+        write_submission(submission, out, sample)
         studies = len(submission) // (len(CONDITIONS) * len(LEVELS))
     elapsed = time.perf_counter() - started
-    log(f"wrote {out}: {len(submission)} rows, {studies} studies, {elapsed:.1f} s "
-        f"({elapsed / max(studies, 1):.2f} s per study including model loading)")
+    log.info(f"wrote {out}: {len(submission)} rows, {studies} studies, {elapsed:.1f} s "
+             f"({elapsed / max(studies, 1):.2f} s per study including model loading)")
     write_text_atomic(working / "kernel_timing.json", json.dumps(
         {"studies": studies, "seconds": elapsed, "device": torch.cuda.get_device_name(0) if cuda else "cpu"}))
     return out

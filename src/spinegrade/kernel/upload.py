@@ -14,6 +14,9 @@ from spinegrade.download import has_kaggle_credentials, kaggle_executable
 from spinegrade.errors import SpinegradeError
 from spinegrade.kernel import DEFAULT_NAME
 from spinegrade.kernel.build import PLACEHOLDER_USER
+from spinegrade.logs import get_logger, result
+
+log = get_logger(__name__)
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
@@ -30,7 +33,7 @@ def _read_id(path: Path) -> str:
 
 
 def upload(kernels_dir: str | Path, name: str = DEFAULT_NAME, message: str = "spinegrade kernel",
-           dry_run: bool = False, log=print) -> list[list[str]]:
+           dry_run: bool = False) -> list[list[str]]:
     """Upload ``kernels_dir/<name>-code``, ``<name>-models`` and the kernel ``<name>``; returns the
     commands run (or, with ``dry_run``, that would run)."""
     kernels_dir = Path(kernels_dir)
@@ -43,13 +46,13 @@ def upload(kernels_dir: str | Path, name: str = DEFAULT_NAME, message: str = "sp
         commands = []
         for folder, identifier in zip(datasets, ids):
             commands.append([kaggle, "datasets", "status", identifier])
-            log(f"{' '.join(commands[-1])}   # exists? then:")
+            result(log, f"{' '.join(commands[-1])}   # exists? then:")
             commands.append([kaggle, "datasets", "version", "-p", str(folder), "-m", message, "--dir-mode", "zip"])
-            log(f"  {' '.join(commands[-1])}")
+            result(log, f"  {' '.join(commands[-1])}")
             commands.append([kaggle, "datasets", "create", "-p", str(folder), "--dir-mode", "zip"])
-            log(f"  {' '.join(commands[-1])}   # (first upload)")
+            result(log, f"  {' '.join(commands[-1])}   # (first upload)")
         commands.append([kaggle, "kernels", "push", "-p", str(kernel)])
-        log(" ".join(commands[-1]))
+        result(log, " ".join(commands[-1]))
         return commands
     if not has_kaggle_credentials():
         raise SpinegradeError("no Kaggle credentials: put kaggle.json in ~/.kaggle/ or set KAGGLE_USERNAME and KAGGLE_KEY")
@@ -59,17 +62,17 @@ def upload(kernels_dir: str | Path, name: str = DEFAULT_NAME, message: str = "sp
         command = ([kaggle, "datasets", "version", "-p", str(folder), "-m", message, "--dir-mode", "zip"] if exists
                    else [kaggle, "datasets", "create", "-p", str(folder), "--dir-mode", "zip"])
         commands.append(command)
-        _check(command, log)
+        _check(command)
     commands.append([kaggle, "kernels", "push", "-p", str(kernel)])
-    _check(commands[-1], log)
-    log("uploaded; the kernel runs once Kaggle has processed the datasets (`kaggle kernels status` follows it)")
+    _check(commands[-1])
+    log.info("uploaded; the kernel runs once Kaggle has processed the datasets (`kaggle kernels status` follows it)")
     return commands
 
 
-def _check(command: list[str], log) -> None:
-    log(" ".join(command))
-    result = _run(command)
-    if result.returncode != 0:
-        reason = (result.stderr or result.stdout).strip().splitlines()
+def _check(command: list[str]) -> None:
+    log.info(" ".join(command))
+    completed = _run(command)
+    if completed.returncode != 0:
+        reason = (completed.stderr or completed.stdout).strip().splitlines()
         raise SpinegradeError(f"`{' '.join(command[1:4])}` failed (network or credentials?): "
                               f"{reason[-1] if reason else 'no output'}")

@@ -26,6 +26,9 @@ import zipfile
 from pathlib import Path
 
 from spinegrade.errors import SpinegradeError
+from spinegrade.logs import get_logger
+
+log = get_logger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
@@ -104,7 +107,7 @@ def repack_installed(name: str, dest: Path, expected_version: str | None = None)
     return target
 
 
-def download_wheels(name: str, version: str, dest: Path, python_versions: tuple[str, ...], log=print) -> list[Path]:
+def download_wheels(name: str, version: str, dest: Path, python_versions: tuple[str, ...]) -> list[Path]:
     """Binary (or pure) wheels of ``name==version`` for each Kaggle Python, from the package index."""
     found: list[Path] = []
     for python in python_versions:
@@ -115,14 +118,14 @@ def download_wheels(name: str, version: str, dest: Path, python_versions: tuple[
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            log(f"  {name} {version}: no wheel for Python {python} from the index ({tail})")
+            log.info(f"  {name} {version}: no wheel for Python {python} from the index ({tail})")
         found = wheels_for(dest, name, version)
         if found and all(w.name.endswith("-none-any.whl") for w in found):
             break  # one pure-Python wheel serves every version
     return found
 
 
-def collect_wheels(dest: Path, wheelhouse: Path, offline: bool, python_versions: tuple[str, ...], log=print) -> list[str]:
+def collect_wheels(dest: Path, wheelhouse: Path, offline: bool, python_versions: tuple[str, ...]) -> list[str]:
     """Fill ``dest`` with wheels of every bundled package; returns pinned requirements (``name==version``:
     a bare name would let pip keep an older copy already on the Kaggle image).
 
@@ -133,7 +136,7 @@ def collect_wheels(dest: Path, wheelhouse: Path, offline: bool, python_versions:
     wheelhouse.mkdir(parents=True, exist_ok=True)
     for name in BUNDLED_PACKAGES:
         if name == "spinegrade":
-            log(f"  {build_project_wheel(dest).name} (built from this checkout)")
+            log.info(f"  {build_project_wheel(dest).name} (built from this checkout)")
             continue
         try:
             version = metadata.version(name)
@@ -142,14 +145,14 @@ def collect_wheels(dest: Path, wheelhouse: Path, offline: bool, python_versions:
         found = wheels_for(wheelhouse, name, version)
         source = f"from {wheelhouse}"
         if not found and not offline:
-            found, source = download_wheels(name, version, wheelhouse, python_versions, log=log), "downloaded"
+            found, source = download_wheels(name, version, wheelhouse, python_versions), "downloaded"
         if found:
             for w in found:
                 shutil.copy2(w, dest / w.name)
-            log(f"  {name} {version}: {', '.join(w.name for w in found)} ({source})")
+            log.info(f"  {name} {version}: {', '.join(w.name for w in found)} ({source})")
             continue
         packed = repack_installed(name, dest)
         pure = packed.name.endswith("-none-any.whl")
-        log(f"  {name} {version}: {packed.name} (packed from the installed copy"
-            + (")" if pure else f"; installs only on Python {sys.version_info.major}.{sys.version_info.minor})"))
+        log.info(f"  {name} {version}: {packed.name} (packed from the installed copy"
+                 + (")" if pure else f"; installs only on Python {sys.version_info.major}.{sys.version_info.minor})"))
     return [f"{name}=={metadata.version(name)}" for name in BUNDLED_PACKAGES]

@@ -1,0 +1,48 @@
+"""Settings precedence: dataclass defaults < the registry's group defaults < the YAML's top level <
+its ``groups:`` section < flags; and configs from before condition groups."""
+
+from __future__ import annotations
+
+import pytest
+
+from spinegrade.config import TrainConfig, load_config
+from spinegrade.constants import GROUPS
+from spinegrade.errors import SpinegradeError
+
+
+def _yaml(tmp_path, text: str):
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_each_level_overrides_the_one_below(tmp_path):
+    defaults = TrainConfig()
+    assert GROUPS["foraminal"].crop_mm != defaults.crop_mm and GROUPS["foraminal"].input != defaults.input
+    bare = _yaml(tmp_path, "backbone: resnet18\n")
+    foraminal = load_config(str(bare), group="foraminal")
+    assert (foraminal.input, foraminal.crop_mm) == (GROUPS["foraminal"].input, GROUPS["foraminal"].crop_mm)  # registry
+    assert foraminal.batch_size == defaults.batch_size  # dataclass, where nothing else speaks
+    top = _yaml(tmp_path, "backbone: resnet18\ncrop_mm: 50\n")
+    assert load_config(str(top), group="foraminal").crop_mm == 50  # YAML top level over registry
+    section = _yaml(tmp_path, "backbone: resnet18\ncrop_mm: 50\ngroups:\n  foraminal: {crop_mm: 44, image_size: 96}\n")
+    assert load_config(str(section), group="foraminal").crop_mm == 44  # groups section over top level
+    assert load_config(str(section), group="foraminal").image_size == 96
+    assert load_config(str(section), group="spinal").crop_mm == 50  # another group's section does not apply
+    flagged = load_config(str(section), {"crop_mm": 36.0, "image_size": None}, group="foraminal")
+    assert flagged.crop_mm == 36 and flagged.image_size == 96  # flags over everything; None: not given
+    assert flagged.group == "foraminal" and flagged.name == "mine"
+
+
+def test_a_config_from_before_groups_reads_as_the_spinal_group(tmp_path):
+    old = _yaml(tmp_path, "backbone: resnet18\ncondition: spinal_canal_stenosis\n")
+    assert load_config(str(old)).group == "spinal"
+    assert "condition" not in load_config(str(old)).to_dict()
+
+
+def test_unknown_groups_are_refused_with_the_file_named(tmp_path):
+    bad = _yaml(tmp_path, "backbone: resnet18\ngroups:\n  foramenal: {crop_mm: 40}\n")
+    with pytest.raises(SpinegradeError, match=r"mine\.yaml: unknown group\(s\) under `groups:` foramenal"):
+        load_config(str(bad))
+    with pytest.raises(SpinegradeError, match="group must be one of spinal, foraminal, subarticular"):
+        load_config(str(_yaml(tmp_path, "backbone: resnet18\n")), group="lateral")
