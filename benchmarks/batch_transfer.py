@@ -30,13 +30,15 @@ from torch.utils.data import DataLoader
 
 from common import add_data_arguments, benchmark_data, report
 from spinegrade.config import TrainConfig
+from spinegrade.constants import GROUPS
 from spinegrade.data.dataset import LevelDataset, build_transform, init_worker
 from spinegrade.data.index import build_index
 from spinegrade.data.loader import batch_loader
 from spinegrade.data.preprocess import PreprocessSettings, build_cache
 from spinegrade.train import SeededDataset
 
-SPINAL = TrainConfig().condition  # what the models grade
+GROUP = TrainConfig().group  # what the models grade
+SPINAL = GROUPS[GROUP].conditions[0]  # its condition
 
 
 def received_cpu_us(epoch, batches: int, rounds: int, settle: float) -> list[float]:
@@ -85,7 +87,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = benchmark_data(args, Path(tmp))
         samples = build_index(data_dir, check_images=False).usable(SPINAL).reset_index(drop=True)
-        cache = build_cache(samples, PreprocessSettings(SPINAL, "full", args.image_size, 48.0), Path(tmp) / "cache")
+        cache = build_cache(samples, PreprocessSettings(GROUP, "full", args.image_size, 48.0), Path(tmp) / "cache")
         levels, targets = cache.samples["level_index"].to_numpy(), cache.samples["severity"].to_numpy()
         dataset = SeededDataset(LevelDataset(cache.images, levels, targets, build_transform(True)), seed=0)
         queued = args.workers * args.prefetch

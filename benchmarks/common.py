@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,6 +36,26 @@ def machine() -> dict:
     return {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "torch_threads": torch.get_num_threads()}
+
+
+@contextmanager
+def logged_lines():
+    """The messages the ``spinegrade`` logger emits (INFO and up) while the block runs, in a list."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("spinegrade")
+    handler, level = Collect(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(level or logging.INFO, logging.INFO))
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def report(figures: dict) -> None:

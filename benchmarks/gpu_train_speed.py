@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from common import add_data_arguments, benchmark_data, report
 from spinegrade.config import load_config
+from spinegrade.constants import GROUPS
 from spinegrade.data.dataset import LevelDataset, build_transform, init_worker
 from spinegrade.data.index import build_index
 from spinegrade.data.loader import batch_loader
@@ -133,7 +134,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = benchmark_data(args, Path(tmp))
-        table = build_index(data_dir, check_images=False).usable(load_config(args.configs[0]).condition)
+        usable = build_index(data_dir, check_images=False).usable()
+        table = usable[usable["condition"].isin(GROUPS[load_config(args.configs[0]).group].conditions)]
         for name in args.configs:
             overrides = {"pretrained": False, "image_size": args.model_size, "batch_size": args.batch_size}
             config = load_config(name, {k: v for k, v in overrides.items() if v is not None})
@@ -156,7 +158,7 @@ def main() -> None:
             apply_freezing(model, config.freeze_backbone, config.unfreeze_last_n)
             model.train()
             freeze_norm_statistics(model)
-            net = compiled(model, args.compile, log=lambda *_: None)
+            net = compiled(model, args.compile)
             criterion = nn.CrossEntropyLoss()
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
             for kind in (args.loaders if len(rows) // len(args.loaders) % 2 == 0 else args.loaders[::-1]):

@@ -34,13 +34,15 @@ from torchvision import transforms
 
 from common import add_data_arguments, benchmark_data, report
 from spinegrade.config import TrainConfig
+from spinegrade.constants import GROUPS
 from spinegrade.data.dataset import LevelDataset, build_transform, init_worker
 from spinegrade.data.index import build_index
 from spinegrade.data.preprocess import PreprocessSettings, build_cache
 from spinegrade.models.classifier import LevelClassifier, ModelSpec, apply_freezing, input_statistics
 from spinegrade.train import EpochSampler, SeededDataset, train_step
 
-SPINAL = TrainConfig().condition  # what the models grade
+GROUP = TrainConfig().group  # what the models grade
+SPINAL = GROUPS[GROUP].conditions[0]  # its condition
 
 
 class PublishedDataset(Dataset):
@@ -88,7 +90,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = benchmark_data(args, Path(tmp))
         samples = build_index(data_dir, check_images=False).usable(SPINAL).head(args.samples).reset_index(drop=True)
-        settings = PreprocessSettings(SPINAL, "full", args.image_size, 48.0)
+        settings = PreprocessSettings(GROUP, "full", args.image_size, 48.0)
         started = time.perf_counter()
         cache = build_cache(samples, settings, Path(tmp) / "cache")
         cache_seconds = time.perf_counter() - started

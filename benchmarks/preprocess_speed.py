@@ -24,10 +24,12 @@ import pydicom
 
 from common import add_data_arguments, benchmark_data, report
 from spinegrade.config import TrainConfig
+from spinegrade.constants import GROUPS
 from spinegrade.data.index import build_index
 from spinegrade.data.preprocess import PreprocessSettings, build_cache
 
-SPINAL = TrainConfig().condition
+GROUP = TrainConfig().group  # what the models grade
+SPINAL = GROUPS[GROUP].conditions[0]  # its condition
 
 
 def pydicom_loop(files: list[Path]) -> float:
@@ -49,7 +51,7 @@ def main() -> None:
         samples = build_index(data_dir, check_images=False).usable(SPINAL).reset_index(drop=True)
         series = sorted({Path(p).parent for p in samples["image_path"]})
         files = [f for s in series for f in sorted(s.glob("*.dcm"))]
-        settings = PreprocessSettings(SPINAL, "crop", 128, 48.0)
+        settings = PreprocessSettings(GROUP, "crop", 128, 48.0)
         ours, loop, ratios, per_study_kb = [], [], [], 0.0
         for _ in range(args.repeats):
             root = Path(tmp) / "cache"

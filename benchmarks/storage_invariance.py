@@ -21,10 +21,11 @@ import numpy as np
 import pandas as pd
 
 from common import report
-from spinegrade.blend import load_blend
+from spinegrade.blend import load_blends
 from spinegrade.constants import PROBABILITY_COLUMNS
 from spinegrade.data.dicom import main_stack, read_series
 from spinegrade.data.restore import Storage, restore_split
+from spinegrade.layout import RunLayout
 from spinegrade.localize import LocalizerEnsemble
 from spinegrade.predict import predict_split, score_submission, trained_backbones
 
@@ -61,16 +62,17 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
     answers = args.answers or args.data_dir.with_name(args.data_dir.name + "-answers") / "test.csv"
-    blend = load_blend(args.output_dir) if (args.output_dir / "oof" / "blend.json").is_file() else None
-    backbones = None if blend else trained_backbones(args.output_dir)
-    localizer = LocalizerEnsemble(args.output_dir)
+    layout = RunLayout(args.output_dir)
+    blends = load_blends(args.output_dir) if layout.blend_json.is_file() else None
+    backbones = None if blends else trained_backbones(args.output_dir)
+    localizer = LocalizerEnsemble(layout.localizer_dir("spinal"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
 
         def run(name: str, data: Path) -> dict:
-            _, submission = predict_split(data, "test", args.output_dir, backbones, blend=blend, out=tmp / f"{name}.csv",
-                                          predictions_dir=tmp / name, log=lambda *_: None)
+            _, submission = predict_split(data, "test", args.output_dir, backbones, blends=blends, out=tmp / f"{name}.csv",
+                                          predictions_dir=tmp / name)
             scores = score_submission(submission, answers) if answers.is_file() else {}
             return {"submission": submission.set_index("row_id")[list(PROBABILITY_COLUMNS)],
                     "points": located_points(data, localizer), "spinal": scores.get("spinal")}
@@ -89,7 +91,8 @@ def main() -> None:
                          "spinal": got["spinal"]})
     table = pd.DataFrame(rows)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    report({"benchmark": "storage_invariance", "models": blend.backbones if blend else backbones, "rows": rows})
+    models = {group: blend.backbones for group, blend in blends.items()} if blends else backbones
+    report({"benchmark": "storage_invariance", "models": models, "rows": rows})
 
 
 if __name__ == "__main__":

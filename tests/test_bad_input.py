@@ -35,6 +35,7 @@ Where each kind is covered:
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import shutil
@@ -86,7 +87,17 @@ def csv_copy(synth_dataset, tmp_path) -> Path:
 
 
 def _cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
+    """The command as a user runs it. The log handlers it sets up go when it returns, as they would with its
+    process: left on the package logger, its console handler would write to this test's captured stderr,
+    closed once the test ends, and every later record in this process would print a logging error."""
+    logger = logging.getLogger("spinegrade")
+    before = set(logger.handlers)
+    try:
+        code = main([str(a) for a in args])
+    finally:
+        for handler in [h for h in logger.handlers if h not in before]:
+            logger.removeHandler(handler)
+            handler.close()
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -97,6 +108,17 @@ def _assert_one_line_error(code: int, err: str, *named: str) -> None:
     assert len(err.strip().splitlines()) == 1, err
     for name in named:
         assert name in err, (name, err)
+
+
+def _assert_one_line_error_after_its_log(code: int, err: str, caplog, *named: str) -> None:
+    """:func:`_assert_one_line_error` for a command that logs its progress on stderr before it stops
+    (training): the lines it logged below ERROR aside, stderr is the one error line."""
+    assert "Traceback" not in err, err
+    logged_below_error = {line for r in caplog.records if r.name.startswith("spinegrade") and r.levelno < logging.ERROR
+                          for line in r.getMessage().splitlines()}
+    rest = "\n".join(line for line in err.splitlines() if line not in logged_below_error)
+    _assert_one_line_error(code, rest, *named)
+    assert rest.strip().startswith("spinegrade train: error: "), rest
 
 
 def _cache(data_dir: Path, cache_root: Path, logged, condition: str = SPINAL):
@@ -344,14 +366,14 @@ def test_study_without_usable_series_is_named_and_the_rest_goes_on(baseline, dat
     assert any(f"/train_images/{junk}/" in line and "skipped sample" in line for line in lines)
 
 
-def test_training_with_no_readable_image_stops_in_one_line(dataset_copy, tmp_path, capsys):
+def test_training_with_no_readable_image_stops_in_one_line(dataset_copy, tmp_path, capsys, caplog):
     for f in (dataset_copy / "train_images").rglob("*.dcm"):
         f.write_bytes(b"")
     folds = tmp_path / "folds.csv"
     write_csv_atomic(make_folds(build_index(dataset_copy, check_images=False).labels_wide(), n_folds=2, seed=0), folds)
     code, _, err = _cli(capsys, "train", "--models", "resnet18", "--fold", "0", "--data-dir", dataset_copy,
                         "--folds", folds, "--output-dir", tmp_path / "out", *TINY_TRAIN)
-    _assert_one_line_error(code, err)
+    _assert_one_line_error_after_its_log(code, err, caplog)
 
 
 # 8 ------------------------------------------------------------------------------------------------
@@ -472,35 +494,36 @@ def train_setup(synth_dataset, tmp_path_factory):
     return synth_dataset, folds, root / "out"
 
 
-def test_hostile_weights_refused_by_the_train_command(train_setup, tmp_path, capsys):
+def test_hostile_weights_refused_by_the_train_command(train_setup, tmp_path, capsys, caplog):
     data, folds, out = train_setup
     marker = tmp_path / "MARKER"
     weights = _hostile(tmp_path / "weights.pth", marker, "torch")
     code, _, err = _cli(capsys, "train", "--models", "resnet18", "--fold", "0", "--data-dir", data, "--folds", folds,
                         "--output-dir", out, *TINY_TRAIN, "--weights", weights)
-    _assert_one_line_error(code, err, str(weights), "refused")
+    _assert_one_line_error_after_its_log(code, err, caplog, str(weights), "refused")
     assert not marker.exists()
 
 
-def test_hostile_resume_checkpoint_is_refused_without_running_it(train_setup, tmp_path, capsys):
+def test_hostile_resume_checkpoint_is_refused_without_running_it(train_setup, tmp_path, capsys, caplog):
     from spinegrade.config import load_config
-    from spinegrade.train import fold_dir, train_fold
+    from spinegrade.layout import RunLayout
+    from spinegrade.train import train_fold
 
     data, folds, out = train_setup
     for kind in ("torch", "pickle"):
         _assert_live(kind, tmp_path)
         marker = tmp_path / f"MARKER-{kind}"
-        last = fold_dir(out, "resnet18", 1) / "last.pt"
+        last = RunLayout(out).fold_dir("resnet18", "spinal", 1, existing=False) / "last.pt"  # where training looks
         last.parent.mkdir(parents=True, exist_ok=True)
         _hostile(last, marker, kind)
         # The function train.py runs, then the command a user types.
         config = load_config("resnet18", {"pretrained": False, "image_size": 32, "batch_size": 8, "num_workers": 0,
                                           "num_epochs": 1})
         with pytest.raises(SpinegradeError, match="last.pt"):
-            train_fold(config, data, folds, out, 1, resume=True, device="cpu", log=lambda *_: None)
+            train_fold(config, data, folds, out, 1, resume=True, device="cpu")
         code, _, err = _cli(capsys, "train", "--models", "resnet18", "--fold", "1", "--data-dir", data,
                             "--folds", folds, "--output-dir", out, *TINY_TRAIN, "--resume")
-        _assert_one_line_error(code, err, str(last))
+        _assert_one_line_error_after_its_log(code, err, caplog, str(last))
         assert not marker.exists()
 
 

@@ -28,7 +28,7 @@ def test_kernel_speed_benchmark_runs(trained_run):
     from spinegrade.blend import run_blend
 
     if not (trained_run["out"] / "oof" / "blend.json").is_file():
-        run_blend(trained_run["out"], trained_run["folds"], log=lambda *_: None)
+        run_blend(trained_run["out"], trained_run["folds"])
     figures = _run("kernel_speed.py", "--data-dir", str(trained_run["data"]), "--output-dir", str(trained_run["out"]),
                    "--repeats", "1")
     assert figures["benchmark"] == "kernel_speed" and figures["studies"] == 5

@@ -8,10 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spinegrade.blend import FastLoss, _loss, combine, run_blend
+from spinegrade.blend import _loss, combine, run_blend
 from spinegrade.constants import LEVELS, PROBABILITY_COLUMNS, SEVERITIES, row_id
 from spinegrade.data.folds import write_csv_atomic
-from spinegrade.evaluate import read_oof
+from spinegrade.layout import RunLayout
+from spinegrade.metrics import FixedRowsScore
+from spinegrade.oof import read_oof
 
 
 def _write_oof(root, name, labels, probs, folds):
@@ -21,7 +23,14 @@ def _write_oof(root, name, labels, probs, folds):
             study, k = divmod(i, 5)
             rows.append({"row_id": row_id(1000 + study, "spinal_canal_stenosis", LEVELS[k]),
                          **dict(zip(PROBABILITY_COLUMNS, probs[i])), "label": SEVERITIES[labels[i]], "fold": int(fold)})
-        write_csv_atomic(pd.DataFrame(rows), root / "oof" / name / f"fold{fold}.csv")
+        write_csv_atomic(pd.DataFrame(rows), root / "oof" / name / "spinal" / f"fold{fold}.csv")
+
+
+def _blend(root, **kwargs):
+    """The spinal report: the only group these OOF trees hold."""
+    reports = run_blend(root, root / "folds.csv", **kwargs)
+    assert list(reports) == ["spinal"] and reports["spinal"].group == "spinal"
+    return reports["spinal"]
 
 
 def _model(rng, labels, signal):
@@ -46,19 +55,21 @@ def test_informative_model_takes_the_weight_and_noise_is_named(oof_root):
     root, rng, labels, folds = oof_root
     _write_oof(root, "informative", labels, _model(rng, labels, 2.5), folds)
     _write_oof(root, "noise", labels, _model(rng, labels, 0.0), folds)
-    report = run_blend(root, root / "folds.csv", log=lambda *_: None)
+    report = _blend(root)
     weights = dict(zip(report.blend.backbones, report.blend.weights))
     assert weights["informative"] > 0.97 and report.near_zero == ["noise"]
     saved = json.loads((root / "oof" / "blend.json").read_text())
-    assert saved["near_zero_weight"] == ["noise"] and saved["mode"] in ("probability", "log")
-    assert len(read_oof(root, "blend")) == len(labels)  # the blend's OOF, for the evaluation and report
+    assert list(saved["groups"]) == ["spinal"] and saved["folds"] == [0, 1, 2, 3]
+    assert saved["groups"]["spinal"]["near_zero_weight"] == ["noise"]
+    assert saved["groups"]["spinal"]["mode"] in ("probability", "log")
+    assert len(read_oof(RunLayout(root), "blend", "spinal")) == len(labels)  # the blend's OOF, for the evaluation and report
 
 
 def test_two_equally_good_independent_models_blend_better_than_either(oof_root):
     root, rng, labels, folds = oof_root
     _write_oof(root, "a", labels, _model(rng, labels, 1.5), folds)
     _write_oof(root, "b", labels, _model(rng, labels, 1.5), folds)
-    report = run_blend(root, root / "folds.csv", temperature=True, log=lambda *_: None)
+    report = _blend(root, temperature=True)
     assert report.in_sample < min(report.backbone_losses.values())
     assert report.nested < min(report.backbone_losses.values())
     assert all(0.25 < w < 0.75 for w in report.blend.weights)
@@ -68,7 +79,7 @@ def test_nested_estimate_never_below_in_sample(oof_root):
     root, rng, labels, folds = oof_root
     for name, signal in (("a", 1.0), ("b", 0.8), ("c", 0.5)):
         _write_oof(root, name, labels, _model(rng, labels, signal), folds)
-    report = run_blend(root, root / "folds.csv", log=lambda *_: None)
+    report = _blend(root)
     for candidate in report.candidates.values():
         assert candidate["nested"] >= candidate["in_sample"] - 1e-9
 
@@ -78,7 +89,7 @@ def test_fast_loss_equals_the_metric_and_mixing_modes():
     frame = pd.DataFrame({"study_id": np.repeat(np.arange(20), 5), "condition": "spinal_canal_stenosis",
                           "severity": rng.choice([-1, 0, 1, 2], size=100, p=[0.05, 0.7, 0.15, 0.1])})
     probs = rng.dirichlet([1, 1, 1], size=100)
-    assert FastLoss(frame)(probs) == pytest.approx(_loss(frame, probs), rel=1e-9)
+    assert FixedRowsScore(frame)(probs) == pytest.approx(_loss(frame, probs), rel=1e-9)
     a, b = rng.dirichlet([1, 1, 1], size=10), rng.dirichlet([1, 1, 1], size=10)
     np.testing.assert_allclose(combine([a, b], np.array([1.0, 0.0]), "probability"), a)
     np.testing.assert_allclose(combine([a, b], np.array([1.0, 0.0]), "log"), a, rtol=1e-6)

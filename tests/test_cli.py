@@ -32,6 +32,7 @@ def test_synth_index_folds_end_to_end(tmp_path):
 def test_published_entry_point_takes_the_same_flags(tmp_path):
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, str(root / "train_models.py"), "--models", "no_such_backbone",
-                             "--batch_size", "8", "--freeze_backbone", "False"], capture_output=True, text=True)
+                             "--batch_size", "8", "--freeze_backbone", "False"], capture_output=True, text=True,
+                            cwd=tmp_path)  # the default --output-dir, where the command's log file goes
     assert result.returncode == 2 and "no config 'no_such_backbone'" in result.stderr
     assert "Traceback" not in result.stderr

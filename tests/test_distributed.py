@@ -11,9 +11,14 @@ import pandas as pd
 import pytest
 
 from spinegrade.distributed import World
-from spinegrade.train import EpochSampler, fold_dir
+from spinegrade.layout import RunLayout
+from spinegrade.train import EpochSampler
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def fold_dir(out, name, fold):
+    return RunLayout(out).fold_dir(name, "spinal", fold)
 
 # No batch norm (ConvNeXt uses LayerNorm), no dropout, unweighted loss: then two processes with 8
 # samples each must take exactly the steps one process takes with 16, so any sharding, gathering or
@@ -60,25 +65,42 @@ def test_ddp_with_two_processes_matches_one_process(trained_run, tmp_path):
     data, folds = trained_run["data"], trained_run["folds"]
     _train(data, folds, tmp_path / "one" / "out")
     two = _train(data, folds, tmp_path / "two" / "out", "--devices", "2", "--strategy", "ddp")
-    assert "DDP: 2 processes, 8 samples each per step (cpu)" in two.stdout
-    assert two.stdout.count("fold 1: best epoch") == 1  # rank 0 alone logs
+    # The command logs on stderr.
+    assert "DDP: 2 processes, 8 samples each per step (cpu)" in two.stderr
+    assert two.stderr.count("ddp_check spinal fold 1: best epoch") == 1  # rank 0 alone logs
     a = pd.read_csv(fold_dir(tmp_path / "one" / "out", "ddp_check", 1) / "metrics.csv")
     b = pd.read_csv(fold_dir(tmp_path / "two" / "out", "ddp_check", 1) / "metrics.csv")
     cols = ["train_loss", "val_loss", "val_accuracy", "val_competition"]
     pd.testing.assert_frame_equal(a[cols], b[cols], atol=2e-3, rtol=1e-3)
-    oof_a = pd.read_csv(tmp_path / "one" / "out" / "oof" / "ddp_check" / "fold1.csv")
-    oof_b = pd.read_csv(tmp_path / "two" / "out" / "oof" / "ddp_check" / "fold1.csv")
+    oof_a = pd.read_csv(tmp_path / "one" / "out" / "oof" / "ddp_check" / "spinal" / "fold1.csv")
+    oof_b = pd.read_csv(tmp_path / "two" / "out" / "oof" / "ddp_check" / "spinal" / "fold1.csv")
     assert list(oof_a["row_id"]) == list(oof_b["row_id"])  # every held-out sample once, gathered from both shards
 
 
-def test_several_machines_need_a_launcher(trained_run, tmp_path, capsys):
+def _main(args: list[str]) -> int:
+    """The command in this process; the log handlers it sets up go when it returns, as with its own process
+    (its console handler writes to this test's captured stderr, closed once the test ends)."""
+    import logging
+
     from spinegrade.cli import main
 
-    code = main(["train", "--models", "efficientnet_lite0", "--fold", "0", "--data-dir", str(trained_run["data"]),
-                 "--folds", str(trained_run["folds"]), "--output-dir", str(tmp_path), "--num_nodes", "2", "--devices", "2"])
+    logger = logging.getLogger("spinegrade")
+    before = set(logger.handlers)
+    try:
+        return main(args)
+    finally:
+        for handler in [h for h in logger.handlers if h not in before]:
+            logger.removeHandler(handler)
+            handler.close()
+
+
+def test_several_machines_need_a_launcher(trained_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --output-dir, where the command's log file goes
+    code = _main(["train", "--models", "efficientnet_lite0", "--fold", "0", "--data-dir", str(trained_run["data"]),
+                  "--folds", str(trained_run["folds"]), "--output-dir", str(tmp_path), "--num_nodes", "2", "--devices", "2"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "torchrun or srun" in err[0]
-    assert main(["train", "--models", "efficientnet_lite0", "--strategy", "fsdp"]) == 2
+    assert _main(["train", "--models", "efficientnet_lite0", "--strategy", "fsdp"]) == 2
 
 
 @pytest.mark.parametrize("script", sorted((ROOT / "scripts" / "slurm").glob("*.sbatch")), ids=lambda p: p.name)

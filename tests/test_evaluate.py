@@ -14,7 +14,9 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss
 
 from spinegrade.constants import LEVELS, PROBABILITY_COLUMNS, SEVERITIES, row_id
 from spinegrade.data.folds import write_csv_atomic
-from spinegrade.evaluate import complete_backbones, run_evaluation
+from spinegrade.evaluate import run_evaluation
+from spinegrade.layout import RunLayout
+from spinegrade.oof import complete_names
 
 
 def _fake_run(root, names=("good", "noisy"), studies=24, folds=3, seed=0):
@@ -36,15 +38,18 @@ def _fake_run(root, names=("good", "noisy"), studies=24, folds=3, seed=0):
                     p = np.exp(logits) / np.exp(logits).sum()
                     rows.append({"row_id": row_id(s, "spinal_canal_stenosis", level), "normal_mild": p[0],
                                  "moderate": p[1], "severe": p[2], "label": SEVERITIES[labels[i, k]], "fold": fold})
-            write_csv_atomic(pd.DataFrame(rows), root / "oof" / name / f"fold{fold}.csv")
+            write_csv_atomic(pd.DataFrame(rows), root / "oof" / name / "spinal" / f"fold{fold}.csv")
     return root / "folds.csv"
 
 
 def test_summary_matches_an_independent_recomputation(tmp_path):
     folds = _fake_run(tmp_path)
-    summary = run_evaluation(tmp_path, folds, log=lambda *_: None).set_index("name")
+    summary = run_evaluation(tmp_path, folds)
+    assert list(zip(summary["name"], summary["group"])) == [("good", "spinal"), ("noisy", "spinal"),
+                                                            ("class_prior", "spinal")]
+    summary = summary.set_index("name")
     for name in ("good", "noisy"):
-        oof = pd.concat([pd.read_csv(p) for p in sorted((tmp_path / "oof" / name).glob("*.csv"))])
+        oof = pd.concat([pd.read_csv(p) for p in sorted((tmp_path / "oof" / name / "spinal").glob("*.csv"))])
         y = oof["label"].map({s: i for i, s in enumerate(SEVERITIES)}).to_numpy()
         p = oof[list(PROBABILITY_COLUMNS)].to_numpy()
         spinal = log_loss(y, p, sample_weight=np.array([1, 2, 4])[y], labels=[0, 1, 2])
@@ -58,33 +63,39 @@ def test_summary_matches_an_independent_recomputation(tmp_path):
         assert summary.loc[name, "f1_macro"] == pytest.approx(f1_score(y, p.argmax(1), average="macro"))
         assert summary.loc[name, "rows"] == len(oof) and summary.loc[name, "studies"] == 24
     assert summary.loc["good", "score"] < summary.loc["class_prior", "score"] < summary.loc["noisy", "score"], summary
-    metrics = json.loads((tmp_path / "results" / "good_oof_metrics.json").read_text())
+    competition = pd.read_csv(tmp_path / "results" / "competition.csv").set_index("name")
+    for name in ("good", "noisy", "class_prior"):  # spinal rows only: the full score is the spinal group's
+        assert competition.loc[name, "groups"] == "spinal"
+        assert competition.loc[name, "score"] == pytest.approx(summary.loc[name, "score"], rel=1e-9)
+    metrics = json.loads((tmp_path / "results" / "good_spinal_oof_metrics.json").read_text())
+    assert metrics["group"] == "spinal"
     assert set(metrics["per_fold"]) == {"0", "1", "2"} and len(metrics["per_level"]) == 5
-    confusion = pd.read_csv(tmp_path / "results" / "good_confusion_matrix.csv")
+    assert "loss" in metrics["per_level"][0]
+    confusion = pd.read_csv(tmp_path / "results" / "good_spinal_confusion_matrix.csv")
     counts = confusion[confusion["table"] == "count"][list(SEVERITIES)].to_numpy()
     assert counts.sum() == 24 * 5
-    ovr = pd.read_csv(tmp_path / "results" / "good_confusion_one_vs_rest.csv")
+    ovr = pd.read_csv(tmp_path / "results" / "good_spinal_confusion_one_vs_rest.csv")
     assert (ovr[["tn", "fp", "fn", "tp"]].sum(axis=1) == 120).all()
     for figure in ("training_curves", "confusion_matrix", "reliability", "per_level"):
         if figure != "training_curves":  # no metrics.csv in a fabricated run
-            assert (tmp_path / "plots" / f"good_{figure}.png").stat().st_size > 5000
+            assert (tmp_path / "plots" / f"good_spinal_{figure}.png").stat().st_size > 5000
     assert (tmp_path / "plots" / "backbones_comparison.png").is_file()
 
 
-def test_incomplete_backbones_are_left_out(tmp_path):
+def test_incomplete_backbones_are_left_out(tmp_path, logged):
     folds = _fake_run(tmp_path)
-    (tmp_path / "oof" / "noisy" / "fold2.csv").unlink()
-    complete, partial = complete_backbones(tmp_path, [0, 1, 2])
+    (tmp_path / "oof" / "noisy" / "spinal" / "fold2.csv").unlink()
+    complete, partial = complete_names(RunLayout(tmp_path), "spinal", [0, 1, 2])
     assert complete == ["good"] and partial == {"noisy": [2]}
-    lines = []
-    summary = run_evaluation(tmp_path, folds, log=lines.append)
+    summary = run_evaluation(tmp_path, folds)
+    lines = logged()
     assert list(summary["name"]) == ["good", "class_prior"]
     assert any("noisy" in line and "[2]" in line for line in lines)
 
 
 def test_report_is_self_contained(tmp_path):
     folds = _fake_run(tmp_path)
-    run_evaluation(tmp_path, folds, log=lambda *_: None)
+    run_evaluation(tmp_path, folds)
     page = (tmp_path / "report.html").read_text()
     assert "good" in page and "noisy" in page and "class_prior" in page
     sources = re.findall(r'src="([^"]+)"', page)
@@ -98,7 +109,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     if browser is None:
         pytest.skip("chromium is not installed (Debian package chromium)")
     folds = _fake_run(tmp_path)
-    run_evaluation(tmp_path, folds, log=lambda *_: None)
+    run_evaluation(tmp_path, folds)
     shot = tmp_path / "report.png"
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
@@ -108,13 +119,13 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
 
 def test_end_to_end_column_grades_held_out_studies_at_the_localisers_points(trained_run):
-    lines = []
-    summary = run_evaluation(trained_run["out"], trained_run["folds"], data_dir=trained_run["data"],
-                             log=lines.append).set_index("name")
+    summary = run_evaluation(trained_run["out"], trained_run["folds"], data_dir=trained_run["data"])
+    assert set(summary["group"]) == {"spinal"}  # the run trained the spinal group only
+    summary = summary.set_index("name")
     for name in ("efficientnet_lite0", "efficientnet_lite0_wide"):
         assert np.isfinite(summary.loc[name, "score_localised"])
-        localised = pd.read_csv(trained_run["out"] / "oof" / "localised" / f"{name}.csv")
-        oof = pd.concat([pd.read_csv(p) for p in (trained_run["out"] / "oof" / name).glob("fold*.csv")])
+        localised = pd.read_csv(trained_run["out"] / "oof" / "localised" / "spinal" / f"{name}.csv")
+        oof = pd.concat([pd.read_csv(p) for p in (trained_run["out"] / "oof" / name / "spinal").glob("fold*.csv")])
         assert set(localised["row_id"]) == set(oof["row_id"])  # the same held-out levels, located instead
         # Every study is located by the fold localiser that never saw it: same fold on both sides.
         merged = localised.merge(oof, on="row_id", suffixes=("_loc", ""))

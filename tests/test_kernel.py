@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spinegrade.blend import load_blend, run_blend
+from spinegrade.blend import load_blends, run_blend
 from spinegrade.constants import COMPETITION, PROBABILITY_COLUMNS
 from spinegrade.kernel import BUNDLED_PACKAGES, MODELS_MARKER
 from spinegrade.kernel.build import build_kernel
@@ -22,7 +22,6 @@ from spinegrade.kernel.runtime import run_kernel
 from spinegrade.predict import predict_split
 
 ROOT = Path(__file__).resolve().parents[1]
-QUIET = lambda *_: None  # noqa: E731
 
 
 def _blend_output(trained_run, root: Path, weights: list[float] | None = None) -> Path:
@@ -32,10 +31,10 @@ def _blend_output(trained_run, root: Path, weights: list[float] | None = None) -
     (root / "oof").mkdir()
     for name in ("efficientnet_lite0", "efficientnet_lite0_wide"):
         (root / "oof" / name).symlink_to(trained_run["out"] / "oof" / name)
-    run_blend(root, trained_run["folds"], log=QUIET)
+    run_blend(root, trained_run["folds"])
     if weights is not None:
         info = json.loads((root / "oof" / "blend.json").read_text())
-        info.update(backbones=["efficientnet_lite0", "efficientnet_lite0_wide"], weights=weights)
+        info["groups"]["spinal"].update(backbones=["efficientnet_lite0", "efficientnet_lite0_wide"], weights=weights)
         (root / "oof" / "blend.json").write_text(json.dumps(info))
     return root
 
@@ -70,9 +69,15 @@ def _weights_in(models_dir: Path) -> set[str]:
 def test_models_dataset_holds_exactly_the_blends_weights(built, trained_run, tmp_path):
     models = built["build"].models_dir
     trained = trained_run["out"] / "trained_models"
-    expected = {str(p.relative_to(trained.parent)) for p in trained.glob("*/fold*/best.safetensors")}
-    assert _weights_in(models) == expected  # both backbones (3 folds each) and the localiser's 3 folds
+    expected = {str(p.relative_to(trained.parent)) for p in trained.glob("*/spinal/fold*/best.safetensors")}
+    assert len(expected) == 3 * 3  # both backbones (3 folds each) and the localiser's 3 folds
+    assert _weights_in(models) == expected
     assert (models / "oof" / "blend.json").is_file() and (models / MODELS_MARKER).is_file()
+    marker = json.loads((models / MODELS_MARKER).read_text())
+    assert list(marker["groups"]) == ["spinal"]
+    assert set(marker["groups"]["spinal"]["backbones"]) == {"efficientnet_lite0", "efficientnet_lite0_wide"}
+    assert {p.name for p in (models / "configs").iterdir()} == {"efficientnet_lite0-spinal.yaml",
+                                                                 "efficientnet_lite0_wide-spinal.yaml"}
     assert not list(models.rglob("last.pt"))  # resumable training state stays home
 
     # A blend that gives one backbone no weight: that backbone's weights stay out.
@@ -90,8 +95,8 @@ def test_kernel_runs_offline_in_a_kaggle_like_environment_and_matches_the_local_
                             "u.find_spec('spinegrade').origin)"], capture_output=True, text=True, check=True).stdout
     assert probe.startswith("None") and str(tmp_path) in probe  # only the image's packages and the kernel's wheels
 
-    predict_split(trained_run["data"], "test", built["out"], blend=load_blend(built["out"]), out=tmp_path / "local.csv",
-                  log=QUIET)  # what `make submission` writes for these models
+    predict_split(trained_run["data"], "test", built["out"], blends=load_blends(built["out"]),
+                  out=tmp_path / "local.csv")  # what `make submission` writes for these models
     kernel, local = pd.read_csv(submission), pd.read_csv(tmp_path / "local.csv")
     assert list(kernel["row_id"]) == list(local["row_id"])
     np.testing.assert_allclose(kernel[list(PROBABILITY_COLUMNS)].to_numpy(),
@@ -117,7 +122,7 @@ def _make(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_make_upload_dry_run_prints_the_kaggle_commands(built):
     result = _make("upload", "DRY_RUN=1", f"KERNELS_DIR={built['build'].kernel_dir.parent}")
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    lines = result.stderr.splitlines()  # the command logs its results on stderr
     assert any(line.startswith("kaggle kernels push -p ") for line in lines)
     for dataset in (built["build"].code_dir, built["build"].models_dir):
         assert any(f"kaggle datasets create -p {dataset}" in line for line in lines)

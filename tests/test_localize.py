@@ -12,6 +12,7 @@ import pydicom
 from spinegrade.data.dicom import main_stack, read_series
 from spinegrade.data.preprocess import PreprocessSettings, SquareView, content_box, prepare_image, window_limits
 from spinegrade.data.restore import Storage, restore
+from spinegrade.layout import RunLayout
 from spinegrade.localize import LocalizerEnsemble
 
 
@@ -89,7 +90,7 @@ def test_points_stay_put_when_the_slices_are_stored_on_another_matrix(trained_ru
     A localiser that squashed each slice into its square would see the anatomy 25% narrower; one
     that sees millimetres finds the same points."""
     data = trained_run["data"]
-    localizer = LocalizerEnsemble(trained_run["out"])
+    localizer = LocalizerEnsemble(RunLayout(trained_run["out"]).localizer_dir("spinal"))
     series = pd.read_csv(data / "test_series_descriptions.csv")
     series = series[series["series_description"] == "Sagittal T2/STIR"]
     shifts = []
@@ -141,7 +142,7 @@ def test_restored_files_keep_the_anatomy_in_patient_space(tmp_path):
     assert np.unravel_index(np.argmax(again.pixels), again.shape) == (25, 7)
 
 
-def test_one_slice_with_a_wrong_pixel_spacing_does_not_set_the_field(dataset_copy):
+def test_one_slice_with_a_wrong_pixel_spacing_does_not_set_the_field(dataset_copy, logged):
     """The field is a high percentile of the slices' sizes, not the largest: a slice whose PixelSpacing
     claims 5 mm pixels would otherwise shrink every other slice's anatomy to a fifth."""
     from spinegrade.localize import localizer_samples, prepare_localizer_data
@@ -152,8 +153,8 @@ def test_one_slice_with_a_wrong_pixel_spacing_does_not_set_the_field(dataset_cop
         ds = pydicom.dcmread(path)
         ds.PixelSpacing = [5 * float(v) for v in ds.PixelSpacing]
         ds.save_as(path)
-    lines = []
-    images, meta, field_mm = prepare_localizer_data(samples, 64, log=lines.append)
+    images, meta, field_mm = prepare_localizer_data(samples, 64)
+    lines = logged()
     sides = np.maximum(meta["rows"] * meta["row_spacing"], meta["cols"] * meta["col_spacing"])
     normal = sides[meta["study_id"] != odd["study_id"]]
     assert normal.max() * 0.9 <= field_mm <= normal.max()

@@ -21,7 +21,9 @@ def test_localiser_puts_points_within_a_few_millimetres(trained_run):
     # 20 training studies per fold and a few seconds of training: a disc is about 9 mm high and a
     # point dropped anywhere on the slice would be some 60 mm off.
     assert report["all_levels"]["median_mm"] < 6.5
-    oof = pd.read_csv(trained_run["out"] / "results" / "localizer_oof.csv")
+    saved = json.loads((trained_run["out"] / "results" / "localizer_spinal_report.json").read_text())
+    assert saved["studies"] == report["studies"] == 30 and saved["all_levels"] == report["all_levels"]
+    oof = pd.read_csv(trained_run["out"] / "results" / "localizer_spinal_oof.csv")
     assert len(oof) == 30 * 5 and set(oof["level"]) == set(LEVELS)
     assert (oof["error_mm"] < 10).mean() > 0.7
 
@@ -38,18 +40,19 @@ def _score_against_answers(submission: pd.DataFrame, answers) -> dict:
     return competition_score(spinal)
 
 
-def test_test_split_submission_is_complete_valid_and_beats_the_prior(trained_run, tmp_path):
+def test_test_split_submission_is_complete_valid_and_beats_the_prior(trained_run, tmp_path, logged):
     out_file = tmp_path / "submission.csv"
-    lines = []
     per_backbone, submission = predict_split(trained_run["data"], "test", trained_run["out"], out=out_file,
-                                             backbones=["efficientnet_lite0"], log=lines.append)
+                                             backbones=["efficientnet_lite0"])
+    lines = logged()
     written = pd.read_csv(out_file)
     sample = pd.read_csv(trained_run["data"] / "sample_submission.csv")
     assert list(written["row_id"]) == list(sample["row_id"])
     probs = written[list(PROBABILITY_COLUMNS)].to_numpy()
     assert (probs >= 0).all() and (probs <= 1).all() and np.allclose(probs.sum(axis=1), 1, atol=1e-6)
     assert set(per_backbone["backbone"]) == {"efficientnet_lite0"} and len(per_backbone) == 5 * 5
-    assert any("no model covers left_neural_foraminal_narrowing" in line for line in lines)
+    for group in ("foraminal", "subarticular"):  # no model grades them: named, and their rows get the prior
+        assert any(line.startswith(f"{group}: no model grades it") and "prior" in line for line in lines), lines
     model = _score_against_answers(written, trained_run["answers"])
     prior = _score_against_answers(written.assign(
         **{c: v for c, v in zip(PROBABILITY_COLUMNS, np.array(_prior_rows(trained_run, written)).T)}), trained_run["answers"])
@@ -64,7 +67,7 @@ def _prior_rows(trained_run, submission):
             for _, c, lv in (parse_row_id(r) for r in submission["row_id"])]
 
 
-def test_a_study_with_a_missing_or_corrupt_sagittal_series_gets_prior_rows(trained_run, tmp_path):
+def test_a_study_with_a_missing_or_corrupt_sagittal_series_gets_prior_rows(trained_run, tmp_path, logged):
     data = tmp_path / "data"
     shutil.copytree(trained_run["data"], data)
     series = pd.read_csv(data / "test_series_descriptions.csv")
@@ -73,11 +76,11 @@ def test_a_study_with_a_missing_or_corrupt_sagittal_series_gets_prior_rows(train
     for f in (data / "test_images" / str(broken.study_id) / str(broken.series_id)).iterdir():
         f.write_bytes(b"garbage")
     series.drop(index=removed.name).to_csv(data / "test_series_descriptions.csv", index=False)
-    lines = []
-    _, submission = predict_split(data, "test", trained_run["out"], out=tmp_path / "s.csv", log=lines.append)
+    _, submission = predict_split(data, "test", trained_run["out"], out=tmp_path / "s.csv")
+    lines = logged()
     assert len(submission) == 5 * 25
     for study in (broken.study_id, removed.study_id):
-        assert any(f"study {study}" in line and "prior" in line for line in lines), lines
+        assert any(f"study {study}" in line and "spinal rows get the training prior" in line for line in lines), lines
         rows = submission[submission["row_id"].str.startswith(f"{study}_spinal")]
         prior = np.array(_prior_rows(trained_run, rows))
         np.testing.assert_allclose(rows[list(PROBABILITY_COLUMNS)].to_numpy(), prior)
@@ -92,14 +95,14 @@ def test_one_study_folder_with_arbitrary_names_and_nesting(trained_run, tmp_path
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(f, target)
     (scanner / "README.txt").write_text("not a DICOM file")
-    result = predict_study(scanner, trained_run["out"], out_dir=tmp_path / "result", log=lambda *_: None)
+    result = predict_study(scanner, trained_run["out"], out_dir=tmp_path / "result")
     assert [lv["level"] for lv in result["levels"]] == ["L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1"]
     saved = json.loads((tmp_path / "result" / "grades.json").read_text())
     assert saved["series"] == "Sagittal T2/STIR" and all(abs(sum(lv[c] for c in PROBABILITY_COLUMNS) - 1) < 1e-5
                                                            for lv in saved["levels"])
     assert (tmp_path / "result" / "graded_slice.png").stat().st_size > 10000
     with pytest.raises(SpinegradeError, match="no Sagittal T2/STIR series"):
-        predict_study(tmp_path / "result", trained_run["out"], log=lambda *_: None)
+        predict_study(tmp_path / "result", trained_run["out"])
 
 
 def test_submission_check_refuses_bad_files(trained_run):
@@ -122,16 +125,20 @@ def test_blend_then_submit_end_to_end(trained_run):
     from spinegrade.predict import prior_submission, score_submission
     from spinegrade.submit import submit
 
-    report = run_blend(trained_run["out"], trained_run["folds"], log=lambda *_: None)
+    reports = run_blend(trained_run["out"], trained_run["folds"])
+    assert list(reports) == ["spinal"]  # the run trained the spinal group only
+    report = reports["spinal"]
     assert set(report.blend.backbones) == {"efficientnet_lite0", "efficientnet_lite0_wide"}
-    path = submit(trained_run["data"], trained_run["out"], description="two lite0", log=lambda *_: None)
+    path = submit(trained_run["data"], trained_run["out"], description="two lite0")
     assert path.name.startswith("submission-") and path.name.endswith("-two-lite0.csv")
     final = trained_run["out"] / "submissions" / "submission.csv"
     assert final.read_bytes() == path.read_bytes()
     manifest = json.loads(path.with_suffix(".json").read_text())
-    used = [n for n, w in manifest["weights"].items() if w > 0]
-    assert manifest["backbones"] == used and all(len(manifest["folds"][n]) == 3 for n in used)
-    assert "blend_nested" in manifest["oof_loss"]
+    assert list(manifest["groups"]) == ["spinal"] and manifest["rows"] == 5 * 25
+    spinal = manifest["groups"]["spinal"]
+    used = [n for n, w in spinal["weights"].items() if w > 0]
+    assert spinal["backbones"] == used and all(len(spinal["folds"][n]) == 3 for n in used)
+    assert "blend_nested" in spinal["oof_loss"]
     submission = pd.read_csv(final)
     model = score_submission(submission, trained_run["answers"] / "test.csv")
     prior = score_submission(prior_submission(submission["row_id"], trained_run["data"], trained_run["out"]),
@@ -139,12 +146,11 @@ def test_blend_then_submit_end_to_end(trained_run):
     assert model["spinal"] < prior["spinal"] and model["foraminal"] == pytest.approx(prior["foraminal"])
 
 
-def test_rows_follow_the_listed_test_studies_when_the_sample_lists_others(trained_run, tmp_path):
+def test_rows_follow_the_listed_test_studies_when_the_sample_lists_others(trained_run, tmp_path, logged):
     from spinegrade.predict import write_submission
 
     sample = pd.read_csv(trained_run["data"] / "sample_submission.csv")
     one_study = sample[sample["row_id"].str.startswith(sample["row_id"].iloc[0].split("_")[0] + "_")]
-    lines = []
-    write_submission(sample, tmp_path / "s.csv", one_study, log=lines.append)
+    write_submission(sample, tmp_path / "s.csv", one_study)
     assert len(pd.read_csv(tmp_path / "s.csv")) == len(sample)  # nothing dropped
-    assert any("sample_submission.csv lists 25 rows" in line for line in lines)
+    assert any("sample_submission.csv lists 25 rows" in line for line in logged())

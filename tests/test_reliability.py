@@ -12,7 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from spinegrade.train import fold_dir
+from spinegrade.layout import RunLayout
+
+
+def fold_dir(out, name, fold):
+    return RunLayout(out).fold_dir(name, "spinal", fold)
 
 CONFIG = """name: killable
 backbone: resnet18
@@ -54,16 +58,16 @@ def test_sigkill_mid_training_then_resume_reaches_the_uninterrupted_result(train
 
     resumed = subprocess.run(_command(data, folds, out, config, "--resume"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed after epoch" in resumed.stdout
+    assert "resumed after epoch" in resumed.stderr  # the command logs on stderr
     a = pd.read_csv(fold_dir(tmp_path / "straight", "killable", 0) / "metrics.csv")
     b = pd.read_csv(metrics)
     assert list(b["epoch"]) == [0, 1, 2]
     cols = ["train_loss", "val_loss", "val_accuracy", "val_competition"]
     pd.testing.assert_frame_equal(a[cols], b[cols], atol=1e-4, rtol=1e-4)
-    oof_a = pd.read_csv(tmp_path / "straight" / "oof" / "killable" / "fold0.csv")
-    oof_b = pd.read_csv(out / "oof" / "killable" / "fold0.csv")
+    oof_a = pd.read_csv(tmp_path / "straight" / "oof" / "killable" / "spinal" / "fold0.csv")
+    oof_b = pd.read_csv(out / "oof" / "killable" / "spinal" / "fold0.csv")
     pd.testing.assert_frame_equal(oof_a, oof_b, atol=1e-4, rtol=1e-4)
     assert not [p for p in Path(out).rglob(".*") if p.is_file()]  # no temporary file left behind
 
     again = subprocess.run(_command(data, folds, out, config, "--resume"), capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "already trained" in again.stdout  # a finished fold is not retrained
+    assert again.returncode == 0 and "killable spinal fold 0: already trained" in again.stderr  # not retrained

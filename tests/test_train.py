@@ -13,10 +13,20 @@ from spinegrade.constants import parse_row_id
 from spinegrade.data.folds import make_folds, write_csv_atomic
 from spinegrade.data.index import build_index
 from spinegrade.data.synthetic import SynthSettings, write_dataset
+from spinegrade.layout import RunLayout
 from spinegrade.metrics import competition_score
-from spinegrade.train import fold_dir, oof_path, train_fold
+from spinegrade.train import train_fold
 
 SMALL = {"image_size": 64, "batch_size": 16, "num_workers": 0, "learning_rate": 1e-3}
+
+
+def fold_dir(out, name, fold):
+    """Where a spinal fold of ``name`` lives (every config here trains the default group)."""
+    return RunLayout(out).fold_dir(name, "spinal", fold)
+
+
+def oof_path(out, name, fold):
+    return RunLayout(out).oof_file(name, "spinal", fold)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +47,7 @@ def _oof_score(paths):
     return oof, competition_score(frame)["score"]
 
 
-def test_two_folds_write_oof_for_exactly_their_studies_and_beat_the_prior(train_data, tmp_path):
+def test_two_folds_write_oof_for_exactly_their_studies_and_beat_the_prior(train_data, tmp_path, logged):
     data, folds_path = train_data
     folds = pd.read_csv(folds_path)
     out = tmp_path / "run"
@@ -46,6 +56,8 @@ def test_two_folds_write_oof_for_exactly_their_studies_and_beat_the_prior(train_
                  "--image-size", "64", "--batch_size", "16", "--num-workers", "0", "--learning-rate", "1e-3"])
     assert code == 0
     paths = [oof_path(out, "efficientnet_lite0", k) for k in (0, 1)]
+    assert paths[0] == out / "oof" / "efficientnet_lite0" / "spinal" / "fold0.csv"
+    assert RunLayout(out).folds.is_file()  # the run keeps the folds it was trained on
     oof, score = _oof_score(paths)
     for k, p in enumerate(paths):
         studies = {parse_row_id(r)[0] for r in pd.read_csv(p)["row_id"]}
@@ -56,28 +68,31 @@ def test_two_folds_write_oof_for_exactly_their_studies_and_beat_the_prior(train_
     model_json = json.loads((fold_dir(out, "efficientnet_lite0", 0) / "model.json").read_text())
     assert model_json["backbone"] == "efficientnet_lite0" and model_json["labels"] == ["Normal/Mild", "Moderate", "Severe"]
     assert model_json["mean"] == [0.485, 0.456, 0.406] and model_json["fold"] == 0
+    assert model_json["group"] == "spinal" and model_json["conditions"] == ["spinal_canal_stenosis"]
     metrics = pd.read_csv(fold_dir(out, "efficientnet_lite0", 0) / "metrics.csv")
-    assert len(metrics) == 5 and {"train_loss", "val_loss", "val_competition", "val_accuracy"} <= set(metrics.columns)
+    assert len(metrics) == 5 and {"train_loss", "val_loss", "val_competition", "val_accuracy", "val_spinal",
+                                  "val_any_severe_spinal"} <= set(metrics.columns)
     # A finished fold is not retrained unless asked.
     again = train_fold(load_config("efficientnet_lite0", {**SMALL, "num_epochs": 5, "num_workers": 2}), data,
-                       folds_path, out, 0, log=lambda *_: None)
-    assert again.skipped
+                       folds_path, out, 0)
+    assert again.skipped and again.group == "spinal"
     # Other settings, or --force, train again; the stale done.json goes first.
-    lines = []
-    redo = train_fold(load_config("efficientnet_lite0", {**SMALL, "num_epochs": 1}), data, folds_path, out, 0,
-                      log=lines.append)
+    before = len(logged())
+    redo = train_fold(load_config("efficientnet_lite0", {**SMALL, "num_epochs": 1}), data, folds_path, out, 0)
+    lines = logged()[before:]
     assert not redo.skipped and any("other settings" in line for line in lines)
 
 
-def test_resume_continues_and_matches_an_uninterrupted_run(train_data, tmp_path):
+def test_resume_continues_and_matches_an_uninterrupted_run(train_data, tmp_path, logged):
     data, folds_path = train_data
     settings = {**SMALL, "backbone": "resnet18", "pretrained": False, "name": "tiny"}
     config3 = load_config("resnet18", {**settings, "num_epochs": 3})
-    straight = train_fold(config3, data, folds_path, tmp_path / "a", 2, log=lambda *_: None)
+    straight = train_fold(config3, data, folds_path, tmp_path / "a", 2)
     interrupted = train_fold(load_config("resnet18", {**settings, "num_epochs": 2}), data, folds_path,
-                             tmp_path / "b", 2, log=lambda *_: None)
-    lines = []
-    resumed = train_fold(config3, data, folds_path, tmp_path / "b", 2, resume=True, log=lines.append)
+                             tmp_path / "b", 2)
+    before = len(logged())
+    resumed = train_fold(config3, data, folds_path, tmp_path / "b", 2, resume=True)
+    lines = logged()[before:]
     assert any("resumed after epoch 1" in line for line in lines)
     a = pd.read_csv(fold_dir(tmp_path / "a", "tiny", 2) / "metrics.csv")
     b = pd.read_csv(fold_dir(tmp_path / "b", "tiny", 2) / "metrics.csv")
@@ -99,33 +114,33 @@ def test_divergence_stops_with_a_clear_message(train_data, tmp_path):
     data, folds_path = train_data
     config = load_config("resnet18", {**SMALL, "weights": str(weights), "num_epochs": 2})
     with pytest.raises(SpinegradeError, match="diverged at epoch 1"):
-        train_fold(config, data, folds_path, tmp_path / "run", 0, log=lambda *_: None)
+        train_fold(config, data, folds_path, tmp_path / "run", 0)
     assert not (fold_dir(tmp_path / "run", "resnet18", 0) / "done.json").exists()
 
 
-def test_compiled_model_trains_to_the_same_metrics(train_data, tmp_path):
+def test_compiled_model_trains_to_the_same_metrics(train_data, tmp_path, logged):
     data, folds_path = train_data
     settings = {**SMALL, "backbone": "resnet18", "pretrained": False, "name": "tiny", "num_epochs": 1}
-    plain = train_fold(load_config("resnet18", settings), data, folds_path, tmp_path / "a", 0, log=lambda *_: None)
-    lines = []
-    compiled = train_fold(load_config("resnet18", {**settings, "compile": "eager"}), data, folds_path, tmp_path / "b", 0,
-                          log=lines.append)
+    plain = train_fold(load_config("resnet18", settings), data, folds_path, tmp_path / "a", 0)
+    before = len(logged())
+    compiled = train_fold(load_config("resnet18", {**settings, "compile": "eager"}), data, folds_path, tmp_path / "b", 0)
+    lines = logged()[before:]
     assert any("torch.compile with the eager backend" in line for line in lines)
     assert abs(plain.best_score - compiled.best_score) < 1e-4  # graph capture, same arithmetic
     from spinegrade.errors import SpinegradeError
 
     with pytest.raises(SpinegradeError, match="unknown backend"):
-        train_fold(load_config("resnet18", {**settings, "compile": "warp-drive"}), data, folds_path, tmp_path / "c", 0,
-                   log=lambda *_: None)
+        train_fold(load_config("resnet18", {**settings, "compile": "warp-drive"}), data, folds_path, tmp_path / "c", 0)
 
 
-def test_force_starts_a_finished_fold_over_even_with_resume(train_data, tmp_path):
+def test_force_starts_a_finished_fold_over_even_with_resume(train_data, tmp_path, logged):
     data, folds_path = train_data
     config = load_config("resnet18", {**SMALL, "backbone": "resnet18", "pretrained": False, "name": "tiny",
                                       "num_epochs": 1})
-    train_fold(config, data, folds_path, tmp_path, 0, log=lambda *_: None)
-    lines = []
-    result = train_fold(config, data, folds_path, tmp_path, 0, resume=True, force=True, log=lines.append)
+    train_fold(config, data, folds_path, tmp_path, 0)
+    before = len(logged())
+    result = train_fold(config, data, folds_path, tmp_path, 0, resume=True, force=True)
+    lines = logged()[before:]
     assert not result.skipped and any(line.startswith("epoch 1/1") for line in lines)
     assert not any("resumed after" in line for line in lines)
     # Fewer epochs than a saved checkpoint ran is another run, not a resume.
@@ -134,11 +149,13 @@ def test_force_starts_a_finished_fold_over_even_with_resume(train_data, tmp_path
     (fold_dir(tmp_path, "tiny", 0) / "done.json").unlink()
     longer = load_config("resnet18", {**SMALL, "backbone": "resnet18", "pretrained": False, "name": "tiny",
                                       "num_epochs": 2})
-    train_fold(longer, data, folds_path, tmp_path, 0, resume=True, log=lines.append)  # more epochs: resumes
+    before = len(logged())
+    train_fold(longer, data, folds_path, tmp_path, 0, resume=True)  # more epochs: resumes
+    lines = logged()[before:]
     assert any("resumed after epoch 0" in line for line in lines)
     (fold_dir(tmp_path, "tiny", 0) / "done.json").unlink()
     with pytest.raises(SpinegradeError, match="other settings"):
-        train_fold(config, data, folds_path, tmp_path, 0, resume=True, log=lambda *_: None)
+        train_fold(config, data, folds_path, tmp_path, 0, resume=True)
 
 
 def test_workers_and_their_ring_of_slots_train_to_the_same_metrics_as_one_process(train_data, tmp_path):
@@ -146,9 +163,8 @@ def test_workers_and_their_ring_of_slots_train_to_the_same_metrics_as_one_proces
     so the epochs must be the ones a single process makes, to the last digit the float sums allow."""
     data, folds_path = train_data
     settings = {**SMALL, "backbone": "resnet18", "pretrained": False, "name": "tiny", "num_epochs": 2}
-    alone = train_fold(load_config("resnet18", settings), data, folds_path, tmp_path / "a", 1, log=lambda *_: None)
-    helped = train_fold(load_config("resnet18", {**settings, "num_workers": 2}), data, folds_path, tmp_path / "b", 1,
-                        log=lambda *_: None)
+    alone = train_fold(load_config("resnet18", settings), data, folds_path, tmp_path / "a", 1)
+    helped = train_fold(load_config("resnet18", {**settings, "num_workers": 2}), data, folds_path, tmp_path / "b", 1)
     cols = ["train_loss", "train_accuracy", "val_loss", "val_competition"]
     a = pd.read_csv(fold_dir(tmp_path / "a", "tiny", 1) / "metrics.csv")[cols]
     b = pd.read_csv(fold_dir(tmp_path / "b", "tiny", 1) / "metrics.csv")[cols]

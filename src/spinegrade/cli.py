@@ -17,7 +17,7 @@ from pathlib import Path
 from spinegrade.constants import COMPETITION, GROUPS, check_groups
 from spinegrade.errors import SpinegradeError
 from spinegrade.layout import RunLayout
-from spinegrade.logs import get_logger, log_to_file, result, setup_logging
+from spinegrade.logs import get_logger, log_to_file, reset_logging, result, setup_logging
 
 log = get_logger("spinegrade.cli")
 
@@ -385,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error(f"spinegrade {args.command}: interrupted")
         return 130
+    finally:
+        reset_logging()
     return 0
 
 

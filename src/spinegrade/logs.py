@@ -62,3 +62,13 @@ def log_to_file(path: str | Path) -> Path:
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
     return path
+
+
+def reset_logging() -> None:
+    """Remove the handlers :func:`setup_logging` and :func:`log_to_file` added (what the end of a
+    command-line process does anyway), so a command run inside another program leaves nothing behind."""
+    root = logging.getLogger(ROOT)
+    for handler in [h for h in root.handlers if getattr(h, _HANDLER_MARK, "")]:
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(logging.NOTSET)
