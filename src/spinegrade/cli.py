@@ -10,6 +10,7 @@ through the ``spinegrade`` logger (``--quiet``: warnings, errors and the final r
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -373,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Under torchrun or srun every rank runs this: only rank 0 says more than warnings.
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+    level_before = logging.getLogger("spinegrade").level
     setup_logging(quiet=args.quiet or rank != 0, verbose=args.verbose and rank == 0)
     try:
         output_dir = getattr(args, "output_dir", None)
@@ -386,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error(f"spinegrade {args.command}: interrupted")
         return 130
     finally:
-        reset_logging()
+        reset_logging(level_before)
     return 0
 
 

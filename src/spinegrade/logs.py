@@ -64,11 +64,12 @@ def log_to_file(path: str | Path) -> Path:
     return path
 
 
-def reset_logging() -> None:
-    """Remove the handlers :func:`setup_logging` and :func:`log_to_file` added (what the end of a
-    command-line process does anyway), so a command run inside another program leaves nothing behind."""
+def reset_logging(level: int = logging.NOTSET) -> None:
+    """Remove the handlers :func:`setup_logging` and :func:`log_to_file` added and put the logger's
+    level back to ``level`` (what the end of a command-line process does anyway), so a command run
+    inside another program (a notebook, a test) leaves its logging as it was."""
     root = logging.getLogger(ROOT)
     for handler in [h for h in root.handlers if getattr(h, _HANDLER_MARK, "")]:
         root.removeHandler(handler)
         handler.close()
-    root.setLevel(logging.NOTSET)
+    root.setLevel(level)

@@ -308,26 +308,11 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
 
     for epoch in range(start_epoch, config.num_epochs):
         started = time.perf_counter()
-        model.train()
-        freeze_norm_statistics(model)
-        torch.manual_seed(config.seed * 1000 + epoch)  # dropout: same stream on a resumed run
-        train_sampler.set_epoch(epoch)
-        tally = EpochTally()
-        for batch in _progress(train_loader, f"epoch {epoch + 1}/{config.num_epochs}", main):
-            tally.add(*train_step(net, batch, criterion, optimizer, device_), batch["index"])
-        total_loss, correct, seen, train_probs, train_seen = tally.totals()
-        total_loss, correct, seen = (sum(v) for v in zip(*world.gather((total_loss, correct, seen))))
-        trained = world.gather((train_probs, train_seen))
-        train_probs, train_seen = [p for ps, _ in trained for p in ps], [i for _, ix in trained for i in ix]
-        probs, idx = predict_probabilities(model, val_loader, device_, world)
-        held = table.iloc[idx].reset_index(drop=True)
-        scores = _score(held, probs)
-        val_loss = float(nn.functional.cross_entropy(torch.log(torch.tensor(probs).clamp_min(1e-15)),
-                                                     torch.tensor(held["severity"].to_numpy()), weight=weights))
-        # The training fold's competition loss, from the (augmented) batches the epoch trained on.
-        train_scores = _score(table.iloc[np.concatenate(train_seen)], np.concatenate(train_probs)) if train_seen else {}
-        row = {"epoch": epoch, "train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-               "train_competition": train_scores.get("score", float("nan")),
+        train_loss, train_accuracy, train_competition = train_epoch(
+            net, model, train_loader, train_sampler, criterion, optimizer, device_, epoch, config, table, world, main)
+        held, probs, scores, val_loss = evaluate_epoch(model, val_loader, device_, table, weights, world)
+        row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
+               "train_competition": train_competition,
                "val_loss": val_loss, "val_accuracy": float((probs.argmax(1) == held["severity"].to_numpy()).mean()),
                **{f"val_{term}": v for term, v in scores.items() if term != "score"},  # the group's terms
                "val_competition": scores["score"], "seconds": time.perf_counter() - started}
@@ -358,6 +343,37 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
     say(f"{name} {group} fold {fold}: best epoch {best_epoch + 1}, held-out competition loss {best_score:.4f} "
         f"(weight-scaled class prior {prior_score:.4f})")
     return FoldResult(name, group, fold, best_epoch, best_score, prior_score, oof_file)
+
+
+def train_epoch(net: nn.Module, model: nn.Module, loader, sampler: EpochSampler, criterion: nn.Module,
+                optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, config: TrainConfig,
+                table: pd.DataFrame, world: World = SINGLE, show: bool = True) -> tuple[float, float, float]:
+    """One pass over the training folds: (mean loss, accuracy, competition loss of the batches trained on,
+    augmented as they were), each over every process's shard."""
+    model.train()
+    freeze_norm_statistics(model)
+    torch.manual_seed(config.seed * 1000 + epoch)  # dropout: same stream on a resumed run
+    sampler.set_epoch(epoch)
+    tally = EpochTally()
+    for batch in _progress(loader, f"epoch {epoch + 1}/{config.num_epochs}", show):
+        tally.add(*train_step(net, batch, criterion, optimizer, device), batch["index"])
+    total_loss, correct, seen, train_probs, train_seen = tally.totals()
+    total_loss, correct, seen = (sum(v) for v in zip(*world.gather((total_loss, correct, seen))))
+    trained = world.gather((train_probs, train_seen))
+    train_probs, train_seen = [p for ps, _ in trained for p in ps], [i for _, ix in trained for i in ix]
+    competition = (_score(table.iloc[np.concatenate(train_seen)], np.concatenate(train_probs))["score"]
+                   if train_seen else float("nan"))
+    return total_loss / max(seen, 1), correct / max(seen, 1), competition
+
+
+def evaluate_epoch(model: nn.Module, loader, device: torch.device, table: pd.DataFrame, weights: torch.Tensor,
+                   world: World = SINGLE) -> tuple[pd.DataFrame, np.ndarray, dict[str, float], float]:
+    """The held-out fold after an epoch: (its rows, probabilities, competition terms, weighted cross-entropy)."""
+    probs, idx = predict_probabilities(model, loader, device, world)
+    held = table.iloc[idx].reset_index(drop=True)
+    loss = float(nn.functional.cross_entropy(torch.log(torch.tensor(probs).clamp_min(1e-15)),
+                                             torch.tensor(held["severity"].to_numpy()), weight=weights))
+    return held, probs, _score(held, probs), loss
 
 
 def train_folds(configs: list[TrainConfig], folds: list[int], data_dir: Path, folds_path: Path, output_dir: Path,
