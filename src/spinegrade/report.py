@@ -112,7 +112,8 @@ def write_report(layout: RunLayout, summary: pd.DataFrame, competition: pd.DataF
         "lower is better. The class prior is the weight-scaled prior of each condition and level, fitted on "
         "each fold's training folds.</p>",
         "<h2>Competition score over the groups graded</h2>",
-        _table(competition, ["prior" if n == priors_name(priors) else "" for n in competition["name"]]),
+        _table(competition.dropna(axis=1, how="all"),  # terms of groups nobody graded: no column
+               ["prior" if n == priors_name(priors) else "" for n in competition["name"]]),
         _img(comparison, "backbone comparison"),
     ]
     for group in GROUPS:
