@@ -102,8 +102,9 @@ train-localizer: install
 	$(SPINEGRADE) train-localizer --data-dir $(DATA_DIR) --folds $(FOLDS) --output-dir $(OUTPUT_DIR) $(CONDITIONS_FLAG) \
 		$(LOCALIZER_FLAGS)
 
+# A run from before condition groups keeps its spinal localiser one level up: that one counts too.
 $(LOCALIZER_DONE):
-	$(MAKE) train-localizer
+	@test -f $(OUTPUT_DIR)/trained_models/localizer/slice_choice.json || $(MAKE) train-localizer
 
 predict: install
 	$(SPINEGRADE) predict --data-dir $(DATA_DIR) --split test --output-dir $(OUTPUT_DIR)
