@@ -14,7 +14,6 @@ averaged by DDP. Validation is sharded too and gathered. Only rank 0 writes file
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import sys
@@ -25,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from spinegrade.errors import SpinegradeError
-from spinegrade.logs import _HANDLER_MARK, RESULT, ROOT, get_logger, log_to_file, setup_logging
+from spinegrade.logs import apply_settings, current_settings, get_logger
 
 log = get_logger(__name__)
 
@@ -113,30 +112,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _logging_settings() -> dict:
-    """How this process shows the spinegrade log (the command line's console level, its log file), for the
-    processes it spawns: they start with a bare interpreter and would otherwise show warnings only."""
-    settings: dict = {}
-    for handler in logging.getLogger(ROOT).handlers:
-        mark = getattr(handler, _HANDLER_MARK, "")
-        if mark == "console":
-            settings["console"] = handler.level
-        elif mark == "file" and isinstance(handler, logging.FileHandler):
-            settings["file"] = handler.baseFilename
-    return settings
-
-
-def _spawned_logging(local_rank: int, settings: dict) -> None:
-    """The parent's logging in a spawned process; only rank 0 logs progress (the others: warnings, errors)."""
-    if "console" in settings:
-        level = settings["console"]
-        setup_logging(quiet=local_rank != 0 or level >= RESULT, verbose=local_rank == 0 and level <= logging.DEBUG)
-    if "file" in settings and local_rank == 0:
-        log_to_file(settings["file"])
-
-
 def _spawned(local_rank: int, world_size: int, port: int, fn, args, logging_settings: dict) -> None:
-    _spawned_logging(local_rank, logging_settings)
+    apply_settings(logging_settings, main=local_rank == 0)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
     if not torch.cuda.is_available():  # CPU processes share the cores instead of each taking them all
@@ -166,7 +143,7 @@ def launch(fn, args: tuple, devices: int, num_nodes: int, strategy: str) -> None
     import torch.multiprocessing as mp
 
     try:
-        mp.start_processes(_spawned, args=(devices, free_port(), fn, args, _logging_settings()), nprocs=devices,
+        mp.start_processes(_spawned, args=(devices, free_port(), fn, args, current_settings()), nprocs=devices,
                            start_method="spawn")
     except mp.ProcessExitedException as exc:
         raise SpinegradeError(f"training process {exc.error_index} stopped (exit {exc.exit_code}); "

@@ -73,3 +73,26 @@ def reset_logging(level: int = logging.NOTSET) -> None:
         root.removeHandler(handler)
         handler.close()
     root.setLevel(level)
+
+
+def current_settings() -> dict:
+    """How this process shows the spinegrade log (the console's level, the log file), to be applied in
+    processes it spawns with :func:`apply_settings`: they start with a bare interpreter."""
+    settings: dict = {}
+    for handler in logging.getLogger(ROOT).handlers:
+        mark = getattr(handler, _HANDLER_MARK, "")
+        if mark == "console":
+            settings["console"] = handler.level
+        elif mark == "file" and isinstance(handler, logging.FileHandler):
+            settings["file"] = handler.baseFilename
+    return settings
+
+
+def apply_settings(settings: dict, main: bool = True) -> None:
+    """The parent's logging in a spawned process; a process other than the main one shows warnings and
+    errors only and writes no log file."""
+    if "console" in settings:
+        level = settings["console"]
+        setup_logging(quiet=not main or level >= RESULT, verbose=main and level <= logging.DEBUG)
+    if "file" in settings and main:
+        log_to_file(settings["file"])

@@ -24,6 +24,7 @@ import torch
 
 from spinegrade.blend import Blend, combine, load_blends
 from spinegrade.constants import (
+    CONDITION_GROUP,
     CONDITIONS,
     GROUPS,
     LEVELS,
@@ -253,22 +254,21 @@ def submission_frame(study_ids: list[int], graded: dict[str, dict[str, dict[int,
     """One row per target of every study: the blend of the group's backbones that grade it (their
     weights renormalised when some could not), else the training prior of its condition and level.
     ``graded[group][backbone][study][condition]`` is (5, 3)."""
+    targets = pd.DataFrame([(c, lv) for c in CONDITIONS for lv in LEVELS], columns=["condition", "level"])
+    prior = dict(zip(zip(targets["condition"], targets["level"]), prior_for(priors, targets)))
     rows = []
     for study in study_ids:
         for condition in CONDITIONS:
-            group = GROUPS[next(g for g in GROUPS if condition in GROUPS[g].conditions)].name
-            blend = blends.get(group)
-            by_name = graded.get(group, {})
+            group = CONDITION_GROUP[condition]
+            blend, by_name = blends.get(group), graded.get(group, {})
             weight = dict(zip(blend.backbones, blend.weights)) if blend else {}
-            names = [n for n in (blend.backbones if blend else []) if weight[n] > 0
-                     and condition in by_name.get(n, {}).get(study, {})]
+            names = [n for n in weight if weight[n] > 0 and condition in by_name.get(n, {}).get(study, {})]
             probs = None
             if names:
                 w = np.array([weight[n] for n in names])
                 probs = combine([by_name[n][study][condition] for n in names], w / w.sum(), blend.mode, blend.temperature)
-            prior = prior_for(priors, pd.DataFrame({"condition": [condition] * len(LEVELS), "level": list(LEVELS)}))
             for k, level in enumerate(LEVELS):
-                p = probs[k] if probs is not None and np.isfinite(probs[k]).all() else prior[k]
+                p = probs[k] if probs is not None and np.isfinite(probs[k]).all() else prior[(condition, level)]
                 rows.append([row_id(study, condition, level), *p])
     return pd.DataFrame(rows, columns=["row_id", *PROBABILITY_COLUMNS])
 

@@ -14,7 +14,6 @@ The out-of-fold predictions go to ``OUTPUT/oof/<name>/<group>/fold<k>.csv``.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import random
@@ -40,7 +39,7 @@ from spinegrade.distributed import SINGLE, World, start, stop, world_from_enviro
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_text_atomic
 from spinegrade.layout import RunLayout, remember_folds
-from spinegrade.logs import ROOT, get_logger, log_to_file, setup_logging
+from spinegrade.logs import get_logger
 from spinegrade.metrics import class_prior, competition_score, prior_table
 from spinegrade.models.classifier import (
     LevelClassifier,
@@ -381,9 +380,6 @@ def train_folds(configs: list[TrainConfig], folds: list[int], data_dir: Path, fo
     """Every (config, fold) in turn, in this process's place of the DDP world (a single process when
     there is none): what ``spinegrade train`` runs, once per process."""
     world = world_from_environment()
-    if world.enabled and world.is_main and not logging.getLogger(ROOT).handlers:  # a spawned rank 0
-        setup_logging()
-        log_to_file(RunLayout(output_dir).log_file)
     start(world, select_device(device).type)
     try:
         for config in configs:

@@ -21,7 +21,7 @@ import pandas as pd
 from spinegrade.constants import COMPETITION, CONDITIONS, LEVELS, PROBABILITY_COLUMNS, row_id
 from spinegrade.files import write_text_atomic
 from spinegrade.kernel import MODELS_MARKER
-from spinegrade.logs import ROOT, get_logger, setup_logging
+from spinegrade.logs import ROOT, get_logger, reset_logging, setup_logging
 
 log = get_logger(__name__)
 
@@ -36,13 +36,10 @@ def _kernel_logging():
         return
     level = logger.level
     setup_logging(timestamps=True, stream=sys.stdout)
-    added = list(logger.handlers)
     try:
         yield
     finally:  # leave the process as it was (a test, a notebook calling run_kernel twice)
-        for handler in added:
-            logger.removeHandler(handler)
-        logger.setLevel(level)
+        reset_logging(level)
 
 
 def find_input(root: Path, preferred: str, marker: str) -> Path | None:
