@@ -75,7 +75,7 @@ demo: install
 	$(SPINEGRADE) index --data-dir $(DEMO_DATA)
 	$(SPINEGRADE) folds --data-dir $(DEMO_DATA) --n-folds $(N_FOLDS) --out $(DEMO_FOLDS)
 	@test -f $(DEMO_OUTPUT)/trained_models/localizer/spinal/slice_choice.json || $(SPINEGRADE) train-localizer \
-		--data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) --output-dir $(DEMO_OUTPUT) $(DEMO_LOCALIZER_FLAGS)
+		--data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) --output-dir $(DEMO_OUTPUT) $(RESUME) $(DEMO_LOCALIZER_FLAGS)
 	$(SPINEGRADE) train --models $(DEMO_BACKBONES) --data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) \
 		--output-dir $(DEMO_OUTPUT) $(DEMO_TRAIN_FLAGS)
 	$(SPINEGRADE) blend --output-dir $(DEMO_OUTPUT) --folds $(DEMO_FOLDS)
@@ -100,7 +100,7 @@ folds: install
 
 train-localizer: install
 	$(SPINEGRADE) train-localizer --data-dir $(DATA_DIR) --folds $(FOLDS) --output-dir $(OUTPUT_DIR) $(CONDITIONS_FLAG) \
-		$(LOCALIZER_FLAGS)
+		$(RESUME) $(LOCALIZER_FLAGS)
 
 # A run from before condition groups keeps its spinal localiser one level up: that one counts too.
 $(LOCALIZER_DONE):

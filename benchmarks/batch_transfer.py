@@ -63,12 +63,14 @@ def copied_into_one_buffer(loader):
     path itself). On a CPU the ring's batches are fresh tensors, and a fresh tensor of a few MB costs
     its page faults; that is the "ring" figure."""
     ring, replies = loader.ring, iter(loader.loader)
-    images, labels = torch.empty_like(ring.images[0]), torch.empty_like(ring.labels[0])
+    images = torch.empty_like(ring.images[0])
+    fields = {name: torch.empty_like(tensor[0]) for name, tensor in ring.fields.items()}
 
     def copied(reply):
         images[:reply.count].copy_(ring.images[reply.slot, :reply.count])
-        labels[:, :reply.count].copy_(ring.labels[reply.slot, :, :reply.count])
-        return {"image": images[:reply.count], "labels": labels[:, :reply.count]}
+        for name, buffer in fields.items():
+            buffer[:reply.count].copy_(ring.fields[name][reply.slot, :reply.count])
+        return {"image": images[:reply.count], **{name: b[:reply.count] for name, b in fields.items()}}
 
     return (copied(reply) for reply in replies)
 

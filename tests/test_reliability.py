@@ -71,3 +71,49 @@ def test_sigkill_mid_training_then_resume_reaches_the_uninterrupted_result(train
 
     again = subprocess.run(_command(data, folds, out, config, "--resume"), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "killable spinal fold 0: already trained" in again.stderr  # not retrained
+
+
+def _localizer_command(data, folds, out, *extra):
+    return [sys.executable, "-m", "spinegrade.cli", "train-localizer", "--data-dir", str(data), "--folds", str(folds),
+            "--output-dir", str(out), "--device", "cpu", "--backbone", "resnet18", "--pretrained", "false",
+            "--image_size", "64", "--batch_size", "4", "--num_epochs", "3", *extra]
+
+
+def test_localizer_killed_mid_training_resumes_to_the_uninterrupted_result(trained_run, tmp_path):
+    """The localiser trains through the same fold loop as the grading models: the same resume."""
+    data, folds = trained_run["data"], trained_run["folds"]
+    straight = subprocess.run(_localizer_command(data, folds, tmp_path / "straight"), capture_output=True, text=True,
+                              timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    fold0 = RunLayout(out).localizer_dir("spinal", existing=False) / "fold0"
+    process = subprocess.Popen(_localizer_command(data, folds, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if (fold0 / "last.pt").is_file():  # fold 0's first epoch is saved: the kill lands after it
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (fold0 / "done.json").exists()
+    assert not (fold0.parent / "slice_choice.json").exists()  # the localiser as a whole is unfinished
+
+    resumed = subprocess.run(_localizer_command(data, folds, out, "--resume"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed after epoch" in resumed.stderr
+    for fold in range(3):
+        a = pd.read_csv(tmp_path / "straight" / "trained_models" / "localizer" / "spinal" / f"fold{fold}" / "metrics.csv")
+        b = pd.read_csv(fold0.parent / f"fold{fold}" / "metrics.csv")
+        assert list(b["epoch"]) == [0, 1, 2]
+        cols = ["train_l1_pixels", "val_median_mm", "val_p90_mm"]
+        pd.testing.assert_frame_equal(a[cols], b[cols], atol=1e-4, rtol=1e-4)
+    oof_a = pd.read_csv(tmp_path / "straight" / "results" / "localizer_spinal_oof.csv")
+    oof_b = pd.read_csv(out / "results" / "localizer_spinal_oof.csv")
+    pd.testing.assert_frame_equal(oof_a, oof_b, atol=1e-3, rtol=1e-4)
+    assert not [p for p in Path(out).rglob(".*") if p.is_file()]
+
+    again = subprocess.run(_localizer_command(data, folds, out, "--resume"), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "spinal localiser fold 2: already trained" in again.stderr
+    assert "epoch 1/3" not in again.stderr  # nothing trained again

@@ -148,7 +148,8 @@ def cmd_train_localizer(args: argparse.Namespace) -> None:
         if GROUPS[group].locator is None:
             log.warning(f"{group}: no locator to train yet; its rows are the training prior at prediction")
         elif group == GROUP:
-            train_localizer(config, args.data_dir, args.folds, args.output_dir, device=args.device)
+            train_localizer(config, args.data_dir, args.folds, args.output_dir, device=args.device,
+                            resume=args.resume, force=args.force)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -288,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=Path, default=DEFAULT_FOLDS)
     p.add_argument("--output-dir", "--output_dir", type=Path, default=Path("."))
     p.add_argument("--device", default=None)
+    p.add_argument("--resume", action="store_true", help="continue an unfinished fold from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="retrain folds already finished")
     for name, kind in (("backbone", str), ("image_size", int), ("batch_size", int), ("num_epochs", int),
                        ("learning_rate", float), ("seed", int), ("num_workers", int), ("weights", str),
                        ("pretrained", str)):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -27,17 +28,27 @@ import albumentations as A
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from spinegrade.config import LocalizerConfig
 from spinegrade.constants import GROUPS, LEVELS, level_title
-from spinegrade.data.dataset import init_worker
 from spinegrade.data.dicom import MIN_IMAGE_SIDE, DicomReadError, Slice, Stack, load_pixels, main_stack, read_series
 from spinegrade.data.folds import read_folds, write_csv_atomic
 from spinegrade.data.index import build_index
+from spinegrade.data.loader import batch_loader
 from spinegrade.data.preprocess import SquareView
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_text_atomic
+from spinegrade.fold_loop import (
+    EpochSampler,
+    FoldFolder,
+    SeededDataset,
+    autocast,
+    fit,
+    plain,
+    seed_everything,
+    select_device,
+)
 from spinegrade.layout import RunLayout, remember_folds
 from spinegrade.logs import get_logger
 from spinegrade.models.classifier import input_statistics, load_pretrained, load_state, save_state
@@ -168,34 +179,43 @@ def prepare_localizer_data(samples: pd.DataFrame, size: int) -> tuple[np.ndarray
 
 
 class PointDataset(Dataset):
-    def __init__(self, images: np.ndarray, points: np.ndarray, mean, std, train: bool, seed: int = 0):
-        self.images, self.points, self.train = images, points, train  # points (N, 5, 2) normalised, NaN unlabelled
-        normalise = A.Normalize(mean=mean, std=std, max_pixel_value=255.0)
-        if train:
-            self.transform = A.Compose(
-                [A.Affine(rotate=(-10, 10), scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), p=0.8),
-                 A.RandomBrightnessContrast(p=0.5), normalise],
-                seed=seed, keypoint_params=A.KeypointParams(format="xy", remove_invisible=False))
-        else:
-            self.transform = A.Compose([normalise])
+    """One labelled slice per sample: ``image`` uint8 (1, H, W) (the model normalises it), ``points``
+    (levels, 2) in [0, 1] of the image, ``known`` (levels,) where a point is labelled, ``index``.
+    Training samples are augmented (rotation, scale, shift, brightness); the points move with the image."""
+
+    def __init__(self, images: np.ndarray, points: np.ndarray, indices: np.ndarray, train: bool):
+        self.images, self.points, self.indices, self.train = images, points, np.asarray(indices), train
+        self.transform = A.Compose(
+            [A.Affine(rotate=(-10, 10), scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), p=0.8),
+             A.RandomBrightnessContrast(p=0.5)],
+            keypoint_params=A.KeypointParams(format="xy", remove_invisible=False)) if train else None
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.indices)
 
-    def __getitem__(self, i: int):
+    def set_seed(self, seed: int) -> None:
+        """Seed this sample's augmentation (:class:`spinegrade.fold_loop.SeededDataset` calls it)."""
+        if self.transform is not None:
+            self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+    def __getitem__(self, i: int) -> dict:
+        k = int(self.indices[i])
         size = self.images.shape[-1]
-        points = self.points[i]
+        points = self.points[k]
         known = np.isfinite(points).all(axis=1)
-        keypoints = np.where(known[:, None], points * size, 0.0)
-        image = np.repeat(self.images[i][:, :, None], 3, axis=2)
-        if self.train:
-            out = self.transform(image=image, keypoints=keypoints)
-            moved = np.asarray(out["keypoints"], dtype=np.float32).reshape(-1, 2) / size
-        else:
-            out = self.transform(image=image)
-            moved = (keypoints / size).astype(np.float32)
-        image = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
-        return image, torch.from_numpy(moved), torch.from_numpy(known)
+        image = self.images[k]
+        if self.transform is not None:
+            out = self.transform(image=image, keypoints=np.where(known[:, None], points * size, 0.0))
+            image = out["image"][..., 0] if out["image"].ndim == 3 else out["image"]
+            points = np.asarray(out["keypoints"], dtype=np.float32).reshape(-1, 2) / size
+        points = np.where(known[:, None], points, 0.0).astype(np.float32)
+        return {"image": torch.from_numpy(np.ascontiguousarray(image))[None], "points": torch.from_numpy(points),
+                "known": torch.from_numpy(known), "index": torch.tensor(k)}
+
+
+def point_fields(num_points: int) -> dict:
+    """What a :class:`PointDataset` sample carries besides its image, for the ring loader."""
+    return {"points": ((num_points, 2), torch.float32), "known": ((num_points,), torch.bool), "index": ((), torch.int64)}
 
 
 def _on_image(meta: pd.DataFrame) -> np.ndarray:
@@ -222,82 +242,135 @@ def _errors_mm(pred: np.ndarray, meta: pd.DataFrame, size: int) -> np.ndarray:
     return np.hypot(dx, dy)
 
 
-def _predict(model: LevelLocalizer, loader: DataLoader, device) -> np.ndarray:
+def _predict(model: LevelLocalizer, loader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised predictions (N, levels, 2) and the sample indices they belong to."""
     model.eval()
-    out = []
+    out, indices = [], []
     with torch.inference_mode():
-        for image, _, _ in loader:
-            out.append(model(image.to(device)).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, len(LEVELS), 2))
+        for batch in loader:
+            with autocast(device):
+                out.append(model(batch["image"].to(device, non_blocking=True)).float().cpu().numpy())
+            indices.append(batch["index"].numpy().copy())
+    if not out:
+        return np.zeros((0, len(LEVELS), 2)), np.zeros(0, dtype=int)
+    return np.concatenate(out), np.concatenate(indices)
+
+
+def localizer_step(model: LevelLocalizer, batch: dict, optimizer: torch.optim.Optimizer, schedule,
+                   device: torch.device, size: int) -> tuple[torch.Tensor, int]:
+    """One optimisation step on a batch of labelled slices: (L1 in pixels of the input, on the device; batch size).
+    The loss is the soft-argmax's L1 plus the heatmap cross-entropy, over the labelled points only."""
+    image = batch["image"].to(device, non_blocking=True)
+    target = batch["points"].to(device, non_blocking=True)
+    known = batch["known"].to(device, non_blocking=True)
+    with autocast(device):
+        logits = model.heatmaps(image)
+    pred = soft_argmax(logits)
+    mask = known.unsqueeze(-1).float()
+    l1 = (torch.abs(pred - target) * mask).sum() / mask.sum().clamp_min(1) * size
+    loss = l1 + heatmap_loss(logits, target, known)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    return l1.detach(), len(image)
+
+
+def _identity(config: LocalizerConfig, field_mm: float) -> dict:
+    """The settings that make a localiser fold's result what it is (not the worker count)."""
+    return plain({**{k: v for k, v in config.to_dict().items() if k != "num_workers"}, "field_mm": field_mm})
 
 
 def train_localizer_fold(config: LocalizerConfig, images: np.ndarray, meta: pd.DataFrame, field_mm: float,
-                         fold: int, output_dir: Path, device) -> np.ndarray:
-    """Train on the other folds; return held-out predictions (normalised) of the best epoch."""
-    torch.manual_seed(config.seed)
+                         fold: int, output_dir: Path, device: torch.device, resume: bool = False,
+                         force: bool = False) -> np.ndarray:
+    """Train on the other folds through the shared fold loop (resume, ``done.json``, AMP on a GPU,
+    the ring loader); return the best epoch's held-out predictions (normalised, in ``meta``'s order
+    of the fold's rows), which the fold folder keeps in ``heldout.csv``."""
+    out = RunLayout(output_dir).localizer_dir(GROUP, existing=False) / f"fold{fold}"
+    folder = FoldFolder(out, _identity(config, field_mm), f"{GROUP} localiser fold {fold}")
+    train_idx = np.flatnonzero(meta["fold"].to_numpy() != fold)
+    val_idx = np.flatnonzero(meta["fold"].to_numpy() == fold)
+    info, resume = folder.finished(force, resume)
+    if info is not None and (out / "heldout.csv").is_file():
+        return _read_heldout(out / "heldout.csv", meta.iloc[val_idx])
+    seed_everything(config.seed)
     model = LevelLocalizer(LocalizerSpec(config.backbone))
     log.info(load_pretrained(model, config.pretrained, config.weights))
     mean, std = input_statistics(model.backbone)
     model.to(device)
     points = np.stack([meta[[f"{lv}_u", f"{lv}_v"]].to_numpy() for lv in LEVELS], axis=1).astype(np.float32)
-    train_idx = np.flatnonzero(meta["fold"].to_numpy() != fold)
-    val_idx = np.flatnonzero(meta["fold"].to_numpy() == fold)
-    train_set = PointDataset(images[train_idx], points[train_idx], mean, std, train=True, seed=config.seed + fold)
-    val_set = PointDataset(images[val_idx], points[val_idx], mean, std, train=False)
-    generator = torch.Generator().manual_seed(config.seed + fold)
-    train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=generator,
-                              num_workers=config.num_workers, drop_last=len(train_set) > config.batch_size,
-                              worker_init_fn=init_worker)
-    val_loader = DataLoader(val_set, batch_size=config.batch_size * 2, num_workers=config.num_workers,
-                            worker_init_fn=init_worker)
+    train_set = SeededDataset(PointDataset(images, points, train_idx, train=True), config.seed + fold)
+    val_set = PointDataset(images, points, val_idx, train=False)
+    sampler = EpochSampler(len(train_set), config.seed + fold, shuffle=True)
+    loader_args = dict(image_shape=(1, config.image_size, config.image_size), workers=max(0, int(config.num_workers)),
+                       pin_memory=device.type == "cuda", seed=config.seed, fields=point_fields(len(LEVELS)))
+    train_loader = batch_loader(train_set, config.batch_size, sampler, drop_last=len(train_set) > config.batch_size,
+                                **loader_args)
+    val_loader = batch_loader(val_set, config.batch_size * 2, list(range(len(val_set))), **loader_args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, pct_start=0.15,
                                                    total_steps=max(1, config.num_epochs * len(train_loader)))
-    out = RunLayout(output_dir).localizer_dir(GROUP, existing=False) / f"fold{fold}"
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "localizer.json", json.dumps({**LocalizerSpec(config.backbone).to_dict(), **config.to_dict(),
-                                                    "mean": list(mean), "std": list(std), "field_mm": field_mm,
-                                                    "fold": fold}, indent=1))
-    best, best_pred, history = math.inf, None, []
-    for epoch in range(config.num_epochs):
+                                                          "mean": list(mean), "std": list(std), "field_mm": field_mm,
+                                                          "fold": fold}, indent=1))
+    latest: dict = {}
+
+    def one_epoch(epoch: int) -> tuple[dict, float]:
         started = time.perf_counter()
         model.train()
-        total, seen = 0.0, 0
-        for image, target, known in train_loader:
-            target, known = target.to(device), known.to(device)
-            logits = model.heatmaps(image.to(device))
-            pred = soft_argmax(logits)
-            mask = known.unsqueeze(-1).float()
-            l1 = (torch.abs(pred - target) * mask).sum() / mask.sum().clamp_min(1) * config.image_size
-            loss = l1 + heatmap_loss(logits, target, known)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += l1.item() * len(image)
-            seen += len(image)
-        pred = _predict(model, val_loader, device)
-        errors = _errors_mm(pred, meta.iloc[val_idx], config.image_size)
-        median = float(np.nanmedian(errors)) if np.isfinite(errors).any() else math.inf
-        history.append({"epoch": epoch, "train_l1_pixels": total / max(seen, 1), "val_median_mm": median,
-                        "val_p90_mm": float(np.nanpercentile(errors, 90)) if np.isfinite(errors).any() else math.inf,
-                        "seconds": time.perf_counter() - started})
-        if median < best:
-            best, best_pred = median, pred
-            save_state(model, out / "best.safetensors")
-        log.info(f"localizer fold {fold} epoch {epoch + 1}/{config.num_epochs}: train L1 {history[-1]['train_l1_pixels']:.2f} px, "
-            f"held-out median {median:.2f} mm, 90th percentile {history[-1]['val_p90_mm']:.2f} mm")
-        write_csv_atomic(pd.DataFrame(history), out / "metrics.csv")
-    if best_pred is None:
-        raise SpinegradeError(f"localizer fold {fold}: no epoch produced a finite error (num_epochs={config.num_epochs})")
-    return best_pred
+        sampler.set_epoch(epoch)
+        total, seen = None, 0
+        for batch in train_loader:
+            l1, n = localizer_step(model, batch, optimizer, schedule, device, config.image_size)
+            total = l1 * n if total is None else total + l1 * n  # on the device: no wait per step
+            seen += n
+        pred, order = _predict(model, val_loader, device)
+        latest["pred"] = pred[np.argsort(order)]  # val_set's order
+        errors = _errors_mm(latest["pred"], meta.iloc[val_idx], config.image_size)
+        finite = np.isfinite(errors).any()
+        median = float(np.nanmedian(errors)) if finite else math.inf
+        row = {"train_l1_pixels": float(total) / max(seen, 1) if seen else math.nan, "val_median_mm": median,
+               "val_p90_mm": float(np.nanpercentile(errors, 90)) if finite else math.inf,
+               "seconds": time.perf_counter() - started}
+        return row, median if math.isfinite(row["train_l1_pixels"]) else math.nan
+
+    def on_best(epoch: int) -> None:
+        save_state(model, out / "best.safetensors")
+        _write_heldout(out / "heldout.csv", latest["pred"], meta.iloc[val_idx])
+
+    def describe(row: dict) -> str:
+        return (f"{GROUP} localiser fold {fold}: train L1 {row['train_l1_pixels']:.2f} px, held-out median "
+                f"{row['val_median_mm']:.2f} mm, 90th percentile {row['val_p90_mm']:.2f} mm")
+
+    progress = fit(folder, config.num_epochs, config.seed, model, optimizer, one_epoch, on_best, describe, device,
+                   schedule=schedule, resume=resume)
+    folder.finish(progress, epochs=config.num_epochs)
+    return _read_heldout(out / "heldout.csv", meta.iloc[val_idx])
+
+
+def _write_heldout(path: Path, pred: np.ndarray, rows: pd.DataFrame) -> None:
+    frame = pd.DataFrame([{"study_id": s, "level": lv, "u": pred[i, k, 0], "v": pred[i, k, 1]}
+                          for i, s in enumerate(rows["study_id"]) for k, lv in enumerate(LEVELS)])
+    write_csv_atomic(frame, path)
+
+
+def _read_heldout(path: Path, rows: pd.DataFrame) -> np.ndarray:
+    """A fold's held-out predictions (N, levels, 2) in ``rows``' order."""
+    table = pd.read_csv(path).set_index(["study_id", "level"])
+    keys = [(s, lv) for s in rows["study_id"] for lv in LEVELS]
+    missing = [k for k in keys if k not in table.index]
+    if missing:
+        raise SpinegradeError(f"{path}: no held-out prediction for study {missing[0][0]} ({len(missing)} missing); "
+                              "train this fold again with --force")
+    return table.loc[keys, ["u", "v"]].to_numpy(dtype=np.float64).reshape(len(rows), len(LEVELS), 2)
 
 
 def train_localizer(config: LocalizerConfig, data_dir: str | Path, folds_path: str | Path, output_dir: str | Path,
-                    device: str | None = None) -> dict:
-    """Train the localiser on every fold and write its out-of-fold report."""
-    from spinegrade.train import select_device
-
+                    device: str | None = None, resume: bool = False, force: bool = False) -> dict:
+    """Train the localiser on every fold and write its out-of-fold report. A finished fold with the
+    same settings is read back, not trained again; ``resume`` continues an unfinished one."""
     output_dir = Path(output_dir)
     layout = RunLayout(output_dir)
     remember_folds(layout, Path(folds_path))
@@ -313,7 +386,8 @@ def train_localizer(config: LocalizerConfig, data_dir: str | Path, folds_path: s
     predictions = np.full((len(meta), len(LEVELS), 2), np.nan)
     for fold in sorted(meta["fold"].unique()):
         held = meta["fold"].to_numpy() == fold
-        predictions[held] = train_localizer_fold(config, images, meta, field_mm, int(fold), output_dir, device_)
+        predictions[held] = train_localizer_fold(config, images, meta, field_mm, int(fold), output_dir, device_,
+                                                 resume=resume, force=force)
     offsets = meta["slice_index"] - meta["stack_length"].map(middle_index)
     offset = int(offsets.mode().iloc[0])
     # Out-of-fold slice choice uses the offset of the training folds only.
@@ -372,8 +446,6 @@ class LocalizerEnsemble:
     def __init__(self, root: str | Path, device=None, folds: list[int] | None = None):
         """``root``: the locator's folder (``RunLayout.localizer_dir``); ``folds`` restricts the ensemble
         to those fold models (for out-of-fold use)."""
-        from spinegrade.train import select_device
-
         root = Path(root)
         folds_found = sorted(p.parent for p in root.glob("fold*/best.safetensors"))
         folds = [f for f in folds_found if folds is None or int(f.name.removeprefix("fold")) in folds]
@@ -387,7 +459,7 @@ class LocalizerEnsemble:
                                                  feature_levels=spec.get("feature_levels", 3)))
             load_state(model, folder / "best.safetensors")
             self.models.append(model.to(self.device).eval())
-            self.size, self.mean, self.std = int(spec["image_size"]), spec["mean"], spec["std"]
+            self.size = int(spec["image_size"])
             fields.add(spec.get("field_mm"))  # absent: a localiser that saw each slice squashed
         if len(fields) > 1:
             raise SpinegradeError(f"{root}: fold localisers were trained on different fields ({sorted(map(str, fields))} mm); "
@@ -410,9 +482,8 @@ class LocalizerEnsemble:
         pixels = load_pixels(s)  # only this slice is decoded
         view = (SquareView.fitted(pixels, s.pixel_spacing, self.size, self.field_mm) if self.field_mm
                 else SquareView.squashed(pixels.shape, self.size))
-        image = view.render(pixels).astype(np.float32) / 255.0
-        tensor = torch.from_numpy(np.stack([(image - m) / sd for m, sd in zip(self.mean, self.std)]))[None]
-        with torch.inference_mode():
-            normalised = np.mean([m(tensor.to(self.device)).cpu().numpy()[0] for m in self.models], axis=0)
+        tensor = torch.from_numpy(np.ascontiguousarray(view.render(pixels)))[None, None]  # uint8: the model normalises
+        with torch.inference_mode(), autocast(self.device):
+            normalised = np.mean([m(tensor.to(self.device)).float().cpu().numpy()[0] for m in self.models], axis=0)
         points = np.stack(view.to_pixels(normalised[:, 0], normalised[:, 1]), axis=1)
         return LocatedLevels(k, points)

@@ -14,9 +14,6 @@ The out-of-fold predictions go to ``OUTPUT/oof/<name>/<group>/fold<k>.csv``.
 from __future__ import annotations
 
 import json
-import math
-import os
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from spinegrade.config import TrainConfig, save_config
 from spinegrade.constants import GROUPS, PROBABILITY_COLUMNS, SEVERITIES, SEVERITY_WEIGHTS, row_id
@@ -38,6 +35,16 @@ from spinegrade.data.preprocess import PreprocessSettings, build_cache
 from spinegrade.distributed import SINGLE, World, start, stop, world_from_environment
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_text_atomic
+from spinegrade.fold_loop import (
+    EpochSampler,
+    FoldFolder,
+    SeededDataset,
+    autocast,
+    fit,
+    plain,
+    seed_everything,
+    select_device,
+)
 from spinegrade.layout import RunLayout, remember_folds
 from spinegrade.logs import get_logger
 from spinegrade.metrics import class_prior, competition_score, prior_table
@@ -67,41 +74,6 @@ class FoldResult:
     skipped: bool = False
 
 
-class EpochSampler(Sampler[int]):
-    """Shuffles with a permutation drawn from (seed, epoch), so an epoch is the same whether it runs
-    first or after a ``--resume``; it hands the dataset ``epoch * n + index`` so that augmentation
-    can be seeded per (epoch, sample) whatever worker draws it. Under DDP each process takes its
-    shard of the same permutation, so the processes together see exactly a single process's epoch."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool, world: World = SINGLE):
-        self.n, self.seed, self.shuffle, self.epoch, self.world = n, seed, shuffle, 0, world
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n) if self.shuffle else np.arange(self.n)
-        return iter(self.world.shard((self.epoch * self.n + order).tolist()))
-
-    def __len__(self) -> int:
-        return len(self.world.shard(list(range(self.n))))
-
-
-class SeededDataset(torch.utils.data.Dataset):
-    """Decodes the sampler's ``epoch * n + i`` and seeds the augmentation from (seed, epoch, sample)."""
-
-    def __init__(self, dataset: LevelDataset, seed: int):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, encoded: int) -> dict:
-        epoch, i = divmod(int(encoded), len(self.dataset))
-        self.dataset.set_seed(hash((self.seed, epoch, i)) % (2**31))
-        return self.dataset[i]
-
-
 def class_weights(targets: np.ndarray, mode: str) -> torch.Tensor:
     if mode == "competition":
         return torch.tensor(SEVERITY_WEIGHTS, dtype=torch.float32)
@@ -110,29 +82,6 @@ def class_weights(targets: np.ndarray, mode: str) -> torch.Tensor:
     counts = np.array([(targets == k).sum() for k in range(3)], dtype=np.float64)
     weights = len(targets) / (3 * np.maximum(counts, 1))
     return torch.tensor(weights, dtype=torch.float32)
-
-
-def select_device(requested: str | None = None, world: World = SINGLE) -> torch.device:
-    """The requested device, else a GPU when there is one (under DDP, this process's own GPU)."""
-    if requested:
-        device = torch.device(requested)
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and world.enabled:
-        return torch.device("cuda", world.local_rank)
-    return device
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def load_samples(config: TrainConfig, data_dir: Path, folds_path: Path, say=log.info) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -162,11 +111,10 @@ def predict_probabilities(model: nn.Module, loader: DataLoader, device: torch.de
     process's shard, each sample once, in index order)."""
     model.eval()
     probs, indices = [], []
-    use_bf16 = device.type == "cuda"
     with torch.inference_mode():
         for batch in loader:
             image = batch["image"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with autocast(device):
                 logits = model(image, batch["level"].to(device, non_blocking=True))
             probs.append(torch.softmax(logits.float(), dim=1))  # on the device: no wait per batch
             indices.append(batch["index"].numpy().copy())  # not a view: it would hold the batch's pinned block
@@ -194,22 +142,12 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
     name, group = config.name, config.group
     out = layout.fold_dir(name, group, fold, existing=False)
     oof_file = layout.oof_file(name, group, fold, existing=False)
-    done = out / "done.json"
-    if force:
-        resume = False  # --force starts the fold over, whatever was saved
-    if done.is_file() and not force:
-        info = json.loads(done.read_text())
-        if info.get("config") == _identity(config):
-            say(f"{name} {group} fold {fold}: already trained (best epoch {info['best_epoch'] + 1}, "
-                f"loss {info['best_score']:.4f}); use --force to retrain")
-            return FoldResult(name, group, fold, info["best_epoch"], info["best_score"], info["prior_score"],
-                              oof_file, skipped=True)
-        say(f"{name} {group} fold {fold}: trained before with other settings; training again")
-        # A finished run is continued only to train it longer; other settings start over.
-        resume = resume and _continues(info.get("config"), _identity(config))
+    folder = FoldFolder(out, _identity(config), f"{name} {group} fold {fold}")
+    info, resume = folder.finished(force, resume, say)
+    if info is not None:
+        return FoldResult(name, group, fold, info["best_epoch"], info["best_score"], info["prior_score"],
+                          oof_file, skipped=True)
     world.barrier()  # every process has read done.json before it goes
-    if main:
-        done.unlink(missing_ok=True)  # from here on the fold is unfinished until a new done.json lands
     samples, labels = load_samples(config, data_dir, folds_path, say)
     if main:
         remember_folds(layout, folds_path)
@@ -232,7 +170,7 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
                               "samples have a readable image; the skipped files are listed above")
 
     device_ = select_device(device, world)
-    _seed_everything(config.seed)
+    seed_everything(config.seed)
     spec = ModelSpec(config.backbone, config.level_embeddings, tuple(config.hidden_sizes), config.dropout)
     model = LevelClassifier(spec)
     say(load_pretrained(model, config.pretrained, config.weights))
@@ -287,57 +225,34 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
 
     val_rows = table.iloc[val_idx].reset_index(drop=True)
     prior_score = _score(val_rows, class_prior(table.iloc[train_idx], val_rows))["score"]
-    start_epoch, best_score, best_epoch, history = 0, math.inf, -1, []
-    last = out / "last.pt"
-    if resume and last.is_file():
-        state = load_checkpoint(last, device_)
-        saved, wanted = dict(state.get("config") or {}), _identity(config)
-        if not _continues(saved, wanted):
-            changed = sorted(k for k in wanted.keys() | saved.keys() if saved.get(k) != wanted.get(k))
-            raise SpinegradeError(f"{last}: saved by a run with other settings ({', '.join(changed)}); resume with "
-                                  "the same settings, or use --force to start this fold over")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best_score, best_epoch = int(state["epoch"]) + 1, float(state["best_score"]), int(state["best_epoch"])
-        if (out / "metrics.csv").is_file():
-            history = pd.read_csv(out / "metrics.csv").query("epoch < @start_epoch").to_dict("records")
-        say(f"resumed after epoch {start_epoch - 1} (best so far: epoch {best_epoch}, loss {best_score:.4f})")
-    elif resume:
-        say(f"no checkpoint in {out}; starting from the first epoch")
+    held_out: dict = {}  # the latest epoch's held-out rows and probabilities, for on_best
 
-    for epoch in range(start_epoch, config.num_epochs):
+    def one_epoch(epoch: int) -> tuple[dict, float]:
         started = time.perf_counter()
         train_loss, train_accuracy, train_competition = train_epoch(
             net, model, train_loader, train_sampler, criterion, optimizer, device_, epoch, config, table, world, main)
         held, probs, scores, val_loss = evaluate_epoch(model, val_loader, device_, table, weights, world)
-        row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
-               "train_competition": train_competition,
+        held_out.update(held=held, probs=probs)
+        row = {"train_loss": train_loss, "train_accuracy": train_accuracy, "train_competition": train_competition,
                "val_loss": val_loss, "val_accuracy": float((probs.argmax(1) == held["severity"].to_numpy()).mean()),
                **{f"val_{term}": v for term, v in scores.items() if term != "score"},  # the group's terms
                "val_competition": scores["score"], "seconds": time.perf_counter() - started}
-        history.append(row)
-        if not (math.isfinite(row["train_loss"]) and math.isfinite(scores["score"])):
-            raise SpinegradeError(f"{name} {group} fold {fold}: training diverged at epoch {epoch + 1} (loss "
-                                  f"{row['train_loss']}, held-out {scores['score']}); lower --learning_rate")
-        improved = scores["score"] < best_score
-        if improved:
-            best_score, best_epoch = scores["score"], epoch
-        if main:
-            if improved:
-                save_state(model, out / "best.safetensors")
-                write_oof(held, probs, oof_file, fold)
-            write_csv_atomic(pd.DataFrame(history), out / "metrics.csv")
-            _atomic_torch_save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "best_score": best_score, "best_epoch": best_epoch, "config": _identity(config)}, last)
-        say(f"epoch {epoch + 1}/{config.num_epochs}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
-            f"held-out loss {val_loss:.4f} acc {row['val_accuracy']:.3f} competition {scores['score']:.4f}"
-            f"{' (best)' if improved else ''} | {row['seconds']:.1f}s")
-    if best_epoch < 0:
-        raise SpinegradeError(f"{name} {group} fold {fold}: no epoch was run (num_epochs={config.num_epochs})")
+        return row, scores["score"] if np.isfinite(train_loss) else float("nan")
+
+    def on_best(epoch: int) -> None:
+        save_state(model, out / "best.safetensors")
+        write_oof(held_out["held"], held_out["probs"], oof_file, fold)
+
+    def describe(row: dict) -> str:
+        return (f"train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | held-out loss "
+                f"{row['val_loss']:.4f} acc {row['val_accuracy']:.3f} competition {row['val_competition']:.4f} | "
+                f"{row['seconds']:.1f}s")
+
+    progress = fit(folder, config.num_epochs, config.seed, model, optimizer, one_epoch, on_best, describe, device_,
+                   resume=resume, world=world, say=say)
+    best_epoch, best_score = progress.best_epoch, progress.best_score
     if main:
-        write_text_atomic(done, json.dumps({"best_epoch": best_epoch, "best_score": best_score,
-                                            "prior_score": prior_score, "epochs": config.num_epochs,
-                                            "config": _identity(config)}, indent=1))
+        folder.finish(progress, prior_score=prior_score, epochs=config.num_epochs)
     world.barrier()  # no process moves to the next fold before this one is marked finished
     say(f"{name} {group} fold {fold}: best epoch {best_epoch + 1}, held-out competition loss {best_score:.4f} "
         f"(weight-scaled class prior {prior_score:.4f})")
@@ -351,7 +266,6 @@ def train_epoch(net: nn.Module, model: nn.Module, loader, sampler: EpochSampler,
     augmented as they were), each over every process's shard."""
     model.train()
     freeze_norm_statistics(model)
-    torch.manual_seed(config.seed * 1000 + epoch)  # dropout: same stream on a resumed run
     sampler.set_epoch(epoch)
     tally = EpochTally()
     for batch in _progress(loader, f"epoch {epoch + 1}/{config.num_epochs}", show):
@@ -402,18 +316,9 @@ def finished_folds(output_dir: Path, configs: list[TrainConfig], folds: list[int
     return rows
 
 
-def _continues(saved: dict | None, wanted: dict) -> bool:
-    """Whether a run saved with ``saved`` settings may be continued as one with ``wanted``: the same
-    settings, or the same with more epochs (fewer would mix a longer run's weights into a shorter one)."""
-    saved = dict(saved or {})
-    if saved.get("num_epochs", math.inf) <= wanted["num_epochs"]:
-        saved["num_epochs"] = wanted["num_epochs"]
-    return saved == wanted
-
-
 def _identity(config: TrainConfig) -> dict:
     """The settings that make a fold's result what it is (worker count and compilation do not)."""
-    return json.loads(json.dumps({k: v for k, v in config.to_dict().items() if k not in ("num_workers", "compile")}))
+    return plain({k: v for k, v in config.to_dict().items() if k not in ("num_workers", "compile")})
 
 
 def write_oof(samples: pd.DataFrame, probs: np.ndarray, path: Path, fold: int) -> None:
@@ -463,7 +368,7 @@ def train_step(net: nn.Module, batch: dict, criterion: nn.Module, optimizer: tor
     image = batch["image"].to(device, non_blocking=True)
     level = batch["level"].to(device, non_blocking=True)
     target = batch["target"].to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(device):
         logits = net(image, level)
         loss = criterion(logits.float(), target)
     optimizer.zero_grad(set_to_none=True)
@@ -484,16 +389,6 @@ def compiled(net: nn.Module, mode: str) -> nn.Module:
         raise SpinegradeError(f"--compile {mode}: unknown backend; use off, on, or one of {', '.join(list_backends())}")
     log.info(f"torch.compile with the {backend} backend (the first steps include compilation)")
     return torch.compile(net, backend=backend)
-
-
-def load_checkpoint(path: Path, device: torch.device) -> dict:
-    """A training checkpoint, read with ``weights_only``: tensors and plain values only, so a crafted
-    file can never run code here; anything else is refused with its path."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:
-        raise SpinegradeError(f"{path}: not a plain training checkpoint, refused ({type(exc).__name__}); "
-                              "delete it, or use --force to start this fold over") from None
 
 
 def _quiet(*_args) -> None:

@@ -38,12 +38,21 @@ from spinegrade.errors import SpinegradeError
 _RINGS: weakref.WeakValueDictionary[str, BatchRing] = weakref.WeakValueDictionary()
 
 
-class BatchRing:
-    """``slots`` batches of uint8 images and int64 (level, target, index) rows in shared memory."""
+# A grading sample's tensors besides its image: name -> (shape, dtype).
+GRADING_FIELDS: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+    "level": ((), torch.int64), "target": ((), torch.int64), "index": ((), torch.int64)}
 
-    def __init__(self, slots: int, batch_size: int, image_shape: tuple[int, ...]):
+
+class BatchRing:
+    """``slots`` batches of uint8 images and of each of ``fields`` (name -> (shape, dtype) of one
+    sample's tensor) in shared memory."""
+
+    def __init__(self, slots: int, batch_size: int, image_shape: tuple[int, ...],
+                 fields: dict[str, tuple[tuple[int, ...], torch.dtype]] = GRADING_FIELDS):
         self.key = uuid.uuid4().hex
-        size = slots * batch_size * (math.prod(image_shape) + 3 * 8)
+        itemsize = {name: math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                    for name, (shape, dtype) in fields.items()}
+        size = slots * batch_size * (math.prod(image_shape) + sum(itemsize.values()))
         advice = "use fewer --num_workers, or give the machine more /dev/shm (docker run --shm-size=2g)"
         free = _free_shared_memory()
         if free is not None and size > free:
@@ -52,7 +61,8 @@ class BatchRing:
                                   f"/dev/shm has {free / 2**20:.0f} MB free; {advice}")
         try:
             self.images = torch.empty((slots, batch_size, *image_shape), dtype=torch.uint8).share_memory_()
-            self.labels = torch.empty((slots, 3, batch_size), dtype=torch.int64).share_memory_()
+            self.fields = {name: torch.empty((slots, batch_size, *shape), dtype=dtype).share_memory_()
+                           for name, (shape, dtype) in fields.items()}
         except RuntimeError as exc:
             raise SpinegradeError(f"could not allocate {size / 2**20:.0f} MB of shared memory for the loader's "
                                   f"batches ({exc}); {advice}") from None
@@ -63,9 +73,9 @@ class BatchRing:
         asked (from PyTorch's caching host allocator, which reuses the blocks of freed batches). Each
         tensor is contiguous: a copy to the GPU from a strided one would first make it contiguous in
         unpinned memory, and wait."""
-        images = _copy(self.images[slot, :count], pin)
-        level, target, index = _copy(self.labels[slot, :, :count], pin)
-        return {"image": images, "level": level, "target": target, "index": index}
+        batch = {"image": _copy(self.images[slot, :count], pin)}
+        batch.update({name: _copy(tensor[slot, :count], pin) for name, tensor in self.fields.items()})
+        return batch
 
 
 def _free_shared_memory() -> int | None:
@@ -122,11 +132,13 @@ class _FillSlots(Dataset):
 
     def __getitems__(self, request: tuple[int, list[int]]) -> SlotReply:
         slot, indices = request
-        images, labels = self.ring.images[slot], self.ring.labels[slot]
+        images = self.ring.images[slot]
+        fields = {name: tensor[slot] for name, tensor in self.ring.fields.items()}
         for row, i in enumerate(indices):
             sample = self.dataset[i]
             images[row].copy_(sample["image"])
-            labels[0, row], labels[1, row], labels[2, row] = sample["level"], sample["target"], sample["index"]
+            for name, tensor in fields.items():
+                tensor[row] = sample[name]
         return SlotReply(self.ring.key, slot, len(indices))
 
 
@@ -135,7 +147,7 @@ def _reply(reply: SlotReply) -> SlotReply:
 
 
 class RingLoader:
-    """Iterates dict batches (image, level, target, index) like a DataLoader over ``dataset``."""
+    """Iterates dict batches (image and the ring's fields) like a DataLoader over ``dataset``."""
 
     def __init__(self, loader: DataLoader, ring: BatchRing):
         self.loader, self.ring = loader, ring
@@ -152,8 +164,10 @@ class RingLoader:
 
 def batch_loader(dataset: Dataset, batch_size: int, sampler: Iterable[int], *, image_shape: tuple[int, ...],
                  workers: int, pin_memory: bool, drop_last: bool = False, prefetch: int = 2,
-                 seed: int = 0) -> Iterable[dict[str, torch.Tensor]]:
-    """Batches of a :class:`LevelDataset`-like ``dataset`` in ``sampler``'s order.
+                 seed: int = 0, fields: dict[str, tuple[tuple[int, ...], torch.dtype]] = GRADING_FIELDS,
+                 ) -> Iterable[dict[str, torch.Tensor]]:
+    """Batches of ``dataset`` in ``sampler``'s order; each sample is a dict of a uint8 ``image`` of
+    ``image_shape`` and one tensor per entry of ``fields`` (a :class:`LevelDataset`'s by default).
 
     With workers, through a :class:`BatchRing`, with persistent workers (the slot order relies on the
     DataLoader finishing a worker's batches before the next epoch's); without, a plain DataLoader
@@ -167,7 +181,7 @@ def batch_loader(dataset: Dataset, batch_size: int, sampler: Iterable[int], *, i
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                           pin_memory=pin_memory, generator=generator)
     slots = workers * prefetch + 1
-    ring = BatchRing(slots, batch_size, image_shape)
+    ring = BatchRing(slots, batch_size, image_shape, fields)
     loader = DataLoader(_FillSlots(dataset, ring), batch_sampler=_SlotBatches(sampler, batch_size, drop_last, slots),
                         collate_fn=_reply, num_workers=workers, prefetch_factor=prefetch, pin_memory=pin_memory,
                         persistent_workers=True, worker_init_fn=init_worker, generator=generator)

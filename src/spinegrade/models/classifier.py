@@ -76,17 +76,24 @@ class LevelClassifier(nn.Module):
         )
 
     def normalise(self, image: torch.Tensor) -> torch.Tensor:
-        if image.dtype != torch.uint8:
-            return image
-        x = image.float().div_(255.0)
-        if x.shape[1] == 1:
-            x = x.expand(-1, self.input_mean.shape[1], -1, -1)
-        x = (x - self.input_mean) / self.input_std
-        return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+        return normalise_input(image, self.input_mean, self.input_std)
 
     def forward(self, image: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
         features = self.backbone(self.normalise(image))
         return self.head(torch.cat([features, self.level_embedding(level)], dim=1))
+
+
+def normalise_input(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 grey (N, 1, H, W) images as the backbone takes them: scaled to [0, 1], repeated over its
+    channels and normalised with its pretraining statistics (``mean``, ``std``: (1, C, 1, 1)),
+    channels-last on a GPU. Float input is taken as already normalised and passes unchanged."""
+    if image.dtype != torch.uint8:
+        return image
+    x = image.float().div_(255.0)
+    if x.shape[1] == 1:
+        x = x.expand(-1, mean.shape[1], -1, -1)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 
 def create_backbone(name: str) -> nn.Module:

@@ -3,7 +3,8 @@
 A timm backbone's last four feature maps (strides 4 to 32, through timm's uniform
 ``forward_intermediates``) are projected, brought to stride 4 and summed, and one heatmap per level
 comes out. A soft-argmax turns each heatmap into a point, so the network is trained directly on
-coordinates (normalised to [0, 1] of the input) and its output needs no peak-picking.
+coordinates (normalised to [0, 1] of the input) and its output needs no peak-picking. Like the
+grading model, it takes uint8 grey images and normalises them itself (``normalise_input``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from spinegrade.constants import LEVELS
-from spinegrade.models.classifier import create_backbone
+from spinegrade.models.classifier import create_backbone, input_statistics, normalise_input
 
 
 @dataclass
@@ -36,6 +37,10 @@ class LevelLocalizer(nn.Module):
         super().__init__()
         self.spec = spec
         self.backbone = create_backbone(spec.backbone)
+        mean, std = input_statistics(self.backbone)
+        # Not saved with the weights: they follow from the backbone's name.
+        self.register_buffer("input_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.feature_levels = spec.feature_levels
         in_channels = [info["num_chs"] for info in self.backbone.feature_info][-self.feature_levels:]
         self.lateral = nn.ModuleList(nn.Conv2d(c, spec.channels, 1) for c in in_channels)
@@ -45,6 +50,8 @@ class LevelLocalizer(nn.Module):
         )
 
     def heatmaps(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, points, H/4, W/4) logits; ``image`` uint8 grey (B, 1, H, W), or float already normalised."""
+        image = normalise_input(image, self.input_mean, self.input_std)
         features = self.backbone.forward_intermediates(image, indices=self.feature_levels, intermediates_only=True)
         size = features[0].shape[-2:]
         fused = sum(F.interpolate(conv(f), size=size, mode="bilinear", align_corners=False)

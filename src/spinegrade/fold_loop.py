@@ -1,0 +1,235 @@
+"""One fold's training loop, written once for every model spinegrade trains: the grading models
+(``train.py``) and the locators (``localize.py``).
+
+What a fold folder holds and how it lives is the same for both: ``last.pt`` after every epoch
+(model, optimiser, learning-rate schedule and progress; tensors and plain values only, loaded with
+``weights_only=True``), ``metrics.csv`` (one row per epoch), the best epoch's weights
+(``best.safetensors``, written by the caller's ``on_best``), and ``done.json`` once finished. A
+fold killed at any instant resumes with ``resume=True`` where it stopped and ends where an
+uninterrupted run ends: the epoch's sample order comes from (seed, epoch) (:class:`EpochSampler`),
+each sample's augmentation from (seed, epoch, sample) (:class:`SeededDataset`) and dropout from
+(seed, epoch), so nothing depends on what ran before in the process. A finished fold with the same
+settings is never trained again.
+
+What differs between models is one epoch (a function of the epoch number that trains, evaluates
+and returns the epoch's metrics row and its score, lower is better) and what the best epoch
+leaves (``on_best``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import Sampler
+
+from spinegrade.data.folds import write_csv_atomic
+from spinegrade.distributed import SINGLE, World
+from spinegrade.errors import SpinegradeError
+from spinegrade.files import write_text_atomic
+from spinegrade.logs import get_logger
+
+log = get_logger(__name__)
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffles with a permutation drawn from (seed, epoch), so an epoch is the same whether it runs
+    first or after a ``--resume``; it hands the dataset ``epoch * n + index`` so that augmentation
+    can be seeded per (epoch, sample) whatever worker draws it. Under DDP each process takes its
+    shard of the same permutation, so the processes together see exactly a single process's epoch."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool, world: World = SINGLE):
+        self.n, self.seed, self.shuffle, self.epoch, self.world = n, seed, shuffle, 0, world
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n) if self.shuffle else np.arange(self.n)
+        return iter(self.world.shard((self.epoch * self.n + order).tolist()))
+
+    def __len__(self) -> int:
+        return len(self.world.shard(list(range(self.n))))
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """Decodes the sampler's ``epoch * n + i`` and seeds the augmentation from (seed, epoch, sample).
+    ``dataset`` has a ``set_seed(seed)`` that seeds every random draw of its next sample."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, encoded: int) -> dict:
+        epoch, i = divmod(int(encoded), len(self.dataset))
+        self.dataset.set_seed(hash((self.seed, epoch, i)) % (2**31))
+        return self.dataset[i]
+
+
+def select_device(requested: str | None = None, world: World = SINGLE) -> torch.device:
+    """The requested device, else a GPU when there is one (under DDP, this process's own GPU)."""
+    if requested:
+        device = torch.device(requested)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and world.enabled:
+        return torch.device("cuda", world.local_rank)
+    return device
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on a GPU (the method's mixed precision), nothing on a CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict:
+    """A training checkpoint, read with ``weights_only``: tensors and plain values only, so a crafted
+    file can never run code here; anything else is refused with its path."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise SpinegradeError(f"{path}: not a plain training checkpoint, refused ({type(exc).__name__}); "
+                              "delete it, or use --force to start this fold over") from None
+
+
+def continues(saved: dict | None, wanted: dict) -> bool:
+    """Whether a run saved with ``saved`` settings may be continued as one with ``wanted``: the same
+    settings, or the same with more epochs (fewer would mix a longer run's weights into a shorter one)."""
+    saved = dict(saved or {})
+    if saved.get("num_epochs", math.inf) <= wanted["num_epochs"]:
+        saved["num_epochs"] = wanted["num_epochs"]
+    return saved == wanted
+
+
+def plain(settings: dict) -> dict:
+    """Settings as JSON would give them back (tuples as lists), so saved and wanted compare equal."""
+    return json.loads(json.dumps(settings))
+
+
+@dataclass
+class FoldProgress:
+    """Where a fold stands: the next epoch to run, the best so far, one metrics row per epoch run."""
+
+    start_epoch: int = 0
+    best_score: float = math.inf
+    best_epoch: int = -1
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class FoldFolder:
+    """A fold's folder and the settings (``identity``) that make its result what it is."""
+
+    out: Path
+    identity: dict
+    label: str  # how messages name the fold: "lite0 spinal fold 0"
+
+    @property
+    def done(self) -> Path:
+        return self.out / "done.json"
+
+    @property
+    def last(self) -> Path:
+        return self.out / "last.pt"
+
+    def finished(self, force: bool, resume: bool, say=log.info) -> tuple[dict | None, bool]:
+        """(what done.json says, when the fold is finished with these settings and not forced;
+        whether to resume). A fold finished with other settings is continued only to train it
+        longer; other settings start over."""
+        if force or not self.done.is_file():
+            return None, resume and not force
+        info = json.loads(self.done.read_text())
+        if info.get("config") == self.identity:
+            say(f"{self.label}: already trained (best epoch {info['best_epoch'] + 1}, "
+                f"loss {info['best_score']:.4f}); use --force to retrain")
+            return info, resume
+        say(f"{self.label}: trained before with other settings; training again")
+        return None, resume and continues(info.get("config"), self.identity)
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, device: torch.device,
+                say=log.info) -> FoldProgress:
+        """The progress ``last.pt`` holds, loaded into the model, optimiser and schedule."""
+        if not self.last.is_file():
+            say(f"no checkpoint in {self.out}; starting from the first epoch")
+            return FoldProgress()
+        state = load_checkpoint(self.last, device)
+        saved = dict(state.get("config") or {})
+        if not continues(saved, self.identity):
+            changed = sorted(k for k in self.identity.keys() | saved.keys() if saved.get(k) != self.identity.get(k))
+            raise SpinegradeError(f"{self.last}: saved by a run with other settings ({', '.join(changed)}); resume with "
+                                  "the same settings, or use --force to start this fold over")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if schedule is not None and state.get("schedule") is not None:
+            schedule.load_state_dict(state["schedule"])
+        start = int(state["epoch"]) + 1
+        history = []
+        if (self.out / "metrics.csv").is_file():
+            history = pd.read_csv(self.out / "metrics.csv").query("epoch < @start").to_dict("records")
+        progress = FoldProgress(start, float(state["best_score"]), int(state["best_epoch"]), history)
+        say(f"resumed after epoch {start - 1} (best so far: epoch {progress.best_epoch}, loss {progress.best_score:.4f})")
+        return progress
+
+    def save(self, progress: FoldProgress, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+             schedule) -> None:
+        write_csv_atomic(pd.DataFrame(progress.history), self.out / "metrics.csv")
+        state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "schedule": schedule.state_dict() if schedule is not None else None,
+                 "best_score": progress.best_score, "best_epoch": progress.best_epoch, "config": self.identity}
+        tmp = self.last.with_name(f".{self.last.name}.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.last)
+
+    def finish(self, progress: FoldProgress, **extra) -> None:
+        """Written last: its presence marks a finished fold."""
+        write_text_atomic(self.done, json.dumps({"best_epoch": progress.best_epoch, "best_score": progress.best_score,
+                                                 **extra, "config": self.identity}, indent=1))
+
+
+def fit(folder: FoldFolder, num_epochs: int, seed: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+        one_epoch: Callable[[int], tuple[dict, float]], on_best: Callable[[int], None], describe: Callable[[dict], str],
+        device: torch.device, schedule=None, resume: bool = False, world: World = SINGLE, say=log.info) -> FoldProgress:
+    """Epochs from where the fold stands to ``num_epochs``. ``one_epoch(epoch)`` trains and evaluates
+    and returns (metrics row, score); ``on_best(epoch)`` keeps what the best epoch leaves (called
+    on the main process only); ``describe(row)`` is the epoch's log line. Only the main process writes."""
+    main = world.is_main
+    if main:
+        folder.done.unlink(missing_ok=True)  # from here on the fold is unfinished until a new done.json lands
+        folder.out.mkdir(parents=True, exist_ok=True)
+    progress = folder.restore(model, optimizer, schedule, device, say) if resume else FoldProgress()
+    for epoch in range(progress.start_epoch, num_epochs):
+        torch.manual_seed(seed * 1000 + epoch)  # dropout and the like: the same stream on a resumed run
+        row, score = one_epoch(epoch)
+        row = {"epoch": epoch, **row}
+        progress.history.append(row)
+        if not math.isfinite(score):
+            raise SpinegradeError(f"{folder.label}: training diverged at epoch {epoch + 1} (held-out score {score}); "
+                                  "lower --learning_rate")
+        improved = score < progress.best_score
+        if improved:
+            progress.best_score, progress.best_epoch = score, epoch
+        if main:
+            if improved:
+                on_best(epoch)
+            folder.save(progress, epoch, model, optimizer, schedule)
+        say(f"epoch {epoch + 1}/{num_epochs}: {describe(row)}{' (best)' if improved else ''}")
+    if progress.best_epoch < 0:
+        raise SpinegradeError(f"{folder.label}: no epoch was run (num_epochs={num_epochs})")
+    return progress
