@@ -21,7 +21,7 @@ def test_layout_and_index_round_trip(synth_dataset):
     train = pd.read_csv(synth_dataset / "train.csv")
     assert list(train.columns) == ["study_id", *LABEL_COLUMNS]
     index = build_index(synth_dataset)
-    assert index.problems == []
+    assert _unexpected(index.problems) == []
     assert len(index.study_ids) == 16
     usable = index.usable()
     # Every labelled cell that has a point is usable, and only a few subarticular cells are blank.
@@ -41,7 +41,7 @@ def test_test_split_has_no_labels_and_answers_live_outside(synth_dataset):
     sample = pd.read_csv(synth_dataset / "sample_submission.csv")
     assert list(sample.columns) == ["row_id", *PROBABILITY_COLUMNS] and len(sample) == 3 * 25
     test_index = build_index(synth_dataset, split="test")
-    assert len(test_index.table) == 75 and test_index.problems == []
+    assert len(test_index.table) == 75 and _unexpected(test_index.problems) == []
 
 
 def test_same_seed_same_bytes(tmp_path):
@@ -100,3 +100,8 @@ def test_grade_balance_close_to_the_real_data():
     assert abs(shares[0] - 0.878) < 0.02 and abs(shares[1] - 0.075) < 0.015 and abs(shares[2] - 0.048) < 0.012
     severe_per_level = (spinal == 2).mean(axis=0)
     assert severe_per_level.argmax() == 3  # worst at L4/L5
+
+
+def _unexpected(problems) -> list:
+    """The index's problems other than the generator's deliberate quirk: a study without Sagittal T1."""
+    return [p for p in problems if not (p.kind == "missing_series" and p.message.endswith("has no Sagittal T1 series"))]

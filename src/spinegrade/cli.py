@@ -142,14 +142,20 @@ def cmd_train_localizer(args: argparse.Namespace) -> None:
             setattr(config, name, getattr(args, name))
     if args.pretrained is not None:
         config.pretrained = parse_bool(args.pretrained)
-    from spinegrade.localize import GROUP, train_localizer
+    from spinegrade.foramina import train_foramen_locator
+    from spinegrade.localize import train_localizer
+    from spinegrade.predict import report_foramen_locator
 
     for group in trained_groups(args.conditions):
-        if GROUPS[group].locator is None:
+        locator = GROUPS[group].locator
+        if locator is None:
             log.warning(f"{group}: no locator to train yet; its rows are the training prior at prediction")
-        elif group == GROUP:
+        elif locator == "sagittal_levels":
             train_localizer(config, args.data_dir, args.folds, args.output_dir, device=args.device,
                             resume=args.resume, force=args.force)
+        elif locator == "sagittal_foramina":  # starts from the spinal localiser's points: trained after it
+            train_foramen_locator(args.data_dir, args.folds, args.output_dir)
+            report_foramen_locator(args.output_dir, args.data_dir, args.folds, device=args.device)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

@@ -52,7 +52,7 @@ GROUPS: dict[str, ConditionGroup] = {g.name: g for g in (
     ConditionGroup("spinal", ("spinal_canal_stenosis",), SAGITTAL_T2, input="full", crop_mm=48.0,
                    locator="sagittal_levels", any_severe_term="any_severe_spinal"),
     ConditionGroup("foraminal", ("left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing"), SAGITTAL_T1,
-                   input="crop", crop_mm=40.0, locator=None),
+                   input="crop", crop_mm=40.0, locator="sagittal_foramina"),
     ConditionGroup("subarticular", ("left_subarticular_stenosis", "right_subarticular_stenosis"), AXIAL_T2,
                    input="crop", crop_mm=40.0, locator=None),
 )}

@@ -246,10 +246,10 @@ def competition_table(full: dict[str, list[pd.DataFrame]]) -> pd.DataFrame:
 def _localised(layout: RunLayout, group: str, data_dir, names: list[str]) -> dict[str, pd.DataFrame]:
     """End-to-end OOF predictions (the locator's points) of the group's trained backbones, when the
     group has a trained locator and the images are at hand; empty otherwise."""
-    from spinegrade.predict import localised_oof
+    from spinegrade.predict import localised_oof, locator_trained
 
     trained = [n for n in names if layout.finished_fold_dirs(n, group)]
-    if data_dir is None or not trained or not any(layout.localizer_dir(group).glob("fold*/best.safetensors")):
+    if data_dir is None or not trained or GROUPS[group].locator is None or not locator_trained(layout.root, group):
         return {}
     out = localised_oof(layout.root, data_dir, layout.folds if layout.folds.is_file() else None, trained, group)
     blends = load_blends(layout.root) if layout.blend_json.is_file() else {}

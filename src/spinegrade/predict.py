@@ -37,6 +37,7 @@ from spinegrade.constants import (
 from spinegrade.data.dicom import (
     MIN_IMAGE_SIDE,
     DicomReadError,
+    Slice,
     Stack,
     list_dicom_files,
     main_stack,
@@ -49,6 +50,9 @@ from spinegrade.data.preprocess import PreprocessSettings, centre_view, prepare_
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_csv_atomic, write_text_atomic
 from spinegrade.layout import RunLayout
+from spinegrade.foramina import ANCHOR_GROUP as FORAMEN_ANCHOR
+from spinegrade.foramina import MARKER as FORAMEN_MARKER
+from spinegrade.foramina import ForamenOffsets, locate_foramina, write_foramen_report
 from spinegrade.localize import LocalizerEnsemble
 from spinegrade.logs import get_logger
 from spinegrade.metrics import prior_for, prior_table
@@ -94,14 +98,24 @@ def load_fold_models(output_dir: Path, name: str, group: str, device: torch.devi
 
 @dataclass
 class LocatedStudy:
-    """One study's series for a group and where its levels were found on it (``locations``: rows of
-    the locations table); ``problem`` says why it has none."""
+    """One study's series for a group and where its levels were found on them (``locations``: rows
+    of the locations table, whose ``series`` names a key of ``stacks``); ``problem`` says why it has none."""
 
     study_id: int
-    stack: Stack | None  # only the chosen slice keeps its pixels
+    stacks: dict[str, Stack]  # series -> its stack; only the chosen slices keep their pixels
     locations: pd.DataFrame | None
     problem: str | None = None
     seconds: float = 0.0
+
+    @property
+    def stack(self) -> Stack | None:
+        """The first series' stack (a group read on one series has one)."""
+        return next(iter(self.stacks.values()), None)
+
+    def slice_of(self, row) -> Slice:
+        """The slice a locations row points at."""
+        stack = self.stacks[row.series]
+        return stack.slices[stack.index_of_instance(int(row.instance_number))]
 
 
 def locate_sagittal_levels(study_id: int, stack: Stack | None, series: str, group: str, localizer: LocalizerEnsemble,
@@ -109,7 +123,7 @@ def locate_sagittal_levels(study_id: int, stack: Stack | None, series: str, grou
     """The spinal group's locator: the mid-sagittal slice of the series and the five level points on it."""
     started = time.perf_counter()
     if stack is None or len(stack) == 0:
-        return LocatedStudy(study_id, None, None, problem or f"no readable {GROUPS[group].series} slice")
+        return LocatedStudy(study_id, {}, None, problem or f"no readable {GROUPS[group].series} slice")
     while True:  # a slice whose pixels cannot be decoded leaves the stack, and the choice is made again
         try:
             located = localizer.locate(stack)
@@ -117,30 +131,60 @@ def locate_sagittal_levels(study_id: int, stack: Stack | None, series: str, grou
         except DicomReadError:
             stack.slices.pop(localizer.choose_slice(stack))
             if not stack.slices:
-                return LocatedStudy(study_id, None, None, problem or f"no decodable {GROUPS[group].series} slice")
+                return LocatedStudy(study_id, {}, None, problem or f"no decodable {GROUPS[group].series} slice")
     for i, s in enumerate(stack.slices):  # keep memory flat over hundreds of studies
         if i != located.slice_index:
             s.pixels = None
     instance = stack.slices[located.slice_index].instance_number
     rows = [[study_id, condition, level, series, instance, float(x), float(y), "localised"]
             for condition in GROUPS[group].conditions for level, (x, y) in zip(LEVELS, located.points)]
-    return LocatedStudy(study_id, stack, pd.DataFrame(rows, columns=LOCATION_COLUMNS),
+    return LocatedStudy(study_id, {series: stack}, pd.DataFrame(rows, columns=LOCATION_COLUMNS),
                         seconds=time.perf_counter() - started)
 
 
-# The registry names each group's locator; these are the implementations (a group whose entry names
-# none gets prior rows).
-LOCATORS = {"sagittal_levels": locate_sagittal_levels}
-
-
-def open_locator(output_dir: Path, group: str, device: torch.device, folds: list[int] | None = None):
-    return LocalizerEnsemble(RunLayout(output_dir).localizer_dir(group), device=device, folds=folds)
+def canal_points(anchor: LocatedStudy | None) -> dict[str, np.ndarray]:
+    """Level -> patient point (mm) of the spinal canal where the spinal locator placed it."""
+    if anchor is None or anchor.locations is None:
+        return {}
+    return {r.level: anchor.slice_of(r).pixel_to_patient(r.x, r.y) for r in anchor.locations.itertuples()}
 
 
 def locate_study(study_id: int, stack: Stack | None, localizer: LocalizerEnsemble, problem: str | None = None,
                  group: str = "spinal", series: str = "") -> LocatedStudy:
-    """The group's locator on one study's series."""
-    return LOCATORS[GROUPS[group].locator](study_id, stack, series, group, localizer, problem)
+    """The spinal group's locator (``sagittal_levels``) on one study's series."""
+    return locate_sagittal_levels(study_id, stack, series, group, localizer, problem)
+
+
+# What marks each locator finished in its folder (written last by its training).
+LOCATOR_MARKERS = {"sagittal_levels": "slice_choice.json", "sagittal_foramina": FORAMEN_MARKER}
+# The groups whose located points a locator starts from.
+LOCATOR_ANCHORS = {"sagittal_foramina": [FORAMEN_ANCHOR]}
+
+
+def locator_trained(output_dir: Path, group: str) -> bool:
+    """Whether the group's locator (and every locator it starts from) has finished training in this run."""
+    locator = GROUPS[group].locator
+    marker = LOCATOR_MARKERS.get(locator)
+    return (marker is not None and (RunLayout(output_dir).localizer_dir(group) / marker).is_file()
+            and all(locator_trained(output_dir, g) for g in LOCATOR_ANCHORS.get(locator, [])))
+
+
+def needed_locators(groups: list[str]) -> list[str]:
+    """The locators that predicting ``groups`` runs: theirs and those they start from, in registry order."""
+    needed = set()
+    for group in groups:
+        needed.add(group)
+        needed.update(needed_locators(LOCATOR_ANCHORS.get(GROUPS[group].locator, [])))
+    return [g for g in GROUPS if g in needed]
+
+
+def locator_files(root: Path, group: str) -> list[Path]:
+    """The files a trained locator is made of, relative to its folder ``root`` (what a kernel carries)."""
+    files = [Path(LOCATOR_MARKERS[GROUPS[group].locator])]
+    if GROUPS[group].locator == "sagittal_levels":
+        for fold in sorted(p.parent for p in root.glob("fold*/best.safetensors")):
+            files += [fold.relative_to(root) / "localizer.json", fold.relative_to(root) / "best.safetensors"]
+    return files
 
 
 # --- grading ------------------------------------------------------------------------------------
@@ -149,18 +193,20 @@ def model_inputs(study: LocatedStudy, settings: PreprocessSettings) -> np.ndarra
     """(rows of its locations, H, W) uint8: the images a model of ``settings`` grades, made exactly as
     training's cache makes them (neighbouring slices are not needed here)."""
     single = dataclasses.replace(settings, neighbours=0)
-    index = {s.instance_number: k for k, s in enumerate(study.stack.slices)}
-    windows: dict[int, tuple[float, float] | None] = {}
+    windows: dict[tuple[str, int], dict] = {}  # per series: a stack's intensity windows
     images = []
     for r in study.locations.itertuples():
-        canvases = prepare_stack(study.stack, index[r.instance_number], r.x, r.y, single, windows)
+        stack = study.stacks[r.series]
+        canvases = prepare_stack(stack, stack.index_of_instance(int(r.instance_number)), r.x, r.y, single,
+                                 windows.setdefault(r.series, {}))
         images.append(centre_view(canvases, settings.image_size))
     return np.stack(images)
 
 
 def grade_studies(studies: list[LocatedStudy], models: list[FoldModel], device: torch.device) -> dict[int, dict[str, np.ndarray]]:
     """Per located study, (5, 3) probabilities per condition of the models' group, averaged over the
-    fold models. A study whose images cannot be made gets a problem and no grades (the prior)."""
+    fold models, and over the series where a level was located on several (NaN rows for levels not
+    located). A study whose images cannot be made gets a problem and no grades (the prior)."""
     out: dict[int, dict[str, np.ndarray]] = {}
     usable = [s for s in studies if s.locations is not None]
     prepared: dict[PreprocessSettings, dict[int, np.ndarray]] = {}
@@ -196,7 +242,8 @@ def grade_studies(studies: list[LocatedStudy], models: list[FoldModel], device: 
         graded: dict[str, np.ndarray] = {}
         for condition, part in rows.groupby("condition", sort=False):
             p = np.full((len(LEVELS), 3), np.nan)
-            p[[level_index[lv] for lv in part["level"]]] = total[k + part.index.to_numpy()]
+            for level, at_level in part.groupby("level", sort=False):  # one row per series that has the level
+                p[level_index[level]] = total[k + at_level.index.to_numpy()].mean(axis=0)
             graded[condition] = p
         out[st.study_id] = graded
         k += len(rows)
@@ -216,19 +263,24 @@ def training_priors(data_dir: Path | None, output_dir: Path) -> pd.DataFrame:
 
 
 def _study_series(data_dir: Path, split: str, description: str = SAGITTAL_T2) -> dict[int, Path | None]:
-    """The ``description`` series folder of every study listed for ``split`` (None when it has none)."""
+    """The first ``description`` series folder of every study listed for ``split`` (None when it has none)."""
+    return {study: (found[0] if found else None) for study, found in _all_study_series(data_dir, split, description).items()}
+
+
+def _all_study_series(data_dir: Path, split: str, description: str) -> dict[int, list[Path]]:
+    """Every ``description`` series folder of every study listed for ``split``, in the CSV's order."""
     path = data_dir / f"{split}_series_descriptions.csv"
     series = read_csv_checked(path, ["study_id", "series_id", "series_description"])
-    out: dict[int, Path | None] = {}
+    out: dict[int, list[Path]] = {}
     for r in series.itertuples():
         try:
             study = int(r.study_id)
         except (TypeError, ValueError):
             continue  # the index reports bad ids with their line
-        out.setdefault(study, None)
-        if r.series_description == description and out[study] is None:
+        out.setdefault(study, [])
+        if r.series_description == description:
             try:
-                out[study] = data_dir / f"{split}_images" / str(study) / str(int(r.series_id))
+                out[study].append(data_dir / f"{split}_images" / str(study) / str(int(r.series_id)))
             except (TypeError, ValueError):
                 pass  # no usable series id: the study gets the prior
     return out
@@ -361,6 +413,7 @@ def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, back
     blends = blends or blends_for(output_dir, backbones)
     studies = sorted(_study_series(data_dir, split))
     graded: dict[str, dict[str, dict[int, dict[str, np.ndarray]]]] = {}
+    located_by_group: dict[str, list[LocatedStudy]] = {}  # the spinal points start the foramina's
     rows = []
     for group, spec in GROUPS.items():
         blend = blends.get(group)
@@ -371,7 +424,8 @@ def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, back
         if spec.locator is None:
             log.warning(f"{group}: no locator places its points yet; its rows get the training prior")
             continue
-        located = locate_split(data_dir, split, output_dir, group, device_)
+        located = locate_split(data_dir, split, output_dir, group, device_, anchors=located_by_group.get("spinal"))
+        located_by_group[group] = located
         graded[group] = {}
         for name in names:
             t0 = time.perf_counter()
@@ -403,9 +457,12 @@ def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, back
 
 
 def locate_split(data_dir: Path, split: str, output_dir: Path, group: str, device: torch.device,
-                 folds: pd.Series | None = None) -> list[LocatedStudy]:
+                 folds: pd.Series | None = None, anchors: list[LocatedStudy] | None = None) -> list[LocatedStudy]:
     """Every listed study of ``split`` located for ``group`` on its series. With ``folds`` (study ->
-    fold), each study by the locator of the fold that never saw it (out of fold)."""
+    fold), each study by the locator of the fold that never saw it (out of fold). ``anchors``: the
+    spinal group's located studies, when already at hand (the foramina start from them)."""
+    if GROUPS[group].locator == "sagittal_foramina":
+        return locate_foramina_split(data_dir, split, output_dir, group, device, folds, anchors)
     series = _study_series(data_dir, split, GROUPS[group].series)
     if folds is None:
         assigned = {None: sorted(series)}
@@ -415,7 +472,8 @@ def locate_split(data_dir: Path, split: str, output_dir: Path, group: str, devic
     started = time.perf_counter()
     progress = Progress(len(series), "localised")
     for fold, studies in assigned.items():
-        locator = open_locator(output_dir, group, device, folds=None if fold is None else [fold])
+        locator = LocalizerEnsemble(RunLayout(output_dir).localizer_dir(group), device=device,
+                                    folds=None if fold is None else [fold])
         for study in studies:
             t0 = time.perf_counter()
             series_dir = series[study]
@@ -423,13 +481,80 @@ def locate_split(data_dir: Path, split: str, output_dir: Path, group: str, devic
                 stack, problem = _read_stack(series_dir, GROUPS[group].series)
                 st = locate_study(study, stack, locator, problem, group=group, series=str(series_dir))
             except Exception as exc:  # one bad study must never stop the run: it gets the prior
-                st = LocatedStudy(study, None, None, f"{series_dir}: {type(exc).__name__}: {exc}")
+                st = LocatedStudy(study, {}, None, f"{series_dir}: {type(exc).__name__}: {exc}")
             st.seconds = time.perf_counter() - t0
             located.append(st)
             progress.step()
     log.info(f"{group}: localised {sum(s.locations is not None for s in located)} of {len(located)} studies "
              f"({(time.perf_counter() - started) / max(len(located), 1):.2f} s per study: reading and localising)")
     return located
+
+
+def locate_foramina_split(data_dir: Path, split: str, output_dir: Path, group: str, device: torch.device,
+                          folds: pd.Series | None = None, anchors: list[LocatedStudy] | None = None) -> list[LocatedStudy]:
+    """The foraminal group's locator (``foramina.py``) on every listed study: each Sagittal T1 series
+    of the study, from the spinal canal points the level localiser places on its Sagittal T2/STIR
+    (located here when ``anchors`` is not given). A study without readable T1, or without spinal
+    points to start from, gets no locations and a problem that names it (prior rows); a level whose
+    foramen no T1 series reaches gets prior rows and a log line."""
+    if anchors is None:
+        anchors = locate_split(data_dir, split, output_dir, "spinal", device, folds)
+    anchor = {st.study_id: st for st in anchors}
+    series = _all_study_series(data_dir, split, GROUPS[group].series)
+    if folds is None:
+        assigned = {None: sorted(series)}
+    else:
+        assigned = {int(f): sorted(s for s in folds.index[folds == f] if s in series) for f in sorted(folds.unique())}
+    located: list[LocatedStudy] = []
+    root = RunLayout(output_dir).localizer_dir(group)
+    for fold, studies in assigned.items():
+        offsets = ForamenOffsets.load(root, folds=None if fold is None else [fold])
+        for study in studies:
+            t0 = time.perf_counter()
+            stacks, problems = {}, []
+            for series_dir in series[study]:
+                try:
+                    stack, problem = _read_stack(series_dir, GROUPS[group].series)
+                except Exception as exc:  # one bad series must never stop the run
+                    stack, problem = None, f"{series_dir}: {type(exc).__name__}: {exc}"
+                if stack is not None:
+                    stacks[str(series_dir)] = stack
+                else:
+                    problems.append(problem)
+            start = anchor.get(study)
+            if not stacks:
+                st = LocatedStudy(study, {}, None, problems[0] if problems else f"no {GROUPS[group].series} series listed")
+            elif start is None or start.locations is None:
+                reason = start.problem if start is not None else "not located"
+                st = LocatedStudy(study, stacks, None, f"no spinal canal points to start the foramina from "
+                                                       f"(Sagittal T2/STIR: {reason})")
+            else:
+                rows, outside = locate_foramina(study, canal_points(start), stacks, offsets)
+                if outside:
+                    log.info(f"study {study}: the foramen lies outside every {GROUPS[group].series} volume at "
+                             f"{', '.join(outside)}; prior rows there")
+                st = LocatedStudy(study, stacks, pd.DataFrame(rows, columns=LOCATION_COLUMNS) if rows else None,
+                                  None if rows else f"no foramen inside the {GROUPS[group].series} volume")
+            st.seconds = time.perf_counter() - t0
+            located.append(st)
+    log.info(f"{group}: located {sum(s.locations is not None for s in located)} of {len(located)} studies")
+    return located
+
+
+def report_foramen_locator(output_dir: str | Path, data_dir: str | Path, folds_path: str | Path | None = None,
+                           device: str | None = None) -> dict:
+    """The foramen locator out of fold on the training studies, as prediction runs it (from the
+    spinal localiser's points, each study by the fold models that never saw it), against the
+    labelled foramina: ``results/localizer_foraminal_report.json``."""
+    from spinegrade.data.folds import read_folds
+    from spinegrade.layout import run_folds
+    from spinegrade.train import select_device
+
+    output_dir, data_dir = Path(output_dir), Path(data_dir)
+    folds = read_folds(run_folds(RunLayout(output_dir), folds_path)).set_index("study_id")["fold"]
+    located = locate_split(data_dir, "train", output_dir, "foraminal", select_device(device), folds=folds)
+    stacks = {(st.study_id, series): stack for st in located for series, stack in st.stacks.items()}
+    return write_foramen_report(locations_table(located), stacks, data_dir, output_dir)
 
 
 def locations_table(located: list[LocatedStudy]) -> pd.DataFrame:
@@ -479,7 +604,8 @@ def predict_study(study_dir: str | Path, output_dir: str | Path, backbones: list
     out_dir = Path(out_dir) if out_dir else study_dir.parent / f"{study_dir.name}-spinegrade"
     device_ = select_device(device)
     stack = find_sagittal_t2(study_dir)
-    st = locate_study(0, stack, open_locator(output_dir, group, device_), group=group, series=str(study_dir))
+    st = locate_study(0, stack, LocalizerEnsemble(RunLayout(output_dir).localizer_dir(group), device=device_),
+                      group=group, series=str(study_dir))
     blend = blends_for(output_dir, backbones).get(group)
     if blend is None:
         raise SpinegradeError(f"{RunLayout(output_dir).trained_models}: no {group} model to grade with")

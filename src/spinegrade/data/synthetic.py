@@ -14,7 +14,10 @@ Three series are sampled from the same phantom (Sagittal T1, Sagittal T2/STIR, A
 their geometry agrees in patient space exactly as in real scans, and the label coordinates are
 the phantom's own landmarks projected on the right slice. Studies vary in size, pixel spacing,
 intensity scale, noise, bias field, instance-number start, sagittal slice direction and axial
-stack layout. The same seed gives the same bytes.
+stack layout. A few studies have no Sagittal T1 (``T1_MISSING``: graded, without foraminal points) or
+a second one (``T1_SECOND``, unlabelled), drawn from a stream of their own so that the rest of each
+study is what the seed gave before. Left and right are graded independently, so their grades differ
+as often as chance makes them. The same seed gives the same bytes.
 """
 
 from __future__ import annotations
@@ -70,6 +73,11 @@ TISSUES = {
 BODIES = ("S1", "L5", "L4", "L3", "L2", "L1", "T12")  # bottom to top
 # Disc i lies between BODIES[i] and BODIES[i + 1]; the first five are the graded levels.
 DISC_LEVELS = ("l5_s1", "l4_l5", "l3_l4", "l2_l3", "l1_l2", "t12_l1")
+
+
+# Shares of studies with a Sagittal T1 quirk the real data has: none at all, or a second T1 series.
+T1_MISSING = 0.04
+T1_SECOND = 0.06
 
 
 @dataclass
@@ -448,16 +456,24 @@ def make_study(images_dir: Path, study_id: int, index: int, split: str, settings
         (SAGITTAL_T2, "T2", sagittal_geometry(anatomy, rng, settings)),
         (AXIAL_T2, "T2", axial_geometry(anatomy, rng, settings, axial_levels)),
     ]
+    # The T1 quirks draw from a stream of their own, so the rest of a study is what it was without them.
+    quirks = _study_rng(settings.seed, index, f"{split}:t1")
+    t1_missing = quirks.random() < T1_MISSING
+    if not t1_missing and quirks.random() < T1_SECOND:  # a repeated T1 (the first one keeps the labels)
+        plan.append((SAGITTAL_T1, "T1", sagittal_geometry(anatomy, quirks, settings), quirks))
     study_uid = _uid(settings.seed, split, study_id)
     series, coordinates = [], []
     located: dict[str, tuple[int, SeriesGeometry, list[int]]] = {}
-    for number, (description, contrast, geometry) in enumerate(plan, start=1):
-        series_id = int(rng.integers(10**7, 4 * 10**9))
+    for number, (description, contrast, geometry, *own) in enumerate(plan, start=1):
+        draw = own[0] if own else rng
+        series_id = int(draw.integers(10**7, 4 * 10**9))
         n = len(geometry.positions)
-        first = int(rng.choice([1, 1, 1, int(rng.integers(2, 6000))]))
-        order = np.arange(n) if rng.random() < 0.5 else np.arange(n)[::-1]  # either left-right direction
+        first = int(draw.choice([1, 1, 1, int(draw.integers(2, 6000))]))
+        order = np.arange(n) if draw.random() < 0.5 else np.arange(n)[::-1]  # either left-right direction
         instance_numbers = [first + int(k) for k in np.argsort(order)]
-        images = _acquire(anatomy, geometry, contrast, rng)
+        images = _acquire(anatomy, geometry, contrast, draw)
+        if description == SAGITTAL_T1 and t1_missing:
+            continue  # rendered all the same: the study's other draws stay as they were
         series_dir = images_dir / str(study_id) / str(series_id)
         series_dir.mkdir(parents=True, exist_ok=True)
         series_uid = _uid(settings.seed, split, study_id, series_id)
@@ -470,7 +486,7 @@ def make_study(images_dir: Path, study_id: int, index: int, split: str, settings
             )
             write_dicom(series_dir / f"{instance_numbers[i]}.dcm", pixels, meta, compressed)
         series.append((series_id, description))
-        located[description] = (series_id, geometry, instance_numbers)
+        located.setdefault(description, (series_id, geometry, instance_numbers))
 
     labels = {}
     for condition in CONDITIONS:
@@ -480,6 +496,9 @@ def make_study(images_dir: Path, study_id: int, index: int, split: str, settings
                 labels[column] = ""  # the axial stack does not reach this level
                 continue
             labels[column] = SEVERITIES[anatomy.grades[condition][k]]
+            if CONDITION_SERIES[condition] not in located:  # a missing series: graded, but no point to show
+                rng.normal(0, 0.8, 2)  # the draw the point would have taken
+                continue
             series_id, geometry, instance_numbers = located[CONDITION_SERIES[condition]]
             i, px, py = geometry.locate(anatomy.landmark(condition, level))
             jitter = rng.normal(0, 0.8, 2)  # annotators click within a pixel or so

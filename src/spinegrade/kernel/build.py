@@ -34,6 +34,7 @@ from spinegrade.kernel import (
 )
 from spinegrade.kernel.wheels import collect_wheels
 from spinegrade.layout import RunLayout
+from spinegrade.predict import locator_files, locator_trained, needed_locators
 from spinegrade.logs import get_logger
 
 log = get_logger(__name__)
@@ -173,18 +174,14 @@ def copy_models(output_dir: Path, target: Path) -> dict:
                 shutil.copy2(finished[0] / "config.yaml", target / "configs" / f"{name}-{group}.yaml")
         info[group] = {"backbones": used, "weights": dict(zip(blend.backbones, map(float, blend.weights))),
                        "mode": blend.mode, "folds": folds}
-        if GROUPS[group].locator is None:
-            continue
-        localizer = source.localizer_dir(group)
-        if not (localizer / "slice_choice.json").is_file():
-            raise SpinegradeError(f"{localizer}: no finished {group} locator to bundle (run `make train-localizer`)")
+    for group in needed_locators([g for g in blends if GROUPS[g].locator is not None]):
+        root = source.localizer_dir(group)
+        if not locator_trained(output_dir, group):
+            raise SpinegradeError(f"{root}: no finished {group} locator to bundle (run `make train-localizer`)")
         into = dest.localizer_dir(group, existing=False)
-        into.mkdir(parents=True)
-        shutil.copy2(localizer / "slice_choice.json", into / "slice_choice.json")
-        for fold in sorted(p.parent for p in localizer.glob("fold*/best.safetensors")):
-            (into / fold.name).mkdir()
-            for file in ("localizer.json", "best.safetensors"):
-                shutil.copy2(fold / file, into / fold.name / file)
+        for file in locator_files(root, group):
+            (into / file).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / file, into / file)
     if source.priors.is_file():
         shutil.copy2(source.priors, dest.priors)
     dest.oof.mkdir()
