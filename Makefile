@@ -8,7 +8,7 @@
 #   make train BACKBONE=convnext                 one backbone, every fold
 #   make train-all                               every backbone of the method (BACKBONES), every fold
 #   make evaluate                                OOF metrics, plots and report.html for every trained backbone
-#   make train-localizer                         the level localiser (make train runs it when missing)
+#   make train-localizer                         each group's locator (make train runs it; a finished one is kept)
 #   make predict                                 localise and grade the test split: a submission
 #   make blend                                   OOF-tuned blend weights of every trained backbone
 #   make submission                              the blend on the test split: submissions/submission.csv
@@ -33,17 +33,14 @@ TRAIN_FLAGS ?=
 # Condition groups to train (spinal foraminal subarticular); empty: every group that has a locator.
 CONDITIONS ?=
 CONDITIONS_FLAG = $(if $(strip $(CONDITIONS)),--conditions $(CONDITIONS))
-# Groups whose locator exists (constants.GROUPS): the "localiser done" check covers each of them.
-LOCATOR_GROUPS ?= spinal
-# Training always resumes: finished folds are skipped, an unfinished one continues from its last epoch
-# (RESUME= starts unfinished folds over; TRAIN_FLAGS=--force retrains finished ones).
+# Training always resumes: finished folds (and finished locators) are skipped, an unfinished one continues
+# from its last epoch (RESUME= starts unfinished folds over; TRAIN_FLAGS=--force retrains finished ones).
 RESUME ?= --resume
 LOCALIZER_FLAGS ?=
 KERNELS_DIR ?= $(OUTPUT_DIR)/kernels
 KERNEL_NAME ?= spinegrade-rsna-2024
 KERNEL_FLAGS ?=
 DRY_RUN ?=
-LOCALIZER_DONE = $(foreach g,$(LOCATOR_GROUPS),$(OUTPUT_DIR)/trained_models/localizer/$(g)/slice_choice.json)
 
 # The demo keeps its own synthetic data beside (never over) a real download.
 DEMO_DATA ?= input/demo/rsna-2024-lumbar-spine-degenerative-classification
@@ -53,6 +50,10 @@ DEMO_TEST_STUDIES ?= 8
 DEMO_OUTPUT ?= runs/demo
 DEMO_BACKBONES ?= efficientnet_lite0 efficientnet_lite0_wide
 DEMO_TRAIN_FLAGS ?= --num_epochs 5
+# The foraminal group has twice the spinal group's samples (two sides): the demo trains it with one view,
+# smaller inputs and fewer epochs, to stay within minutes on 2 cores.
+DEMO_FORAMINAL_BACKBONES ?= efficientnet_lite0
+DEMO_FORAMINAL_FLAGS ?= --num_epochs 4 --image_size 96
 DEMO_LOCALIZER_FLAGS ?= --image_size 64 --num_epochs 12 --batch_size 4
 
 .PHONY: install demo test download index folds synth clean-demo train-fold train train-all evaluate train-localizer predict blend submission \
@@ -74,10 +75,12 @@ demo: install
 		--test-studies $(DEMO_TEST_STUDIES) --image-size 192 288 --seed 0
 	$(SPINEGRADE) index --data-dir $(DEMO_DATA)
 	$(SPINEGRADE) folds --data-dir $(DEMO_DATA) --n-folds $(N_FOLDS) --out $(DEMO_FOLDS)
-	@test -f $(DEMO_OUTPUT)/trained_models/localizer/spinal/slice_choice.json || $(SPINEGRADE) train-localizer \
-		--data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) --output-dir $(DEMO_OUTPUT) $(RESUME) $(DEMO_LOCALIZER_FLAGS)
-	$(SPINEGRADE) train --models $(DEMO_BACKBONES) --data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) \
-		--output-dir $(DEMO_OUTPUT) $(DEMO_TRAIN_FLAGS)
+	$(SPINEGRADE) train-localizer --data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) --output-dir $(DEMO_OUTPUT) \
+		$(RESUME) $(DEMO_LOCALIZER_FLAGS)
+	$(SPINEGRADE) train --models $(DEMO_BACKBONES) --conditions spinal --data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) \
+		--output-dir $(DEMO_OUTPUT) $(RESUME) $(DEMO_TRAIN_FLAGS)
+	$(SPINEGRADE) train --models $(DEMO_FORAMINAL_BACKBONES) --conditions foraminal --data-dir $(DEMO_DATA) \
+		--folds $(DEMO_FOLDS) --output-dir $(DEMO_OUTPUT) $(RESUME) $(DEMO_FORAMINAL_FLAGS)
 	$(SPINEGRADE) blend --output-dir $(DEMO_OUTPUT) --folds $(DEMO_FOLDS)
 	$(SPINEGRADE) evaluate --output-dir $(DEMO_OUTPUT) --folds $(DEMO_FOLDS) --data-dir $(DEMO_DATA)
 	$(SPINEGRADE) submit --data-dir $(DEMO_DATA) --output-dir $(DEMO_OUTPUT) --description demo-lite0-blend
@@ -102,9 +105,6 @@ train-localizer: install
 	$(SPINEGRADE) train-localizer --data-dir $(DATA_DIR) --folds $(FOLDS) --output-dir $(OUTPUT_DIR) $(CONDITIONS_FLAG) \
 		$(RESUME) $(LOCALIZER_FLAGS)
 
-# A run from before condition groups keeps its spinal localiser one level up: that one counts too.
-$(LOCALIZER_DONE):
-	@test -f $(OUTPUT_DIR)/trained_models/localizer/slice_choice.json || $(MAKE) train-localizer
 
 predict: install
 	$(SPINEGRADE) predict --data-dir $(DATA_DIR) --split test --output-dir $(OUTPUT_DIR)
@@ -129,12 +129,12 @@ train-fold: install
 	$(SPINEGRADE) train --models $(BACKBONE) --fold $(FOLD) --data-dir $(DATA_DIR) --folds $(FOLDS) \
 		--output-dir $(OUTPUT_DIR) $(CONDITIONS_FLAG) $(RESUME) $(TRAIN_FLAGS)
 
-train: install $(LOCALIZER_DONE)
+train: install train-localizer
 	$(SPINEGRADE) train --models $(BACKBONE) --data-dir $(DATA_DIR) --folds $(FOLDS) --output-dir $(OUTPUT_DIR) \
 		$(CONDITIONS_FLAG) $(RESUME) $(TRAIN_FLAGS)
 	$(MAKE) evaluate
 
-train-all: install $(LOCALIZER_DONE)
+train-all: install train-localizer
 	$(SPINEGRADE) train --models $(BACKBONES) --data-dir $(DATA_DIR) --folds $(FOLDS) --output-dir $(OUTPUT_DIR) \
 		$(CONDITIONS_FLAG) $(RESUME) $(TRAIN_FLAGS)
 	$(MAKE) evaluate

@@ -423,7 +423,11 @@ def test_non_dicom_files_in_a_series_folder_are_named_and_ignored(baseline, data
     (series_dir / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")  # hidden: not even looked at
     (series_dir.parent / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")  # beside the series folders
     index = build_index(dataset_copy, decode_pixels=True)
-    assert not index.problems and len(index.usable()) == len(baseline.usable())
+    named = [p for p in index.problems if p not in baseline.problems]
+    assert sorted(p.file for p in named) == sorted(str(s.relative_to(dataset_copy)) for s in strays)
+    assert all(p.kind == "unreadable_file" and "not a DICOM file" in p.message and "unlabelled file of" in p.message
+               for p in named)
+    assert len(index.usable()) == len(baseline.usable())
 
     errors: list[DicomReadError] = []
     stack = main_stack(read_series(series_dir, errors=errors))
@@ -436,6 +440,25 @@ def test_non_dicom_files_in_a_series_folder_are_named_and_ignored(baseline, data
     for stray in strays:
         assert any(str(stray) in line and "not a DICOM file" in line for line in lines)
     assert not any("skipped sample" in line for line in lines)
+
+
+def test_a_truncated_unlabelled_slice_of_a_labelled_series_is_named_by_the_data_report(baseline, dataset_copy):
+    """Prediction may read any slice of a stack, so the report reads every file of every listed series,
+    not just the labelled ones (headers only by default)."""
+    victim, _ = _victim(baseline, dataset_copy)
+    others = sorted(p for p in victim.parent.glob("*.dcm") if p != victim
+                    and p.name not in set(baseline.table["image_path"].dropna().map(lambda q: Path(q).name)))
+    unlabelled = others[0]
+    _header_cut(unlabelled)
+    (victim.parent / "scanner-log.txt").write_text("not an image\n")
+    index = build_index(dataset_copy)
+    named = {p.file: p for p in index.problems if p not in baseline.problems}
+    for path in (unlabelled, victim.parent / "scanner-log.txt"):
+        problem = named[str(path.relative_to(dataset_copy))]
+        assert problem.kind == "unreadable_file" and f"series {victim.parent.name}" in problem.message
+    report = format_report(index)
+    assert str(unlabelled.relative_to(dataset_copy)) in report and "scanner-log.txt" in report
+    assert len(index.usable()) == len(baseline.usable())  # nobody's sample was on it
 
 
 # 10 -----------------------------------------------------------------------------------------------

@@ -73,3 +73,11 @@ def test_storage_invariance_benchmark_runs(trained_run):
                    "--answers", str(trained_run["answers"] / "test.csv"), "--variants", "4:3, centred", "8 bits")
     assert [r["variant"] for r in figures["rows"]] == ["as stored", "4:3, centred", "8 bits"]
     assert all(r["studies"] == 5 and r["spinal"] > 0 for r in figures["rows"])
+
+
+def test_index_speed_benchmark_runs(synth_dataset, tmp_path):
+    out = tmp_path / "index_speed.json"
+    figures = _run("index_speed.py", "--data-dir", str(synth_dataset), "--repeats", "1", "--out", str(out))
+    assert figures["files"] > figures["series"] > 0 and figures["all_cores_files_per_s"] > 0
+    assert figures["projected_minutes_147000_files"] > 0
+    assert json.loads(out.read_text())["files"] == figures["files"]

@@ -1,7 +1,10 @@
 """Settings precedence: dataclass defaults < the registry's group defaults < the YAML's top level <
-its ``groups:`` section < flags; and configs from before condition groups."""
+its ``groups:`` section < flags; configs from before condition groups; configs found in any install."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +49,34 @@ def test_unknown_groups_are_refused_with_the_file_named(tmp_path):
         load_config(str(bad))
     with pytest.raises(SpinegradeError, match="group must be one of spinal, foraminal, subarticular"):
         load_config(str(_yaml(tmp_path, "backbone: resnet18\n")), group="lateral")
+
+
+def test_a_non_editable_install_finds_the_shipped_configs_and_trains(synth_dataset, tmp_path):
+    """``pip install .`` (not editable) into a folder of its own: run from anywhere, the published configs
+    are found inside the package, and one epoch of one fold trains."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    site = tmp_path / "site"
+    built = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                            "--no-index", "--target", str(site), str(repo)], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert (site / "spinegrade" / "configs" / "resnet18.yaml").is_file()  # a copy, not a link back to the checkout
+    assert not (site / "spinegrade" / "configs").is_symlink()
+    folds = tmp_path / "folds.csv"
+    from spinegrade.data.folds import make_folds, write_csv_atomic
+    from spinegrade.data.index import build_index
+
+    write_csv_atomic(make_folds(build_index(synth_dataset, check_images=False).labels_wide(), n_folds=2, seed=0), folds)
+    elsewhere = tmp_path / "elsewhere"  # no configs/ here: only the package's copies can answer
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    trained = subprocess.run([sys.executable, "-c", "import spinegrade, sys; print(spinegrade.__file__); "
+                              "from spinegrade.cli import main; sys.exit(main())", "train", "--models", "resnet18",
+                              "--fold", "0", "--data-dir", str(synth_dataset), "--folds", str(folds), "--output-dir",
+                              str(tmp_path / "out"), "--num_epochs", "1", "--pretrained", "false", "--image_size", "64",
+                              "--device", "cpu"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert trained.stdout.startswith(str(site))  # the installed copy ran, not the checkout
+    assert (tmp_path / "out" / "trained_models" / "resnet18" / "spinal" / "fold0" / "done.json").is_file()

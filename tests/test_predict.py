@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -109,14 +110,17 @@ def test_submission_check_refuses_bad_files(trained_run):
     sample = pd.read_csv(trained_run["data"] / "sample_submission.csv")
     good = sample.copy()
     check_submission(good, sample)
-    cases = {
-        "missing": good.iloc[1:],
-        "extra": pd.concat([good, good.iloc[:1].assign(row_id="1_spinal_canal_stenosis_l1_l2")]),
-        "nan": good.assign(severe=[np.nan] + [1 / 3] * (len(good) - 1)),
-        "negative": good.assign(normal_mild=[-0.1] + [1 / 3] * (len(good) - 1)),
+    first = good["row_id"].iloc[0]
+    cases = {  # each bad file and what the refusal must say about it
+        "1 missing": good.iloc[1:],
+        "1 extra": pd.concat([good, good.iloc[:1].assign(row_id="1_spinal_canal_stenosis_l1_l2")]),
+        f"row {first}: probabilities must be finite": good.assign(severe=[np.nan] + [1 / 3] * (len(good) - 1)),
+        f"row {first}: probabilities must be finite, non-negative": good.assign(
+            normal_mild=[-0.1] + [1 / 3] * (len(good) - 1)),
+        "duplicate row": pd.concat([good, good.iloc[:1]]),
     }
-    for name, frame in cases.items():
-        with pytest.raises(SpinegradeError):
+    for expected, frame in cases.items():
+        with pytest.raises(SpinegradeError, match=re.escape(expected)):
             check_submission(frame.reset_index(drop=True), sample)
 
 

@@ -144,10 +144,14 @@ def cmd_train_localizer(args: argparse.Namespace) -> None:
         config.pretrained = parse_bool(args.pretrained)
     from spinegrade.foramina import train_foramen_locator
     from spinegrade.localize import train_localizer
-    from spinegrade.predict import report_foramen_locator
+    from spinegrade.predict import locator_trained, report_foramen_locator
 
     for group in trained_groups(args.conditions):
         locator = GROUPS[group].locator
+        if args.resume and not args.force and locator is not None and locator_trained(args.output_dir, group):
+            log.info(f"{group}: locator already trained in {RunLayout(args.output_dir).localizer_dir(group)}; "
+                     "use --force to retrain")
+            continue
         if locator is None:
             log.warning(f"{group}: no locator to train yet; its rows are the training prior at prediction")
         elif locator == "sagittal_levels":
@@ -256,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--split", choices=["train", "test"], default="train")
     p.add_argument("--csv-only", action="store_true", help="do not look at the image files")
-    p.add_argument("--decode-pixels", action="store_true", help="decode every labelled image, not just its header")
+    p.add_argument("--decode-pixels", action="store_true", help="decode every image of the listed series, not just its header")
     p.add_argument("--examples", type=int, default=5, help="examples shown per kind of problem")
     p.add_argument("--out", type=Path, default=None, help="also write the tidy table as CSV")
     p.set_defaults(func=cmd_index)
@@ -295,8 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=Path, default=DEFAULT_FOLDS)
     p.add_argument("--output-dir", "--output_dir", type=Path, default=Path("."))
     p.add_argument("--device", default=None)
-    p.add_argument("--resume", action="store_true", help="continue an unfinished fold from its last checkpoint")
-    p.add_argument("--force", action="store_true", help="retrain folds already finished")
+    p.add_argument("--resume", action="store_true",
+                   help="keep a finished locator; continue an unfinished fold from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="retrain locators and folds already finished")
     for name, kind in (("backbone", str), ("image_size", int), ("batch_size", int), ("num_epochs", int),
                        ("learning_rate", float), ("seed", int), ("num_workers", int), ("weights", str),
                        ("pretrained", str)):

@@ -21,7 +21,19 @@ from spinegrade.constants import CONDITION_GROUP, GROUPS
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_text_atomic
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# The configs shipped with the package (a link to the repository's configs/, copied into a wheel).
+PACKAGE_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def config_dirs() -> list[Path]:
+    """Where a config name is looked up, first match wins: ``./configs/`` of the working directory (the
+    competition layout: a user's own configs), then the copies shipped inside the package, so any install
+    (editable or not) finds the published configs."""
+    dirs = []
+    for d in (Path.cwd() / "configs", PACKAGE_CONFIG_DIR):
+        if d.is_dir() and all(d.resolve() != seen.resolve() for seen in dirs):
+            dirs.append(d)
+    return dirs
 
 _TRUE = {"true", "1", "yes", "y", "on", "t"}
 _FALSE = {"false", "0", "no", "n", "off", "f"}
@@ -126,8 +138,9 @@ def _coerce(key: str, value: Any) -> Any:
     return value
 
 
-def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
-    return sorted(p.stem for p in config_dir.glob("*.yaml"))
+def available_configs(config_dir: Path | None = None) -> list[str]:
+    dirs = [config_dir] if config_dir is not None else config_dirs()
+    return sorted({p.stem for d in dirs for p in d.glob("*.yaml")})
 
 
 def _read_yaml(path: Path) -> dict:
@@ -145,23 +158,30 @@ def _read_yaml(path: Path) -> dict:
     return values
 
 
-def config_path(name_or_path: str, config_dir: Path = CONFIG_DIR) -> Path:
+def config_path(name_or_path: str, config_dir: Path | None = None) -> Path:
+    """A YAML file as given, or the first ``<name>.yaml`` of ``config_dir`` (default: :func:`config_dirs`)."""
     path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = config_dir / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise SpinegradeError(
-            f"no config {name_or_path!r} ({path}); available: {', '.join(available_configs(config_dir)) or 'none'}"
-        )
-    return path
+    if path.suffix in (".yaml", ".yml"):
+        if path.is_file():
+            return path
+        searched = [path]
+    else:
+        searched = [d / f"{name_or_path}.yaml" for d in ([config_dir] if config_dir is not None else config_dirs())]
+        for candidate in searched:
+            if candidate.is_file():
+                return candidate
+    where = ", ".join(str(p) for p in searched) or "no configs/ folder here or in the package"
+    raise SpinegradeError(
+        f"no config {name_or_path!r} ({where}); available: {', '.join(available_configs(config_dir)) or 'none'}"
+    )
 
 
-def config_group(name_or_path: str, config_dir: Path = CONFIG_DIR) -> str:
+def config_group(name_or_path: str, config_dir: Path | None = None) -> str:
     """The group a config names (``group:``, or a pre-group ``condition:``); spinal when it names none."""
     return _read_yaml(config_path(name_or_path, config_dir)).get("group", "spinal")
 
 
-def load_config(name_or_path: str, overrides: dict[str, Any] | None = None, config_dir: Path = CONFIG_DIR,
+def load_config(name_or_path: str, overrides: dict[str, Any] | None = None, config_dir: Path | None = None,
                 group: str | None = None) -> TrainConfig:
     """``name_or_path``: a config name in ``configs/`` or a YAML file, resolved for ``group`` (default:
     the group the YAML names, else spinal); ``overrides`` (flags) win over everything."""

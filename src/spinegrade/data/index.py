@@ -230,10 +230,14 @@ def _existing_files(paths: list[str]) -> set[str]:
     return found
 
 
-def _check_readable(paths: list[str], decode_pixels: bool) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
-    """(rows, columns) of each readable DICOM file among ``paths``, and the unreadable ones with the reason."""
+# Below this many files one process reads them all: starting workers costs more than it saves.
+PARALLEL_FROM = 256
+
+
+def _check_chunk(job: tuple[list[str], bool]) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
     from spinegrade.data.dicom import read_slice
 
+    paths, decode_pixels = job
     shapes, bad = {}, {}
     for p in paths:
         try:
@@ -241,6 +245,41 @@ def _check_readable(paths: list[str], decode_pixels: bool) -> tuple[dict[str, tu
         except DicomReadError as exc:
             bad[p] = exc.reason
     return shapes, bad
+
+
+def _check_readable(paths: list[str], decode_pixels: bool,
+                    workers: int | None = None) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
+    """(rows, columns) of each readable DICOM file among ``paths``, and the unreadable ones with the
+    reason; headers only unless ``decode_pixels``. Many files are shared out over the cores (reading a
+    header is mostly CPU: parsing, not waiting for the disk)."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers < 2 or len(paths) < PARALLEL_FROM:
+        return _check_chunk((paths, decode_pixels))
+    from concurrent.futures import ProcessPoolExecutor
+
+    size = max(64, len(paths) // (workers * 8))
+    jobs = [(paths[i:i + size], decode_pixels) for i in range(0, len(paths), size)]
+    shapes, bad = {}, {}
+    with ProcessPoolExecutor(workers) as pool:
+        for part_shapes, part_bad in pool.map(_check_chunk, jobs):
+            shapes.update(part_shapes)
+            bad.update(part_bad)
+    return shapes, bad
+
+
+def _series_files(series: pd.DataFrame, data_dir: Path, split: str) -> dict[str, str]:
+    """Every file in every listed series folder of the three kinds, with the series it is in (for messages)."""
+    out = {}
+    for r in series[series["series_description"].isin(SERIES_DESCRIPTIONS)].itertuples():
+        folder = data_dir / f"{split}_images" / str(r.study_id) / str(r.series_id)
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue  # reported as series_folder_missing
+        for entry in entries:
+            if entry.is_file() and not entry.name.startswith("."):  # hidden files are the file system's, never a slice
+                out[entry.path] = f"{r.series_description} series {r.series_id}"
+    return out
 
 
 def _listed_on(points: pd.DataFrame) -> dict[str, str]:
@@ -257,8 +296,9 @@ def build_index(data_dir: str | Path, split: str = "train", check_images: bool =
                 decode_pixels: bool = False) -> DataIndex:
     """Index ``split`` of the dataset in ``data_dir``.
 
-    ``check_images`` looks for every labelled file and reads its DICOM header (``decode_pixels``
-    also decodes its pixels); without it only the CSVs are read.
+    ``check_images`` looks for every labelled file and reads the DICOM header of every file in every
+    listed series of the three kinds, labelled or not (``decode_pixels`` also decodes the pixels);
+    without it only the CSVs are read.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -346,10 +386,15 @@ def build_index(data_dir: str | Path, split: str = "train", check_images: bool =
             if p not in existing and Path(p).parent.is_dir():
                 problems.append(Problem("image_missing", str(Path(p).relative_to(data_dir)), None,
                                         f"labelled instance file is absent{listed_on.get(p, '')}"))
-        shapes, unreadable = _check_readable(sorted(existing), decode_pixels)
-        for p, reason in unreadable.items():
-            problems.append(Problem("unreadable_dicom", str(Path(p).relative_to(data_dir)), None,
-                                    f"{reason}{listed_on.get(p, '')}"))
+        in_series = _series_files(series, data_dir, split)
+        shapes, unreadable = _check_readable(sorted(existing | set(in_series)), decode_pixels)
+        for p, reason in sorted(unreadable.items()):
+            if p in existing:
+                problems.append(Problem("unreadable_dicom", str(Path(p).relative_to(data_dir)), None,
+                                        f"{reason}{listed_on.get(p, '')}"))
+            else:  # nobody labelled it, but prediction may read any slice of a stack
+                problems.append(Problem("unreadable_file", str(Path(p).relative_to(data_dir)), None,
+                                        f"{reason} (unlabelled file of {in_series[p]})"))
         too_small = {p: shape for p, shape in shapes.items() if min(shape) < MIN_IMAGE_SIDE}
         for p, (rows, cols) in too_small.items():
             problems.append(Problem("image_too_small", str(Path(p).relative_to(data_dir)), None,
