@@ -30,6 +30,8 @@ BACKBONE ?= convnext
 FOLD ?= 0
 BACKBONES ?= vit swin beit efficientnet resnet152 convnext
 TRAIN_FLAGS ?=
+# Extra pytest arguments for make test, e.g. PYTEST_ARGS=--random-order (the suite in a shuffled order).
+PYTEST_ARGS ?=
 # Condition groups to train (spinal foraminal subarticular); empty: every group that has a locator.
 CONDITIONS ?=
 CONDITIONS_FLAG = $(if $(strip $(CONDITIONS)),--conditions $(CONDITIONS))
@@ -68,7 +70,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: install
 	@test -f $(DEMO_DATA)/train.csv || $(SPINEGRADE) synth $(DEMO_DATA) --studies $(DEMO_STUDIES) \
