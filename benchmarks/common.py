@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import platform
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -58,6 +59,16 @@ def logged_lines():
         logger.setLevel(level)
 
 
-def report(figures: dict) -> None:
-    """The last line of every benchmark: its figures as JSON."""
-    print(json.dumps({**figures, **machine()}))
+# Where each benchmark keeps its latest figures (benchmarks/results/<script>.json), cited by the docs;
+# SPINEGRADE_BENCHMARK_RESULTS points elsewhere (the test suite's tiny runs never overwrite them).
+RESULTS = Path(os.environ.get("SPINEGRADE_BENCHMARK_RESULTS") or Path(__file__).resolve().parent / "results")
+
+
+def report(figures: dict, out: Path | None = None) -> None:
+    """The last line of every benchmark: its figures as JSON, also written to ``out`` (default
+    ``RESULTS/<script>.json``)."""
+    figures = {**figures, **machine()}
+    out = out or RESULTS / f"{Path(sys.argv[0]).stem}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=1) + "\n")
+    print(json.dumps(figures))

@@ -5,7 +5,7 @@ dataset's 147,000 files.
 The files are those the index reads (`data.index._series_files`: every file of every listed Sagittal
 T1, Sagittal T2/STIR and Axial T2 series) and the function is the index's own (`_check_readable`,
 headers only unless --decode-pixels). Medians over --repeats; the ratio is taken within each repeat.
-Prints its figures and writes them as JSON to benchmarks/results/index_speed.json.
+Prints its figures; the last line, JSON, is also written to benchmarks/results/index_speed.json.
 
     python benchmarks/index_speed.py [--data-dir D] [--studies 12] [--repeats 3] [--decode-pixels]
 """
@@ -13,18 +13,16 @@ Prints its figures and writes them as JSON to benchmarks/results/index_speed.jso
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from common import add_data_arguments, benchmark_data, machine, report
+from common import add_data_arguments, benchmark_data, report
 from spinegrade.data.index import _check_readable, _series_files, build_index
 
 REAL_FILES = 147_000  # DICOM files in the competition's train_images
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -32,7 +30,7 @@ def main() -> None:
     add_data_arguments(parser, studies=12, sizes=(256, 384))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-pixels", action="store_true", help="decode pixels too, as `index --decode-pixels`")
-    parser.add_argument("--out", type=Path, default=RESULTS / "index_speed.json")
+    parser.add_argument("--out", type=Path, default=None, help="the JSON file (default: benchmarks/results/index_speed.json)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = benchmark_data(args, Path(tmp))
@@ -55,12 +53,10 @@ def main() -> None:
                "one_process_files_per_s": statistics.median(one), "all_cores_files_per_s": rate,
                "all_cores_over_one": statistics.median(ratios), "repeats": args.repeats,
                "projected_minutes_147000_files": REAL_FILES / rate / 60}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({**figures, **machine()}, indent=1) + "\n")
     print(f"{len(files)} files: {figures['one_process_files_per_s']:.0f} headers/s in one process, {rate:.0f}/s on "
           f"{cores} cores ({figures['all_cores_over_one']:.2f}x); 147,000 files: "
           f"{figures['projected_minutes_147000_files']:.1f} min")
-    report(figures)
+    report(figures, args.out)
 
 
 if __name__ == "__main__":

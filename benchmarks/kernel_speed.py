@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
 import tempfile
 from pathlib import Path
 
 import pandas as pd
-import torch
 
+from common import report
 from spinegrade.kernel.build import build_kernel
 from spinegrade.kernel.local import kaggle_like_environment, run_kernel_locally
 
@@ -67,12 +65,10 @@ def main() -> None:
     print(f"kernel, {studies['all']} studies: median {whole:.1f} s; {studies['half']} studies: {half:.1f} s")
     print(f"per study {per_study:.2f} s; fixed cost (Python, pip install of the bundled wheels, imports, models) {fixed:.1f} s")
     print(f"projected for {args.projected_studies} studies: {projected / 60:.1f} min on this machine")
-    print(json.dumps({"benchmark": "kernel_speed", "studies": studies["all"], "repeats": args.repeats,
-                      "kernel_seconds_median": whole, "half_seconds_median": half, "seconds_per_study": per_study,
-                      "fixed_seconds": fixed, "projected_studies": args.projected_studies,
-                      "projected_minutes": projected / 60, "sizes_mb": {k: v / 1e6 for k, v in build.sizes.items()},
-                      "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                      "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}))
+    report({"benchmark": "kernel_speed", "studies": studies["all"], "repeats": args.repeats,
+            "kernel_seconds_median": whole, "half_seconds_median": half, "seconds_per_study": per_study,
+            "fixed_seconds": fixed, "projected_studies": args.projected_studies,
+            "projected_minutes": projected / 60, "sizes_mb": {k: v / 1e6 for k, v in build.sizes.items()}})
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ outputs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from common import logged_lines
+from common import logged_lines, report
 from spinegrade.predict import predict_split, trained_backbones
 
 
@@ -66,7 +65,7 @@ def main() -> None:
           f"plus {result['model_loading_seconds_once_median']:.1f} s once to load the models, "
           f"with {', '.join(backbones)}; {args.projected_studies} studies: "
           f"{result['projected_minutes_for_studies'][str(args.projected_studies)]:.1f} min")
-    print(json.dumps(result))
+    report(result)
 
 
 if __name__ == "__main__":

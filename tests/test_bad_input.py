@@ -398,9 +398,11 @@ def test_one_pixel_image_is_skipped_and_never_a_neighbour(baseline, dataset_copy
     _shrink_to_one_pixel(neighbour)
 
     index = build_index(dataset_copy)
-    small = [p for p in index.problems if p.kind == "image_too_small"]
-    assert [p.file for p in small] == [str(labelled.relative_to(dataset_copy))]
-    assert "1x1 pixels" in small[0].message and COORDINATES in small[0].message
+    small = {p.file: p.message for p in index.problems if p.kind == "image_too_small"}
+    assert set(small) == {str(labelled.relative_to(dataset_copy)), str(neighbour.relative_to(dataset_copy))}
+    assert "1x1 pixels" in small[str(labelled.relative_to(dataset_copy))]
+    assert COORDINATES in small[str(labelled.relative_to(dataset_copy))]  # its labelled rows, by line
+    assert "unlabelled file of" in small[str(neighbour.relative_to(dataset_copy))]  # named, though no label is on it
     assert len(index.usable()) == len(baseline.usable()) - len(rows)
 
     samples, cache, lines = _cache(dataset_copy, tmp_path / "cache", logged)

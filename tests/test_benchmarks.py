@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, *args: str) -> dict:
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
-                            timeout=600)
+    """The script's JSON line; its results file goes to a scratch folder, never over benchmarks/results/."""
+    with tempfile.TemporaryDirectory() as scratch:
+        env = {**os.environ, "SPINEGRADE_BENCHMARK_RESULTS": scratch}
+        result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                                text=True, timeout=600, env=env)
+        written = sorted(Path(scratch).glob("*.json"))
+        if result.returncode == 0 and "--out" not in args:
+            assert [p.name for p in written] == [f"{Path(script).stem}.json"]
+            assert json.loads(written[0].read_text()) == json.loads(result.stdout.strip().splitlines()[-1])
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

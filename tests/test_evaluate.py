@@ -118,18 +118,25 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert shot.is_file() and shot.stat().st_size > 20000
 
 
-def test_end_to_end_column_grades_held_out_studies_at_the_localisers_points(trained_run):
-    summary = run_evaluation(trained_run["out"], trained_run["folds"], data_dir=trained_run["data"])
-    assert set(summary["group"]) == {"spinal"}  # the run trained the spinal group only
-    summary = summary.set_index("name")
-    for name in ("efficientnet_lite0", "efficientnet_lite0_wide"):
-        assert np.isfinite(summary.loc[name, "score_localised"])
-        localised = pd.read_csv(trained_run["out"] / "oof" / "localised" / "spinal" / f"{name}.csv")
-        oof = pd.concat([pd.read_csv(p) for p in (trained_run["out"] / "oof" / name / "spinal").glob("fold*.csv")])
-        assert set(localised["row_id"]) == set(oof["row_id"])  # the same held-out levels, located instead
-        # Every study is located by the fold localiser that never saw it: same fold on both sides.
+def test_end_to_end_column_grades_held_out_studies_at_the_localisers_points(trained_run, tmp_path):
+    out = tmp_path / "run"  # evaluation writes its results and report: into a copy of the shared run
+    shutil.copytree(trained_run["out"], out, ignore=shutil.ignore_patterns("last.pt", "cache"))
+    summary = run_evaluation(out, trained_run["folds"], data_dir=trained_run["data"])
+    assert set(summary["group"]) == {"spinal", "foraminal"}  # the groups the run trained
+    summary = summary.set_index(["name", "group"])
+    for name, group in (("efficientnet_lite0", "spinal"), ("efficientnet_lite0_wide", "spinal"),
+                        ("efficientnet_lite0", "foraminal")):
+        assert np.isfinite(summary.loc[(name, group), "score_localised"])
+        localised = pd.read_csv(out / "oof" / "localised" / group / f"{name}.csv")
+        oof = pd.concat([pd.read_csv(p) for p in (out / "oof" / name / group).glob("fold*.csv")])
+        if group == "spinal":
+            assert set(localised["row_id"]) == set(oof["row_id"])  # the same held-out levels, located instead
+        else:  # a foramen outside its T1 volume is left to the prior
+            assert set(localised["row_id"]) <= set(oof["row_id"]) and len(localised) >= 0.9 * len(oof)
+        # Every study is located by the fold locator that never saw it: same fold on both sides.
         merged = localised.merge(oof, on="row_id", suffixes=("_loc", ""))
         assert (merged["fold_loc"] == merged["fold"]).all()
-    assert summary.loc["efficientnet_lite0", "score_localised"] < summary.loc["class_prior", "score"]
-    page = (trained_run["out"] / "report.html").read_text()
+    for group in ("spinal", "foraminal"):
+        assert summary.loc[("efficientnet_lite0", group), "score_localised"] < summary.loc[("class_prior", group), "score"]
+    page = (out / "report.html").read_text()
     assert "score_localised" in page

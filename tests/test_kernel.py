@@ -69,21 +69,25 @@ def _weights_in(models_dir: Path) -> set[str]:
 def test_models_dataset_holds_exactly_the_blends_weights(built, trained_run, tmp_path):
     models = built["build"].models_dir
     trained = trained_run["out"] / "trained_models"
-    expected = {str(p.relative_to(trained.parent)) for p in trained.glob("*/spinal/fold*/best.safetensors")}
-    assert len(expected) == 3 * 3  # both backbones (3 folds each) and the localiser's 3 folds
+    expected = {str(p.relative_to(trained.parent)) for p in trained.glob("*/*/fold*/best.safetensors")}
+    # spinal: both backbones (3 folds each); foraminal: lite0 (3 folds); the level localiser's 3 folds
+    assert len(expected) == 4 * 3
     assert _weights_in(models) == expected
+    assert (models / "trained_models" / "localizer" / "foraminal" / "offsets.json").is_file()  # the foramen locator
     assert (models / "oof" / "blend.json").is_file() and (models / MODELS_MARKER).is_file()
     marker = json.loads((models / MODELS_MARKER).read_text())
-    assert list(marker["groups"]) == ["spinal"]
+    assert list(marker["groups"]) == ["spinal", "foraminal"]
     assert set(marker["groups"]["spinal"]["backbones"]) == {"efficientnet_lite0", "efficientnet_lite0_wide"}
-    assert {p.name for p in (models / "configs").iterdir()} == {"efficientnet_lite0-spinal.yaml",
-                                                                 "efficientnet_lite0_wide-spinal.yaml"}
+    assert marker["groups"]["foraminal"]["backbones"] == ["efficientnet_lite0"]
+    assert {p.name for p in (models / "configs").iterdir()} == {
+        "efficientnet_lite0-spinal.yaml", "efficientnet_lite0_wide-spinal.yaml", "efficientnet_lite0-foraminal.yaml"}
     assert not list(models.rglob("last.pt"))  # resumable training state stays home
 
-    # A blend that gives one backbone no weight: that backbone's weights stay out.
+    # A blend that gives one backbone no spinal weight: that backbone's spinal weights stay out.
     out = _blend_output(trained_run, tmp_path / "out", weights=[0.0, 1.0])
     only_wide = build_kernel(out, username="tester", offline=True).models_dir
-    assert {p.split("/")[1] for p in _weights_in(only_wide)} == {"efficientnet_lite0_wide", "localizer"}
+    assert {tuple(p.split("/")[1:3]) for p in _weights_in(only_wide)} == {
+        ("efficientnet_lite0_wide", "spinal"), ("efficientnet_lite0", "foraminal"), ("localizer", "spinal")}
 
 
 def test_kernel_runs_offline_in_a_kaggle_like_environment_and_matches_the_local_submission(built, trained_run, tmp_path):

@@ -396,10 +396,12 @@ def build_index(data_dir: str | Path, split: str = "train", check_images: bool =
                 problems.append(Problem("unreadable_file", str(Path(p).relative_to(data_dir)), None,
                                         f"{reason} (unlabelled file of {in_series[p]})"))
         too_small = {p: shape for p, shape in shapes.items() if min(shape) < MIN_IMAGE_SIDE}
-        for p, (rows, cols) in too_small.items():
+        for p, (rows, cols) in sorted(too_small.items()):
+            what = ("its samples are skipped" if p in existing
+                    else f"unlabelled file of {in_series[p]}, never read as a slice")
             problems.append(Problem("image_too_small", str(Path(p).relative_to(data_dir)), None,
                                     f"{rows}x{cols} pixels (rows x columns) is too small to grade{listed_on.get(p, '')}; "
-                                    "its samples are skipped"))
+                                    f"{what}"))
         readable = table["image_path"].isin(existing - set(unreadable) - set(too_small))
         # A point outside its image would be graded on an empty (black) crop.
         rows_of = table["image_path"].map(lambda p: shapes[p][0] if p in shapes else np.nan)
