@@ -173,15 +173,14 @@ def write_foramen_report(located: pd.DataFrame, stacks: dict[tuple[int, str], St
     per level and side. ``stacks``: (study, series) -> the stack the rows index."""
     table = build_index(data_dir, check_images=False).table
     labelled = table[table["condition"].isin(GROUPS[GROUP].conditions) & table["instance_number"].notna()]
+    by_key = {(h.study_id, h.condition, h.level, h.series): h for h in located.itertuples()}
     rows = []
     for r in labelled.itertuples():
         series = str(Path(r.image_path).parent)
-        hit = located[(located["study_id"] == r.study_id) & (located["condition"] == r.condition)
-                      & (located["level"] == r.level) & (located["series"] == series)]
+        h = by_key.get((r.study_id, r.condition, r.level, series))
         stack = stacks.get((r.study_id, series))
-        if hit.empty or stack is None:
+        if h is None or stack is None:
             continue
-        h = hit.iloc[0]
         k_found, k_label = stack.index_of_instance(int(h.instance_number)), stack.index_of_instance(int(r.instance_number))
         if k_found is None or k_label is None:
             continue

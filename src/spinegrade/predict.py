@@ -193,7 +193,7 @@ def model_inputs(study: LocatedStudy, settings: PreprocessSettings) -> np.ndarra
     """(rows of its locations, H, W) uint8: the images a model of ``settings`` grades, made exactly as
     training's cache makes them (neighbouring slices are not needed here)."""
     single = dataclasses.replace(settings, neighbours=0)
-    windows: dict[tuple[str, int], dict] = {}  # per series: a stack's intensity windows
+    windows: dict[str, dict] = {}  # per series: its slices' intensity windows
     images = []
     for r in study.locations.itertuples():
         stack = study.stacks[r.series]
@@ -456,6 +456,14 @@ def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, back
     return per_backbone, submission
 
 
+def _by_fold(studies, folds: pd.Series | None) -> dict[int | None, list[int]]:
+    """``studies`` grouped by the fold whose locator locates them (study -> fold in ``folds``), or all
+    under None (the locator of every fold together)."""
+    if folds is None:
+        return {None: sorted(studies)}
+    return {int(f): sorted(s for s in folds.index[folds == f] if s in studies) for f in sorted(folds.unique())}
+
+
 def locate_split(data_dir: Path, split: str, output_dir: Path, group: str, device: torch.device,
                  folds: pd.Series | None = None, anchors: list[LocatedStudy] | None = None) -> list[LocatedStudy]:
     """Every listed study of ``split`` located for ``group`` on its series. With ``folds`` (study ->
@@ -464,10 +472,7 @@ def locate_split(data_dir: Path, split: str, output_dir: Path, group: str, devic
     if GROUPS[group].locator == "sagittal_foramina":
         return locate_foramina_split(data_dir, split, output_dir, group, device, folds, anchors)
     series = _study_series(data_dir, split, GROUPS[group].series)
-    if folds is None:
-        assigned = {None: sorted(series)}
-    else:
-        assigned = {int(f): sorted(s for s in folds.index[folds == f] if s in series) for f in sorted(folds.unique())}
+    assigned = _by_fold(series, folds)
     located: list[LocatedStudy] = []
     started = time.perf_counter()
     progress = Progress(len(series), "localised")
@@ -501,10 +506,7 @@ def locate_foramina_split(data_dir: Path, split: str, output_dir: Path, group: s
         anchors = locate_split(data_dir, split, output_dir, "spinal", device, folds)
     anchor = {st.study_id: st for st in anchors}
     series = _all_study_series(data_dir, split, GROUPS[group].series)
-    if folds is None:
-        assigned = {None: sorted(series)}
-    else:
-        assigned = {int(f): sorted(s for s in folds.index[folds == f] if s in series) for f in sorted(folds.unique())}
+    assigned = _by_fold(series, folds)
     located: list[LocatedStudy] = []
     root = RunLayout(output_dir).localizer_dir(group)
     for fold, studies in assigned.items():
