@@ -38,18 +38,18 @@ def real_metadata() -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-    """A whole small run: 30+5 synthetic studies, 3 folds, the spinal localiser and the foramen locator,
-    two EfficientNet-Lite0 configs (48 and 72 mm crops) on the spinal group and one on the foraminal
-    group, every fold.
+    """A whole small run: 30+5 synthetic studies, 3 folds, the spinal localiser and the two offsets
+    locators (foramina, lateral recesses), two EfficientNet-Lite0 configs (48 and 72 mm crops) on the
+    spinal group and one on each of the foraminal and subarticular groups, every fold.
 
     Settings are tiny (CPU, seconds per fold) but every stage is the real one.
     """
     from spinegrade.config import LocalizerConfig, load_config
     from spinegrade.data.folds import make_folds, write_csv_atomic
     from spinegrade.data.index import build_index
-    from spinegrade.foramina import train_foramen_locator
     from spinegrade.localize import train_localizer
-    from spinegrade.predict import report_foramen_locator
+    from spinegrade.offsets import train_offsets
+    from spinegrade.predict import report_offset_locator
     from spinegrade.train import train_fold
 
     root = tmp_path_factory.mktemp("run")
@@ -59,18 +59,21 @@ def trained_run(tmp_path_factory):
     write_csv_atomic(make_folds(build_index(data, check_images=False).labels_wide(), n_folds=3, seed=0), folds)
     out = root / "out"
     report = train_localizer(LocalizerConfig(image_size=64, num_epochs=25, batch_size=4), data, folds, out)
-    train_foramen_locator(data, folds, out)
-    foramen_report = report_foramen_locator(out, data, folds, device="cpu")
+    offsets_reports = {}
+    for group in ("foraminal", "subarticular"):
+        train_offsets(data, folds, out, group)
+        offsets_reports[group] = report_offset_locator(out, data, group, folds, device="cpu")
     small = {"image_size": 64, "batch_size": 16, "num_workers": 0, "num_epochs": 5}
     for name in ("efficientnet_lite0", "efficientnet_lite0_wide"):
         config = load_config(name, small)
         for fold in range(3):
             train_fold(config, data, folds, out, fold)
-    foraminal = load_config("efficientnet_lite0", {**small, "num_epochs": 3}, group="foraminal")
-    for fold in range(3):
-        train_fold(foraminal, data, folds, out, fold)
+    for group in ("foraminal", "subarticular"):
+        config = load_config("efficientnet_lite0", {**small, "num_epochs": 3}, group=group)
+        for fold in range(3):
+            train_fold(config, data, folds, out, fold)
     return {"data": data, "folds": folds, "out": out, "answers": root / "data-answers", "localizer_report": report,
-            "foramen_report": foramen_report}
+            "foramen_report": offsets_reports["foraminal"], "subarticular_report": offsets_reports["subarticular"]}
 
 
 @pytest.fixture

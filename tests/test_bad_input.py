@@ -56,7 +56,7 @@ from spinegrade.data.preprocess import PreprocessSettings, build_cache
 from spinegrade.errors import DicomReadError, SpinegradeError
 
 SPINAL = "spinal_canal_stenosis"
-SETTINGS = PreprocessSettings(SPINAL, "crop", image_size=32, crop_mm=40.0)
+SETTINGS = PreprocessSettings("spinal", "crop", image_size=32, crop_mm=40.0)
 COORDINATES = "train_label_coordinates.csv"
 SERIES = "train_series_descriptions.csv"
 # Settings of a training run that stops before its first epoch: what matters is how it stops.

@@ -78,12 +78,12 @@ def test_crop_keeps_physical_scale_and_centres_the_point():
     pixels[100, 150] = 1000.0  # one bright pixel at x=150, y=100
     pixels[100, 160] = 1000.0  # another 10 columns right: 5 mm at 0.5 mm between columns
     pixels[110, 150] = 1000.0  # another 10 rows down: 8 mm at 0.8 mm between rows
-    settings = PreprocessSettings("spinal_canal_stenosis", "crop", image_size=41, crop_mm=41.0)
+    settings = PreprocessSettings("spinal", "crop", image_size=41, crop_mm=41.0)
     out = prepare_image(pixels, (0.8, 0.5), 150.0, 100.0, settings)  # (row spacing, column spacing)
     # 1 mm per output pixel: the point at the centre (20, 20), the others 5 pixels right and 8 down.
     assert out[20, 20] > 30 and out[20, 25] > 30 and out[28, 20] > 30
     assert out[20, 28] < 30 and out[25, 20] < 30
-    full = prepare_image(pixels, (0.5, 0.5), 150.0, 100.0, PreprocessSettings("spinal_canal_stenosis", "full", 64, 48.0))
+    full = prepare_image(pixels, (0.5, 0.5), 150.0, 100.0, PreprocessSettings("spinal", "full", 64, 48.0))
     assert full.shape == (64, 64) and full.dtype == np.uint8
 
 

@@ -46,7 +46,7 @@ def test_square_view_shows_the_same_millimetres_whatever_the_matrix():
 
 def test_whole_slice_input_keeps_the_slice_shape():
     """``input: full`` (the published method's whole slice) letterboxes a 4:3 slice instead of squashing it."""
-    settings = PreprocessSettings("spinal_canal_stenosis", "full", 64, 0.0)
+    settings = PreprocessSettings("spinal", "full", 64, 0.0)
     pixels = _disc_phantom((300, 400), (0.5, 0.5), (100.0, 75.0), radius_mm=30.0)
     image = prepare_image(pixels, (0.5, 0.5), 0.0, 0.0, settings)
     assert image.shape == (64, 64)

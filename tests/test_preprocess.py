@@ -11,7 +11,7 @@ import pytest
 from spinegrade.data.index import build_index
 from spinegrade.data.preprocess import PreprocessSettings, _write_cache, build_cache
 
-SETTINGS = PreprocessSettings("spinal_canal_stenosis", "crop", image_size=32, crop_mm=40.0)
+SETTINGS = PreprocessSettings("spinal", "crop", image_size=32, crop_mm=40.0)
 
 
 def _samples(data_dir):
@@ -33,7 +33,7 @@ def test_cache_is_reused_and_carries_current_labels_and_folds(synth_dataset, tmp
     merged = second.samples.merge(changed, on=["study_id", "condition", "level"], suffixes=("", "_expected"))
     assert (merged["fold"] == merged["fold_expected"]).all() and (merged["severity"] == merged["severity_expected"]).all()
     # Other settings: another cache.
-    other = build_cache(samples, PreprocessSettings("spinal_canal_stenosis", "full", 32, 40.0), tmp_path, workers=1)
+    other = build_cache(samples, PreprocessSettings("spinal", "full", 32, 40.0), tmp_path, workers=1)
     assert other.directory != first.directory and not np.array_equal(other.images, first.images)
 
 

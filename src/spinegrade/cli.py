@@ -142,9 +142,9 @@ def cmd_train_localizer(args: argparse.Namespace) -> None:
             setattr(config, name, getattr(args, name))
     if args.pretrained is not None:
         config.pretrained = parse_bool(args.pretrained)
-    from spinegrade.foramina import train_foramen_locator
     from spinegrade.localize import train_localizer
-    from spinegrade.predict import locator_trained, report_foramen_locator
+    from spinegrade.offsets import train_offsets
+    from spinegrade.predict import OFFSET_LOCATORS, locator_trained, report_offset_locator
 
     for group in trained_groups(args.conditions):
         locator = GROUPS[group].locator
@@ -157,9 +157,9 @@ def cmd_train_localizer(args: argparse.Namespace) -> None:
         elif locator == "sagittal_levels":
             train_localizer(config, args.data_dir, args.folds, args.output_dir, device=args.device,
                             resume=args.resume, force=args.force)
-        elif locator == "sagittal_foramina":  # starts from the spinal localiser's points: trained after it
-            train_foramen_locator(args.data_dir, args.folds, args.output_dir)
-            report_foramen_locator(args.output_dir, args.data_dir, args.folds, device=args.device)
+        elif locator in OFFSET_LOCATORS:  # starts from the spinal localiser's points: trained after it
+            train_offsets(args.data_dir, args.folds, args.output_dir, group)
+            report_offset_locator(args.output_dir, args.data_dir, group, args.folds, device=args.device)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

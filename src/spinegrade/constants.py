@@ -38,6 +38,9 @@ class ConditionGroup:
     crop_mm: float
     locator: str | None  # what places its points on a study without coordinates; None: none yet (prior rows)
     any_severe_term: str | None = None  # the per-study "any level Severe" term the metric adds, if any
+    # Crops of both sides shown in one orientation (each side's lateral edge to the image's right): on an
+    # axial slice the two sides are mirror images, so one model grades both from one view of the anatomy.
+    turn_by_side: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ GROUPS: dict[str, ConditionGroup] = {g.name: g for g in (
     ConditionGroup("foraminal", ("left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing"), SAGITTAL_T1,
                    input="crop", crop_mm=40.0, locator="sagittal_foramina"),
     ConditionGroup("subarticular", ("left_subarticular_stenosis", "right_subarticular_stenosis"), AXIAL_T2,
-                   input="crop", crop_mm=40.0, locator=None),
+                   input="crop", crop_mm=40.0, locator="axial_subarticular", turn_by_side=True),
 )}
 METRIC_GROUPS: tuple[str, ...] = tuple(GROUPS)
 

@@ -50,9 +50,11 @@ from spinegrade.data.preprocess import PreprocessSettings, centre_view, prepare_
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_csv_atomic, write_text_atomic
 from spinegrade.layout import RunLayout
-from spinegrade.foramina import ANCHOR_GROUP as FORAMEN_ANCHOR
-from spinegrade.foramina import MARKER as FORAMEN_MARKER
-from spinegrade.foramina import ForamenOffsets, locate_foramina, write_foramen_report
+from spinegrade.foramina import locate_foramina
+from spinegrade.offsets import ANCHOR_GROUP as OFFSETS_ANCHOR
+from spinegrade.offsets import MARKER as OFFSETS_MARKER
+from spinegrade.offsets import PointOffsets, find_instance, write_offset_report
+from spinegrade.subarticular import locate_subarticular
 from spinegrade.localize import LocalizerEnsemble
 from spinegrade.logs import get_logger
 from spinegrade.metrics import prior_for, prior_table
@@ -102,20 +104,26 @@ class LocatedStudy:
     of the locations table, whose ``series`` names a key of ``stacks``); ``problem`` says why it has none."""
 
     study_id: int
-    stacks: dict[str, Stack]  # series -> its stack; only the chosen slices keep their pixels
+    stacks: dict[str, list[Stack]]  # series -> its stacks; only the chosen slices keep their pixels
     locations: pd.DataFrame | None
     problem: str | None = None
     seconds: float = 0.0
 
     @property
     def stack(self) -> Stack | None:
-        """The first series' stack (a group read on one series has one)."""
-        return next(iter(self.stacks.values()), None)
+        """The first series' main stack (a group read on one sagittal series has one)."""
+        return main_stack(next(iter(self.stacks.values()), []))
+
+    def stack_at(self, row) -> tuple[Stack, int]:
+        """The stack a locations row points into, and the index of its slice there."""
+        stacks = self.stacks[row.series]
+        j, k = find_instance(stacks, int(row.instance_number))
+        return stacks[j], k
 
     def slice_of(self, row) -> Slice:
         """The slice a locations row points at."""
-        stack = self.stacks[row.series]
-        return stack.slices[stack.index_of_instance(int(row.instance_number))]
+        stack, k = self.stack_at(row)
+        return stack.slices[k]
 
 
 def locate_sagittal_levels(study_id: int, stack: Stack | None, series: str, group: str, localizer: LocalizerEnsemble,
@@ -138,7 +146,7 @@ def locate_sagittal_levels(study_id: int, stack: Stack | None, series: str, grou
     instance = stack.slices[located.slice_index].instance_number
     rows = [[study_id, condition, level, series, instance, float(x), float(y), "localised"]
             for condition in GROUPS[group].conditions for level, (x, y) in zip(LEVELS, located.points)]
-    return LocatedStudy(study_id, {series: stack}, pd.DataFrame(rows, columns=LOCATION_COLUMNS),
+    return LocatedStudy(study_id, {series: [stack]}, pd.DataFrame(rows, columns=LOCATION_COLUMNS),
                         seconds=time.perf_counter() - started)
 
 
@@ -156,9 +164,13 @@ def locate_study(study_id: int, stack: Stack | None, localizer: LocalizerEnsembl
 
 
 # What marks each locator finished in its folder (written last by its training).
-LOCATOR_MARKERS = {"sagittal_levels": "slice_choice.json", "sagittal_foramina": FORAMEN_MARKER}
+LOCATOR_MARKERS = {"sagittal_levels": "slice_choice.json", "sagittal_foramina": OFFSETS_MARKER,
+                   "axial_subarticular": OFFSETS_MARKER}
 # The groups whose located points a locator starts from.
-LOCATOR_ANCHORS = {"sagittal_foramina": [FORAMEN_ANCHOR]}
+LOCATOR_ANCHORS = {"sagittal_foramina": [OFFSETS_ANCHOR], "axial_subarticular": [OFFSETS_ANCHOR]}
+# The locators that place points at learned offsets from the spinal canal (offsets.py), and how each
+# reads its series.
+OFFSET_LOCATORS = {"sagittal_foramina": locate_foramina, "axial_subarticular": locate_subarticular}
 
 
 def locator_trained(output_dir: Path, group: str) -> bool:
@@ -196,9 +208,9 @@ def model_inputs(study: LocatedStudy, settings: PreprocessSettings) -> np.ndarra
     windows: dict[str, dict] = {}  # per series: its slices' intensity windows
     images = []
     for r in study.locations.itertuples():
-        stack = study.stacks[r.series]
-        canvases = prepare_stack(stack, stack.index_of_instance(int(r.instance_number)), r.x, r.y, single,
-                                 windows.setdefault(r.series, {}))
+        stack, k = study.stack_at(r)
+        canvases = prepare_stack(stack, k, r.x, r.y, single, windows.setdefault(f"{r.series}:{id(stack)}", {}),
+                                 condition=r.condition)
         images.append(centre_view(canvases, settings.image_size))
     return np.stack(images)
 
@@ -286,19 +298,25 @@ def _all_study_series(data_dir: Path, split: str, description: str) -> dict[int,
     return out
 
 
-def _read_stack(series_dir: Path | None, description: str = SAGITTAL_T2) -> tuple[Stack | None, str | None]:
+def _read_stacks(series_dir: Path | None, description: str = SAGITTAL_T2) -> tuple[list[Stack], str | None]:
+    """Every stack of a series (headers only: the locator decodes the slices it chooses), or a problem."""
     if series_dir is None:
-        return None, f"no {description} series listed"
+        return [], f"no {description} series listed"
     if not series_dir.is_dir():
-        return None, f"{series_dir}: series folder absent"
+        return [], f"{series_dir}: series folder absent"
     errors: list[DicomReadError] = []
-    stacks = read_series(series_dir, with_pixels=False, errors=errors)  # the locator decodes its slice
+    stacks = read_series(series_dir, with_pixels=False, errors=errors)
     # Placeholder images (under 8 pixels a side) are no slice to grade, as in training.
-    stack = main_stack([Stack(kept) for kept in ([s for s in st.slices if min(s.shape) >= MIN_IMAGE_SIDE]
-                                                 for st in stacks) if kept])
-    if stack is None:
-        return None, f"{series_dir}: no readable DICOM file" + (f" ({errors[0]})" if errors else "")
-    return stack, None
+    stacks = [Stack(kept) for kept in ([s for s in st.slices if min(s.shape) >= MIN_IMAGE_SIDE] for st in stacks) if kept]
+    if not stacks:
+        return [], f"{series_dir}: no readable DICOM file" + (f" ({errors[0]})" if errors else "")
+    return stacks, None
+
+
+def _read_stack(series_dir: Path | None, description: str = SAGITTAL_T2) -> tuple[Stack | None, str | None]:
+    """The series' main stack (the most slices), or a problem."""
+    stacks, problem = _read_stacks(series_dir, description)
+    return main_stack(stacks), problem
 
 
 def submission_frame(study_ids: list[int], graded: dict[str, dict[str, dict[int, dict[str, np.ndarray]]]],
@@ -469,8 +487,8 @@ def locate_split(data_dir: Path, split: str, output_dir: Path, group: str, devic
     """Every listed study of ``split`` located for ``group`` on its series. With ``folds`` (study ->
     fold), each study by the locator of the fold that never saw it (out of fold). ``anchors``: the
     spinal group's located studies, when already at hand (the foramina start from them)."""
-    if GROUPS[group].locator == "sagittal_foramina":
-        return locate_foramina_split(data_dir, split, output_dir, group, device, folds, anchors)
+    if GROUPS[group].locator in OFFSET_LOCATORS:
+        return locate_offsets_split(data_dir, split, output_dir, group, device, folds, anchors)
     series = _study_series(data_dir, split, GROUPS[group].series)
     assigned = _by_fold(series, folds)
     located: list[LocatedStudy] = []
@@ -495,68 +513,71 @@ def locate_split(data_dir: Path, split: str, output_dir: Path, group: str, devic
     return located
 
 
-def locate_foramina_split(data_dir: Path, split: str, output_dir: Path, group: str, device: torch.device,
-                          folds: pd.Series | None = None, anchors: list[LocatedStudy] | None = None) -> list[LocatedStudy]:
-    """The foraminal group's locator (``foramina.py``) on every listed study: each Sagittal T1 series
-    of the study, from the spinal canal points the level localiser places on its Sagittal T2/STIR
-    (located here when ``anchors`` is not given). A study without readable T1, or without spinal
-    points to start from, gets no locations and a problem that names it (prior rows); a level whose
-    foramen no T1 series reaches gets prior rows and a log line."""
+def locate_offsets_split(data_dir: Path, split: str, output_dir: Path, group: str, device: torch.device,
+                         folds: pd.Series | None = None, anchors: list[LocatedStudy] | None = None) -> list[LocatedStudy]:
+    """A group placed at learned offsets from the spinal canal (``OFFSET_LOCATORS``: the foramina on
+    Sagittal T1, the lateral recesses on Axial T2) on every listed study: every series of the group's
+    description, from the spinal canal points the level localiser places on the Sagittal T2/STIR
+    (located here when ``anchors`` is not given). A study without a readable series of the group, or
+    without spinal points to start from, gets no locations and a problem that names it (prior rows);
+    a level that no series reaches gets prior rows and a log line."""
     if anchors is None:
-        anchors = locate_split(data_dir, split, output_dir, "spinal", device, folds)
+        anchors = locate_split(data_dir, split, output_dir, OFFSETS_ANCHOR, device, folds)
     anchor = {st.study_id: st for st in anchors}
-    series = _all_study_series(data_dir, split, GROUPS[group].series)
+    description = GROUPS[group].series
+    locate = OFFSET_LOCATORS[GROUPS[group].locator]
+    series = _all_study_series(data_dir, split, description)
     assigned = _by_fold(series, folds)
     located: list[LocatedStudy] = []
     root = RunLayout(output_dir).localizer_dir(group)
     for fold, studies in assigned.items():
-        offsets = ForamenOffsets.load(root, folds=None if fold is None else [fold])
+        offsets = PointOffsets.load(root, folds=None if fold is None else [fold])
         for study in studies:
             t0 = time.perf_counter()
             stacks, problems = {}, []
             for series_dir in series[study]:
                 try:
-                    stack, problem = _read_stack(series_dir, GROUPS[group].series)
+                    found, problem = _read_stacks(series_dir, description)
                 except Exception as exc:  # one bad series must never stop the run
-                    stack, problem = None, f"{series_dir}: {type(exc).__name__}: {exc}"
-                if stack is not None:
-                    stacks[str(series_dir)] = stack
+                    found, problem = [], f"{series_dir}: {type(exc).__name__}: {exc}"
+                if found:
+                    stacks[str(series_dir)] = found
                 else:
                     problems.append(problem)
             start = anchor.get(study)
             if not stacks:
-                st = LocatedStudy(study, {}, None, problems[0] if problems else f"no {GROUPS[group].series} series listed")
+                st = LocatedStudy(study, {}, None, problems[0] if problems else f"no {description} series listed")
             elif start is None or start.locations is None:
                 reason = start.problem if start is not None else "not located"
-                st = LocatedStudy(study, stacks, None, f"no spinal canal points to start the foramina from "
+                st = LocatedStudy(study, stacks, None, f"no spinal canal points to start the {group} points from "
                                                        f"(Sagittal T2/STIR: {reason})")
             else:
-                rows, outside = locate_foramina(study, canal_points(start), stacks, offsets)
+                rows, outside = locate(study, canal_points(start), stacks, offsets)
                 if outside:
-                    log.info(f"study {study}: the foramen lies outside every {GROUPS[group].series} volume at "
+                    log.info(f"study {study}: no {description} series reaches the {group} points at "
                              f"{', '.join(outside)}; prior rows there")
                 st = LocatedStudy(study, stacks, pd.DataFrame(rows, columns=LOCATION_COLUMNS) if rows else None,
-                                  None if rows else f"no foramen inside the {GROUPS[group].series} volume")
+                                  None if rows else f"no {group} point inside the {description} volume")
             st.seconds = time.perf_counter() - t0
             located.append(st)
     log.info(f"{group}: located {sum(s.locations is not None for s in located)} of {len(located)} studies")
     return located
 
 
-def report_foramen_locator(output_dir: str | Path, data_dir: str | Path, folds_path: str | Path | None = None,
-                           device: str | None = None) -> dict:
-    """The foramen locator out of fold on the training studies, as prediction runs it (from the
-    spinal localiser's points, each study by the fold models that never saw it), against the
-    labelled foramina: ``results/localizer_foraminal_report.json``."""
+def report_offset_locator(output_dir: str | Path, data_dir: str | Path, group: str,
+                          folds_path: str | Path | None = None, device: str | None = None) -> dict:
+    """An offsets locator out of fold on the training studies, as prediction runs it (from the spinal
+    localiser's points, each study by the fold models that never saw it), against the labelled
+    points: ``results/localizer_<group>_report.json``."""
     from spinegrade.data.folds import read_folds
     from spinegrade.layout import run_folds
     from spinegrade.train import select_device
 
     output_dir, data_dir = Path(output_dir), Path(data_dir)
     folds = read_folds(run_folds(RunLayout(output_dir), folds_path)).set_index("study_id")["fold"]
-    located = locate_split(data_dir, "train", output_dir, "foraminal", select_device(device), folds=folds)
-    stacks = {(st.study_id, series): stack for st in located for series, stack in st.stacks.items()}
-    return write_foramen_report(locations_table(located), stacks, data_dir, output_dir)
+    located = locate_split(data_dir, "train", output_dir, group, select_device(device), folds=folds)
+    stacks = {(st.study_id, series): found for st in located for series, found in st.stacks.items()}
+    return write_offset_report(locations_table(located), stacks, data_dir, output_dir, group)
 
 
 def locations_table(located: list[LocatedStudy]) -> pd.DataFrame:

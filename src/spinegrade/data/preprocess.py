@@ -32,15 +32,15 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from spinegrade.constants import CONDITION_GROUP, LEVELS
-from spinegrade.data.dicom import MIN_IMAGE_SIDE, Stack, load_pixels, read_series
+from spinegrade.constants import CONDITION_GROUP, GROUPS, LEVELS, REGISTRY
+from spinegrade.data.dicom import MIN_IMAGE_SIDE, Slice, Stack, load_pixels, read_series
 from spinegrade.errors import DicomReadError, SpinegradeError
 from spinegrade.logs import get_logger
 from spinegrade.progress import Progress
 
 log = get_logger(__name__)
 
-PREPROCESS_VERSION = 4  # 4: whole slices keep their shape, padding outside the window; 3: window after the crop
+PREPROCESS_VERSION = 5  # 5: crops of an oriented group turned by side; 4: whole slices keep their shape, padding outside the window; 3: window after the crop
 # Intensity window: robust to the scanner's arbitrary scale and to a few hot pixels.
 LOW_PERCENTILE, HIGH_PERCENTILE = 1.0, 99.5
 
@@ -227,16 +227,40 @@ def prepare_image(pixels: np.ndarray, pixel_spacing: tuple[float, float], x: flo
     return apply_window(fitted, limits)
 
 
+def side_turn(s: Slice, side: str) -> tuple[bool, bool, bool]:
+    """(transpose, flip rows, flip columns) that show a crop of slice ``s`` around one side's point with
+    that side's lateral direction to the image's right and the patient's back down.
+
+    So the crops of both sides, of series whose rows run either way or that are turned in plane, all
+    show one orientation, decided by ImageOrientationPatient alone: a crop of the patient's left on a
+    usual axial (rows running to the patient's left) is left as it is, the right's is mirrored."""
+    across, down = s.row_direction, s.column_direction  # where a step along a row, and down a column, goes
+    x_axis, back = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    transpose = abs(float(down @ x_axis)) > abs(float(across @ x_axis))  # the rows run front to back
+    if transpose:
+        across, down = down, across
+    lateral = x_axis if side == "left" else -x_axis  # +x is the patient's left
+    return transpose, float(down @ back) < 0, float(across @ lateral) < 0
+
+
+def turn(image: np.ndarray, transpose: bool, flip_rows: bool, flip_cols: bool) -> np.ndarray:
+    """``image`` (H, W) transposed, then flipped, as :func:`side_turn` says."""
+    image = image.T if transpose else image
+    return np.ascontiguousarray(image[::-1 if flip_rows else 1, ::-1 if flip_cols else 1])
+
+
 # What identifies a sample's image; labels and folds are deliberately not part of it (see build_cache).
 SAMPLE_KEY = ["study_id", "condition", "level"]
 
 
 def prepare_stack(stack: Stack, index: int, x: float, y: float, settings: PreprocessSettings,
                   windowed: dict[int, tuple[float, float] | None] | None = None,
-                  problems: list[str] | None = None) -> np.ndarray:
+                  problems: list[str] | None = None, condition: str | None = None) -> np.ndarray:
     """Canvases (2 * neighbours + 1, C, C) for slice ``index`` of ``stack`` and its neighbours, each
     centred on the same patient-space point (projected on the neighbour's own geometry); at the
-    ends of the stack, or where a neighbour cannot be decoded, the labelled slice stands in.
+    ends of the stack, or where a neighbour cannot be decoded, the labelled slice stands in. In a
+    group whose crops are turned by side (``ConditionGroup.turn_by_side``), each canvas is turned
+    for ``condition``'s side (:func:`side_turn`).
     Pixels are decoded here, for these slices only; ``windowed`` keeps each slice's window limits
     across the calls for one series (the five levels usually sit on the same few slices)."""
     windowed = {} if windowed is None else windowed
@@ -259,8 +283,12 @@ def prepare_stack(stack: Stack, index: int, x: float, y: float, settings: Prepro
                 windowed[k] = window_limits(load_pixels(stack.slices[k]))
         s = stack.slices[k]
         px, py, _ = s.patient_to_pixel(point)
-        out.append(prepare_image(s.pixels, s.pixel_spacing, px, py, settings, size=settings.canvas_size,
-                                 limits=windowed[k]))
+        canvas = prepare_image(s.pixels, s.pixel_spacing, px, py, settings, size=settings.canvas_size,
+                               limits=windowed[k])
+        side = REGISTRY[condition].side if condition else None
+        if settings.input == "crop" and GROUPS[settings.group].turn_by_side and side:
+            canvas = turn(canvas, *side_turn(s, side))
+        out.append(canvas)
     return np.stack(out)
 
 
@@ -307,7 +335,7 @@ def _prepare_series(args) -> tuple[list[int], list[np.ndarray], list[str]]:
                   if kept]
     indices, images = [], []
     windowed: dict[int, dict[int, tuple[float, float]]] = {}  # per stack, per slice: its window
-    for i, path, instance, x, y in rows:
+    for i, path, instance, x, y, condition in rows:
         if Path(path) in too_small:
             problems.append(f"skipped sample: {too_small[Path(path)]}")
             continue
@@ -325,7 +353,8 @@ def _prepare_series(args) -> tuple[list[int], list[np.ndarray], list[str]]:
                             f"({height}x{width} pixels, rows x columns)")
             continue
         try:
-            images.append(prepare_stack(stack, k, x, y, settings, windowed.setdefault(id(stack), {}), problems))
+            images.append(prepare_stack(stack, k, x, y, settings, windowed.setdefault(id(stack), {}), problems,
+                                        condition))
         except DicomReadError as exc:
             problems.append(f"skipped sample: {exc}")
             continue
@@ -387,7 +416,7 @@ def _write_cache(samples: pd.DataFrame, settings: PreprocessSettings, directory:
     """Decode every series not decoded before (in parallel, one chunk file per series, so an
     interrupted build resumes where it stopped), then assemble the samples' array from the chunks."""
     series_dirs = samples["image_path"].map(lambda p: str(Path(p).parent))
-    jobs = [(series_dir, [(int(i), r.image_path, int(r.instance_number), float(r.x), float(r.y))
+    jobs = [(series_dir, [(int(i), r.image_path, int(r.instance_number), float(r.x), float(r.y), r.condition)
                           for i, r in group.iterrows()])
             for series_dir, group in samples.groupby(series_dirs, sort=True)]
     chunks = directory.parent / f"series-{settings.group}-{settings.input}-{settings.image_size}-" \

@@ -16,7 +16,10 @@ the phantom's own landmarks projected on the right slice. Studies vary in size, 
 intensity scale, noise, bias field, instance-number start, sagittal slice direction and axial
 stack layout. A few studies have no Sagittal T1 (``T1_MISSING``: graded, without foraminal points) or
 a second one (``T1_SECOND``, unlabelled), drawn from a stream of their own so that the rest of each
-study is what the seed gave before. Left and right are graded independently, so their grades differ
+study is what the seed gave before. The Axial T2 has the real data's layouts, from a stream of
+their own too: rows running right to left (``AXIAL_ROWS_REVERSED``, the patient's left on the
+image's left), and a second axial series (``AXIAL_SECOND``) that takes over the lower levels, one
+level imaged in both. Left and right are graded independently, so their grades differ
 as often as chance makes them. The same seed gives the same bytes.
 """
 
@@ -78,6 +81,9 @@ DISC_LEVELS = ("l5_s1", "l4_l5", "l3_l4", "l2_l3", "l1_l2", "t12_l1")
 # Shares of studies with a Sagittal T1 quirk the real data has: none at all, or a second T1 series.
 T1_MISSING = 0.04
 T1_SECOND = 0.06
+# Shares of studies with an Axial T2 quirk: rows running the other way (per series), a second axial series.
+AXIAL_ROWS_REVERSED = 0.3
+AXIAL_SECOND = 0.2
 
 
 @dataclass
@@ -351,8 +357,11 @@ def sagittal_geometry(anatomy: Anatomy, rng, settings: SynthSettings) -> SeriesG
     return SeriesGeometry(positions, [orientation] * n, size, size, spacing, gap * 0.9)
 
 
-def axial_geometry(anatomy: Anatomy, rng, settings: SynthSettings, levels: list[str]) -> SeriesGeometry:
-    """Three to four slices through each disc; some studies get two stacks with different tilts."""
+def axial_geometry(anatomy: Anatomy, rng, settings: SynthSettings, levels: list[str],
+                   rows_reversed: bool = False) -> SeriesGeometry:
+    """Three to four slices through each disc; some studies get two stacks with different tilts.
+    ``rows_reversed``: each row runs from the patient's left to the right (the usual runs right to left,
+    so that the patient's left is on the image's right)."""
     size = _size(rng, settings)
     fov = rng.uniform(170, 220)
     spacing = fov / size
@@ -364,7 +373,7 @@ def axial_geometry(anatomy: Anatomy, rng, settings: SynthSettings, levels: list[
     centre_x = rng.uniform(-5, 5)
     for level in levels:
         tilt = np.deg2rad(tilts[0] if LEVELS.index(level) < 3 else tilts[1])
-        row_dir = np.array([1.0, 0.0, 0.0])
+        row_dir = np.array([-1.0 if rows_reversed else 1.0, 0.0, 0.0])
         col_dir = np.array([0.0, np.cos(tilt), np.sin(tilt)])
         normal = np.cross(row_dir, col_dir)
         z = anatomy.level_z(level)
@@ -451,11 +460,20 @@ def make_study(images_dir: Path, study_id: int, index: int, split: str, settings
     anatomy = sample_anatomy(rng)
     compressed = rng.random() < settings.compressed_fraction
     axial_levels = list(LEVELS) if rng.random() > 0.06 else list(LEVELS[1:])  # axial may miss L1/L2
+    # The axial quirks draw from a stream of their own, as the T1 ones below.
+    axial = _study_rng(settings.seed, index, f"{split}:axial")
+    reversed_rows = [axial.random() < AXIAL_ROWS_REVERSED for _ in range(2)]
+    split_at = int(axial.integers(1, len(axial_levels) - 1)) if axial.random() < AXIAL_SECOND else None
+    # A second axial series takes the levels below split_at; the level at split_at is in both.
+    first_levels = axial_levels if split_at is None else axial_levels[:split_at + 1]
     plan = [
         (SAGITTAL_T1, "T1", sagittal_geometry(anatomy, rng, settings)),
         (SAGITTAL_T2, "T2", sagittal_geometry(anatomy, rng, settings)),
-        (AXIAL_T2, "T2", axial_geometry(anatomy, rng, settings, axial_levels)),
+        (AXIAL_T2, "T2", axial_geometry(anatomy, rng, settings, first_levels, reversed_rows[0])),
     ]
+    if split_at is not None:
+        plan.append((AXIAL_T2, "T2", axial_geometry(anatomy, axial, settings, axial_levels[split_at:],
+                                                    reversed_rows[1]), axial))
     # The T1 quirks draw from a stream of their own, so the rest of a study is what it was without them.
     quirks = _study_rng(settings.seed, index, f"{split}:t1")
     t1_missing = quirks.random() < T1_MISSING
@@ -464,6 +482,7 @@ def make_study(images_dir: Path, study_id: int, index: int, split: str, settings
     study_uid = _uid(settings.seed, split, study_id)
     series, coordinates = [], []
     located: dict[str, tuple[int, SeriesGeometry, list[int]]] = {}
+    axial_series: list[tuple[int, SeriesGeometry, list[int]]] = []  # every axial series, in plan order
     for number, (description, contrast, geometry, *own) in enumerate(plan, start=1):
         draw = own[0] if own else rng
         series_id = int(draw.integers(10**7, 4 * 10**9))
@@ -487,6 +506,8 @@ def make_study(images_dir: Path, study_id: int, index: int, split: str, settings
             write_dicom(series_dir / f"{instance_numbers[i]}.dcm", pixels, meta, compressed)
         series.append((series_id, description))
         located.setdefault(description, (series_id, geometry, instance_numbers))
+        if description == AXIAL_T2:
+            axial_series.append((series_id, geometry, instance_numbers))
 
     labels = {}
     for condition in CONDITIONS:
@@ -500,6 +521,10 @@ def make_study(images_dir: Path, study_id: int, index: int, split: str, settings
                 rng.normal(0, 0.8, 2)  # the draw the point would have taken
                 continue
             series_id, geometry, instance_numbers = located[CONDITION_SERIES[condition]]
+            if "subarticular" in condition:  # labelled on the first axial series that images the level
+                series_id, geometry, instance_numbers = next(
+                    a for a, levels in zip(axial_series, [first_levels, axial_levels[split_at or 0:]])
+                    if level in levels)
             i, px, py = geometry.locate(anatomy.landmark(condition, level))
             jitter = rng.normal(0, 0.8, 2)  # annotators click within a pixel or so
             coordinates.append(

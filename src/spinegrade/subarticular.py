@@ -1,0 +1,85 @@
+"""The subarticular group's locator (``axial_subarticular`` in ``constants.GROUPS``): which Axial T2
+slice shows each level, and where the left and right lateral recesses are on it, from DICOM
+geometry alone.
+
+The real axial data is the competition's worst: a study may have two to four Axial T2 series, a
+series may hold several stacks at different angles (a block per disc), a stack may not reach every
+level, and rows may run either way. So every stack of every axial series is read (grouped by
+ImageOrientationPatient, ``data.dicom.group_into_stacks``) and each level's spinal canal point,
+found by the level localiser on the Sagittal T2/STIR, is projected along each stack's own normal:
+
+- per stack, the nearest slice, if it lies within half the distance from that level's canal point
+  to the neighbouring level's (farther, it shows another level or none);
+- per series, the stack whose slice is nearest;
+- across series, each series that has the level is graded and the probabilities are averaged
+  (``predict.grade_studies``).
+
+On the chosen slice, each side's point is the canal point plus that side's learned offset
+(``offsets.py``), projected onto the slice: the patient's left is +x in patient space, whatever the
+image's rows do. A level that no stack reaches gets prior rows, and the command says which.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from spinegrade.constants import GROUPS, LEVELS, level_title
+from spinegrade.data.dicom import Stack
+from spinegrade.offsets import PointOffsets
+
+GROUP = "subarticular"
+
+
+def level_reach(canal: dict[str, np.ndarray], level: str) -> float:
+    """Half the distance (mm) from ``level``'s canal point to its nearest neighbouring level's: a slice
+    farther than that along its normal is nearer another level. Without a neighbour, 20 mm (half a
+    typical lumbar level)."""
+    k = LEVELS.index(level)
+    neighbours = [canal[LEVELS[j]] for j in (k - 1, k + 1) if 0 <= j < len(LEVELS) and LEVELS[j] in canal]
+    if not neighbours:
+        return 20.0
+    return 0.5 * min(float(np.linalg.norm(canal[level] - n)) for n in neighbours)
+
+
+def nearest_level_slice(stack: Stack, point: np.ndarray, reach: float) -> tuple[int, float] | None:
+    """(index in the stack, distance along its normal in mm) of the slice nearest ``point``; None when
+    it is farther than ``reach`` or ``point`` projects outside its image."""
+    distances = np.array([abs(s.patient_to_pixel(point)[2]) for s in stack.slices])
+    k = int(distances.argmin())
+    if distances[k] > reach:
+        return None
+    x, y, _ = stack.slices[k].patient_to_pixel(point)
+    rows, cols = stack.slices[k].shape
+    if not (-0.5 <= x <= cols - 0.5 and -0.5 <= y <= rows - 0.5):
+        return None
+    return k, float(distances[k])
+
+
+def locate_subarticular(study_id: int, canal: dict[str, np.ndarray], stacks: dict[str, list[Stack]],
+                        offsets: PointOffsets) -> tuple[list[list], list[str]]:
+    """Rows of the locations table for every (side, level, axial series) that images the level, and
+    a note per level that no series reaches. ``canal``: level -> patient point of its spinal canal;
+    ``stacks``: series -> its stacks."""
+    rows, outside = [], []
+    for level in LEVELS:
+        found = False
+        for series, series_stacks in stacks.items() if level in canal else ():
+            reach = level_reach(canal, level)
+            hits = [(hit[1], stack, hit[0]) for stack in series_stacks
+                    if (hit := nearest_level_slice(stack, canal[level], reach)) is not None]
+            if not hits:
+                continue
+            _, stack, k = min(hits, key=lambda h: h[0])
+            s = stack.slices[k]
+            for condition in GROUPS[GROUP].conditions:
+                target = offsets.target(condition, level, canal[level])
+                if target is None:
+                    continue
+                x, y, _ = s.patient_to_pixel(target)
+                if -0.5 <= x <= s.shape[1] - 0.5 and -0.5 <= y <= s.shape[0] - 0.5:
+                    rows.append([study_id, condition, level, series, s.instance_number, float(x), float(y), "localised"])
+                    found = True
+        if not found:
+            outside.append(level_title(level))
+    return rows, outside
+
