@@ -56,6 +56,9 @@ DEMO_TRAIN_FLAGS ?= --num_epochs 5
 # smaller inputs and fewer epochs, to stay within minutes on 2 cores.
 DEMO_FORAMINAL_BACKBONES ?= efficientnet_lite0
 DEMO_FORAMINAL_FLAGS ?= --num_epochs 4 --image_size 96
+# The subarticular group likewise (two sides, on Axial T2).
+DEMO_SUBARTICULAR_BACKBONES ?= efficientnet_lite0
+DEMO_SUBARTICULAR_FLAGS ?= --num_epochs 4 --image_size 96
 DEMO_LOCALIZER_FLAGS ?= --image_size 64 --num_epochs 12 --batch_size 4
 
 .PHONY: install demo test download index folds synth clean-demo train-fold train train-all evaluate train-localizer predict blend submission \
@@ -83,6 +86,8 @@ demo: install
 		--output-dir $(DEMO_OUTPUT) $(RESUME) $(DEMO_TRAIN_FLAGS)
 	$(SPINEGRADE) train --models $(DEMO_FORAMINAL_BACKBONES) --conditions foraminal --data-dir $(DEMO_DATA) \
 		--folds $(DEMO_FOLDS) --output-dir $(DEMO_OUTPUT) $(RESUME) $(DEMO_FORAMINAL_FLAGS)
+	$(SPINEGRADE) train --models $(DEMO_SUBARTICULAR_BACKBONES) --conditions subarticular --data-dir $(DEMO_DATA) \
+		--folds $(DEMO_FOLDS) --output-dir $(DEMO_OUTPUT) $(RESUME) $(DEMO_SUBARTICULAR_FLAGS)
 	$(SPINEGRADE) blend --output-dir $(DEMO_OUTPUT) --folds $(DEMO_FOLDS)
 	$(SPINEGRADE) evaluate --output-dir $(DEMO_OUTPUT) --folds $(DEMO_FOLDS) --data-dir $(DEMO_DATA)
 	$(SPINEGRADE) submit --data-dir $(DEMO_DATA) --output-dir $(DEMO_OUTPUT) --description demo-lite0-blend

@@ -90,3 +90,13 @@ def test_index_speed_benchmark_runs(synth_dataset, tmp_path):
     assert figures["files"] > figures["series"] > 0 and figures["all_cores_files_per_s"] > 0
     assert figures["projected_minutes_147000_files"] > 0
     assert json.loads(out.read_text())["files"] == figures["files"]
+
+
+def test_kernel_budget_benchmark_runs():
+    figures = _run("kernel_budget.py", "--configs", "resnet18", "efficientnet_lite0", "--image-size", "32",
+                   "--batch", "2", "--repeats", "1", "--folds", "2")
+    assert [r["config"] for r in figures["rows"]] == ["resnet18", "efficientnet_lite0"]
+    assert figures["classifiers"] == 2 * 2 * 3 and figures["images_per_study"] == 25
+    assert all(r["gflops_per_image"] > 0 and r["weights_mb"] > 1 for r in figures["rows"])
+    hours = figures["projection"]["cpu"]["hours_per_studies"]
+    assert hours["2"] > hours["1"] > 0  # each fold adds its models' time

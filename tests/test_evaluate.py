@@ -122,21 +122,21 @@ def test_end_to_end_column_grades_held_out_studies_at_the_localisers_points(trai
     out = tmp_path / "run"  # evaluation writes its results and report: into a copy of the shared run
     shutil.copytree(trained_run["out"], out, ignore=shutil.ignore_patterns("last.pt", "cache"))
     summary = run_evaluation(out, trained_run["folds"], data_dir=trained_run["data"])
-    assert set(summary["group"]) == {"spinal", "foraminal"}  # the groups the run trained
+    assert set(summary["group"]) == {"spinal", "foraminal", "subarticular"}  # the groups the run trained
     summary = summary.set_index(["name", "group"])
     for name, group in (("efficientnet_lite0", "spinal"), ("efficientnet_lite0_wide", "spinal"),
-                        ("efficientnet_lite0", "foraminal")):
+                        ("efficientnet_lite0", "foraminal"), ("efficientnet_lite0", "subarticular")):
         assert np.isfinite(summary.loc[(name, group), "score_localised"])
         localised = pd.read_csv(out / "oof" / "localised" / group / f"{name}.csv")
         oof = pd.concat([pd.read_csv(p) for p in (out / "oof" / name / group).glob("fold*.csv")])
         if group == "spinal":
             assert set(localised["row_id"]) == set(oof["row_id"])  # the same held-out levels, located instead
-        else:  # a foramen outside its T1 volume is left to the prior
+        else:  # a point outside its series' volume is left to the prior
             assert set(localised["row_id"]) <= set(oof["row_id"]) and len(localised) >= 0.9 * len(oof)
         # Every study is located by the fold locator that never saw it: same fold on both sides.
         merged = localised.merge(oof, on="row_id", suffixes=("_loc", ""))
         assert (merged["fold_loc"] == merged["fold"]).all()
-    for group in ("spinal", "foraminal"):
+    for group in ("spinal", "foraminal", "subarticular"):
         assert summary.loc[("efficientnet_lite0", group), "score_localised"] < summary.loc[("class_prior", group), "score"]
     page = (out / "report.html").read_text()
     assert "score_localised" in page

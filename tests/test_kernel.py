@@ -70,24 +70,35 @@ def test_models_dataset_holds_exactly_the_blends_weights(built, trained_run, tmp
     models = built["build"].models_dir
     trained = trained_run["out"] / "trained_models"
     expected = {str(p.relative_to(trained.parent)) for p in trained.glob("*/*/fold*/best.safetensors")}
-    # spinal: both backbones (3 folds each); foraminal: lite0 (3 folds); the level localiser's 3 folds
-    assert len(expected) == 4 * 3
+    # spinal: both backbones (3 folds each); foraminal, subarticular: lite0 (3 folds); the level localiser's 3 folds
+    assert len(expected) == 5 * 3
     assert _weights_in(models) == expected
-    assert (models / "trained_models" / "localizer" / "foraminal" / "offsets.json").is_file()  # the foramen locator
+    for group in ("foraminal", "subarticular"):  # the offsets locators
+        assert (models / "trained_models" / "localizer" / group / "offsets.json").is_file()
     assert (models / "oof" / "blend.json").is_file() and (models / MODELS_MARKER).is_file()
     marker = json.loads((models / MODELS_MARKER).read_text())
-    assert list(marker["groups"]) == ["spinal", "foraminal"]
+    assert list(marker["groups"]) == ["spinal", "foraminal", "subarticular"]
     assert set(marker["groups"]["spinal"]["backbones"]) == {"efficientnet_lite0", "efficientnet_lite0_wide"}
     assert marker["groups"]["foraminal"]["backbones"] == ["efficientnet_lite0"]
     assert {p.name for p in (models / "configs").iterdir()} == {
-        "efficientnet_lite0-spinal.yaml", "efficientnet_lite0_wide-spinal.yaml", "efficientnet_lite0-foraminal.yaml"}
+        "efficientnet_lite0-spinal.yaml", "efficientnet_lite0_wide-spinal.yaml", "efficientnet_lite0-foraminal.yaml",
+        "efficientnet_lite0-subarticular.yaml"}
     assert not list(models.rglob("last.pt"))  # resumable training state stays home
 
     # A blend that gives one backbone no spinal weight: that backbone's spinal weights stay out.
     out = _blend_output(trained_run, tmp_path / "out", weights=[0.0, 1.0])
     only_wide = build_kernel(out, username="tester", offline=True).models_dir
     assert {tuple(p.split("/")[1:3]) for p in _weights_in(only_wide)} == {
-        ("efficientnet_lite0_wide", "spinal"), ("efficientnet_lite0", "foraminal"), ("localizer", "spinal")}
+        ("efficientnet_lite0_wide", "spinal"), ("efficientnet_lite0", "foraminal"), ("efficientnet_lite0", "subarticular"),
+        ("localizer", "spinal")}
+
+    # The cut for the time limit: one fold per (backbone, group), the locators whole.
+    one_fold = build_kernel(out, kernels_dir=tmp_path / "one-fold", username="tester", offline=True,
+                            folds_per_model=1).models_dir
+    weights = _weights_in(one_fold)
+    graders = [w for w in weights if "/localizer/" not in w]
+    assert len(graders) == 3 and all("/fold0/" in w for w in graders)
+    assert len(weights) - len(graders) == 3  # the level localiser keeps its three folds
 
 
 def test_kernel_runs_offline_in_a_kaggle_like_environment_and_matches_the_local_submission(built, trained_run, tmp_path):

@@ -74,8 +74,8 @@ def test_sigkill_mid_training_then_resume_reaches_the_uninterrupted_result(train
 
 
 def _localizer_command(data, folds, out, *extra):
-    return [sys.executable, "-m", "spinegrade.cli", "train-localizer", "--data-dir", str(data), "--folds", str(folds),
-            "--output-dir", str(out), "--device", "cpu", "--backbone", "resnet18", "--pretrained", "false",
+    return [sys.executable, "-m", "spinegrade.cli", "train-localizer", "--conditions", "spinal", "--data-dir", str(data),
+            "--folds", str(folds), "--output-dir", str(out), "--device", "cpu", "--backbone", "resnet18", "--pretrained", "false",
             "--image_size", "64", "--batch_size", "4", "--num_epochs", "2", *extra]
 
 

@@ -164,7 +164,7 @@ def cmd_train_localizer(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     if args.study_dir is not None:
-        from spinegrade.predict import predict_study
+        from spinegrade.study_page import predict_study
 
         predict_study(args.study_dir, args.output_dir, args.backbones, out_dir=args.out, device=args.device)
         return
@@ -206,7 +206,7 @@ def cmd_kernel(args: argparse.Namespace) -> None:
     from spinegrade.kernel.build import build_kernel
 
     build = build_kernel(args.output_dir, args.kernels_dir, name=args.name, username=args.username,
-                         wheelhouse=args.wheelhouse, offline=args.offline)
+                         wheelhouse=args.wheelhouse, offline=args.offline, folds_per_model=args.folds_per_model)
     print(f"kernel ready in {build.kernel_dir}: rehearse it with `spinegrade kernel-run`, send it with `make upload`")
 
 
@@ -359,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of dependency wheels to use first (default: KERNELS/wheelhouse, filled by downloads)")
     p.add_argument("--offline", action="store_true",
                    help="never download wheels: pack missing ones from this environment (this Python only)")
+    p.add_argument("--folds-per-model", type=int, default=None,
+                   help="keep the first K folds of each backbone and group (default: all): the cut that fits the "
+                        "competition's 9 hours (benchmarks/kernel_budget.py says which K)")
     p.set_defaults(func=cmd_kernel)
 
     p = sub.add_parser("kernel-run", help="rehearse the built kernel here: Kaggle-like environment, no network")

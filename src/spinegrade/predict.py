@@ -31,7 +31,6 @@ from spinegrade.constants import (
     PROBABILITY_COLUMNS,
     SAGITTAL_T2,
     SEVERITIES,
-    level_title,
     row_id,
 )
 from spinegrade.data.dicom import (
@@ -39,16 +38,13 @@ from spinegrade.data.dicom import (
     DicomReadError,
     Slice,
     Stack,
-    list_dicom_files,
     main_stack,
-    read_files,
     read_series,
-    read_slice,
 )
 from spinegrade.data.index import read_csv_checked
 from spinegrade.data.preprocess import PreprocessSettings, centre_view, prepare_stack
 from spinegrade.errors import SpinegradeError
-from spinegrade.files import write_csv_atomic, write_text_atomic
+from spinegrade.files import write_csv_atomic
 from spinegrade.layout import RunLayout
 from spinegrade.foramina import locate_foramina
 from spinegrade.offsets import ANCHOR_GROUP as OFFSETS_ANCHOR
@@ -413,6 +409,49 @@ def blends_for(output_dir: Path, backbones: list[str] | None) -> dict[str, Blend
     return out
 
 
+@dataclass
+class SplitGrades:
+    """What grading a split found: the listed studies, each group's located studies, and
+    ``graded[group][backbone][study][condition]``, (5, 3) probabilities (NaN rows: not located)."""
+
+    studies: list[int]
+    located: dict[str, list[LocatedStudy]]
+    graded: dict[str, dict[str, dict[int, dict[str, np.ndarray]]]]
+    blends: dict[str, Blend]
+
+
+def grade_split(data_dir: Path, split: str, output_dir: Path, blends: dict[str, Blend], device: torch.device) -> SplitGrades:
+    """Locate and grade every listed study of ``split`` for each group a blend covers; a group without
+    a model or a study without its series is named in the log and left to the prior."""
+    result = SplitGrades(sorted(_study_series(data_dir, split)), {}, {}, blends)
+    for group, spec in GROUPS.items():
+        blend = blends.get(group)
+        names = [n for n, w in zip(blend.backbones, blend.weights) if w > 0] if blend else []
+        if not names:
+            log.info(f"{group}: no model grades it; its rows get the training prior of each condition and level")
+            continue
+        if spec.locator is None:
+            log.warning(f"{group}: no locator places its points yet; its rows get the training prior")
+            continue
+        # the spinal points start the offsets locators: located once
+        located = locate_split(data_dir, split, output_dir, group, device, anchors=result.located.get(OFFSETS_ANCHOR))
+        result.located[group] = located
+        result.graded[group] = {}
+        for name in names:
+            t0 = time.perf_counter()
+            models = load_fold_models(output_dir, name, group, device)
+            loaded = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            result.graded[group][name] = grade_studies(located, models, device)
+            log.info(f"{name} {group}: {len(models)} fold models loaded in {loaded:.2f} s, graded "
+                     f"{len(result.graded[group][name])} studies in {time.perf_counter() - t0:.2f} s")
+            del models
+        for st in located:
+            if st.problem and st.study_id not in result.graded[group][names[0]]:
+                log.warning(f"study {st.study_id}: {st.problem}; its {group} rows get the training prior")
+    return result
+
+
 def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, backbones: list[str] | None = None,
                   blends: dict[str, Blend] | None = None, out: str | Path | None = None, device: str | None = None,
                   predictions_dir: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -427,49 +466,19 @@ def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, back
     data_dir, output_dir = Path(data_dir), Path(output_dir)
     layout = RunLayout(output_dir)
     predictions_dir = Path(predictions_dir) if predictions_dir else layout.predictions
-    device_ = select_device(device)
-    blends = blends or blends_for(output_dir, backbones)
-    studies = sorted(_study_series(data_dir, split))
-    graded: dict[str, dict[str, dict[int, dict[str, np.ndarray]]]] = {}
-    located_by_group: dict[str, list[LocatedStudy]] = {}  # the spinal points start the foramina's
-    rows = []
-    for group, spec in GROUPS.items():
-        blend = blends.get(group)
-        names = [n for n, w in zip(blend.backbones, blend.weights) if w > 0] if blend else []
-        if not names:
-            log.info(f"{group}: no model grades it; its rows get the training prior of each condition and level")
-            continue
-        if spec.locator is None:
-            log.warning(f"{group}: no locator places its points yet; its rows get the training prior")
-            continue
-        located = locate_split(data_dir, split, output_dir, group, device_, anchors=located_by_group.get("spinal"))
-        located_by_group[group] = located
-        graded[group] = {}
-        for name in names:
-            t0 = time.perf_counter()
-            models = load_fold_models(output_dir, name, group, device_)
-            loaded = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            probs = grade_studies(located, models, device_)
-            graded[group][name] = probs
-            for study, per_condition in probs.items():
-                for condition, p in per_condition.items():
-                    rows += [[row_id(study, condition, level), name, *p[k]] for k, level in enumerate(LEVELS)
-                             if np.isfinite(p[k]).all()]
-            log.info(f"{name} {group}: {len(models)} fold models loaded in {loaded:.2f} s, graded {len(probs)} studies "
-                     f"in {time.perf_counter() - t0:.2f} s")
-            del models
-        for st in located:
-            if st.problem and st.study_id not in graded[group][names[0]]:
-                log.warning(f"study {st.study_id}: {st.problem}; its {group} rows get the training prior")
+    grades = grade_split(data_dir, split, output_dir, blends or blends_for(output_dir, backbones), select_device(device))
+    rows = [[row_id(study, condition, level), name, *p[k]]
+            for by_name in grades.graded.values() for name, by_study in by_name.items()
+            for study, per_condition in by_study.items() for condition, p in per_condition.items()
+            for k, level in enumerate(LEVELS) if np.isfinite(p[k]).all()]
     per_backbone = pd.DataFrame(rows, columns=["row_id", "backbone", *PROBABILITY_COLUMNS])
     write_csv_atomic(per_backbone, predictions_dir / f"{split}_per_backbone.csv")
-    submission = submission_frame(studies, graded, blends, training_priors(data_dir, output_dir))
+    submission = submission_frame(grades.studies, grades.graded, grades.blends, training_priors(data_dir, output_dir))
     sample_path = data_dir / "sample_submission.csv"
     sample = pd.read_csv(sample_path) if split == "test" and sample_path.is_file() else None
     out = Path(out) if out else layout.submissions / f"{split}_predictions.csv"
     write_submission(submission, out, sample)
-    log.info(f"{len(submission)} rows for {len(studies)} studies written to {out} "
+    log.info(f"{len(submission)} rows for {len(grades.studies)} studies written to {out} "
              f"(per backbone: {predictions_dir / f'{split}_per_backbone.csv'})")
     return per_backbone, submission
 
@@ -584,96 +593,6 @@ def locations_table(located: list[LocatedStudy]) -> pd.DataFrame:
     """The locations of every located study, one table."""
     frames = [s.locations for s in located if s.locations is not None]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=LOCATION_COLUMNS)
-
-
-# --- one study straight off a scanner -----------------------------------------------------------
-
-def is_sagittal_t2(description: str) -> bool:
-    d = description.lower()
-    return "sag" in d and ("t2" in d or "stir" in d)
-
-
-def find_sagittal_t2(study_dir: Path) -> Stack:
-    """The Sagittal T2/STIR series among any DICOM files under ``study_dir`` (any names, any nesting)."""
-    by_series: dict[str, list[Path]] = {}
-    descriptions: dict[str, str] = {}
-    for path in list_dicom_files(study_dir):
-        try:
-            header = read_slice(path, with_pixels=False)
-        except DicomReadError:
-            continue  # not DICOM, or broken: other files may still make the series
-        key = header.series_uid or header.series_description
-        by_series.setdefault(key, []).append(path)
-        descriptions[key] = header.series_description
-    candidates = [k for k, d in descriptions.items() if is_sagittal_t2(d)]
-    if not candidates:
-        found = ", ".join(sorted(set(descriptions.values()))) or "no DICOM files"
-        raise SpinegradeError(f"{study_dir}: no Sagittal T2/STIR series (found: {found})")
-    key = max(candidates, key=lambda k: len(by_series[k]))
-    stack = main_stack(read_files(by_series[key], errors=[]))
-    if stack is None:
-        raise SpinegradeError(f"{study_dir}: the Sagittal T2/STIR series has no readable image")
-    return stack
-
-
-def predict_study(study_dir: str | Path, output_dir: str | Path, backbones: list[str] | None = None,
-                  out_dir: str | Path | None = None, device: str | None = None) -> dict:
-    """Grade one study folder's spinal canal levels; write JSON and a PNG of the graded slice with the
-    levels marked."""
-    from spinegrade.train import select_device
-
-    group = "spinal"
-    study_dir, output_dir = Path(study_dir), Path(output_dir)
-    out_dir = Path(out_dir) if out_dir else study_dir.parent / f"{study_dir.name}-spinegrade"
-    device_ = select_device(device)
-    stack = find_sagittal_t2(study_dir)
-    st = locate_study(0, stack, LocalizerEnsemble(RunLayout(output_dir).localizer_dir(group), device=device_),
-                      group=group, series=str(study_dir))
-    blend = blends_for(output_dir, backbones).get(group)
-    if blend is None:
-        raise SpinegradeError(f"{RunLayout(output_dir).trained_models}: no {group} model to grade with")
-    backbones = [n for n, w in zip(blend.backbones, blend.weights) if w > 0]
-    condition = GROUPS[group].conditions[0]
-    per_backbone = [grade_studies([st], load_fold_models(output_dir, name, group, device_), device_)[0][condition]
-                    for name in backbones]
-    weights = np.array([w for w in blend.weights if w > 0])
-    probs = combine(per_backbone, weights / weights.sum(), blend.mode, blend.temperature)
-    points = st.locations[["x", "y"]].to_numpy()
-    s = next(sl for sl in stack.slices if sl.instance_number == st.locations["instance_number"].iloc[0])
-    result = {"study_dir": str(study_dir), "series": s.series_description, "slice_instance": s.instance_number,
-              "backbones": dict(zip(backbones, map(float, weights / weights.sum()))), "mode": blend.mode, "levels": []}
-    for k, level in enumerate(LEVELS):
-        grade = SEVERITIES[int(probs[k].argmax())]
-        result["levels"].append({"level": level_title(level), "grade": grade, "x": float(points[k, 0]),
-                                 "y": float(points[k, 1]), **dict(zip(PROBABILITY_COLUMNS, map(float, probs[k])))})
-        log.info(f"{level_title(level)}: {grade:12s} normal/mild {probs[k, 0]:.2f}  moderate {probs[k, 1]:.2f}  "
-                 f"severe {probs[k, 2]:.2f}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "grades.json", json.dumps(result, indent=1))
-    _draw_levels(s, points, result["levels"], out_dir / "graded_slice.png")
-    log.info(f"written: {out_dir / 'grades.json'}, {out_dir / 'graded_slice.png'}")
-    return result
-
-
-def _draw_levels(s, points: np.ndarray, levels: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colours = {"Normal/Mild": "lime", "Moderate": "orange", "Severe": "red"}
-    fig, ax = plt.subplots(figsize=(6, 6 * s.shape[0] / s.shape[1]))
-    ax.imshow(s.pixels, cmap="gray", vmin=np.percentile(s.pixels, 1), vmax=np.percentile(s.pixels, 99.5))
-    for (x, y), info in zip(points, levels):
-        ax.plot(x, y, "+", color=colours[info["grade"]], markersize=14, markeredgewidth=2)
-        ax.text(x + 0.03 * s.shape[1], y, f"{info['level']} {info['grade']} ({max(info['normal_mild'], info['moderate'], info['severe']):.2f})",
-                color=colours[info["grade"]], fontsize=9, va="center",
-                bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "edgecolor": "none"})
-    ax.set_title(f"{s.series_description}, instance {s.instance_number}", fontsize=10)
-    ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def score_submission(submission: pd.DataFrame | str | Path, labels_csv: str | Path) -> dict[str, float]:

@@ -41,6 +41,10 @@ class Slice:
     series_description: str = ""
     series_uid: str = ""
     pixels: np.ndarray | None = field(default=None, repr=False)  # float32, rescaled, MONOCHROME2
+    # The contrast, when the header gives it (ms): what tells T1 from T2 without a series description.
+    repetition_time: float | None = None
+    echo_time: float | None = None
+    inversion_time: float | None = None
 
     @property
     def row_direction(self) -> np.ndarray:
@@ -178,7 +182,18 @@ def read_slice(path: str | Path, with_pixels: bool = True) -> Slice:
         series_description=str(ds.get("SeriesDescription", "")),
         series_uid=str(ds.get("SeriesInstanceUID", "")),
         pixels=pixels,
+        repetition_time=_float_or_none(ds, "RepetitionTime"),
+        echo_time=_float_or_none(ds, "EchoTime"),
+        inversion_time=_float_or_none(ds, "InversionTime"),
     )
+
+
+def _float_or_none(ds: pydicom.Dataset, keyword: str) -> float | None:
+    try:
+        value = float(ds.get(keyword))
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) else None
 
 
 def group_into_stacks(slices: list[Slice]) -> list[Stack]:

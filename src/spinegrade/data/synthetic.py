@@ -73,6 +73,8 @@ TISSUES = {
     "T1": dict(fat=0.90, muscle=0.30, abdomen=0.36, marrow=0.66, bone=0.55, ligament=0.12, csf=0.17,
                nerve=0.32, annulus=0.36, nucleus=0.42, nucleus_degenerate=0.36),
 }
+# RepetitionTime and EchoTime (ms) a scanner writes for each contrast.
+CONTRAST_TIMING = {"T1": (600.0, 10.0), "T2": (3500.0, 100.0)}
 BODIES = ("S1", "L5", "L4", "L3", "L2", "L1", "T12")  # bottom to top
 # Disc i lies between BODIES[i] and BODIES[i + 1]; the first five are the graded levels.
 DISC_LEVELS = ("l5_s1", "l4_l5", "l3_l4", "l2_l3", "l1_l2", "t12_l1")
@@ -315,6 +317,13 @@ class SeriesGeometry:
     cols: int
     spacing: float
     thickness: float
+    slice_levels: list[str] | None = None  # the level each slice images (axial series)
+
+    def subset(self, keep: list[int]) -> "SeriesGeometry":
+        """The same series with only the slices ``keep``."""
+        return SeriesGeometry([self.positions[i] for i in keep], [self.orientations[i] for i in keep], self.rows,
+                              self.cols, self.spacing, self.thickness,
+                              [self.slice_levels[i] for i in keep] if self.slice_levels else None)
 
     def points(self, i: int) -> np.ndarray:
         o = self.orientations[i]
@@ -369,7 +378,7 @@ def axial_geometry(anatomy: Anatomy, rng, settings: SynthSettings, levels: list[
     tilts = (rng.uniform(-12, -4), rng.uniform(4, 12)) if two_stacks else (0.0, 0.0)
     per_level = int(rng.integers(3, 5))
     gap = rng.uniform(3.5, 4.5)
-    positions, orientations = [], []
+    positions, orientations, slice_levels = [], [], []
     centre_x = rng.uniform(-5, 5)
     for level in levels:
         tilt = np.deg2rad(tilts[0] if LEVELS.index(level) < 3 else tilts[1])
@@ -382,7 +391,8 @@ def axial_geometry(anatomy: Anatomy, rng, settings: SynthSettings, levels: list[
             c = centre + normal * (j - (per_level - 1) / 2) * gap
             positions.append(c - row_dir * spacing * size / 2 - col_dir * spacing * size / 2)
             orientations.append(np.concatenate([row_dir, col_dir]))
-    return SeriesGeometry(positions, orientations, size, size, spacing, gap * 0.9)
+            slice_levels.append(level)
+    return SeriesGeometry(positions, orientations, size, size, spacing, gap * 0.9, slice_levels)
 
 
 def _acquire(anatomy, geometry: SeriesGeometry, contrast: str, rng) -> list[np.ndarray]:
@@ -426,6 +436,7 @@ def write_dicom(path: Path, pixels: np.ndarray, meta: dict, compressed: bool) ->
     ds.ImageOrientationPatient = [round(float(v), 6) for v in meta["orientation"]]
     ds.PixelSpacing = [round(meta["spacing"], 6), round(meta["spacing"], 6)]
     ds.SliceThickness = round(meta["thickness"], 3)
+    ds.RepetitionTime, ds.EchoTime = CONTRAST_TIMING[meta["contrast"]]
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -469,7 +480,8 @@ def make_study(images_dir: Path, study_id: int, index: int, split: str, settings
     plan = [
         (SAGITTAL_T1, "T1", sagittal_geometry(anatomy, rng, settings)),
         (SAGITTAL_T2, "T2", sagittal_geometry(anatomy, rng, settings)),
-        (AXIAL_T2, "T2", axial_geometry(anatomy, rng, settings, first_levels, reversed_rows[0])),
+        # rendered whole, then cut to first_levels: the study's other draws stay as they were
+        (AXIAL_T2, "T2", axial_geometry(anatomy, rng, settings, axial_levels, reversed_rows[0])),
     ]
     if split_at is not None:
         plan.append((AXIAL_T2, "T2", axial_geometry(anatomy, axial, settings, axial_levels[split_at:],
@@ -491,6 +503,10 @@ def make_study(images_dir: Path, study_id: int, index: int, split: str, settings
         order = np.arange(n) if draw.random() < 0.5 else np.arange(n)[::-1]  # either left-right direction
         instance_numbers = [first + int(k) for k in np.argsort(order)]
         images = _acquire(anatomy, geometry, contrast, draw)
+        if description == AXIAL_T2 and not own and split_at is not None:  # the first axial series, cut
+            keep = [i for i, level in enumerate(geometry.slice_levels) if level in first_levels]
+            geometry, images = geometry.subset(keep), [images[i] for i in keep]
+            instance_numbers = [instance_numbers[i] for i in keep]
         if description == SAGITTAL_T1 and t1_missing:
             continue  # rendered all the same: the study's other draws stay as they were
         series_dir = images_dir / str(study_id) / str(series_id)
@@ -502,6 +518,7 @@ def make_study(images_dir: Path, study_id: int, index: int, split: str, settings
                 series_uid=series_uid, frame_uid=study_uid, study_id=study_id, series_number=number,
                 instance_number=instance_numbers[i], description=description, position=geometry.positions[i],
                 orientation=geometry.orientations[i], spacing=geometry.spacing, thickness=geometry.thickness,
+                contrast=contrast,
             )
             write_dicom(series_dir / f"{instance_numbers[i]}.dcm", pixels, meta, compressed)
         series.append((series_id, description))

@@ -148,10 +148,12 @@ def _dataset_metadata(folder: Path, user: str, slug: str, title: str) -> None:
         {"title": title, "id": f"{user}/{slug}", "licenses": [{"name": "CC0-1.0"}]}, indent=1))
 
 
-def copy_models(output_dir: Path, target: Path) -> dict:
+def copy_models(output_dir: Path, target: Path, folds_per_model: int | None = None) -> dict:
     """Each group's blended backbones (finished folds: settings and best weights), the locators of
     those groups, the priors and the blend itself; nothing the blend does not use. The dataset is
-    written in today's layout whatever layout the run has (a run from before condition groups too)."""
+    written in today's layout whatever layout the run has (a run from before condition groups too).
+    ``folds_per_model``: keep the first K finished folds of each (backbone, group), the cut that
+    brings a large ensemble within the competition's time limit (``benchmarks/kernel_budget.py``)."""
     source, dest = RunLayout(output_dir), RunLayout(target)
     blends = load_blends(output_dir)
     info: dict[str, dict] = {}
@@ -162,6 +164,7 @@ def copy_models(output_dir: Path, target: Path) -> dict:
             finished = source.finished_fold_dirs(name, group)
             if not finished:
                 raise SpinegradeError(f"{source.model_dir(name, group)}: the {group} blend uses {name} but it has no finished fold")
+            finished = finished[:folds_per_model] if folds_per_model else finished
             folds[name] = [f.name for f in finished]
             for fold in finished:
                 into = dest.model_dir(name, group, existing=False) / fold.name
@@ -191,11 +194,14 @@ def copy_models(output_dir: Path, target: Path) -> dict:
 
 def build_kernel(output_dir: str | Path, kernels_dir: str | Path | None = None, name: str = DEFAULT_NAME,
                  username: str | None = None, wheelhouse: str | Path | None = None, offline: bool = False,
-                 python_versions: tuple[str, ...] = KAGGLE_PYTHON_VERSIONS) -> KernelBuild:
+                 python_versions: tuple[str, ...] = KAGGLE_PYTHON_VERSIONS,
+                 folds_per_model: int | None = None) -> KernelBuild:
     """Everything the kernel needs, under ``kernels_dir`` (default ``OUTPUT/kernels``)."""
     output_dir = Path(output_dir)
     kernels_dir = Path(kernels_dir) if kernels_dir else RunLayout(output_dir).kernels
     name = check_slug(name)
+    if folds_per_model is not None and folds_per_model < 1:
+        raise SpinegradeError(f"--folds-per-model {folds_per_model}: keep at least one fold per model")
     user = kaggle_username(username)
     if not user:
         user = PLACEHOLDER_USER
@@ -206,7 +212,7 @@ def build_kernel(output_dir: str | Path, kernels_dir: str | Path | None = None, 
 
     models_final = kernels_dir / models_slug
     staging = _fresh(models_final)
-    info = copy_models(output_dir, staging)
+    info = copy_models(output_dir, staging, folds_per_model)
     write_text_atomic(staging / MODELS_MARKER, json.dumps(
         {**info, "spinegrade": metadata.version("spinegrade"), "built": built, "output_dir": str(output_dir)}, indent=1))
     _dataset_metadata(staging, user, models_slug, f"{name} models")

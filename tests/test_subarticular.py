@@ -1,0 +1,247 @@
+"""The subarticular group on Axial T2: each level on the slice that shows it, in whichever of a study's
+axial series and stacks reach it; each side on the patient's side from DICOM geometry, whichever way
+the rows run; a level in two series graded as the mean of both; a study without Axial T2 keeps its
+other groups."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import torch
+
+from spinegrade.constants import AXIAL_T2, GROUPS, LEVELS, row_id
+from spinegrade.data.dicom import read_slice
+from spinegrade.data.folds import make_folds, write_csv_atomic
+from spinegrade.data.index import build_index
+from spinegrade.data.preprocess import PreprocessSettings, prepare_stack
+from spinegrade.layout import RunLayout
+from spinegrade.offsets import PointOffsets, find_instance, train_offsets
+from spinegrade.predict import (
+    LOCATION_COLUMNS,
+    LocatedStudy,
+    _read_stacks,
+    grade_studies,
+    load_fold_models,
+    locate_split,
+    predict_split,
+)
+from spinegrade.subarticular import locate_subarticular
+
+LEFT, RIGHT = GROUPS["subarticular"].conditions
+CROP = PreprocessSettings("subarticular", "crop", 48, 40.0, neighbours=0)
+
+
+def _labelled_canal(table: pd.DataFrame, study: int) -> dict[str, np.ndarray]:
+    rows = table[(table["study_id"] == study) & (table["condition"] == "spinal_canal_stenosis")
+                 & table["instance_number"].notna()]
+    return {r.level: read_slice(r.image_path, with_pixels=False).pixel_to_patient(r.x, r.y) for r in rows.itertuples()}
+
+
+def _axial_series(data: Path, split: str, study: int) -> list[Path]:
+    series = pd.read_csv(data / f"{split}_series_descriptions.csv")
+    ids = series[(series["study_id"] == study) & (series["series_description"] == AXIAL_T2)]["series_id"]
+    return [data / f"{split}_images" / str(study) / str(s) for s in ids]
+
+
+@pytest.fixture(scope="module")
+def offsets(synth_dataset, tmp_path_factory) -> PointOffsets:
+    out = tmp_path_factory.mktemp("subarticular-offsets")
+    folds = out / "folds.csv"
+    write_csv_atomic(make_folds(build_index(synth_dataset, check_images=False).labels_wide(), n_folds=2, seed=0), folds)
+    train_offsets(synth_dataset, folds, out, "subarticular")
+    return PointOffsets.load(RunLayout(out).localizer_dir("subarticular"))
+
+
+def test_each_level_and_side_lands_on_its_labelled_slice_in_every_axial_layout(synth_dataset, offsets):
+    """From the labelled canal points (the locator's own part alone): every labelled point is found on
+    its labelled series and stack, within one slice of its labelled instance, on the patient's own
+    side. The data holds the layouts that make this hard: rows running either way, a series of
+    several tilted stacks, two axial series sharing a level."""
+    table = build_index(synth_dataset, check_images=False).table
+    labelled = table[table["condition"].isin([LEFT, RIGHT]) & table["instance_number"].notna()]
+    assert (labelled.pivot_table(index=["study_id", "level"], columns="condition", values="severity")
+            .pipe(lambda w: (w[LEFT] != w[RIGHT]).sum())) >= 5  # left and right grades differ often
+    row_directions, tilted, shared, checked = set(), 0, 0, 0
+    for study, points in labelled.groupby("study_id"):
+        canal = _labelled_canal(table, study)
+        stacks = {str(d): _read_stacks(d, AXIAL_T2)[0] for d in _axial_series(synth_dataset, "train", study)}
+        rows, _ = locate_subarticular(study, canal, stacks, offsets)
+        found = pd.DataFrame(rows, columns=LOCATION_COLUMNS)
+        for series_stacks in stacks.values():
+            row_directions.add(int(np.sign(series_stacks[0].orientation[0])))
+            tilted += len(series_stacks) > 1
+        if len(stacks) > 1:  # a level both series image is located on both
+            per_level = found.groupby("level")["series"].nunique()
+            assert (per_level == 2).sum() >= 1, study
+            shared += 1
+        for r in points.itertuples():
+            series = str(Path(r.image_path).parent)
+            hit = found[(found["condition"] == r.condition) & (found["level"] == r.level) & (found["series"] == series)]
+            assert len(hit) == 1, (study, r.condition, r.level)
+            h = hit.iloc[0]
+            j_found, k_found = find_instance(stacks[series], int(h.instance_number))
+            j_label, k_label = find_instance(stacks[series], int(r.instance_number))
+            assert j_found == j_label and abs(k_found - k_label) <= 1, (study, r.condition, r.level)
+            s = stacks[series][j_found].slices[k_found]
+            side_x = s.pixel_to_patient(h.x, h.y)[0] - canal[r.level][0]
+            assert (side_x > 3) if r.condition == LEFT else (side_x < -3)  # +x is the patient's left
+            truth = stacks[series][j_label].slices[k_label].pixel_to_patient(r.x, r.y)
+            assert np.linalg.norm(s.pixel_to_patient(h.x, h.y) - truth) < 10  # a slice gap and a few mm: well inside the crop
+            checked += 1
+    assert row_directions == {1, -1}, "the set should hold axial series whose rows run either way"
+    assert tilted >= 1 and shared >= 1, "the set should hold a series of tilted stacks and a study with two axial series"
+    assert checked >= 100
+
+
+def _mirror_series(source: Path, target: Path) -> None:
+    """The same slices stored with their rows running the other way: pixel columns reversed, the row
+    direction negated and the first pixel's position moved to the other end. Patient space is unchanged."""
+    target.mkdir(parents=True)
+    for f in sorted(source.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            ds.decompress()
+        pixels = ds.pixel_array[:, ::-1].copy()
+        orientation = [float(v) for v in ds.ImageOrientationPatient]
+        row = np.array(orientation[:3])
+        position = np.array([float(v) for v in ds.ImagePositionPatient]) + row * float(ds.PixelSpacing[1]) * (ds.Columns - 1)
+        ds.ImageOrientationPatient = [*(-row).tolist(), *orientation[3:]]
+        ds.ImagePositionPatient = position.tolist()
+        ds.PixelData = pixels.tobytes()
+        ds.save_as(target / f.name)
+
+
+def test_rows_running_the_other_way_give_the_same_points_and_the_same_crops_per_side(synth_dataset, offsets, tmp_path):
+    """A series and its mirror image in storage (same anatomy in patient space): each side is placed on
+    the same patient point, and its crop (turned for its side) is the same image. Were sides taken from
+    image halves, the mirrored series would swap them; were the crops not turned, they would be mirror
+    images of each other."""
+    table = build_index(synth_dataset, check_images=False).table
+    study = int(table[table["condition"] == LEFT]["study_id"].iloc[0])
+    source = _axial_series(synth_dataset, "train", study)[0]
+    mirrored = tmp_path / "mirrored"
+    _mirror_series(source, mirrored)
+    canal = _labelled_canal(table, study)
+    located = {}
+    for name, folder in (("source", source), ("mirrored", mirrored)):
+        stacks = {name: _read_stacks(folder, AXIAL_T2)[0]}
+        rows, _ = locate_subarticular(study, canal, stacks, offsets)
+        assert {r[1] for r in rows} == {LEFT, RIGHT}
+        located[name] = LocatedStudy(study, stacks, pd.DataFrame(rows, columns=LOCATION_COLUMNS))
+    a, b = (located[n].locations.set_index(["condition", "level"]).sort_index() for n in ("source", "mirrored"))
+    assert list(a.index) == list(b.index) and (a["instance_number"] == b["instance_number"]).all()
+    assert (a["x"] - b["x"]).abs().max() > 5  # the columns really are reversed
+    for (condition, level), ra in a.iterrows():
+        rb = b.loc[(condition, level)]
+        crops, points = [], []
+        for name, r in (("source", ra), ("mirrored", rb)):
+            stack, k = located[name].stack_at(pd.Series({"series": name, "instance_number": r["instance_number"]}))
+            crops.append(prepare_stack(stack, k, r["x"], r["y"], CROP, condition=condition)[0].astype(int))
+            points.append(stack.slices[k].pixel_to_patient(r["x"], r["y"]))
+        assert np.linalg.norm(points[0] - points[1]) < 1e-3, (condition, level)
+        assert np.abs(crops[0] - crops[1]).mean() < 1.0, (condition, level)
+        left, right = (prepare_stack(stack, k, r["x"], r["y"], CROP, condition=c)[0].astype(int) for c in (LEFT, RIGHT))
+        assert np.abs(left - right[:, ::-1]).max() <= 1  # turning for the side is a mirror
+
+
+def _split_axial(series_dir: Path, new_id: int) -> Path:
+    """Split one axial series in two: its per-disc blocks of slices below the middle one move to a new
+    series, and the middle block is copied there with noise of its own (another acquisition), so that
+    one level is in both and reads a little differently. Returns the new folder."""
+    slices = [read_slice(f, with_pixels=False) for f in sorted(series_dir.glob("*.dcm"))]
+    centre_z = np.array([s.pixel_to_patient(s.shape[1] / 2, s.shape[0] / 2)[2] for s in slices])
+    order = np.argsort(centre_z)
+    block = np.zeros(len(slices), dtype=int)  # blocks: runs of slices less than 10 mm apart, lowest first
+    block[order] = np.concatenate([[0], np.cumsum(np.diff(centre_z[order]) > 10)])
+    middle = block.max() // 2
+    assert block.max() >= 2, "the series should image three levels or more"
+    new_dir = series_dir.parent / str(new_id)
+    new_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for s, b in zip(slices, block):
+        if b < middle:
+            shutil.move(s.path, new_dir / Path(s.path).name)
+        elif b == middle:
+            ds = pydicom.dcmread(s.path)
+            if ds.file_meta.TransferSyntaxUID.is_compressed:
+                ds.decompress()
+            pixels = ds.pixel_array.astype(float)
+            noisy = pixels + rng.normal(0, 0.05 * pixels.std(), pixels.shape)
+            ds.PixelData = np.clip(noisy, 0, 65535).astype(ds.pixel_array.dtype).tobytes()
+            ds.save_as(new_dir / Path(s.path).name)
+    return new_dir
+
+
+@pytest.fixture(scope="module")
+def axial_quirks(trained_run, tmp_path_factory):
+    """The trained run's test studies: one without Axial T2 listed, one whose axial series is split in
+    two series sharing one level."""
+    root = tmp_path_factory.mktemp("axial-quirks")
+    data = root / "data"
+    source = trained_run["data"]
+    shutil.copytree(source / "test_images", data / "test_images")
+    for name in ("train.csv", "train_series_descriptions.csv", "train_label_coordinates.csv", "sample_submission.csv"):
+        shutil.copy2(source / name, data / name)
+    series = pd.read_csv(source / "test_series_descriptions.csv")
+    axial = series[series["series_description"] == AXIAL_T2]
+    single = sorted(axial.groupby("study_id").filter(lambda g: len(g) == 1)["study_id"])
+    no_axial, split = single[:2]
+    series = series[~((series["study_id"] == no_axial) & (series["series_description"] == AXIAL_T2))]
+    original = _axial_series(source, "test", split)[0]
+    new_dir = _split_axial(data / "test_images" / str(split) / original.name, 999_000_002)
+    series = pd.concat([series, pd.DataFrame([{"study_id": split, "series_id": int(new_dir.name),
+                                               "series_description": AXIAL_T2}])], ignore_index=True)
+    series.to_csv(data / "test_series_descriptions.csv", index=False)
+    return {"data": data, "no_axial": no_axial, "split": split, "new": new_dir}
+
+
+def test_a_level_in_two_axial_series_is_graded_as_the_mean_of_both(trained_run, axial_quirks):
+    q = axial_quirks
+    located = {st.study_id: st for st in locate_split(q["data"], "test", trained_run["out"], "subarticular", "cpu")}
+    st = located[q["split"]]
+    assert len(st.stacks) == 2
+    per_level = st.locations.groupby("level")["series"].nunique()
+    shared = list(per_level.index[per_level == 2])
+    assert len(shared) == 1 and (per_level[per_level.index != shared[0]] == 1).all()
+    assert set(st.locations["series"]) == {str(p) for p in st.stacks} and str(q["new"]) in st.stacks
+    cpu = torch.device("cpu")
+    models = load_fold_models(trained_run["out"], "efficientnet_lite0", "subarticular", cpu)
+    both = grade_studies([st], models, cpu)[st.study_id]
+    one_each = []
+    for series in st.stacks:
+        alone = LocatedStudy(st.study_id, st.stacks, st.locations[st.locations["series"] == series].reset_index(drop=True))
+        one_each.append(grade_studies([alone], models, cpu)[st.study_id])
+    k = LEVELS.index(shared[0])
+    for condition in (LEFT, RIGHT):
+        assert np.allclose(both[condition][k], (one_each[0][condition][k] + one_each[1][condition][k]) / 2, atol=1e-6)
+        assert not np.allclose(one_each[0][condition][k], one_each[1][condition][k], atol=1e-4)  # two real readings
+
+
+def test_a_study_without_axial_t2_gets_the_prior_there_and_keeps_its_other_groups(trained_run, axial_quirks, tmp_path,
+                                                                                 logged):
+    q = axial_quirks
+    per_backbone, submission = predict_split(q["data"], "test", trained_run["out"], out=tmp_path / "submission.csv",
+                                             device="cpu", predictions_dir=tmp_path)
+    messages = "\n".join(logged())
+    assert f"study {q['no_axial']}: no Axial T2 series listed; its subarticular rows get the training prior" in messages
+    graded = set(per_backbone["row_id"])
+    assert not {row_id(q["no_axial"], c, lv) for c in (LEFT, RIGHT) for lv in LEVELS} & graded
+    assert {row_id(q["no_axial"], "spinal_canal_stenosis", lv) for lv in LEVELS} <= graded
+    assert {row_id(q["no_axial"], "left_neural_foraminal_narrowing", lv) for lv in LEVELS} & graded
+    others = sorted(set(submission["row_id"].str.split("_").str[0].astype(int)) - {q["no_axial"]})
+    for study in others:  # every other study's subarticular rows come from the model
+        assert {row_id(study, LEFT, lv) for lv in LEVELS[1:]} <= graded, study
+    assert len(submission) == 25 * len(others + [q["no_axial"]])
+
+
+def test_the_trained_run_locates_the_lateral_recesses_out_of_fold(trained_run):
+    report = trained_run["subarticular_report"]
+    assert report["points"] >= 200
+    assert report["located"] >= 0.9 and report["slice_within_one"] >= 0.8
+    assert report["median_mm"] < 10  # a 40 mm crop holds the recess
+    assert set(report["per_level_side"]) == {f"{side} {lv}" for side in ("left", "right") for lv in LEVELS}
