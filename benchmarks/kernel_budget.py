@@ -7,7 +7,7 @@ config at its own input size:
 
 - the CPU seconds per image of one forward pass (median of ``--repeats`` batches of ``--batch``,
   on this machine's cores), with the weights random (no download: speed does not depend on them);
-- the multiply-adds per image (``torch.utils.flop_counter``), from which the time on a GPU is
+- the FLOPs per image (``torch.utils.flop_counter``: two per multiply-add), from which the time on a GPU is
   *projected* at an assumed sustained rate (``--gpu-tflops``, default 8 TFLOP/s: about an eighth of a
   Kaggle T4's half-precision peak; no GPU was at hand to measure it);
 - the size of the weights in the models dataset (safetensors, float32).
@@ -16,7 +16,8 @@ It then projects the kernel's time per 1,000 studies on Kaggle's CPU (``--kaggle
 measured per-core rate scaled to that many cores) and GPU, adds the reading and localising time
 measured by ``predict_speed.py`` (``benchmarks/results/predict_speed.json``, when present), and
 says how many folds per model fit the competition's 9-hour limit: the cut
-``spinegrade kernel --folds-per-model K`` applies.
+``spinegrade kernel --folds-per-model K`` applies. Left out, and small beside the forward passes of
+the large backbones: making each image (once per backbone's preprocessing) and loading the 90 models once.
 
     python benchmarks/kernel_budget.py                 # the six published configs
     python benchmarks/kernel_budget.py --configs resnet18 --image-size 64 --repeats 1
@@ -92,6 +93,8 @@ def main() -> None:
     per_fold_gpu = sum(r["gflops_per_image"] for r in rows) * images / (args.gpu_tflops * 1000)
     speed = RESULTS / "predict_speed.json"
     read = json.loads(speed.read_text()).get("read_and_localise_seconds_per_study_median", 0.0) if speed.is_file() else 0.0
+    if not speed.is_file():
+        print(f"no {speed}: reading and locating left out of the projection (run predict_speed.py first)")
     budget = KAGGLE_HOURS * 3600 / args.studies  # seconds a study may take
     projection = {}
     for device, per_fold in (("cpu", per_fold_cpu), ("gpu", per_fold_gpu)):

@@ -33,7 +33,7 @@ from spinegrade.predict import (
 from spinegrade.subarticular import locate_subarticular
 
 LEFT, RIGHT = GROUPS["subarticular"].conditions
-CROP = PreprocessSettings("subarticular", "crop", 48, 40.0, neighbours=0)
+CROP = PreprocessSettings("subarticular", "crop", 48, 40.0, neighbours=0, turn_by_side=True)
 
 
 def _labelled_canal(table: pd.DataFrame, study: int) -> dict[str, np.ndarray]:
@@ -149,6 +149,30 @@ def test_rows_running_the_other_way_give_the_same_points_and_the_same_crops_per_
         assert np.abs(left - right[:, ::-1]).max() <= 1  # turning for the side is a mirror
 
 
+@pytest.mark.parametrize("across, down, left, right", [
+    ((1, 0, 0), (0, 1, 0), (False, False, False), (False, False, True)),  # usual: rows run to the patient's left
+    ((-1, 0, 0), (0, 1, 0), (False, False, True), (False, False, False)),  # rows run the other way
+    ((0, 1, 0), (1, 0, 0), (True, False, False), (True, False, True)),  # turned in plane
+    ((0, -1, 0), (-1, 0, 0), (True, True, True), (True, True, False)),  # turned the other way
+    ((1, 0, 0), (0, -1, 0), (False, True, False), (False, True, True)),  # upside down: the back at the top
+])
+def test_side_turn_puts_each_sides_lateral_edge_right_and_the_back_down(across, down, left, right):
+    """Absolute, from the geometry alone: after the turn, a step right in the crop goes lateral (+x for the
+    patient's left, -x for the right) and a step down goes posterior (+y)."""
+    from spinegrade.data.dicom import Slice
+    from spinegrade.data.preprocess import side_turn, turn
+
+    s = Slice(Path("x.dcm"), 1, np.zeros(3), np.array([*across, *down], dtype=float), (1.0, 1.0), (4, 4))
+    assert side_turn(s, "left") == left and side_turn(s, "right") == right
+    # A 4x4 image whose pixel (r, c) holds its patient point: after the turn, check the directions.
+    rows, cols = np.mgrid[0:4, 0:4]
+    patient = rows[..., None] * np.array(down) + cols[..., None] * np.array(across)  # (4, 4, 3)
+    for side, lateral in (("left", 1), ("right", -1)):
+        turned = np.stack([turn(patient[..., a].astype(float), *side_turn(s, side)) for a in range(3)], axis=-1)
+        assert (np.diff(turned[..., 0], axis=1) == lateral).all()  # rightwards: lateral
+        assert (np.diff(turned[..., 1], axis=0) == 1).all()  # downwards: posterior
+
+
 def _split_axial(series_dir: Path, new_id: int) -> Path:
     """Split one axial series in two: its per-disc blocks of slices below the middle one move to a new
     series, and the middle block is copied there with noise of its own (another acquisition), so that
@@ -232,10 +256,11 @@ def test_a_study_without_axial_t2_gets_the_prior_there_and_keeps_its_other_group
     graded = set(per_backbone["row_id"])
     assert not {row_id(q["no_axial"], c, lv) for c in (LEFT, RIGHT) for lv in LEVELS} & graded
     assert {row_id(q["no_axial"], "spinal_canal_stenosis", lv) for lv in LEVELS} <= graded
-    assert {row_id(q["no_axial"], "left_neural_foraminal_narrowing", lv) for lv in LEVELS} & graded
+    assert {row_id(q["no_axial"], c, lv) for c in ("left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing")
+            for lv in LEVELS[1:4]} <= graded  # the foramina too
     others = sorted(set(submission["row_id"].str.split("_").str[0].astype(int)) - {q["no_axial"]})
-    for study in others:  # every other study's subarticular rows come from the model
-        assert {row_id(study, LEFT, lv) for lv in LEVELS[1:]} <= graded, study
+    for study in others:  # every other study's subarticular rows come from the model, both sides
+        assert {row_id(study, c, lv) for c in (LEFT, RIGHT) for lv in LEVELS[1:]} <= graded, study
     assert len(submission) == 25 * len(others + [q["no_axial"]])
 
 
@@ -245,3 +270,25 @@ def test_the_trained_run_locates_the_lateral_recesses_out_of_fold(trained_run):
     assert report["located"] >= 0.9 and report["slice_within_one"] >= 0.8
     assert report["median_mm"] < 10  # a 40 mm crop holds the recess
     assert set(report["per_level_side"]) == {f"{side} {lv}" for side in ("left", "right") for lv in LEVELS}
+
+
+def test_series_of_one_slice_are_located_or_left_to_the_prior_without_an_error(synth_dataset, offsets):
+    """A T1 or axial series reduced to one slice: the foramina near it and the level it shows are still
+    placed, the others are not (prior rows), and nothing raises."""
+    from spinegrade.data.dicom import Stack, main_stack, read_series
+    from spinegrade.foramina import nearest_slice
+
+    table = build_index(synth_dataset, check_images=False).table
+    labelled = table[(table["condition"] == LEFT) & table["instance_number"].notna()].iloc[0]
+    study, canal = int(labelled.study_id), _labelled_canal(table, int(labelled.study_id))
+    axial = _read_stacks(Path(labelled.image_path).parent, AXIAL_T2)[0]
+    one = Stack([axial[0].slices[axial[0].index_of_instance(int(labelled.instance_number))]])
+    rows, outside = locate_subarticular(study, canal, {"one": [one]}, offsets)
+    assert {(r[1], r[2]) for r in rows} == {(LEFT, labelled.level), (RIGHT, labelled.level)}
+    assert len(outside) == len(LEVELS) - 1
+    t1 = pd.read_csv(synth_dataset / "train_series_descriptions.csv")
+    t1 = t1[(t1["study_id"] == study) & (t1["series_description"] == "Sagittal T1")]["series_id"].iloc[0]
+    stack = main_stack(read_series(synth_dataset / "train_images" / str(study) / str(t1), with_pixels=False))
+    middle = Stack([stack.slices[len(stack) // 2]])  # the mid-sagittal slice: no foramen within 3 mm of it
+    assert nearest_slice(middle, canal["l4_l5"] + np.array([20.0, 0, 0])) is None
+    assert nearest_slice(middle, middle.slices[0].pixel_to_patient(10, 10)) is not None

@@ -198,6 +198,8 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None, conf
         raise SpinegradeError(f"{path}: group must be one of {', '.join(GROUPS)}, got {group!r}")
     registry = GROUPS[group]
     values: dict[str, Any] = {"input": registry.input, "crop_mm": registry.crop_mm}
+    if registry.turn_by_side:  # its crops keep one orientation: a horizontal flip would undo it (YAML or a flag may)
+        values["flip_probability"] = 0.0
     values.update(file_values)
     values.update(sections.get(group, {}))
     values.setdefault("name", path.stem)

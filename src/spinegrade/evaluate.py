@@ -180,7 +180,7 @@ def run_evaluation(output_dir: str | Path, folds_path: str | Path | None = None,
     layout = RunLayout(output_dir)
     folds = sorted(read_folds(run_folds(layout, folds_path))["fold"].unique().tolist())
     layout.results.mkdir(parents=True, exist_ok=True)
-    reports, rows, priors, full = [], [], {}, {}
+    reports, rows, priors, full, located = [], [], {}, {}, {}
     for group in GROUPS:
         names, partial = complete_names(layout, group, folds)
         for name, missing in partial.items():
@@ -195,6 +195,7 @@ def run_evaluation(output_dir: str | Path, folds_path: str | Path | None = None,
             metrics = evaluate_predictions(oof)
             if name in localised and not localised[name].empty:
                 metrics["score_localised"] = competition_score(parsed(localised[name]))["score"]
+                located.setdefault(f"{name}, located", []).append(parsed(localised[name]))
                 write_csv_atomic(localised[name], layout.localised_oof_file(name, group))
             if prior_metrics is None:
                 prior_oof = prior_predictions(oof)
@@ -222,7 +223,8 @@ def run_evaluation(output_dir: str | Path, folds_path: str | Path | None = None,
         raise SpinegradeError(f"{layout.oof}: no backbone has OOF predictions for every fold {folds} of any group")
     summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     write_csv_atomic(summary, layout.results / "summary.csv")
-    competition = competition_table(full)
+    # the same terms end to end: each held-out study located by its fold's locators (levels not located left out)
+    competition = pd.concat([competition_table(full), competition_table(located)], ignore_index=True)
     write_csv_atomic(competition, layout.results / "competition.csv")
     comparison = plots.compare_backbones(summary, layout.plots / "backbones_comparison.png")
     report = write_report(layout, summary, competition, reports, priors, comparison, data_dir=data_dir)

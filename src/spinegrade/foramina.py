@@ -19,6 +19,7 @@ from spinegrade.offsets import PointOffsets
 GROUP = "foraminal"
 # A foramen farther than this many slice gaps from the nearest slice lies outside the T1 volume.
 OUTSIDE_GAPS = 0.75
+SINGLE_SLICE_MM = 3.0  # a T1 series of one slice reaches this far from it (about half a usual gap)
 
 
 def nearest_slice(stack: Stack, point: np.ndarray) -> tuple[int, float, float] | None:
@@ -28,7 +29,8 @@ def nearest_slice(stack: Stack, point: np.ndarray) -> tuple[int, float, float] |
     distances = np.array([abs(d) for _, _, d in projected])
     k = int(distances.argmin())
     positions = np.array([s.distance for s in stack.slices])
-    gap = float(np.median(np.diff(positions))) if len(stack) > 1 else float(stack.slices[0].thickness or 1.0)
+    # one slice: no gap to measure, so the point must lie within SINGLE_SLICE_MM of it
+    gap = float(np.median(np.diff(positions))) if len(stack) > 1 else SINGLE_SLICE_MM / OUTSIDE_GAPS
     if distances[k] > OUTSIDE_GAPS * abs(gap) + 1e-6:
         return None
     x, y, _ = projected[k]

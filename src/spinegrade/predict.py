@@ -105,16 +105,14 @@ class LocatedStudy:
     problem: str | None = None
     seconds: float = 0.0
 
-    @property
-    def stack(self) -> Stack | None:
-        """The first series' main stack (a group read on one sagittal series has one)."""
-        return main_stack(next(iter(self.stacks.values()), []))
-
     def stack_at(self, row) -> tuple[Stack, int]:
-        """The stack a locations row points into, and the index of its slice there."""
-        stacks = self.stacks[row.series]
-        j, k = find_instance(stacks, int(row.instance_number))
-        return stacks[j], k
+        """The stack a locations row points into, and the index of its slice there (instance numbers
+        name a slice within its series: a series whose stacks repeat them is read by its first stack)."""
+        stacks = self.stacks.get(row.series, [])
+        found = find_instance(stacks, int(row.instance_number))
+        if found is None:
+            raise SpinegradeError(f"{row.series}: no slice with instance number {int(row.instance_number)}")
+        return stacks[found[0]], found[1]
 
     def slice_of(self, row) -> Slice:
         """The slice a locations row points at."""
@@ -218,16 +216,18 @@ def grade_studies(studies: list[LocatedStudy], models: list[FoldModel], device: 
     out: dict[int, dict[str, np.ndarray]] = {}
     usable = [s for s in studies if s.locations is not None]
     prepared: dict[PreprocessSettings, dict[int, np.ndarray]] = {}
+    failed: set[int] = set()  # its locations stay: another group may start from them
     for settings in {m.settings for m in models}:  # images shared by fold models with the same preprocessing
         prepared[settings] = {}
         for st in usable:
-            if st.locations is None:
+            if st.study_id in failed:
                 continue
             try:
                 prepared[settings][st.study_id] = model_inputs(st, settings)
             except Exception as exc:  # an image this code cannot prepare: that study gets the prior
-                st.problem, st.locations = f"cannot prepare its images ({type(exc).__name__}: {exc})", None
-    usable = [s for s in usable if s.locations is not None]
+                st.problem = f"cannot prepare its images ({type(exc).__name__}: {exc})"
+                failed.add(st.study_id)
+    usable = [s for s in usable if s.study_id not in failed]
     if not usable:
         return out
     by_settings = {settings: np.concatenate([per_study[st.study_id] for st in usable])
@@ -424,17 +424,22 @@ def grade_split(data_dir: Path, split: str, output_dir: Path, blends: dict[str, 
     """Locate and grade every listed study of ``split`` for each group a blend covers; a group without
     a model or a study without its series is named in the log and left to the prior."""
     result = SplitGrades(sorted(_study_series(data_dir, split)), {}, {}, blends)
+    anchors: list[LocatedStudy] | None = None  # the spinal points, which start the offsets locators: located once
     for group, spec in GROUPS.items():
         blend = blends.get(group)
         names = [n for n, w in zip(blend.backbones, blend.weights) if w > 0] if blend else []
         if not names:
             log.info(f"{group}: no model grades it; its rows get the training prior of each condition and level")
             continue
-        if spec.locator is None:
-            log.warning(f"{group}: no locator places its points yet; its rows get the training prior")
+        if spec.locator is None or not locator_trained(output_dir, group):
+            log.warning(f"{group}: no trained locator places its points ({RunLayout(output_dir).localizer_dir(group)}: "
+                        "run `spinegrade train-localizer`); its rows get the training prior")
             continue
-        # the spinal points start the offsets locators: located once
-        located = locate_split(data_dir, split, output_dir, group, device, anchors=result.located.get(OFFSETS_ANCHOR))
+        if spec.locator in OFFSET_LOCATORS and anchors is None:
+            anchors = locate_split(data_dir, split, output_dir, OFFSETS_ANCHOR, device)
+        located = locate_split(data_dir, split, output_dir, group, device, anchors=anchors)
+        if group == OFFSETS_ANCHOR:
+            anchors = located
         result.located[group] = located
         result.graded[group] = {}
         for name in names:
@@ -495,7 +500,7 @@ def locate_split(data_dir: Path, split: str, output_dir: Path, group: str, devic
                  folds: pd.Series | None = None, anchors: list[LocatedStudy] | None = None) -> list[LocatedStudy]:
     """Every listed study of ``split`` located for ``group`` on its series. With ``folds`` (study ->
     fold), each study by the locator of the fold that never saw it (out of fold). ``anchors``: the
-    spinal group's located studies, when already at hand (the foramina start from them)."""
+    spinal group's located studies, when already at hand (the offsets locators start from them)."""
     if GROUPS[group].locator in OFFSET_LOCATORS:
         return locate_offsets_split(data_dir, split, output_dir, group, device, folds, anchors)
     series = _study_series(data_dir, split, GROUPS[group].series)
@@ -538,6 +543,7 @@ def locate_offsets_split(data_dir: Path, split: str, output_dir: Path, group: st
     series = _all_study_series(data_dir, split, description)
     assigned = _by_fold(series, folds)
     located: list[LocatedStudy] = []
+    started = time.perf_counter()
     root = RunLayout(output_dir).localizer_dir(group)
     for fold, studies in assigned.items():
         offsets = PointOffsets.load(root, folds=None if fold is None else [fold])
@@ -561,15 +567,21 @@ def locate_offsets_split(data_dir: Path, split: str, output_dir: Path, group: st
                 st = LocatedStudy(study, stacks, None, f"no spinal canal points to start the {group} points from "
                                                        f"(Sagittal T2/STIR: {reason})")
             else:
-                rows, outside = locate(study, canal_points(start), stacks, offsets)
+                try:
+                    rows, outside = locate(study, canal_points(start), stacks, offsets)
+                except Exception as exc:  # one bad study must never stop the run: it gets the prior
+                    rows, outside = [], []
+                    problems.insert(0, f"cannot place its {group} points ({type(exc).__name__}: {exc})")
                 if outside:
                     log.info(f"study {study}: no {description} series reaches the {group} points at "
                              f"{', '.join(outside)}; prior rows there")
                 st = LocatedStudy(study, stacks, pd.DataFrame(rows, columns=LOCATION_COLUMNS) if rows else None,
-                                  None if rows else f"no {group} point inside the {description} volume")
+                                  None if rows else (problems[0] if problems else f"no {group} point inside the "
+                                                                                  f"{description} volume"))
             st.seconds = time.perf_counter() - t0
             located.append(st)
-    log.info(f"{group}: located {sum(s.locations is not None for s in located)} of {len(located)} studies")
+    log.info(f"{group}: located {sum(s.locations is not None for s in located)} of {len(located)} studies "
+             f"({(time.perf_counter() - started) / max(len(located), 1):.2f} s per study: reading and locating)")
     return located
 
 

@@ -3,7 +3,8 @@
 The three series are found among any DICOM files under the folder (any names, any nesting, other
 files ignored): by SeriesDescription first, and where a description is missing or unusual, by the
 slices' orientation (the normal along the patient's x axis: sagittal; along z: axial) and contrast
-(RepetitionTime and EchoTime: T1 is short and short, T2 long; an InversionTime is a STIR). The
+(RepetitionTime and EchoTime: T1 is short and short, T2 long; an inversion recovery with a short
+inversion time or a long echo is a STIR, one with neither a T1 FLAIR). The
 study is then graded exactly as a test split is (``predict.grade_split``), through a one-study
 dataset of links in the competition's layout, so it gets what a submission gets: every group, the
 tuned blend, the prior where a series is missing.
@@ -24,6 +25,7 @@ import base64
 import html
 import io
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,19 +58,24 @@ log = get_logger(__name__)
 STUDY_ID = 1  # the one-study dataset's id: the study folder may be named anything
 # Contrast from timing (ms): T1 has a short repetition and echo time, T2 a long echo or repetition time.
 T1_MAX_TR, T1_MAX_TE, T2_MIN_TE, T2_MIN_TR = 1200.0, 40.0, 60.0, 2000.0
+STIR_MAX_TI = 300.0  # a short inversion time nulls fat: STIR (a T1 FLAIR inverts at about 800 ms or more)
 GRADE_COLOURS = {"Normal/Mild": "#4caf50", "Moderate": "#ff9800", "Severe": "#f44336"}
 
 
 def kind_from_description(description: str) -> str | None:
-    """The competition's series kind a SeriesDescription names, if it names one."""
+    """The competition's series kind a SeriesDescription names, if it names one (whole words: "ax" in
+    "max" or "tra" in "contrast" name nothing)."""
     d = description.lower().replace("_", " ")
     if d in (k.lower() for k in SERIES_DESCRIPTIONS):
         return next(k for k in SERIES_DESCRIPTIONS if k.lower() == d)
-    if "sag" in d and "t1" in d:
+    words = set(re.findall(r"[a-z0-9]+", d))
+    sagittal = bool(words & {"sag", "sagittal"})
+    axial = bool(words & {"ax", "axial", "tra", "transverse", "transversal"})
+    if sagittal and words & {"t1", "t1w"}:
         return SAGITTAL_T1
-    if "sag" in d and ("t2" in d or "stir" in d):
+    if sagittal and words & {"t2", "t2w", "stir"}:
         return SAGITTAL_T2
-    if ("ax" in d or "tra" in d) and "t2" in d:
+    if axial and words & {"t2", "t2w"}:
         return AXIAL_T2
     return None
 
@@ -77,8 +84,10 @@ def kind_from_geometry(s: Slice) -> str | None:
     """The series kind from one slice's orientation and contrast, when the description says nothing."""
     axis = int(np.argmax(np.abs(np.cross(s.orientation[:3], s.orientation[3:]))))  # 0: x (sagittal), 2: z (axial)
     tr, te = s.repetition_time, s.echo_time
-    if s.inversion_time:
+    if s.inversion_time and (s.inversion_time <= STIR_MAX_TI or (te is not None and te >= T2_MIN_TE)):
         contrast = "T2"  # STIR: read as the T2 series
+    elif s.inversion_time:
+        contrast = "T1"  # T1 FLAIR
     elif tr is not None and tr <= T1_MAX_TR and (te is None or te <= T1_MAX_TE):
         contrast = "T1"
     elif (te is not None and te >= T2_MIN_TE) or (tr is not None and tr >= T2_MIN_TR):
@@ -140,7 +149,7 @@ def _one_study_dataset(root: Path, series: list[FoundSeries]) -> dict[str, Found
     """A test split of one study in the competition's layout, made of links to the files; returns
     series folder -> the series it holds. One Sagittal T2/STIR is kept (the localiser reads one)."""
     rows, folders = [], {}
-    sagittal_t2 = [f for f in series if f.kind == SAGITTAL_T2][:1]
+    sagittal_t2 = [f for f in series if f.kind == SAGITTAL_T2][:1]  # find_series lists the largest first
     for number, f in enumerate([f for f in series if f.kind != SAGITTAL_T2] + sagittal_t2, start=1):
         folder = root / "test_images" / str(STUDY_ID) / str(number)
         folder.mkdir(parents=True)
@@ -157,25 +166,34 @@ def predict_study(study_dir: str | Path, output_dir: str | Path, backbones: list
     """Grade all 25 targets of one study folder; write ``grades.json`` and ``study.html``."""
     from spinegrade.train import select_device
 
-    study_dir, output_dir = Path(study_dir), Path(output_dir)
+    study_dir, output_dir = Path(study_dir).resolve(), Path(output_dir)
     if not study_dir.is_dir():
         raise SpinegradeError(f"{study_dir}: not a folder")
     out_dir = Path(out_dir) if out_dir else study_dir.parent / f"{study_dir.name}-spinegrade"
     series, notes = find_series(study_dir)
     for f in series:
         log.info(f"{f.kind}: series {f.description!r} ({len(f.files)} files), found by {f.how}")
+    extra = [f for f in series if f.kind == SAGITTAL_T2][1:]
+    if extra:
+        notes.append(f"{len(extra)} more Sagittal T2/STIR series not read (the level localiser reads the largest)")
     for note in notes:
         log.info(note)
     blends = blends_for(output_dir, backbones)
     with tempfile.TemporaryDirectory(prefix="spinegrade-study-") as tmp:
-        folders = _one_study_dataset(Path(tmp), series)
+        try:
+            folders = _one_study_dataset(Path(tmp), series)
+        except OSError as exc:
+            raise SpinegradeError(f"{tmp}: cannot link the study's files there ({exc})") from None
         grades = grade_split(Path(tmp), "test", output_dir, blends, select_device(device))
         submission = submission_frame([STUDY_ID], grades.graded, grades.blends, training_priors(None, output_dir))
         result = _result(study_dir, series, notes, grades, submission, folders)
         pages = _slice_figures(grades, result, folders)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "grades.json", json.dumps(result, indent=1))
-    write_text_atomic(out_dir / "study.html", _html(result, pages))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out_dir / "grades.json", json.dumps(result, indent=1))
+        write_text_atomic(out_dir / "study.html", _html(result, pages))
+    except OSError as exc:
+        raise SpinegradeError(f"{out_dir}: cannot write the results there ({exc}); choose another with --out") from None
     for t in result["targets"]:
         log.info(f"{t['condition']:34s} {t['level']}: {t['grade']:12s} "
                  + "  ".join(f"{c} {t['probabilities'][c]:.2f}" for c in PROBABILITY_COLUMNS) + f"  ({t['source']})")

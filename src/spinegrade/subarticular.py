@@ -41,12 +41,15 @@ def level_reach(canal: dict[str, np.ndarray], level: str) -> float:
     return 0.5 * min(float(np.linalg.norm(canal[level] - n)) for n in neighbours)
 
 
-def nearest_level_slice(stack: Stack, point: np.ndarray, reach: float) -> tuple[int, float] | None:
+def nearest_level_slice(stack: Stack, point: np.ndarray, reach: float,
+                        others: list[np.ndarray] = ()) -> tuple[int, float] | None:
     """(index in the stack, distance along its normal in mm) of the slice nearest ``point``; None when
-    it is farther than ``reach`` or ``point`` projects outside its image."""
+    it is farther than ``reach``, nearer one of ``others`` (the neighbouring levels' canal points: on a
+    stack tilted against the spine, distances along its normal are not distances along the spine), or
+    when ``point`` projects outside its image."""
     distances = np.array([abs(s.patient_to_pixel(point)[2]) for s in stack.slices])
     k = int(distances.argmin())
-    if distances[k] > reach:
+    if distances[k] > reach or any(abs(stack.slices[k].patient_to_pixel(o)[2]) < distances[k] for o in others):
         return None
     x, y, _ = stack.slices[k].patient_to_pixel(point)
     rows, cols = stack.slices[k].shape
@@ -63,10 +66,12 @@ def locate_subarticular(study_id: int, canal: dict[str, np.ndarray], stacks: dic
     rows, outside = [], []
     for level in LEVELS:
         found = False
+        reach = level_reach(canal, level) if level in canal else 0.0
+        k_level = LEVELS.index(level)
+        others = [canal[LEVELS[j]] for j in (k_level - 1, k_level + 1) if 0 <= j < len(LEVELS) and LEVELS[j] in canal]
         for series, series_stacks in stacks.items() if level in canal else ():
-            reach = level_reach(canal, level)
             hits = [(hit[1], stack, hit[0]) for stack in series_stacks
-                    if (hit := nearest_level_slice(stack, canal[level], reach)) is not None]
+                    if (hit := nearest_level_slice(stack, canal[level], reach, others)) is not None]
             if not hits:
                 continue
             _, stack, k = min(hits, key=lambda h: h[0])

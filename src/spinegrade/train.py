@@ -220,7 +220,7 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
         save_config(config, out / "config.yaml")
         write_text_atomic(out / "model.json", json.dumps({
             **spec.to_dict(), "input": config.input, "image_size": config.image_size, "crop_mm": config.crop_mm,
-            "mean": list(mean), "std": list(std), "labels": list(SEVERITIES), "group": group,
+            "turn_by_side": settings.turn_by_side, "mean": list(mean), "std": list(std), "labels": list(SEVERITIES), "group": group,
             "conditions": list(GROUPS[group].conditions), "fold": fold, "name": name}, indent=1))
 
     val_rows = table.iloc[val_idx].reset_index(drop=True)

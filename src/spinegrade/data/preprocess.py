@@ -53,17 +53,20 @@ class PreprocessSettings:
     crop_mm: float
     neighbours: int = 1  # slices cached on each side of the labelled one
     margin: float = 0.25  # a crop's cached canvas is this much larger, for point jitter
+    turn_by_side: bool = False  # crops turned for their side (:func:`side_turn`)
 
     @classmethod
     def from_config(cls, config) -> "PreprocessSettings":
-        return cls(config.group, config.input, config.image_size, config.crop_mm)
+        return cls(config.group, config.input, config.image_size, config.crop_mm,
+                   turn_by_side=GROUPS[config.group].turn_by_side and config.input == "crop")
 
     @classmethod
     def from_model(cls, spec: dict) -> "PreprocessSettings":
         """What a trained fold's ``model.json`` was trained on (one from before condition groups names
-        its ``condition`` instead of its group)."""
+        its ``condition`` instead of its group; one from before turned crops saw them unturned)."""
         group = spec.get("group") or CONDITION_GROUP[spec["condition"]]
-        return cls(group, spec["input"], int(spec["image_size"]), float(spec["crop_mm"]))
+        return cls(group, spec["input"], int(spec["image_size"]), float(spec["crop_mm"]),
+                   turn_by_side=bool(spec.get("turn_by_side", False)))
 
     @property
     def canvas_size(self) -> int:
@@ -258,9 +261,9 @@ def prepare_stack(stack: Stack, index: int, x: float, y: float, settings: Prepro
                   problems: list[str] | None = None, condition: str | None = None) -> np.ndarray:
     """Canvases (2 * neighbours + 1, C, C) for slice ``index`` of ``stack`` and its neighbours, each
     centred on the same patient-space point (projected on the neighbour's own geometry); at the
-    ends of the stack, or where a neighbour cannot be decoded, the labelled slice stands in. In a
-    group whose crops are turned by side (``ConditionGroup.turn_by_side``), each canvas is turned
-    for ``condition``'s side (:func:`side_turn`).
+    ends of the stack, or where a neighbour cannot be decoded, the labelled slice stands in. With
+    ``settings.turn_by_side`` (a group's ``ConditionGroup.turn_by_side``, recorded with its models), each
+    canvas is turned for ``condition``'s side (:func:`side_turn`).
     Pixels are decoded here, for these slices only; ``windowed`` keeps each slice's window limits
     across the calls for one series (the five levels usually sit on the same few slices)."""
     windowed = {} if windowed is None else windowed
@@ -286,7 +289,7 @@ def prepare_stack(stack: Stack, index: int, x: float, y: float, settings: Prepro
         canvas = prepare_image(s.pixels, s.pixel_spacing, px, py, settings, size=settings.canvas_size,
                                limits=windowed[k])
         side = REGISTRY[condition].side if condition else None
-        if settings.input == "crop" and GROUPS[settings.group].turn_by_side and side:
+        if settings.turn_by_side and side:
             canvas = turn(canvas, *side_turn(s, side))
         out.append(canvas)
     return np.stack(out)

@@ -17,8 +17,8 @@ intensity scale, noise, bias field, instance-number start, sagittal slice direct
 stack layout. A few studies have no Sagittal T1 (``T1_MISSING``: graded, without foraminal points) or
 a second one (``T1_SECOND``, unlabelled), drawn from a stream of their own so that the rest of each
 study is what the seed gave before. The Axial T2 has the real data's layouts, from a stream of
-their own too: rows running right to left (``AXIAL_ROWS_REVERSED``, the patient's left on the
-image's left), and a second axial series (``AXIAL_SECOND``) that takes over the lower levels, one
+their own too: rows running from the patient's left to the right (``AXIAL_ROWS_REVERSED``: the
+patient's left on the image's left), and a second axial series (``AXIAL_SECOND``) that takes over the lower levels, one
 level imaged in both. Left and right are graded independently, so their grades differ
 as often as chance makes them. The same seed gives the same bytes.
 """
