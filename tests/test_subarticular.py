@@ -204,7 +204,7 @@ def _split_axial(series_dir: Path, new_id: int) -> Path:
 @pytest.fixture(scope="module")
 def axial_quirks(trained_run, tmp_path_factory):
     """The trained run's test studies: one without Axial T2 listed, one whose axial series is split in
-    two series sharing one level."""
+    two series sharing one level, one whose axial series has no ImageOrientationPatient."""
     root = tmp_path_factory.mktemp("axial-quirks")
     data = root / "data"
     source = trained_run["data"]
@@ -214,14 +214,19 @@ def axial_quirks(trained_run, tmp_path_factory):
     series = pd.read_csv(source / "test_series_descriptions.csv")
     axial = series[series["series_description"] == AXIAL_T2]
     single = sorted(axial.groupby("study_id").filter(lambda g: len(g) == 1)["study_id"])
-    no_axial, split = single[:2]
+    no_axial, split, blind = single[:3]
     series = series[~((series["study_id"] == no_axial) & (series["series_description"] == AXIAL_T2))]
     original = _axial_series(source, "test", split)[0]
     new_dir = _split_axial(data / "test_images" / str(split) / original.name, 999_000_002)
     series = pd.concat([series, pd.DataFrame([{"study_id": split, "series_id": int(new_dir.name),
                                                "series_description": AXIAL_T2}])], ignore_index=True)
+    blind_dir = data / "test_images" / str(blind) / _axial_series(source, "test", blind)[0].name
+    for f in blind_dir.glob("*.dcm"):  # no geometry: sides unknowable
+        ds = pydicom.dcmread(f)
+        del ds.ImageOrientationPatient
+        ds.save_as(f)
     series.to_csv(data / "test_series_descriptions.csv", index=False)
-    return {"data": data, "no_axial": no_axial, "split": split, "new": new_dir}
+    return {"data": data, "no_axial": no_axial, "split": split, "new": new_dir, "blind": blind}
 
 
 def test_a_level_in_two_axial_series_is_graded_as_the_mean_of_both(trained_run, axial_quirks):
@@ -255,13 +260,16 @@ def test_a_study_without_axial_t2_gets_the_prior_there_and_keeps_its_other_group
     assert f"study {q['no_axial']}: no Axial T2 series listed; its subarticular rows get the training prior" in messages
     graded = set(per_backbone["row_id"])
     assert not {row_id(q["no_axial"], c, lv) for c in (LEFT, RIGHT) for lv in LEVELS} & graded
+    assert f"study {q['blind']}: " in messages and "no ImagePositionPatient/ImageOrientationPatient" in messages
+    assert not {row_id(q["blind"], c, lv) for c in (LEFT, RIGHT) for lv in LEVELS} & graded  # prior: sides unknown
+    assert {row_id(q["blind"], "spinal_canal_stenosis", lv) for lv in LEVELS} <= graded
     assert {row_id(q["no_axial"], "spinal_canal_stenosis", lv) for lv in LEVELS} <= graded
     assert {row_id(q["no_axial"], c, lv) for c in ("left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing")
             for lv in LEVELS[1:4]} <= graded  # the foramina too
-    others = sorted(set(submission["row_id"].str.split("_").str[0].astype(int)) - {q["no_axial"]})
+    others = sorted(set(submission["row_id"].str.split("_").str[0].astype(int)) - {q["no_axial"], q["blind"]})
     for study in others:  # every other study's subarticular rows come from the model, both sides
         assert {row_id(study, c, lv) for c in (LEFT, RIGHT) for lv in LEVELS[1:]} <= graded, study
-    assert len(submission) == 25 * len(others + [q["no_axial"]])
+    assert len(submission) == 25 * (len(others) + 2)
 
 
 def test_the_trained_run_locates_the_lateral_recesses_out_of_fold(trained_run):

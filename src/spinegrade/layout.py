@@ -110,8 +110,9 @@ class RunLayout:
         return self.model_dir(name, group, existing) / f"fold{fold}"
 
     def finished_fold_dirs(self, name: str, group: str) -> list[Path]:
-        """Folds with a done.json (one still training, or killed, has none)."""
-        return sorted(p.parent for p in self.model_dir(name, group).glob("fold*/done.json"))
+        """Folds with a done.json (one still training, or killed, has none), in fold order (fold2 before fold10)."""
+        folders = [p.parent for p in self.model_dir(name, group).glob("fold*/done.json")]
+        return sorted(folders, key=lambda f: (int(f.name[4:]) if f.name[4:].isdigit() else 1 << 30, f.name))
 
     def oof_dir(self, name: str, group: str, existing: bool = True) -> Path:
         new = self.oof / name / group

@@ -54,7 +54,7 @@ def patient_points(rows: pd.DataFrame) -> pd.DataFrame:
             except DicomReadError:
                 headers[path] = None
         s = headers[path]
-        if s is None:
+        if s is None or not s.has_geometry:  # no patient space to learn an offset in
             continue
         p = s.pixel_to_patient(float(r.x), float(r.y))
         out.append({"study_id": r.study_id, "condition": r.condition, "level": r.level, "px": p[0], "py": p[1], "pz": p[2]})

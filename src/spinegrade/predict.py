@@ -560,6 +560,12 @@ def locate_offsets_split(data_dir: Path, split: str, output_dir: Path, group: st
                 else:
                     problems.append(problem)
             start = anchor.get(study)
+            for series_dir in [d for d, found in stacks.items() if not _has_geometry(found)]:
+                del stacks[series_dir]  # a default orientation would place the sides anywhere
+                problems.append(f"{series_dir}: no ImagePositionPatient/ImageOrientationPatient, so its sides cannot be told")
+            if start is not None and start.locations is not None and not all(
+                    start.slice_of(r).has_geometry for r in start.locations.itertuples()):
+                start = LocatedStudy(study, {}, None, "its slice has no ImagePositionPatient/ImageOrientationPatient")
             if not stacks:
                 st = LocatedStudy(study, {}, None, problems[0] if problems else f"no {description} series listed")
             elif start is None or start.locations is None:
@@ -583,6 +589,10 @@ def locate_offsets_split(data_dir: Path, split: str, output_dir: Path, group: st
     log.info(f"{group}: located {sum(s.locations is not None for s in located)} of {len(located)} studies "
              f"({(time.perf_counter() - started) / max(len(located), 1):.2f} s per study: reading and locating)")
     return located
+
+
+def _has_geometry(stacks: list[Stack]) -> bool:
+    return all(s.has_geometry for stack in stacks for s in stack.slices)
 
 
 def report_offset_locator(output_dir: str | Path, data_dir: str | Path, group: str,

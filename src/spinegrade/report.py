@@ -65,7 +65,8 @@ def _example_figure(layout: RunLayout, name: str, group: str, oof: pd.DataFrame,
     """A few held-out images per true grade with the model's probabilities: the most and least confident."""
     from spinegrade.data.dicom import read_slice
     from spinegrade.data.index import build_index
-    from spinegrade.data.preprocess import PreprocessSettings, prepare_image
+    from spinegrade.constants import REGISTRY
+    from spinegrade.data.preprocess import PreprocessSettings, prepare_image, side_turn, turn
     from spinegrade.errors import SpinegradeError
 
     model_files = sorted(layout.model_dir(name, group).glob("fold*/model.json"))
@@ -89,7 +90,9 @@ def _example_figure(layout: RunLayout, name: str, group: str, oof: pd.DataFrame,
                 s = read_slice(r.image_path)
             except SpinegradeError:
                 continue
-            images.append(prepare_image(s.pixels, s.pixel_spacing, r.x, r.y, settings))
+            image = prepare_image(s.pixels, s.pixel_spacing, r.x, r.y, settings)
+            side = REGISTRY[r.condition].side
+            images.append(turn(image, *side_turn(s, side)) if settings.turn_by_side and side else image)  # as trained
             probs = " ".join(f"{p:.2f}" for p in (r.normal_mild, r.moderate, r.severe))
             captions.append(f"{r.study_id} {level_title(r.level)}\ntrue {SEVERITIES[grade]}\nN/M/S {probs}")
     if not images:

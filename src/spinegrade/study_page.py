@@ -81,7 +81,10 @@ def kind_from_description(description: str) -> str | None:
 
 
 def kind_from_geometry(s: Slice) -> str | None:
-    """The series kind from one slice's orientation and contrast, when the description says nothing."""
+    """The series kind from one slice's orientation and contrast, when the description says nothing
+    (nothing without an ImageOrientationPatient)."""
+    if not s.has_geometry:
+        return None
     axis = int(np.argmax(np.abs(np.cross(s.orientation[:3], s.orientation[3:]))))  # 0: x (sagittal), 2: z (axial)
     tr, te = s.repetition_time, s.echo_time
     if s.inversion_time and (s.inversion_time <= STIR_MAX_TI or (te is not None and te >= T2_MIN_TE)):

@@ -41,6 +41,9 @@ class Slice:
     series_description: str = ""
     series_uid: str = ""
     pixels: np.ndarray | None = field(default=None, repr=False)  # float32, rescaled, MONOCHROME2
+    # False when ImagePositionPatient or ImageOrientationPatient is missing and a default stands in: such a
+    # slice can be ordered, but it says nothing of the patient's sides.
+    has_geometry: bool = True
     # The contrast, when the header gives it (ms): what tells T1 from T2 without a series description.
     repetition_time: float | None = None
     echo_time: float | None = None
@@ -185,6 +188,7 @@ def read_slice(path: str | Path, with_pixels: bool = True) -> Slice:
         repetition_time=_float_or_none(ds, "RepetitionTime"),
         echo_time=_float_or_none(ds, "EchoTime"),
         inversion_time=_float_or_none(ds, "InversionTime"),
+        has_geometry=bool(orientation and len(orientation) == 6 and position is not None and len(position) == 3),
     )
 
 
