@@ -1,4 +1,5 @@
-"""Small real DICOM files with chosen geometry and quirks, for the data-layer tests."""
+"""Small real DICOM files with chosen geometry and quirks, for the data-layer tests; and where a dataset's
+labelled points lie in patient space."""
 
 from __future__ import annotations
 
@@ -49,3 +50,12 @@ def write_mr(path: Path, pixels: np.ndarray, *, instance: int, position=(0.0, 0.
 def ramp(rows=24, cols=20, offset=0) -> np.ndarray:
     return (np.arange(rows * cols).reshape(rows, cols) + offset).astype(np.uint16)
 
+
+
+def labelled_canal(table, study: int) -> dict[str, np.ndarray]:
+    """Level -> patient point (mm) of the labelled spinal canal point of ``study`` (an index table)."""
+    from spinegrade.data.dicom import read_slice
+
+    rows = table[(table["study_id"] == study) & (table["condition"] == "spinal_canal_stenosis")
+                 & table["instance_number"].notna()]
+    return {r.level: read_slice(r.image_path, with_pixels=False).pixel_to_patient(r.x, r.y) for r in rows.itertuples()}

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dicom_factory import labelled_canal
+
 from spinegrade.constants import GROUPS, LEVELS, SAGITTAL_T1, SAGITTAL_T2, row_id
 from spinegrade.data.dicom import main_stack, read_series, read_slice
 from spinegrade.data.folds import make_folds, write_csv_atomic
@@ -21,12 +23,6 @@ from spinegrade.layout import RunLayout
 from spinegrade.predict import locate_split, predict_split
 
 LEFT, RIGHT = GROUPS["foraminal"].conditions
-
-
-def _labelled_canal(table: pd.DataFrame, study: int) -> dict[str, np.ndarray]:
-    rows = table[(table["study_id"] == study) & (table["condition"] == "spinal_canal_stenosis")
-                 & table["instance_number"].notna()]
-    return {r.level: read_slice(r.image_path, with_pixels=False).pixel_to_patient(r.x, r.y) for r in rows.itertuples()}
 
 
 def test_each_side_is_found_on_its_own_slices_whichever_way_the_t1_series_runs(synth_dataset, tmp_path):
@@ -48,13 +44,13 @@ def test_each_side_is_found_on_its_own_slices_whichever_way_the_t1_series_runs(s
         stack = main_stack(read_series(series_dir, with_pixels=False))
         instances = [s.instance_number for s in stack.slices]  # ordered by position along the normal
         directions.add(int(np.sign(instances[-1] - instances[0]) * np.sign(stack.normal[0])))
-        rows, _ = locate_foramina(study, _labelled_canal(table, study), {str(series_dir): [stack]}, offsets)
+        rows, _ = locate_foramina(study, labelled_canal(table, study), {str(series_dir): [stack]}, offsets)
         found = {(c, lv): (inst, x, y) for _, c, lv, _, inst, x, y, _ in rows}
         for r in points.itertuples():
             inst, x, y = found[(r.condition, r.level)]
             k_found, k_label = stack.index_of_instance(inst), stack.index_of_instance(int(r.instance_number))
             assert abs(k_found - k_label) <= 1, (study, r.condition, r.level)
-            side_x = stack.slices[k_found].pixel_to_patient(x, y)[0] - _labelled_canal(table, study)[r.level][0]
+            side_x = stack.slices[k_found].pixel_to_patient(x, y)[0] - labelled_canal(table, study)[r.level][0]
             assert (side_x > 10) if r.condition == LEFT else (side_x < -10)  # +x is the patient's left
             checked += 1
     assert directions == {1, -1}, "the set should hold T1 series stored left to right and right to left"

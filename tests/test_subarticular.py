@@ -14,6 +14,8 @@ import pydicom
 import pytest
 import torch
 
+from dicom_factory import labelled_canal
+
 from spinegrade.constants import AXIAL_T2, GROUPS, LEVELS, row_id
 from spinegrade.data.dicom import read_slice
 from spinegrade.data.folds import make_folds, write_csv_atomic
@@ -34,12 +36,6 @@ from spinegrade.subarticular import locate_subarticular
 
 LEFT, RIGHT = GROUPS["subarticular"].conditions
 CROP = PreprocessSettings("subarticular", "crop", 48, 40.0, neighbours=0, turn_by_side=True)
-
-
-def _labelled_canal(table: pd.DataFrame, study: int) -> dict[str, np.ndarray]:
-    rows = table[(table["study_id"] == study) & (table["condition"] == "spinal_canal_stenosis")
-                 & table["instance_number"].notna()]
-    return {r.level: read_slice(r.image_path, with_pixels=False).pixel_to_patient(r.x, r.y) for r in rows.itertuples()}
 
 
 def _axial_series(data: Path, split: str, study: int) -> list[Path]:
@@ -68,7 +64,7 @@ def test_each_level_and_side_lands_on_its_labelled_slice_in_every_axial_layout(s
             .pipe(lambda w: (w[LEFT] != w[RIGHT]).sum())) >= 5  # left and right grades differ often
     row_directions, tilted, shared, checked = set(), 0, 0, 0
     for study, points in labelled.groupby("study_id"):
-        canal = _labelled_canal(table, study)
+        canal = labelled_canal(table, study)
         stacks = {str(d): _read_stacks(d, AXIAL_T2)[0] for d in _axial_series(synth_dataset, "train", study)}
         rows, _ = locate_subarticular(study, canal, stacks, offsets)
         found = pd.DataFrame(rows, columns=LOCATION_COLUMNS)
@@ -126,7 +122,7 @@ def test_rows_running_the_other_way_give_the_same_points_and_the_same_crops_per_
     source = _axial_series(synth_dataset, "train", study)[0]
     mirrored = tmp_path / "mirrored"
     _mirror_series(source, mirrored)
-    canal = _labelled_canal(table, study)
+    canal = labelled_canal(table, study)
     located = {}
     for name, folder in (("source", source), ("mirrored", mirrored)):
         stacks = {name: _read_stacks(folder, AXIAL_T2)[0]}
@@ -288,7 +284,7 @@ def test_series_of_one_slice_are_located_or_left_to_the_prior_without_an_error(s
 
     table = build_index(synth_dataset, check_images=False).table
     labelled = table[(table["condition"] == LEFT) & table["instance_number"].notna()].iloc[0]
-    study, canal = int(labelled.study_id), _labelled_canal(table, int(labelled.study_id))
+    study, canal = int(labelled.study_id), labelled_canal(table, int(labelled.study_id))
     axial = _read_stacks(Path(labelled.image_path).parent, AXIAL_T2)[0]
     one = Stack([axial[0].slices[axial[0].index_of_instance(int(labelled.instance_number))]])
     rows, outside = locate_subarticular(study, canal, {"one": [one]}, offsets)

@@ -34,10 +34,7 @@ def nearest_slice(stack: Stack, point: np.ndarray) -> tuple[int, float, float] |
     if distances[k] > OUTSIDE_GAPS * abs(gap) + 1e-6:
         return None
     x, y, _ = projected[k]
-    rows, cols = stack.slices[k].shape
-    if not (-0.5 <= x <= cols - 0.5 and -0.5 <= y <= rows - 0.5):
-        return None
-    return k, float(x), float(y)
+    return (k, float(x), float(y)) if stack.slices[k].shows(x, y) else None
 
 
 def locate_foramina(study_id: int, canal: dict[str, np.ndarray], stacks: dict[str, list[Stack]],

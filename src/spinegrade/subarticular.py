@@ -30,12 +30,17 @@ from spinegrade.offsets import PointOffsets
 GROUP = "subarticular"
 
 
+def neighbour_points(canal: dict[str, np.ndarray], level: str) -> list[np.ndarray]:
+    """The canal points of the levels just above and below ``level``, where located."""
+    k = LEVELS.index(level)
+    return [canal[LEVELS[j]] for j in (k - 1, k + 1) if 0 <= j < len(LEVELS) and LEVELS[j] in canal]
+
+
 def level_reach(canal: dict[str, np.ndarray], level: str) -> float:
     """Half the distance (mm) from ``level``'s canal point to its nearest neighbouring level's: a slice
     farther than that along its normal is nearer another level. Without a neighbour, 20 mm (half a
     typical lumbar level)."""
-    k = LEVELS.index(level)
-    neighbours = [canal[LEVELS[j]] for j in (k - 1, k + 1) if 0 <= j < len(LEVELS) and LEVELS[j] in canal]
+    neighbours = neighbour_points(canal, level)
     if not neighbours:
         return 20.0
     return 0.5 * min(float(np.linalg.norm(canal[level] - n)) for n in neighbours)
@@ -47,15 +52,13 @@ def nearest_level_slice(stack: Stack, point: np.ndarray, reach: float,
     it is farther than ``reach``, nearer one of ``others`` (the neighbouring levels' canal points: on a
     stack tilted against the spine, distances along its normal are not distances along the spine), or
     when ``point`` projects outside its image."""
-    distances = np.array([abs(s.patient_to_pixel(point)[2]) for s in stack.slices])
+    projected = [s.patient_to_pixel(point) for s in stack.slices]
+    distances = np.array([abs(d) for _, _, d in projected])
     k = int(distances.argmin())
     if distances[k] > reach or any(abs(stack.slices[k].patient_to_pixel(o)[2]) < distances[k] for o in others):
         return None
-    x, y, _ = stack.slices[k].patient_to_pixel(point)
-    rows, cols = stack.slices[k].shape
-    if not (-0.5 <= x <= cols - 0.5 and -0.5 <= y <= rows - 0.5):
-        return None
-    return k, float(distances[k])
+    x, y, _ = projected[k]
+    return (k, float(distances[k])) if stack.slices[k].shows(x, y) else None
 
 
 def locate_subarticular(study_id: int, canal: dict[str, np.ndarray], stacks: dict[str, list[Stack]],
@@ -66,10 +69,11 @@ def locate_subarticular(study_id: int, canal: dict[str, np.ndarray], stacks: dic
     rows, outside = [], []
     for level in LEVELS:
         found = False
-        reach = level_reach(canal, level) if level in canal else 0.0
-        k_level = LEVELS.index(level)
-        others = [canal[LEVELS[j]] for j in (k_level - 1, k_level + 1) if 0 <= j < len(LEVELS) and LEVELS[j] in canal]
-        for series, series_stacks in stacks.items() if level in canal else ():
+        if level not in canal:
+            outside.append(level_title(level))
+            continue
+        reach, others = level_reach(canal, level), neighbour_points(canal, level)
+        for series, series_stacks in stacks.items():
             hits = [(hit[1], stack, hit[0]) for stack in series_stacks
                     if (hit := nearest_level_slice(stack, canal[level], reach, others)) is not None]
             if not hits:
@@ -81,7 +85,7 @@ def locate_subarticular(study_id: int, canal: dict[str, np.ndarray], stacks: dic
                 if target is None:
                     continue
                 x, y, _ = s.patient_to_pixel(target)
-                if -0.5 <= x <= s.shape[1] - 0.5 and -0.5 <= y <= s.shape[0] - 0.5:
+                if s.shows(x, y):
                     rows.append([study_id, condition, level, series, s.instance_number, float(x), float(y), "localised"])
                     found = True
         if not found:

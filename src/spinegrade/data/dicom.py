@@ -81,6 +81,11 @@ class Slice:
         y = float(np.dot(offset, self.column_direction)) / row_spacing
         return x, y, float(np.dot(offset, self.normal))
 
+    def shows(self, x: float, y: float) -> bool:
+        """Whether pixel coordinates (centre of the first pixel at 0) fall on the image."""
+        rows, cols = self.shape
+        return -0.5 <= x <= cols - 0.5 and -0.5 <= y <= rows - 0.5
+
 
 @dataclass
 class Stack:
