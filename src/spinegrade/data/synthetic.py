@@ -87,6 +87,19 @@ T1_SECOND = 0.06
 AXIAL_ROWS_REVERSED = 0.3
 AXIAL_SECOND = 0.2
 
+# Posture: how a real spine departs from a straight one centred in the stack, drawn per study from a
+# stream of its own (``sample_posture``). Calibrated so that the label geometry of a generated set matches
+# the real train_label_coordinates.csv's (``data.label_geometry``): the spinal canal on several sagittal
+# slices across the levels in about 22 % of studies, each foramen two or more slices apart in about 29 %.
+OFF_CENTRE_MM = 4.0  # the spine's lateral offset from the stacks' centre, uniform in +-this
+LEAN_SD = 0.004  # lateral lean, mm of x per mm of z (normal, sd)
+SCOLIOSIS = 0.10  # share of studies with a lateral curve
+SCOLIOSIS_MM = (4.0, 12.0)  # its amplitude, uniform
+ROTATION_SD_DEG = 3.0  # axial rotation of each vertebra about the canal (normal, sd)
+FORAMEN_WIDENING_MM = 1.0  # each foramen this much farther from the canal at L5/S1 than at L1/L2
+FORAMEN_SCATTER_MM = (0.3, 3.2)  # per study, the sd of the foramina's lateral scatter by level and side
+RECESS_SCATTER_MM = 1.5  # sd of each lateral recess's narrowest point above or below its disc, per side
+
 
 @dataclass
 class SynthSettings:
@@ -98,6 +111,9 @@ class SynthSettings:
     image_size: tuple[int, int] = (256, 384)
     workers: int = 0  # 0: one per CPU core (at most 8)
     compressed_fraction: float = 0.1  # share of studies written with RLE Lossless transfer syntax
+    # Spines straight and centred in the stacks (no offset, lean, curve or rotation); the same seed
+    # otherwise gives the same studies, so a curved set and its straight twin can be compared.
+    straight: bool = False
 
 
 @dataclass
@@ -115,6 +131,17 @@ class Anatomy:
     canal_lr: float = 11.0  # canal left-right radius
     grades: dict[str, np.ndarray] = field(default_factory=dict)  # condition -> grade per level
     narrowing: dict[str, np.ndarray] = field(default_factory=dict)  # condition -> fraction per level
+    # Posture (``sample_posture``; the defaults give a straight spine centred at x = 0). The phantom is
+    # built in the spine's own frame; ``to_spine`` and ``from_spine`` carry points between it and patient space.
+    offset_x: float = 0.0  # lateral offset of the whole spine, mm
+    lean: float = 0.0  # lateral lean, mm of x per mm of z
+    scoliosis_mm: float = 0.0  # amplitude of a lateral curve (signed)
+    scoliosis_centre: float = 0.0  # its apex (z, mm)
+    scoliosis_length: float = 200.0  # half its wavelength, mm
+    rotation_deg: np.ndarray | None = None  # axial rotation per body in BODIES, degrees (+: x turns to +y)
+    foramen_dx: dict[str, np.ndarray] = field(default_factory=dict)  # condition -> lateral shift per level, mm
+    recess_dz: dict[str, np.ndarray] = field(default_factory=dict)  # condition -> z shift per level, mm
+    _boxes: dict = field(default_factory=dict, repr=False)  # patient_box's answers: every slice asks again
 
     def __post_init__(self):
         z = 0.0
@@ -144,19 +171,74 @@ class Anatomy:
     def level_z(self, level: str) -> float:
         return float(self.disc_z[DISC_LEVELS.index(level)])
 
+    def centre_x(self, z: np.ndarray) -> np.ndarray:
+        """Where the canal's centre line lies left to right (patient x) at height ``z``."""
+        curve = self.scoliosis_mm * np.cos(np.pi * (z - self.scoliosis_centre) / self.scoliosis_length)
+        return self.offset_x + self.lean * (z - self.z_mid) + curve
+
+    def _twist(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin of the axial rotation at height ``z``, interpolated between the vertebrae."""
+        if self.rotation_deg is None:
+            return np.ones_like(z), np.zeros_like(z)
+        angle = np.deg2rad(np.interp(z, self.body_z, self.rotation_deg))
+        return np.cos(angle), np.sin(angle)
+
+    def to_spine(self, points: np.ndarray) -> np.ndarray:
+        """Patient-space points (..., 3) in the spine's frame, where the phantom is straight and centred."""
+        x, y, z = points[..., 0], points[..., 1], points[..., 2]
+        c, s = self._twist(z)
+        centre_y = self.canal_y(z)
+        dx, dy = x - self.centre_x(z), y - centre_y
+        return np.stack([c * dx + s * dy, -s * dx + c * dy + centre_y, z], axis=-1).astype(points.dtype)
+
+    def from_spine(self, points: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`to_spine`: spine-frame points (..., 3) in patient space."""
+        points = np.asarray(points, dtype=float)
+        x, y, z = points[..., 0], points[..., 1], points[..., 2]
+        c, s = self._twist(z)
+        centre_y = self.canal_y(z)
+        dy = y - centre_y
+        return np.stack([self.centre_x(z) + c * x - s * dy, centre_y + s * x + c * dy, z], axis=-1)
+
+    def patient_box(self, centre, half_size) -> tuple[np.ndarray, np.ndarray]:
+        """(centre, half size) of a patient-space box that holds the spine-frame box ``centre`` +- ``half_size``."""
+        key = tuple(float(v) for v in (*centre, *half_size))
+        if key in self._boxes:
+            return self._boxes[key]
+        centre, half = np.asarray(centre, dtype=float), np.asarray(half_size, dtype=float)
+        grid = np.stack(np.meshgrid(*[np.linspace(c - h, c + h, n) for c, h, n in zip(centre, half, (2, 2, 5))],
+                                    indexing="ij"), axis=-1).reshape(-1, 3)
+        moved = self.from_spine(grid)
+        lo, hi = moved.min(axis=0) - 0.5, moved.max(axis=0) + 0.5
+        self._boxes[key] = (lo + hi) / 2, (hi - lo) / 2
+        return self._boxes[key]
+
+    def recess_z(self, condition: str, level: str) -> float:
+        """The height of a lateral recess's narrowest point: its disc's, moved by this side's scatter."""
+        shift = self.recess_dz.get(condition)
+        return self.level_z(level) + (float(shift[LEVELS.index(level)]) if shift is not None else 0.0)
+
     def foramen_centre(self, level: str, side: int) -> np.ndarray:
+        """In the spine's frame: lateral to the canal, a little farther at the lower levels."""
         z = self.level_z(level) + 1.5
-        return np.array([side * (self.canal_lr + 6.5), float(self.canal_y(np.array(z))) - 0.2 * self.canal_ap, z])
+        k = LEVELS.index(level)
+        condition = "left_neural_foraminal_narrowing" if side > 0 else "right_neural_foraminal_narrowing"
+        scatter = float(self.foramen_dx[condition][k]) if condition in self.foramen_dx else 0.0
+        lateral = self.canal_lr + 3.5 + FORAMEN_WIDENING_MM * k / (len(LEVELS) - 1) + scatter
+        return np.array([side * lateral, float(self.canal_y(np.array(z))) - 0.2 * self.canal_ap, z])
 
     def landmark(self, condition: str, level: str) -> np.ndarray:
         """Where a radiologist would click for this condition and level, in patient space."""
         z = self.level_z(level)
         side = 1 if condition.startswith("left") else -1
         if condition == "spinal_canal_stenosis":
-            return np.array([0.0, float(self.canal_y(np.array(z))), z])
-        if "foraminal" in condition:
-            return self.foramen_centre(level, side)
-        return np.array([side * 0.7 * self.canal_lr, float(self.canal_y(np.array(z))), z])
+            point = np.array([0.0, float(self.canal_y(np.array(z))), z])
+        elif "foraminal" in condition:
+            point = self.foramen_centre(level, side)
+        else:
+            z = self.recess_z(condition, level)
+            point = np.array([side * 0.7 * self.canal_lr, float(self.canal_y(np.array(z))), z])
+        return self.from_spine(point)
 
 
 def _prior(condition: str, level_index: int) -> tuple[float, float, float]:
@@ -179,6 +261,29 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
         anatomy.grades[condition] = grades
         anatomy.narrowing[condition] = np.array([rng.uniform(*NARROWING[g]) for g in grades])
     return anatomy
+
+
+def sample_posture(anatomy: Anatomy, rng: np.random.Generator, straight: bool = False) -> None:
+    """Give ``anatomy`` a real spine's posture: off the stacks' centre, a lean, in some studies a lateral
+    curve, each vertebra turned a few degrees, the foramina scattered by level and side, each lateral
+    recess narrowest a little above or below its disc. ``rng`` is the study's posture stream.
+    ``straight``: the same draws, but the spine keeps its straight, centred line (the scatter of the
+    foramina and recesses stays: it is where this patient has them, not how the spine is held)."""
+    offset, lean = rng.uniform(-OFF_CENTRE_MM, OFF_CENTRE_MM), rng.normal(0, LEAN_SD)
+    curved = rng.random() < SCOLIOSIS
+    amplitude, apex, length = rng.uniform(*SCOLIOSIS_MM), rng.uniform(-40, 40), rng.uniform(160, 260)
+    sign = rng.choice([-1.0, 1.0])
+    rotation = rng.normal(0, ROTATION_SD_DEG, len(BODIES))
+    if not straight:
+        anatomy.offset_x, anatomy.lean, anatomy.rotation_deg = float(offset), float(lean), rotation
+        if curved:
+            anatomy.scoliosis_mm = float(amplitude * sign)
+            anatomy.scoliosis_centre, anatomy.scoliosis_length = anatomy.z_mid + float(apex), float(length)
+    scatter = rng.uniform(*FORAMEN_SCATTER_MM)
+    for condition in ("left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing"):
+        anatomy.foramen_dx[condition] = rng.normal(0, scatter, len(LEVELS))
+    for condition in ("left_subarticular_stenosis", "right_subarticular_stenosis"):
+        anatomy.recess_dz[condition] = rng.normal(0, RECESS_SCATTER_MM, len(LEVELS))
 
 
 def _soft(q: np.ndarray, radius: float, edge: float) -> np.ndarray:
@@ -226,8 +331,13 @@ class _PlaneGrid:
 
 
 def render(anatomy: Anatomy, points: np.ndarray, contrast: str, edge: float = 0.8) -> np.ndarray:
-    """Signal of the phantom on a planar grid of patient-space ``points`` (rows, cols, 3)."""
+    """Signal of the phantom on a planar grid of patient-space ``points`` (rows, cols, 3).
+
+    Shapes are described in the spine's frame (straight, centred): the grid is carried there
+    (``Anatomy.to_spine``), and each shape's window is found from its box carried back to patient space."""
     t = TISSUES[contrast]
+    grid = _PlaneGrid(points)
+    points = anatomy.to_spine(points)
     x, y, z = points[..., 0], points[..., 1], points[..., 2]
     img = np.zeros(points.shape[:-1], dtype=np.float32)
 
@@ -235,11 +345,9 @@ def render(anatomy: Anatomy, points: np.ndarray, contrast: str, edge: float = 0.
         nonlocal img
         img = img * (1 - mask) + value * mask
 
-    grid = _PlaneGrid(points)
-
     def paint_shape(centre, radii, power, value, edge_radius, clip_y=None):
         """Paint one ellipsoid or rounded box, evaluated only in its pixel window."""
-        window = grid.window(centre, [r * 1.05 + 2 * edge for r in radii])
+        window = grid.window(*anatomy.patient_box(centre, [r * 1.05 + 2 * edge for r in radii]))
         if window is None:
             return
         sub = points[window]
@@ -290,8 +398,9 @@ def render(anatomy: Anatomy, points: np.ndarray, contrast: str, edge: float = 0.
     for k, level in enumerate(LEVELS):
         g = np.exp(-(((z - anatomy.level_z(level)) / 5.0) ** 2))
         ap -= anatomy.canal_ap * anatomy.narrowing["spinal_canal_stenosis"][k] * g
-        lr_left -= anatomy.canal_lr * 0.55 * anatomy.narrowing["left_subarticular_stenosis"][k] * g
-        lr_right -= anatomy.canal_lr * 0.55 * anatomy.narrowing["right_subarticular_stenosis"][k] * g
+        for lr, condition in ((lr_left, "left_subarticular_stenosis"), (lr_right, "right_subarticular_stenosis")):
+            at = np.exp(-(((z - anatomy.recess_z(condition, level)) / 5.0) ** 2))
+            lr -= anatomy.canal_lr * 0.55 * anatomy.narrowing[condition][k] * at
     ap = np.maximum(ap, 0.4)
     lr = np.where(x > 0, lr_left, lr_right)
     q = np.sqrt((x / lr) ** 2 + ((y - canal_y) / ap) ** 2)
@@ -395,19 +504,25 @@ def axial_geometry(anatomy: Anatomy, rng, settings: SynthSettings, levels: list[
     return SeriesGeometry(positions, orientations, size, size, spacing, gap * 0.9, slice_levels)
 
 
-def _acquire(anatomy, geometry: SeriesGeometry, contrast: str, rng) -> list[np.ndarray]:
-    """Render every slice with scanner-like noise, bias field and intensity scale, as uint16."""
+def _acquire(anatomy, geometry: SeriesGeometry, contrast: str, rng, images: bool = True) -> list[np.ndarray | None]:
+    """Render every slice with scanner-like noise, bias field and intensity scale, as uint16.
+    ``images`` False: no image, but the same draws from ``rng`` (what follows stays as it was)."""
     noise = rng.uniform(0.015, 0.05)
     scale = rng.uniform(600, 3000)
     gradient = rng.uniform(-0.25, 0.25, 2)
-    images = []
+    out: list[np.ndarray | None] = []
     for i in range(len(geometry.positions)):
+        if not images:
+            for _ in range(2):
+                rng.normal(0, noise, (geometry.rows, geometry.cols))
+            out.append(None)
+            continue
         clean = render(anatomy, geometry.points(i), contrast, edge=max(0.6, geometry.spacing))
         rr, cc = np.meshgrid(np.linspace(-1, 1, geometry.rows), np.linspace(-1, 1, geometry.cols), indexing="ij")
         bias = 1 + gradient[0] * rr + gradient[1] * cc
         noisy = np.sqrt((clean * bias + rng.normal(0, noise, clean.shape)) ** 2 + rng.normal(0, noise, clean.shape) ** 2)
-        images.append(np.clip(noisy * scale, 0, 65535).astype(np.uint16))
-    return images
+        out.append(np.clip(noisy * scale, 0, 65535).astype(np.uint16))
+    return out
 
 
 def _uid(*parts) -> str:
@@ -465,10 +580,14 @@ def _study_rng(seed: int, index: int, split: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def make_study(images_dir: Path, study_id: int, index: int, split: str, settings: SynthSettings) -> StudyRecord:
-    """Render and write one study's three series; return its labels and coordinates."""
+def make_study(images_dir: Path | None, study_id: int, index: int, split: str, settings: SynthSettings) -> StudyRecord:
+    """Render and write one study's three series; return its labels and coordinates. ``images_dir``
+    None: the same labels and coordinates, no image rendered or written (``label_records``)."""
     rng = _study_rng(settings.seed, index, split)
     anatomy = sample_anatomy(rng)
+    # The posture and the recess labels' series draw from a stream of their own, as the quirks below.
+    posture = _study_rng(settings.seed, index, f"{split}:posture")
+    sample_posture(anatomy, posture, settings.straight)
     compressed = rng.random() < settings.compressed_fraction
     axial_levels = list(LEVELS) if rng.random() > 0.06 else list(LEVELS[1:])  # axial may miss L1/L2
     # The axial quirks draw from a stream of their own, as the T1 ones below.
@@ -502,17 +621,18 @@ def make_study(images_dir: Path, study_id: int, index: int, split: str, settings
         first = int(draw.choice([1, 1, 1, int(draw.integers(2, 6000))]))
         order = np.arange(n) if draw.random() < 0.5 else np.arange(n)[::-1]  # either left-right direction
         instance_numbers = [first + int(k) for k in np.argsort(order)]
-        images = _acquire(anatomy, geometry, contrast, draw)
+        images = _acquire(anatomy, geometry, contrast, draw, images=images_dir is not None)
         if description == AXIAL_T2 and not own and split_at is not None:  # the first axial series, cut
             keep = [i for i, level in enumerate(geometry.slice_levels) if level in first_levels]
             geometry, images = geometry.subset(keep), [images[i] for i in keep]
             instance_numbers = [instance_numbers[i] for i in keep]
         if description == SAGITTAL_T1 and t1_missing:
             continue  # rendered all the same: the study's other draws stay as they were
-        series_dir = images_dir / str(study_id) / str(series_id)
-        series_dir.mkdir(parents=True, exist_ok=True)
+        series_dir = images_dir / str(study_id) / str(series_id) if images_dir is not None else None
+        if series_dir is not None:
+            series_dir.mkdir(parents=True, exist_ok=True)
         series_uid = _uid(settings.seed, split, study_id, series_id)
-        for i, pixels in enumerate(images):
+        for i, pixels in enumerate(images if series_dir is not None else []):
             meta = dict(
                 sop_uid=_uid(settings.seed, split, study_id, series_id, i), study_uid=study_uid,
                 series_uid=series_uid, frame_uid=study_uid, study_id=study_id, series_number=number,
@@ -538,10 +658,10 @@ def make_study(images_dir: Path, study_id: int, index: int, split: str, settings
                 rng.normal(0, 0.8, 2)  # the draw the point would have taken
                 continue
             series_id, geometry, instance_numbers = located[CONDITION_SERIES[condition]]
-            if "subarticular" in condition:  # labelled on the first axial series that images the level
-                series_id, geometry, instance_numbers = next(
-                    a for a, levels in zip(axial_series, [first_levels, axial_levels[split_at or 0:]])
-                    if level in levels)
+            if "subarticular" in condition:  # labelled on one of the axial series that image the level
+                imaging = [a for a, levels in zip(axial_series, [first_levels, axial_levels[split_at or 0:]])
+                           if level in levels]
+                series_id, geometry, instance_numbers = imaging[int(posture.integers(len(imaging)))]
             i, px, py = geometry.locate(anatomy.landmark(condition, level))
             jitter = rng.normal(0, 0.8, 2)  # annotators click within a pixel or so
             coordinates.append(
@@ -556,6 +676,27 @@ def _study_ids(rng: np.random.Generator, n: int) -> list[int]:
     while len(ids) < n:
         ids.add(int(rng.integers(4_000_000, 4_290_000_000)))
     return sorted(ids)
+
+
+def label_records(settings: SynthSettings, split: str = "train") -> list[StudyRecord]:
+    """The labels and coordinates ``write_dataset`` would write for ``split``, without images: seconds
+    for hundreds of studies, for comparing the label geometry with the real data's."""
+    rng = np.random.default_rng(settings.seed)
+    ids = _study_ids(rng, settings.studies + settings.test_studies)
+    order = rng.permutation(len(ids))
+    chosen = order[: settings.studies] if split == "train" else order[settings.studies:]
+    return [make_study(None, sid, i, split, settings) for i, sid in enumerate(sorted(ids[i] for i in chosen))]
+
+
+def coordinate_frames(records: list[StudyRecord]) -> tuple:
+    """(coordinates, series descriptions) of ``records`` as the CSV files hold them (pandas frames)."""
+    import pandas as pd
+
+    coordinates = pd.DataFrame([(r.study_id, *c) for r in records for c in r.coordinates],
+                               columns=["study_id", "series_id", "instance_number", "condition", "level", "x", "y"])
+    series = pd.DataFrame([(r.study_id, sid, desc) for r in records for sid, desc in r.series],
+                          columns=["study_id", "series_id", "series_description"])
+    return coordinates, series
 
 
 def _write_csv(path: Path, header: list[str], rows) -> None:
