@@ -47,9 +47,7 @@ def trained_run(tmp_path_factory):
     from spinegrade.config import LocalizerConfig, load_config
     from spinegrade.data.folds import make_folds, write_csv_atomic
     from spinegrade.data.index import build_index
-    from spinegrade.localize import train_localizer
-    from spinegrade.offsets import train_offsets
-    from spinegrade.predict import report_offset_locator
+    from spinegrade.locators import train_locator
     from spinegrade.train import train_fold
 
     root = tmp_path_factory.mktemp("run")
@@ -58,11 +56,9 @@ def trained_run(tmp_path_factory):
     folds = root / "folds.csv"
     write_csv_atomic(make_folds(build_index(data, check_images=False).labels_wide(), n_folds=3, seed=0), folds)
     out = root / "out"
-    report = train_localizer(LocalizerConfig(image_size=64, num_epochs=25, batch_size=4), data, folds, out)
-    offsets_reports = {}
-    for group in ("foraminal", "subarticular"):
-        train_offsets(data, folds, out, group)
-        offsets_reports[group] = report_offset_locator(out, data, group, folds, device="cpu")
+    config = LocalizerConfig(image_size=64, num_epochs=25, batch_size=4)
+    reports = {group: train_locator(group, config, data, folds, out, device="cpu")
+               for group in ("spinal", "foraminal", "subarticular")}
     small = {"image_size": 64, "batch_size": 16, "num_workers": 0, "num_epochs": 5}
     for name in ("efficientnet_lite0", "efficientnet_lite0_wide"):
         config = load_config(name, small)
@@ -73,8 +69,8 @@ def trained_run(tmp_path_factory):
         config = load_config("efficientnet_lite0", {**small, "num_epochs": epochs}, group=group)
         for fold in range(3):
             train_fold(config, data, folds, out, fold)
-    return {"data": data, "folds": folds, "out": out, "answers": root / "data-answers", "localizer_report": report,
-            "foramen_report": offsets_reports["foraminal"], "subarticular_report": offsets_reports["subarticular"]}
+    return {"data": data, "folds": folds, "out": out, "answers": root / "data-answers", "localizer_report": reports["spinal"],
+            "foramen_report": reports["foraminal"], "subarticular_report": reports["subarticular"]}
 
 
 @pytest.fixture

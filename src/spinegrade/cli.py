@@ -142,9 +142,8 @@ def cmd_train_localizer(args: argparse.Namespace) -> None:
             setattr(config, name, getattr(args, name))
     if args.pretrained is not None:
         config.pretrained = parse_bool(args.pretrained)
-    from spinegrade.localize import train_localizer
-    from spinegrade.offsets import train_offsets
-    from spinegrade.predict import OFFSET_LOCATORS, locator_trained, report_offset_locator
+    from spinegrade.locators import train_locator
+    from spinegrade.predict import locator_trained
 
     for group in trained_groups(args.conditions):
         locator = GROUPS[group].locator
@@ -152,14 +151,8 @@ def cmd_train_localizer(args: argparse.Namespace) -> None:
             log.info(f"{group}: locator already trained in {RunLayout(args.output_dir).localizer_dir(group)}; "
                      "use --force to retrain")
             continue
-        if locator is None:
-            log.warning(f"{group}: no locator to train yet; its rows are the training prior at prediction")
-        elif locator == "sagittal_levels":
-            train_localizer(config, args.data_dir, args.folds, args.output_dir, device=args.device,
-                            resume=args.resume, force=args.force)
-        elif locator in OFFSET_LOCATORS:  # starts from the spinal localiser's points: trained after it
-            train_offsets(args.data_dir, args.folds, args.output_dir, group)
-            report_offset_locator(args.output_dir, args.data_dir, group, args.folds, device=args.device)
+        train_locator(group, config, args.data_dir, args.folds, args.output_dir, device=args.device, resume=args.resume,
+                      force=args.force, head=not args.offsets_only)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -304,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="keep a finished locator; continue an unfinished fold from its last checkpoint")
     p.add_argument("--force", action="store_true", help="retrain locators and folds already finished")
+    p.add_argument("--offsets-only", action="store_true",
+                   help="the foramina at their learned offsets from the canal alone, no slice locator (for comparison)")
     for name, kind in (("backbone", str), ("image_size", int), ("batch_size", int), ("num_epochs", int),
                        ("learning_rate", float), ("seed", int), ("num_workers", int), ("weights", str),
                        ("pretrained", str)):

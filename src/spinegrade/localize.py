@@ -1,16 +1,28 @@
-"""Find the five disc levels on a study nobody has annotated: the slice to grade and a point per level.
+"""Find each level where this patient has it, from the images: the slice and the point per level.
 
-The slice: sagittal series are centred on the spine, and the labelled spinal canal slice is the
-mid-sagittal one, so the choice is the middle slice of the stack by position, moved by the offset
-the training folds label most often. The points: a :class:`LevelLocalizer` on that slice, trained
-on the labelled points of ``train_label_coordinates.csv`` fold by fold (the same folds as the
-grading models), so that every training study also gets an honest out-of-fold localisation.
+One kind of model serves the sagittal groups: a :class:`~spinegrade.models.localizer.LevelLocalizer`
+reads one whole slice and gives, per level, a heatmap (its soft-argmax is the point) and a presence
+score (the heatmap's log-mean-exp: how strongly this slice shows that level's structure). Scored over
+a window of neighbouring slices, the slice where a level's presence is highest is that level's slice.
+So every level gets its own slice, and a spine that curves or leans, or a patient off the stack's
+centre, moves the slices with it.
 
-This is the spinal group's locator (``constants.GROUPS``: ``sagittal_levels``). Outputs, under
-``OUTPUT/``: ``trained_models/localizer/spinal/fold<k>/`` (weights, ``localizer.json``,
-``metrics.csv``), ``results/localizer_spinal_oof.csv`` (every held-out point, predicted and labelled,
-with its error in mm) and ``results/localizer_spinal_report.json`` (slice choice accuracy, median and
-90th percentile error per level).
+- spinal (``sagittal_levels``): the spinal canal on Sagittal T2/STIR. The window: the stack's middle
+  slice moved by the training folds' most common offset, +- ``SEARCH_SLICES``.
+- foraminal (``sagittal_foramina``): each foramen on Sagittal T1 (``foramina.py``): the slices of its
+  own side (from geometry) around the point at the learned offset from the canal (``offsets.py``).
+
+A level whose best presence is under the threshold chosen out of fold is *unsure*: it falls back on
+the geometric choice (the middle slice; the offset), and its located row's ``source`` says so.
+
+Training reads every labelled slice of the group (each level on its own slice) and, as negatives,
+the slices two and three away from a labelled one; a level one slice from its labelled slice is
+left out of the presence loss (the neighbour of the labelled slice may show the structure as well).
+Trained fold by fold on the same folds as the grading models, so every training study is also located
+out of fold. Outputs, under ``OUTPUT/trained_models/localizer/<group>/``: ``fold<k>/`` (weights,
+``localizer.json``, ``metrics.csv``) and ``slice_choice.json`` (the middle slice's offset per fold, the
+presence threshold; written last, it marks the locator finished); the out-of-fold report is
+``predict.report_locator``'s.
 """
 
 from __future__ import annotations
@@ -32,8 +44,8 @@ from torch.utils.data import Dataset
 
 from spinegrade.config import LocalizerConfig
 from spinegrade.constants import GROUPS, LEVELS, level_title
-from spinegrade.data.dicom import MIN_IMAGE_SIDE, DicomReadError, Slice, Stack, load_pixels, main_stack, read_series
-from spinegrade.data.folds import read_folds, write_csv_atomic
+from spinegrade.data.dicom import MIN_IMAGE_SIDE, DicomReadError, Stack, load_pixels, main_stack, read_series
+from spinegrade.data.folds import read_folds
 from spinegrade.data.index import build_index
 from spinegrade.data.loader import batch_loader
 from spinegrade.data.preprocess import SquareView
@@ -52,12 +64,15 @@ from spinegrade.fold_loop import (
 from spinegrade.layout import RunLayout, remember_folds
 from spinegrade.logs import get_logger
 from spinegrade.models.classifier import input_statistics, load_pretrained, load_state, save_state
-from spinegrade.models.localizer import LevelLocalizer, LocalizerSpec, heatmap_loss, soft_argmax
+from spinegrade.models.localizer import LevelLocalizer, LocalizerSpec, heatmap_loss, presence_loss, presence_logits, soft_argmax
 
 log = get_logger(__name__)
 
-GROUP = "spinal"  # the group whose points this locator places
-FIELD_PERCENTILE = 95  # of the training slices' longer sides: the localiser's field (prepare_localizer_data)
+MARKER = "slice_choice.json"  # written last by a slice locator's training
+FIELD_PERCENTILE = 95  # of the training slices' longer sides: the localiser's field (prepare_slice_data)
+SEARCH_SLICES = 3  # the spinal window: this many slices either side of the middle one
+NEGATIVE_GAPS = (2, 3)  # negatives: slices this many away from a labelled slice
+NEGATIVE_SHARE = 0.5  # of training draws, a negative in place of the labelled slice
 
 
 def middle_index(n: int) -> int:
@@ -66,67 +81,88 @@ def middle_index(n: int) -> int:
 
 @dataclass
 class LocatedLevels:
-    """Where to grade a study: the slice (index in its stack) and (x, y) per level in its pixels."""
+    """Where each level is on a stack: its slice (index in the stack), (x, y) in that slice's pixels,
+    its presence score, and whether the model was sure (else the geometric fallback placed it)."""
 
-    slice_index: int
-    points: np.ndarray  # (5, 2), pixel coordinates of the chosen slice, in LEVELS order
+    slice_index: np.ndarray  # (5,) int, in LEVELS order
+    points: np.ndarray  # (5, 2)
+    score: np.ndarray  # (5,) presence probability of the chosen slice (NaN: no presence head)
+    sure: np.ndarray  # (5,) bool
 
 
 # --- training data ------------------------------------------------------------------------------
 
-def localizer_samples(data_dir: Path) -> pd.DataFrame:
-    """One row per training study: its spinal canal slice and the five labelled points on it."""
+def slice_targets(data_dir: Path, group: str) -> pd.DataFrame:
+    """Every labelled point of ``group``: study_id, series_dir, condition, level, instance_number, x, y."""
     table = build_index(data_dir, check_images=False).table
-    spinal = table[table["condition"].isin(GROUPS[GROUP].conditions) & table["instance_number"].notna()]
-    rows = []
-    for study_id, group in spinal.groupby("study_id"):
-        instance = int(group["instance_number"].mode().iloc[0])
-        on_slice = group[group["instance_number"] == instance].set_index("level")
-        series_dir = Path(on_slice["image_path"].iloc[0]).parent
-        row = {"study_id": study_id, "series_dir": str(series_dir), "instance_number": instance}
-        for level in LEVELS:
-            row[f"{level}_x"] = on_slice.at[level, "x"] if level in on_slice.index else np.nan
-            row[f"{level}_y"] = on_slice.at[level, "y"] if level in on_slice.index else np.nan
-        rows.append(row)
-    return pd.DataFrame(rows)
+    rows = table[table["condition"].isin(GROUPS[group].conditions) & table["instance_number"].notna()
+                 & table["image_path"].notna()]
+    return pd.DataFrame({"study_id": rows["study_id"].to_numpy(),
+                         "series_dir": [str(Path(p).parent) for p in rows["image_path"]],
+                         "condition": rows["condition"].to_numpy(), "level": rows["level"].to_numpy(),
+                         "instance_number": rows["instance_number"].astype(int).to_numpy(),
+                         "x": rows["x"].to_numpy(dtype=float), "y": rows["y"].to_numpy(dtype=float)})
 
 
-def _labelled_slice(row: dict, with_pixels: bool) -> tuple[Slice, int, int] | str:
-    """A study's labelled slice, its index and its stack's length; or why it cannot be used."""
-    errors: list[DicomReadError] = []
-    stack = main_stack(read_series(row["series_dir"], with_pixels=False, errors=errors))
-    k = stack.index_of_instance(row["instance_number"]) if stack else None
-    if k is None:
-        return f"study {row['study_id']}: labelled slice {row['instance_number']} not readable in {row['series_dir']}"
-    s = stack.slices[k]
-    if min(s.shape) < MIN_IMAGE_SIDE:
-        return f"study {row['study_id']}: {s.path}: image of {s.shape} pixels is too small to localise on"
-    if with_pixels:
+def _series_stack(series_dir: str) -> Stack | None:
+    return main_stack(read_series(series_dir, with_pixels=False, errors=[]))
+
+
+def _labelled_extents(job: tuple) -> list[float] | str:
+    """The longer side in mm of each labelled slice of one series (headers only), or why it cannot be read."""
+    study_id, series_dir, points = job
+    stack = _series_stack(series_dir)
+    if stack is None:
+        return f"study {study_id}: no readable slice in {series_dir}"
+    out = []
+    for instance in {p[2] for p in points}:
+        k = stack.index_of_instance(instance)
+        if k is not None:
+            s = stack.slices[k]
+            out.append(max(s.shape[0] * s.pixel_spacing[0], s.shape[1] * s.pixel_spacing[1]))
+    return out
+
+
+def _prepare_series(job: tuple) -> dict | str:
+    """One labelled series: its labelled slices and their negatives, each rendered in its square view,
+    with the labelled points (pixels) and the presence targets per level."""
+    study_id, series_dir, points, size, field_mm = job
+    stack = _series_stack(series_dir)
+    if stack is None:
+        return f"study {study_id}: no readable slice in {series_dir}"
+    labelled: dict[str, set[int]] = {}  # level -> labelled slice indices (two sides: two slices)
+    on_slice: dict[int, dict[str, tuple[float, float]]] = {}
+    skipped = []
+    for condition, level, instance, x, y in points:
+        k = stack.index_of_instance(instance)
+        if k is None:
+            skipped.append(f"study {study_id}: labelled slice {instance} not readable in {series_dir}")
+            continue
+        labelled.setdefault(level, set()).add(k)
+        on_slice.setdefault(k, {}).setdefault(level, (x, y))
+    candidates = set(on_slice)
+    for k in on_slice:
+        candidates |= {k + sign * gap for gap in NEGATIVE_GAPS for sign in (-1, 1) if 0 <= k + sign * gap < len(stack)}
+    slices = []
+    for k in sorted(candidates):
+        s = stack.slices[k]
+        if min(s.shape) < MIN_IMAGE_SIDE:
+            skipped.append(f"study {study_id}: {s.path}: image of {s.shape} pixels is too small to localise on")
+            continue
         try:
-            load_pixels(s)  # only this slice of the series is decoded
+            pixels = load_pixels(s)
         except DicomReadError as exc:
-            return f"study {row['study_id']}: {exc}"
-    return s, k, len(stack)
-
-
-def _slice_extent_mm(row: dict) -> float | str:
-    found = _labelled_slice(row, with_pixels=False)
-    if isinstance(found, str):
-        return found
-    s = found[0]
-    return max(s.shape[0] * s.pixel_spacing[0], s.shape[1] * s.pixel_spacing[1])
-
-
-def _prepare_study(args) -> dict | str:
-    row, size, field_mm = args
-    found = _labelled_slice(row, with_pixels=True)
-    if isinstance(found, str):
-        return found
-    s, k, stack_length = found
-    view = SquareView.fitted(s.pixels, s.pixel_spacing, size, field_mm)
-    return {"study_id": row["study_id"], "image": view.render(s.pixels), "slice_index": k,
-            "stack_length": stack_length, "rows": s.shape[0], "cols": s.shape[1],
-            "row_spacing": s.pixel_spacing[0], "col_spacing": s.pixel_spacing[1], **view.as_dict()}
+            skipped.append(f"study {study_id}: {exc}")
+            continue
+        view = SquareView.fitted(pixels, s.pixel_spacing, size, field_mm)
+        presence = [np.nan if level not in labelled else 1.0 if k in labelled[level]
+                    else 0.0 if min(abs(k - j) for j in labelled[level]) >= 2 else np.nan for level in LEVELS]
+        slices.append({"image": view.render(pixels), "study_id": study_id, "series_dir": series_dir, "slice_index": k,
+                       "stack_length": len(stack), "instance_number": s.instance_number, "rows": s.shape[0], "cols": s.shape[1],
+                       "row_spacing": s.pixel_spacing[0], "col_spacing": s.pixel_spacing[1], "labelled": k in on_slice,
+                       "points": on_slice.get(k, {}), "presence": presence, **view.as_dict()})
+        s.pixels = None
+    return {"slices": slices, "skipped": skipped}
 
 
 def _map(function, jobs: list) -> list:
@@ -137,129 +173,150 @@ def _map(function, jobs: list) -> list:
     return [function(j) for j in jobs]
 
 
-def prepare_localizer_data(samples: pd.DataFrame, size: int) -> tuple[np.ndarray, pd.DataFrame, float]:
-    """Each study's labelled slice in its :class:`SquareView`, decoded once, with the points
-    normalised to [0, 1] of that view; and the view's field in mm.
+@dataclass
+class SliceData:
+    """A group's training slices, decoded once: ``images`` (N, size, size) uint8; ``meta`` one row per
+    slice; ``points`` (N, 5, 2) in [0, 1] of the square view where the slice is a level's labelled
+    slice (NaN elsewhere); ``presence`` (N, 5) 1 / 0 / NaN (left out); ``anchors``: the labelled
+    slices; ``negatives[i]``: the slices around ``anchors[i]``."""
 
-    The field is the 95th percentile of the labelled slices' longer sides, read from the headers in
-    a first pass so that every slice is rendered at the same scale. Not the largest: one slice with
-    a wrong PixelSpacing would shrink every other slice's anatomy. The few larger slices are cut at
-    their edges, and a point that falls outside the field is left out of training like an
-    unlabelled one."""
-    rows = samples.to_dict("records")
-    extents = [e for e in _map(_slice_extent_mm, rows) if not isinstance(e, str)]
+    images: np.ndarray
+    meta: pd.DataFrame
+    points: np.ndarray
+    presence: np.ndarray
+    anchors: np.ndarray
+    negatives: list[np.ndarray]
+    field_mm: float | None
+
+
+def prepare_slice_data(targets: pd.DataFrame, size: int) -> SliceData:
+    """Each labelled series' labelled slices and negatives in their :class:`SquareView`, decoded once.
+
+    The field is the 95th percentile of the labelled slices' longer sides, read from the headers in a
+    first pass so that every slice is rendered at the same scale. Not the largest: one slice with a
+    wrong PixelSpacing would shrink every other slice's anatomy. The few larger slices are cut at
+    their edges, and a point that falls outside the field is left out like an unlabelled one."""
+    jobs = [(study, series, [tuple(r) for r in part[["condition", "level", "instance_number", "x", "y"]].itertuples(
+                 index=False, name=None)])
+            for (study, series), part in targets.groupby(["study_id", "series_dir"], sort=True)]
+    extents = [e for found in _map(_labelled_extents, jobs) if not isinstance(found, str) for e in found]
     field_mm = float(np.percentile(extents, FIELD_PERCENTILE, method="lower")) if extents else None
-    results = _map(_prepare_study, [(r, size, field_mm) for r in rows])
-    kept, images = [], []
-    for r in results:
-        if isinstance(r, str):
-            log.info(f"skipped: {r}")
+    slices = []
+    for result in _map(_prepare_series, [(*job, size, field_mm) for job in jobs]):
+        if isinstance(result, str):
+            log.info(f"skipped: {result}")
             continue
-        images.append(r.pop("image"))
-        kept.append(r)
-    if not kept:
-        return np.zeros((0, size, size), np.uint8), pd.DataFrame(), field_mm
-    meta = pd.DataFrame(kept).merge(samples, on="study_id")
-    view = SquareView.columns(meta, size)
-    on_image = _on_image(meta)
-    for k, level in enumerate(LEVELS):
-        x, y = meta[f"{level}_x"], meta[f"{level}_y"]
-        outside = ~on_image[:, k] & x.notna().to_numpy() & y.notna().to_numpy()
-        for r in meta[outside].itertuples():
-            log.info(f"skipped point: study {r.study_id} {level_title(level)} at ({getattr(r, f'{level}_x')}, "
-                f"{getattr(r, f'{level}_y')}) lies outside its {r.cols}x{r.rows} image")
-        u, v = view.to_unit(x.to_numpy(), y.to_numpy())
-        cut = on_image[:, k] & ~((u >= 0) & (u <= 1) & (v >= 0) & (v <= 1))
-        for r in meta[cut].itertuples():
-            log.info(f"skipped point: study {r.study_id} {level_title(level)} lies outside the localiser's "
-                f"{field_mm:.0f} mm field (its slice is {r.rows * r.row_spacing:.0f} x {r.cols * r.col_spacing:.0f} mm)")
-        unused = ~on_image[:, k] | cut
-        meta[f"{level}_u"], meta[f"{level}_v"] = np.where(unused, np.nan, u), np.where(unused, np.nan, v)  # NaN: unlabelled
-    return np.stack(images), meta, field_mm
+        for line in result["skipped"]:
+            log.info(f"skipped: {line}")
+        slices.extend(result["slices"])
+    empty = SliceData(np.zeros((0, size, size), np.uint8), pd.DataFrame(), np.zeros((0, len(LEVELS), 2)),
+                      np.zeros((0, len(LEVELS))), np.zeros(0, int), [], field_mm)
+    if not slices:
+        return empty
+    images = np.stack([s.pop("image") for s in slices])
+    points = np.full((len(slices), len(LEVELS), 2), np.nan)
+    presence = np.array([s.pop("presence") for s in slices], dtype=float)
+    labelled_points = [s.pop("points") for s in slices]
+    meta = pd.DataFrame(slices)
+    for i, (r, on_slice) in enumerate(zip(meta.itertuples(), labelled_points)):
+        view = SquareView.columns(meta.iloc[[i]], size)
+        for k, level in enumerate(LEVELS):
+            if level not in on_slice:
+                continue
+            x, y = on_slice[level]
+            if not (-0.5 <= x <= r.cols - 0.5 and -0.5 <= y <= r.rows - 0.5):
+                log.info(f"skipped point: study {r.study_id} {level_title(level)} at ({x}, {y}) lies outside its "
+                         f"{r.cols}x{r.rows} image")
+                continue
+            u, v = (float(np.squeeze(c)) for c in view.to_unit(np.array([x]), np.array([y])))
+            if not (0 <= u <= 1 and 0 <= v <= 1):
+                log.info(f"skipped point: study {r.study_id} {level_title(level)} lies outside the localiser's "
+                         f"{field_mm:.0f} mm field (its slice is {r.rows * r.row_spacing:.0f} x "
+                         f"{r.cols * r.col_spacing:.0f} mm)")
+                continue
+            points[i, k] = (u, v)
+    anchors = np.flatnonzero(meta["labelled"].to_numpy())
+    key = list(zip(meta["study_id"], meta["series_dir"]))
+    negatives = []
+    for a in anchors:
+        k = meta.at[a, "slice_index"]
+        negatives.append(np.array([j for j in range(len(meta)) if key[j] == key[a]
+                                   and abs(meta.at[j, "slice_index"] - k) in NEGATIVE_GAPS], dtype=int))
+    return SliceData(images, meta, points, presence, anchors, negatives, field_mm)
 
 
-class PointDataset(Dataset):
-    """One labelled slice per sample: ``image`` uint8 (1, H, W) (the model normalises it), ``points``
-    (levels, 2) in [0, 1] of the image, ``known`` (levels,) where a point is labelled, ``index``.
-    Training samples are augmented (rotation, scale, shift, brightness); the points move with the image."""
+class SliceDataset(Dataset):
+    """One draw per labelled slice (``anchors``): in training, a negative around it instead, now and
+    then. ``image`` uint8 (1, H, W) (the model normalises it), ``points`` (levels, 2) in [0, 1],
+    ``known`` where a point is labelled, ``presence`` and ``presence_known`` per level, ``index``.
+    Training draws are augmented (rotation, scale, shift, brightness); the points move with the image.
+    ``anchors`` None: every slice once, in order, unaugmented (held-out evaluation)."""
 
-    def __init__(self, images: np.ndarray, points: np.ndarray, indices: np.ndarray, train: bool):
-        self.images, self.points, self.indices, self.train = images, points, np.asarray(indices), train
+    def __init__(self, data: SliceData, anchors: np.ndarray | None, train: bool):
+        self.data, self.train = data, train
+        self.anchors = np.asarray(anchors) if anchors is not None else None
+        self.rng = np.random.default_rng(0)
         self.transform = A.Compose(
             [A.Affine(rotate=(-10, 10), scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), p=0.8),
              A.RandomBrightnessContrast(p=0.5)],
             keypoint_params=A.KeypointParams(format="xy", remove_invisible=False)) if train else None
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.anchors) if self.anchors is not None else len(self.data.meta)
 
     def set_seed(self, seed: int) -> None:
-        """Seed this sample's augmentation (:class:`spinegrade.fold_loop.SeededDataset` calls it)."""
+        """Seed this sample's draws (:class:`spinegrade.fold_loop.SeededDataset` calls it)."""
+        self.rng = np.random.default_rng(seed)
         if self.transform is not None:
             self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
     def __getitem__(self, i: int) -> dict:
-        k = int(self.indices[i])
-        size = self.images.shape[-1]
-        points = self.points[k]
+        if self.anchors is None:
+            k = int(i)
+        else:
+            a = int(self.anchors[i])
+            k = int(self.data.anchors[a])
+            negatives = self.data.negatives[a]
+            if self.train and len(negatives) and self.rng.random() < NEGATIVE_SHARE:
+                k = int(self.rng.choice(negatives))
+        size = self.data.images.shape[-1]
+        points = self.data.points[k]
         known = np.isfinite(points).all(axis=1)
-        image = self.images[k]
+        image = self.data.images[k]
         if self.transform is not None:
             out = self.transform(image=image, keypoints=np.where(known[:, None], points * size, 0.0))
             image = out["image"][..., 0] if out["image"].ndim == 3 else out["image"]
             points = np.asarray(out["keypoints"], dtype=np.float32).reshape(-1, 2) / size
         points = np.where(known[:, None], points, 0.0).astype(np.float32)
+        presence = self.data.presence[k]
+        presence_known = np.isfinite(presence)
         return {"image": torch.from_numpy(np.ascontiguousarray(image))[None], "points": torch.from_numpy(points),
-                "known": torch.from_numpy(known), "index": torch.tensor(k)}
+                "known": torch.from_numpy(known), "presence": torch.from_numpy(np.nan_to_num(presence).astype(np.float32)),
+                "presence_known": torch.from_numpy(presence_known), "index": torch.tensor(k)}
 
 
-def point_fields(num_points: int) -> dict:
-    """What a :class:`PointDataset` sample carries besides its image, for the ring loader."""
-    return {"points": ((num_points, 2), torch.float32), "known": ((num_points,), torch.bool), "index": ((), torch.int64)}
+def slice_fields(num_points: int) -> dict:
+    """What a :class:`SliceDataset` sample carries besides its image, for the ring loader."""
+    return {"points": ((num_points, 2), torch.float32), "known": ((num_points,), torch.bool),
+            "presence": ((num_points,), torch.float32), "presence_known": ((num_points,), torch.bool),
+            "index": ((), torch.int64)}
 
 
-def _on_image(meta: pd.DataFrame) -> np.ndarray:
-    """(N, 5): the level has a labelled point, and it lies on its slice."""
-    x = np.stack([meta[f"{lv}_x"].to_numpy(dtype=float) for lv in LEVELS], axis=1)
-    y = np.stack([meta[f"{lv}_y"].to_numpy(dtype=float) for lv in LEVELS], axis=1)
-    cols, rows = meta["cols"].to_numpy()[:, None], meta["rows"].to_numpy()[:, None]
-    return (x >= -0.5) & (x <= cols - 0.5) & (y >= -0.5) & (y <= rows - 0.5)  # False where NaN
-
-
-def _in_pixels(pred: np.ndarray, meta: pd.DataFrame, size: int) -> np.ndarray:
-    """(N, 5, 2) predictions normalised to each row's square view -> pixel coordinates of its slice."""
-    x, y = SquareView.columns(meta, size, trailing_axes=1).to_pixels(pred[..., 0], pred[..., 1])
-    return np.stack([x, y], axis=-1)
-
-
-def _errors_mm(pred: np.ndarray, meta: pd.DataFrame, size: int) -> np.ndarray:
-    """(N, 5) distance between predicted and labelled points in millimetres."""
-    pixels = _in_pixels(pred, meta, size)
-    true = np.stack([meta[[f"{lv}_x", f"{lv}_y"]].to_numpy(dtype=float) for lv in LEVELS], axis=1)
-    true = np.where(_on_image(meta)[..., None], true, np.nan)  # points cut from the field still count
-    dx = (pixels[..., 0] - true[..., 0]) * meta["col_spacing"].to_numpy()[:, None]
-    dy = (pixels[..., 1] - true[..., 1]) * meta["row_spacing"].to_numpy()[:, None]
+def _errors_mm(pred: np.ndarray, data: SliceData, rows: np.ndarray, size: int) -> np.ndarray:
+    """(len(rows), 5) distance in mm between predicted (normalised) and labelled points, NaN where unlabelled."""
+    meta = data.meta.iloc[rows]
+    view = SquareView.columns(meta, size, trailing_axes=1)
+    px, py = view.to_pixels(pred[..., 0], pred[..., 1])
+    tx, ty = view.to_pixels(data.points[rows][..., 0], data.points[rows][..., 1])
+    dx = (px - tx) * meta["col_spacing"].to_numpy()[:, None]
+    dy = (py - ty) * meta["row_spacing"].to_numpy()[:, None]
     return np.hypot(dx, dy)
 
 
-def _predict(model: LevelLocalizer, loader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised predictions (N, levels, 2) and the sample indices they belong to."""
-    model.eval()
-    out, indices = [], []
-    with torch.inference_mode():
-        for batch in loader:
-            with autocast(device):
-                out.append(model(batch["image"].to(device, non_blocking=True)).float().cpu().numpy())
-            indices.append(batch["index"].numpy().copy())
-    if not out:
-        return np.zeros((0, len(LEVELS), 2)), np.zeros(0, dtype=int)
-    return np.concatenate(out), np.concatenate(indices)
-
-
-def localizer_step(model: LevelLocalizer, batch: dict, optimizer: torch.optim.Optimizer, schedule,
-                   device: torch.device, size: int) -> tuple[torch.Tensor, int]:
-    """One optimisation step on a batch of labelled slices: (L1 in pixels of the input, on the device; batch size).
-    The loss is the soft-argmax's L1 plus the heatmap cross-entropy, over the labelled points only."""
+def localizer_step(model: LevelLocalizer, batch: dict, device: torch.device, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss on a batch of slices (soft-argmax L1 in input pixels and heatmap cross-entropy over the
+    labelled points, presence cross-entropy over the levels whose presence is known); also the L1 and
+    the heatmap logits, for the log and the held-out figures."""
     image = batch["image"].to(device, non_blocking=True)
     target = batch["points"].to(device, non_blocking=True)
     known = batch["known"].to(device, non_blocking=True)
@@ -268,54 +325,71 @@ def localizer_step(model: LevelLocalizer, batch: dict, optimizer: torch.optim.Op
     pred = soft_argmax(logits)
     mask = known.unsqueeze(-1).float()
     l1 = (torch.abs(pred - target) * mask).sum() / mask.sum().clamp_min(1) * size
-    loss = l1 + heatmap_loss(logits, target, known)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    schedule.step()
-    return l1.detach(), len(image)
+    loss = l1 + heatmap_loss(logits, target, known) + presence_loss(
+        logits, batch["presence"].to(device, non_blocking=True), batch["presence_known"].to(device, non_blocking=True))
+    return loss, l1, logits
 
 
-def _identity(config: LocalizerConfig, field_mm: float) -> dict:
+def _identity(config: LocalizerConfig, field_mm: float | None, group: str) -> dict:
     """The settings that make a localiser fold's result what it is (not the worker count)."""
-    return plain({**{k: v for k, v in config.to_dict().items() if k != "num_workers"}, "field_mm": field_mm})
+    return plain({**{k: v for k, v in config.to_dict().items() if k != "num_workers"}, "field_mm": field_mm,
+                  "group": group, "presence": True, "negative_gaps": list(NEGATIVE_GAPS)})
 
 
-def train_localizer_fold(config: LocalizerConfig, images: np.ndarray, meta: pd.DataFrame, field_mm: float,
-                         fold: int, output_dir: Path, device: torch.device, resume: bool = False,
-                         force: bool = False) -> np.ndarray:
-    """Train on the other folds through the shared fold loop (resume, ``done.json``, AMP on a GPU,
-    the ring loader); return the best epoch's held-out predictions (normalised, in ``meta``'s order
-    of the fold's rows), which the fold folder keeps in ``heldout.csv``."""
-    out = RunLayout(output_dir).localizer_dir(GROUP, existing=False) / f"fold{fold}"
-    folder = FoldFolder(out, _identity(config, field_mm), f"{GROUP} localiser fold {fold}")
-    train_idx = np.flatnonzero(meta["fold"].to_numpy() != fold)
-    val_idx = np.flatnonzero(meta["fold"].to_numpy() == fold)
+def train_localizer_fold(config: LocalizerConfig, data: SliceData, fold: int, output_dir: Path, device: torch.device,
+                         group: str = "spinal", resume: bool = False, force: bool = False) -> None:
+    """Train one fold on the other folds' slices through the shared fold loop (resume, ``done.json``,
+    AMP on a GPU, the ring loader). The best epoch is the one with the lowest held-out loss."""
+    out = RunLayout(output_dir).localizer_dir(group, existing=False) / f"fold{fold}"
+    folder = FoldFolder(out, _identity(config, data.field_mm, group), f"{group} localiser fold {fold}")
+    folds = data.meta["fold"].to_numpy()
+    train_anchors = np.flatnonzero(folds[data.anchors] != fold)
+    val_rows = np.flatnonzero(folds == fold)
     info, resume = folder.finished(force, resume)
-    if info is not None and (out / "heldout.csv").is_file():
-        return _read_heldout(out / "heldout.csv", meta.iloc[val_idx])
+    if info is not None:
+        return
     seed_everything(config.seed)
-    model = LevelLocalizer(LocalizerSpec(config.backbone))
+    spec = LocalizerSpec(config.backbone)
+    model = LevelLocalizer(spec)
     log.info(load_pretrained(model, config.pretrained, config.weights))
     mean, std = input_statistics(model.backbone)
     model.to(device)
-    points = np.stack([meta[[f"{lv}_u", f"{lv}_v"]].to_numpy() for lv in LEVELS], axis=1).astype(np.float32)
-    train_set = SeededDataset(PointDataset(images, points, train_idx, train=True), config.seed + fold)
-    val_set = PointDataset(images, points, val_idx, train=False)
+    train_set = SeededDataset(SliceDataset(data, train_anchors, train=True), config.seed + fold)
+    val_set = SliceDataset(data, None, train=False)
     sampler = EpochSampler(len(train_set), config.seed + fold, shuffle=True)
     loader_args = dict(image_shape=(1, config.image_size, config.image_size), workers=max(0, int(config.num_workers)),
-                       pin_memory=device.type == "cuda", seed=config.seed, fields=point_fields(len(LEVELS)))
+                       pin_memory=device.type == "cuda", seed=config.seed, fields=slice_fields(len(LEVELS)))
     train_loader = batch_loader(train_set, config.batch_size, sampler, drop_last=len(train_set) > config.batch_size,
                                 **loader_args)
-    val_loader = batch_loader(val_set, config.batch_size * 2, list(range(len(val_set))), **loader_args)
+    val_loader = batch_loader(val_set, config.batch_size * 2, [int(i) for i in val_rows], **loader_args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, pct_start=0.15,
                                                    total_steps=max(1, config.num_epochs * len(train_loader)))
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "localizer.json", json.dumps({**LocalizerSpec(config.backbone).to_dict(), **config.to_dict(),
-                                                          "mean": list(mean), "std": list(std), "field_mm": field_mm,
-                                                          "fold": fold}, indent=1))
-    latest: dict = {}
+    write_text_atomic(out / "localizer.json", json.dumps({**spec.to_dict(), **config.to_dict(), "mean": list(mean),
+                                                          "std": list(std), "field_mm": data.field_mm, "fold": fold,
+                                                          "group": group, "presence": True}, indent=1))
+
+    def evaluate() -> dict:
+        model.eval()
+        losses, preds, rows, correct, counted = [], [], [], 0, 0
+        with torch.inference_mode():
+            for batch in val_loader:
+                loss, _, logits = localizer_step(model, batch, device, config.image_size)
+                losses.append((float(loss), len(batch["image"])))
+                preds.append(soft_argmax(logits).float().cpu().numpy())
+                rows.append(batch["index"].numpy().copy())
+                known = batch["presence_known"].numpy()
+                said = (presence_logits(logits).float().cpu().numpy() > 0) == (batch["presence"].numpy() > 0.5)
+                correct, counted = correct + int((said & known).sum()), counted + int(known.sum())
+        if not rows:
+            return {"val_loss": math.inf, "val_median_mm": math.inf, "val_presence_accuracy": math.nan}
+        errors = _errors_mm(np.concatenate(preds), data, np.concatenate(rows), config.image_size)
+        finite = errors[np.isfinite(errors)]
+        return {"val_loss": sum(l * n for l, n in losses) / sum(n for _, n in losses),
+                "val_median_mm": float(np.median(finite)) if len(finite) else math.inf,
+                "val_p90_mm": float(np.percentile(finite, 90)) if len(finite) else math.inf,
+                "val_presence_accuracy": correct / counted if counted else math.nan}
 
     def one_epoch(epoch: int) -> tuple[dict, float]:
         started = time.perf_counter()
@@ -323,137 +397,89 @@ def train_localizer_fold(config: LocalizerConfig, images: np.ndarray, meta: pd.D
         sampler.set_epoch(epoch)
         total, seen = None, 0
         for batch in train_loader:
-            l1, n = localizer_step(model, batch, optimizer, schedule, device, config.image_size)
-            total = l1 * n if total is None else total + l1 * n  # on the device: no wait per step
+            loss, l1, _ = localizer_step(model, batch, device, config.image_size)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            n = len(batch["image"])
+            total = l1.detach() * n if total is None else total + l1.detach() * n  # on the device: no wait per step
             seen += n
-        pred, order = _predict(model, val_loader, device)
-        latest["pred"] = pred[np.argsort(order)]  # val_set's order
-        errors = _errors_mm(latest["pred"], meta.iloc[val_idx], config.image_size)
-        finite = np.isfinite(errors).any()
-        median = float(np.nanmedian(errors)) if finite else math.inf
-        row = {"train_l1_pixels": float(total) / max(seen, 1) if seen else math.nan, "val_median_mm": median,
-               "val_p90_mm": float(np.nanpercentile(errors, 90)) if finite else math.inf,
+        row = {"train_l1_pixels": float(total) / max(seen, 1) if seen else math.nan, **evaluate(),
                "seconds": time.perf_counter() - started}
-        return row, median if math.isfinite(row["train_l1_pixels"]) else math.nan
+        return row, row["val_loss"] if math.isfinite(row["train_l1_pixels"]) else math.nan
 
     def on_best(epoch: int) -> None:
         save_state(model, out / "best.safetensors")
-        _write_heldout(out / "heldout.csv", latest["pred"], meta.iloc[val_idx])
 
     def describe(row: dict) -> str:
-        return (f"{GROUP} localiser fold {fold}: train L1 {row['train_l1_pixels']:.2f} px, held-out median "
-                f"{row['val_median_mm']:.2f} mm, 90th percentile {row['val_p90_mm']:.2f} mm")
+        return (f"{group} localiser fold {fold}: train L1 {row['train_l1_pixels']:.2f} px, held-out loss "
+                f"{row['val_loss']:.3f}, point median {row['val_median_mm']:.2f} mm, presence right "
+                f"{row['val_presence_accuracy']:.1%}")
 
     progress = fit(folder, config.num_epochs, config.seed, model, optimizer, one_epoch, on_best, describe, device,
                    schedule=schedule, resume=resume)
     folder.finish(progress, epochs=config.num_epochs)
-    return _read_heldout(out / "heldout.csv", meta.iloc[val_idx])
 
 
-def _write_heldout(path: Path, pred: np.ndarray, rows: pd.DataFrame) -> None:
-    frame = pd.DataFrame([{"study_id": s, "level": lv, "u": pred[i, k, 0], "v": pred[i, k, 1]}
-                          for i, s in enumerate(rows["study_id"]) for k, lv in enumerate(LEVELS)])
-    write_csv_atomic(frame, path)
-
-
-def _read_heldout(path: Path, rows: pd.DataFrame) -> np.ndarray:
-    """A fold's held-out predictions (N, levels, 2) in ``rows``' order."""
-    table = pd.read_csv(path).set_index(["study_id", "level"])
-    keys = [(s, lv) for s in rows["study_id"] for lv in LEVELS]
-    missing = [k for k in keys if k not in table.index]
-    if missing:
-        raise SpinegradeError(f"{path}: no held-out prediction for study {missing[0][0]} ({len(missing)} missing); "
-                              "train this fold again with --force")
-    return table.loc[keys, ["u", "v"]].to_numpy(dtype=np.float64).reshape(len(rows), len(LEVELS), 2)
+def middle_offsets(data: SliceData, folds: list[int]) -> dict:
+    """The labelled slices' most common offset from their stack's middle: of all studies, and of the
+    other folds' for each fold (what an out-of-fold run may know)."""
+    labelled = data.meta.iloc[data.anchors]
+    offsets = labelled["slice_index"] - labelled["stack_length"].map(middle_index)
+    per_fold = {str(f): int(offsets[labelled["fold"] != f].mode().iloc[0]) if (labelled["fold"] != f).any()
+                else int(offsets.mode().iloc[0]) for f in folds}
+    return {"offset_from_middle": int(offsets.mode().iloc[0]), "offset_from_middle_per_fold": per_fold,
+            "offset_counts": {int(k): int(v) for k, v in offsets.value_counts().sort_index().items()}}
 
 
 def train_localizer(config: LocalizerConfig, data_dir: str | Path, folds_path: str | Path, output_dir: str | Path,
-                    device: str | None = None, resume: bool = False, force: bool = False) -> dict:
-    """Train the localiser on every fold and write its out-of-fold report. A finished fold with the
-    same settings is read back, not trained again; ``resume`` continues an unfinished one."""
+                    device: str | None = None, resume: bool = False, force: bool = False, group: str = "spinal") -> dict:
+    """Train the group's slice locator on every fold; return what ``slice_choice.json`` will hold
+    (without the threshold, which the out-of-fold report chooses: ``predict.report_locator``). A
+    finished fold with the same settings is kept; ``resume`` continues an unfinished one."""
     output_dir = Path(output_dir)
     layout = RunLayout(output_dir)
     remember_folds(layout, Path(folds_path))
-    samples = localizer_samples(Path(data_dir))
-    folds = read_folds(folds_path)
-    samples = samples.merge(folds, on="study_id")
-    if samples.empty:
-        raise SpinegradeError(f"{data_dir}: no study with spinal canal points to train the localiser on")
-    images, meta, field_mm = prepare_localizer_data(samples, config.image_size)
-    if meta.empty:
-        raise SpinegradeError(f"{data_dir}: none of the {len(samples)} labelled spinal canal slices could be read")
+    targets = slice_targets(Path(data_dir), group).merge(read_folds(folds_path), on="study_id")
+    if targets.empty:
+        raise SpinegradeError(f"{data_dir}: no study with labelled {group} points ({GROUPS[group].series}) to train "
+                              "its localiser on")
+    data = prepare_slice_data(targets, config.image_size)
+    if data.meta.empty:
+        raise SpinegradeError(f"{data_dir}: none of the labelled {group} slices could be read")
+    data.meta = data.meta.merge(targets.drop_duplicates("study_id")[["study_id", "fold"]], on="study_id", how="left")
+    log.info(f"{group} localiser: {len(data.anchors)} labelled slices and {len(data.meta) - len(data.anchors)} "
+             f"negatives from {data.meta['study_id'].nunique()} studies")
     device_ = select_device(device)
-    predictions = np.full((len(meta), len(LEVELS), 2), np.nan)
-    for fold in sorted(meta["fold"].unique()):
-        held = meta["fold"].to_numpy() == fold
-        predictions[held] = train_localizer_fold(config, images, meta, field_mm, int(fold), output_dir, device_,
-                                                 resume=resume, force=force)
-    offsets = meta["slice_index"] - meta["stack_length"].map(middle_index)
-    offset = int(offsets.mode().iloc[0])
-    # Out-of-fold slice choice uses the offset of the training folds only.
-    chosen = np.zeros(len(meta), dtype=int)
-    per_fold = {}
-    for fold in meta["fold"].unique():
-        held = meta["fold"].to_numpy() == fold
-        per_fold[int(fold)] = int(offsets[~held].mode().iloc[0]) if (~held).any() else offset
-        chosen[held] = np.clip(meta["stack_length"][held].map(middle_index) + per_fold[int(fold)], 0,
-                               meta["stack_length"][held] - 1)
-    # Written last: its presence marks a finished localiser.
-    write_text_atomic(layout.localizer_dir(GROUP, existing=False) / "slice_choice.json", json.dumps({
-        "offset_from_middle": offset, "offset_from_middle_per_fold": per_fold,
-        "offset_counts": {int(k): int(v) for k, v in offsets.value_counts().sort_index().items()}}, indent=1))
-    return write_localizer_report(meta, predictions, chosen, config.image_size, output_dir)
+    folds = sorted(int(f) for f in data.meta["fold"].unique())
+    for fold in folds:
+        train_localizer_fold(config, data, fold, output_dir, device_, group=group, resume=resume, force=force)
+    return middle_offsets(data, folds)
 
 
-def write_localizer_report(meta: pd.DataFrame, predictions: np.ndarray, chosen: np.ndarray, size: int,
-                           output_dir: Path) -> dict:
-    errors = _errors_mm(predictions, meta, size)
-    pixels = _in_pixels(predictions, meta, size)
-    rows = []
-    for i, r in enumerate(meta.itertuples()):
-        for k, level in enumerate(LEVELS):
-            rows.append({"study_id": r.study_id, "level": level, "fold": r.fold,
-                         "x": pixels[i, k, 0], "y": pixels[i, k, 1],
-                         "x_label": getattr(r, f"{level}_x"), "y_label": getattr(r, f"{level}_y"),
-                         "error_mm": errors[i, k], "slice_chosen": chosen[i], "slice_labelled": r.slice_index})
-    results = RunLayout(output_dir).results
-    results.mkdir(parents=True, exist_ok=True)
-    write_csv_atomic(pd.DataFrame(rows), results / f"localizer_{GROUP}_oof.csv")
-    within_one = float((np.abs(chosen - meta["slice_index"].to_numpy()) <= 1).mean())
-    exact = float((chosen == meta["slice_index"].to_numpy()).mean())
-    report = {"studies": len(meta), "slice_within_one": within_one, "slice_exact": exact, "per_level": {}}
-    for k, level in enumerate(LEVELS):
-        e = errors[:, k][np.isfinite(errors[:, k])]
-        report["per_level"][level] = {"median_mm": float(np.median(e)) if len(e) else None,
-                                      "p90_mm": float(np.percentile(e, 90)) if len(e) else None, "points": int(len(e))}
-    finite = errors[np.isfinite(errors)]
-    report["all_levels"] = {"median_mm": float(np.median(finite)), "p90_mm": float(np.percentile(finite, 90))}
-    write_text_atomic(results / f"localizer_{GROUP}_report.json", json.dumps(report, indent=1))
-    log.info(f"localizer out-of-fold over {len(meta)} studies: slice within one of the labelled {within_one:.1%} "
-        f"(exact {exact:.1%}); point error median {report['all_levels']['median_mm']:.2f} mm, "
-        f"90th percentile {report['all_levels']['p90_mm']:.2f} mm")
-    for level, v in report["per_level"].items():
-        if v["points"]:
-            log.info(f"  {level_title(level)}: median {v['median_mm']:.2f} mm, 90th percentile {v['p90_mm']:.2f} mm ({v['points']} points)")
-    return report
+def write_slice_choice(output_dir: Path, group: str, choice: dict) -> None:
+    """Written last: its presence marks the group's slice locator finished."""
+    write_text_atomic(RunLayout(output_dir).localizer_dir(group, existing=False) / MARKER, json.dumps(choice, indent=1))
 
 
 # --- inference ----------------------------------------------------------------------------------
 
 class LocalizerEnsemble:
-    """Every fold's localiser, averaged: the same models whatever study comes."""
+    """Every fold's slice locator of a group, averaged: the same models whatever study comes."""
 
-    def __init__(self, root: str | Path, device=None, folds: list[int] | None = None):
+    def __init__(self, root: str | Path, device=None, folds: list[int] | None = None, choice: dict | None = None):
         """``root``: the locator's folder (``RunLayout.localizer_dir``); ``folds`` restricts the ensemble
-        to those fold models (for out-of-fold use)."""
+        to those fold models (for out-of-fold use); ``choice``: what ``slice_choice.json`` holds, when
+        it is not written yet (the out-of-fold report that chooses the threshold)."""
         root = Path(root)
-        folds_found = sorted(p.parent for p in root.glob("fold*/best.safetensors"))
-        folds = [f for f in folds_found if folds is None or int(f.name.removeprefix("fold")) in folds]
-        if not folds:
+        found = sorted(p.parent for p in root.glob("fold*/best.safetensors"))
+        folders = [f for f in found if folds is None or int(f.name.removeprefix("fold")) in folds]
+        if not folders:
             raise SpinegradeError(f"{root}: no trained localiser (run `spinegrade train-localizer` / `make train-localizer`)")
         self.device = select_device(device)
-        self.models, self.size, fields = [], None, set()
-        for folder in folds:
+        self.models, self.size, fields, presence = [], None, set(), set()
+        for folder in folders:
             spec = json.loads((folder / "localizer.json").read_text())
             model = LevelLocalizer(LocalizerSpec(spec["backbone"], spec.get("channels", 64),
                                                  feature_levels=spec.get("feature_levels", 3)))
@@ -461,29 +487,80 @@ class LocalizerEnsemble:
             self.models.append(model.to(self.device).eval())
             self.size = int(spec["image_size"])
             fields.add(spec.get("field_mm"))  # absent: a localiser that saw each slice squashed
+            presence.add(bool(spec.get("presence", False)))  # absent: one slice per study, no presence
         if len(fields) > 1:
             raise SpinegradeError(f"{root}: fold localisers were trained on different fields ({sorted(map(str, fields))} mm); "
                                   "train the localiser again")
         self.field_mm = fields.pop()
-        choice = root / "slice_choice.json"
-        if not choice.is_file():
-            raise SpinegradeError(f"{root}: the localiser's training did not finish (no slice_choice.json)")
-        info = json.loads(choice.read_text())
-        self.offset = info["offset_from_middle"]
+        self.presence = all(presence)
+        if choice is None:
+            marker = root / MARKER
+            if not marker.is_file():
+                raise SpinegradeError(f"{root}: the localiser's training did not finish (no {MARKER})")
+            choice = json.loads(marker.read_text())
+        self.offset = choice.get("offset_from_middle", 0)
         if folds is not None and len(folds) == 1:  # out of fold: the offset those training folds gave
-            self.offset = info.get("offset_from_middle_per_fold", {}).get(str(folds[0]), self.offset)
+            self.offset = choice.get("offset_from_middle_per_fold", {}).get(str(folds[0]), self.offset)
+        self.threshold = float(choice.get("threshold", 0.5))
 
     def choose_slice(self, stack: Stack) -> int:
+        """The geometric choice: the middle slice moved by the most common labelled offset."""
         return int(np.clip(middle_index(len(stack)) + self.offset, 0, len(stack) - 1))
 
-    def locate(self, stack: Stack) -> LocatedLevels:
-        k = self.choose_slice(stack)
-        s = stack.slices[k]
-        pixels = load_pixels(s)  # only this slice is decoded
-        view = (SquareView.fitted(pixels, s.pixel_spacing, self.size, self.field_mm) if self.field_mm
-                else SquareView.squashed(pixels.shape, self.size))
-        tensor = torch.from_numpy(np.ascontiguousarray(view.render(pixels)))[None, None]  # uint8: the model normalises
+    def score(self, stack: Stack, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """For each slice of ``indices``: the presence probability of each level (len, 5) (NaN where the
+        slice cannot be decoded, or the models have no presence head) and each level's point (len, 5, 2)
+        in that slice's pixels. Only these slices are decoded."""
+        images, views, good = [], [], []
+        for k in indices:
+            s = stack.slices[k]
+            try:
+                pixels = load_pixels(s)
+            except DicomReadError:
+                images.append(np.zeros((self.size, self.size), np.uint8))
+                views.append(None)
+                good.append(False)
+                continue
+            view = (SquareView.fitted(pixels, s.pixel_spacing, self.size, self.field_mm) if self.field_mm
+                    else SquareView.squashed(pixels.shape, self.size))
+            images.append(view.render(pixels))
+            views.append(view)
+            good.append(True)
+        tensor = torch.from_numpy(np.ascontiguousarray(np.stack(images)))[:, None]  # uint8: the model normalises
+        points, presence = [], []
         with torch.inference_mode(), autocast(self.device):
-            normalised = np.mean([m(tensor.to(self.device)).float().cpu().numpy()[0] for m in self.models], axis=0)
-        points = np.stack(view.to_pixels(normalised[:, 0], normalised[:, 1]), axis=1)
-        return LocatedLevels(k, points)
+            for m in self.models:
+                logits = m.heatmaps(tensor.to(self.device))
+                points.append(soft_argmax(logits).float().cpu().numpy())
+                presence.append(torch.sigmoid(presence_logits(logits).float()).cpu().numpy())
+        unit, probability = np.mean(points, axis=0), np.mean(presence, axis=0)
+        pixels = np.full(unit.shape, np.nan)
+        for i, view in enumerate(views):
+            if view is not None:
+                pixels[i] = np.stack(view.to_pixels(unit[i, :, 0], unit[i, :, 1]), axis=1)
+        probability[~np.array(good)] = np.nan
+        if not self.presence:
+            probability[:] = np.nan
+        return probability, pixels
+
+    def locate(self, stack: Stack, threshold: float | None = None) -> LocatedLevels:
+        """Each level's slice and point: the slice of the window around the geometric choice whose
+        presence is highest, where it reaches ``threshold`` (default: the one chosen out of fold);
+        else the geometric choice. Raises DicomReadError when the geometric slice cannot be decoded."""
+        threshold = self.threshold if threshold is None else threshold
+        start = self.choose_slice(stack)
+        window = list(range(max(0, start - SEARCH_SLICES), min(len(stack), start + SEARCH_SLICES + 1)))
+        if not self.presence:
+            window = [start]
+        probability, pixels = self.score(stack, window)
+        at_start = window.index(start)
+        if not np.isfinite(pixels[at_start]).all():
+            raise DicomReadError(f"{stack.slices[start].path}: cannot decode its pixels")
+        best = np.nan_to_num(probability, nan=-1.0).argmax(axis=0)
+        score = probability[best, np.arange(len(LEVELS))]
+        on_image = np.array([stack.slices[window[b]].shows(*pixels[b, k]) if np.isfinite(pixels[b, k]).all() else False
+                             for k, b in enumerate(best)])
+        sure = np.isfinite(score) & (score >= threshold) & on_image  # a point off the image: unsure
+        chosen = np.where(sure, best, at_start)
+        points = pixels[chosen, np.arange(len(LEVELS))]
+        return LocatedLevels(np.array(window)[chosen], points, score, sure)

@@ -12,9 +12,9 @@ by offsets that never saw it. Which side a point is on therefore comes from DICO
 (ImagePositionPatient, ImageOrientationPatient), never from file order or image halves.
 
 Outputs, under ``OUTPUT/trained_models/localizer/<group>/``: ``offsets.json`` (the offsets of
-every fold and of all folds together; written last, it marks the locator finished), and under
-``OUTPUT/results/``: ``localizer_<group>_oof.csv`` and ``localizer_<group>_report.json`` (slice
-within one of the labelled one, point error in mm per level and side, out of fold).
+every fold and of all folds together; written last, it marks the locator finished). The offsets are
+where a locator starts and what it falls back on; the foramina's slice locator (``localize.py``)
+reads the image around them. The out-of-fold report is ``locator_report.py``'s.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import pandas as pd
 
 from spinegrade.constants import GROUPS, REGISTRY, level_title
 from spinegrade.data.dicom import DicomReadError, Stack, read_slice
-from spinegrade.data.folds import read_folds, write_csv_atomic
+from spinegrade.data.folds import read_folds
 from spinegrade.data.index import build_index
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_text_atomic
@@ -131,61 +131,3 @@ def find_instance(stacks: list[Stack], instance: int) -> tuple[int, int] | None:
         if k is not None:
             return j, k
     return None
-
-
-def write_offset_report(located: pd.DataFrame, stacks: dict[tuple[int, str], list[Stack]], data_dir: Path,
-                        output_dir: Path, group: str) -> dict:
-    """Out-of-fold located points of ``group`` against the labelled ones: how often the slice is
-    within one of the labelled slice (a point placed on another stack or series than the labelled
-    one, or not placed at all, is not), and the point error in mm in patient space (so a wrong
-    slice counts), per level and side. ``stacks``: (study, series) -> that series' stacks."""
-    table = build_index(data_dir, check_images=False).table
-    labelled = table[table["condition"].isin(GROUPS[group].conditions) & table["instance_number"].notna()]
-    by_key: dict[tuple, list] = {}
-    for h in located.itertuples():
-        by_key.setdefault((h.study_id, h.condition, h.level), []).append(h)
-    rows = []
-    for r in labelled.itertuples():
-        series = str(Path(r.image_path).parent)
-        truth_at = find_instance(stacks.get((r.study_id, series), []), int(r.instance_number))
-        if truth_at is None:
-            continue  # the labelled slice is not readable: the data report names it
-        truth_stack = stacks[(r.study_id, series)][truth_at[0]]
-        truth = truth_stack.slices[truth_at[1]].pixel_to_patient(float(r.x), float(r.y))
-        hits = by_key.get((r.study_id, r.condition, r.level), [])
-        hit = next((h for h in hits if h.series == series), hits[0] if hits else None)
-        row = {"study_id": r.study_id, "condition": r.condition, "level": r.level, "series": series,
-               "instance_labelled": int(r.instance_number), "x_label": r.x, "y_label": r.y, "located": hit is not None,
-               "series_found": None, "instance_found": None, "x": np.nan, "y": np.nan, "slice_offset": np.nan,
-               "error_mm": np.nan}
-        if hit is not None:
-            found_at = find_instance(stacks.get((r.study_id, hit.series), []), int(hit.instance_number))
-            if found_at is not None:
-                found_slice = stacks[(r.study_id, hit.series)][found_at[0]].slices[found_at[1]]
-                same_stack = hit.series == series and found_at[0] == truth_at[0]
-                row.update(series_found=hit.series, instance_found=int(hit.instance_number), x=hit.x, y=hit.y,
-                           slice_offset=found_at[1] - truth_at[1] if same_stack else np.nan,
-                           error_mm=float(np.linalg.norm(found_slice.pixel_to_patient(hit.x, hit.y) - truth)))
-        rows.append(row)
-    frame = pd.DataFrame(rows)
-    results = RunLayout(output_dir).results
-    results.mkdir(parents=True, exist_ok=True)
-    write_csv_atomic(frame, results / f"localizer_{group}_oof.csv")
-    report = {"points": len(frame)}
-    if not frame.empty:
-        report.update(_summary(frame))
-        report["per_level_side"] = {f"{REGISTRY[condition].side} {level}": _summary(part)
-                                    for (condition, level), part in frame.groupby(["condition", "level"])}
-        log.info(f"{group} locator out of fold over {len(frame)} labelled points: located {report['located']:.1%}; "
-                 f"slice within one of the labelled {report['slice_within_one']:.1%} (exact {report['slice_exact']:.1%}); "
-                 f"point error median {report['median_mm']:.2f} mm, 90th percentile {report['p90_mm']:.2f} mm")
-    write_text_atomic(results / f"localizer_{group}_report.json", json.dumps(report, indent=1))
-    return report
-
-
-def _summary(frame: pd.DataFrame) -> dict:
-    """Shares over every labelled point (an unlocated one counts as missed); errors over located ones."""
-    offset = frame["slice_offset"]
-    return {"points": len(frame), "located": float(frame["located"].mean()),
-            "slice_within_one": float((offset.abs() <= 1).mean()), "slice_exact": float((offset == 0).mean()),
-            "median_mm": float(frame["error_mm"].median()), "p90_mm": float(frame["error_mm"].quantile(0.9))}

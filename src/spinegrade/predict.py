@@ -49,8 +49,9 @@ from spinegrade.layout import RunLayout
 from spinegrade.foramina import locate_foramina
 from spinegrade.offsets import ANCHOR_GROUP as OFFSETS_ANCHOR
 from spinegrade.offsets import MARKER as OFFSETS_MARKER
-from spinegrade.offsets import PointOffsets, find_instance, write_offset_report
+from spinegrade.offsets import PointOffsets, find_instance
 from spinegrade.subarticular import locate_subarticular
+from spinegrade.localize import MARKER as SLICE_MARKER
 from spinegrade.localize import LocalizerEnsemble
 from spinegrade.logs import get_logger
 from spinegrade.metrics import prior_for, prior_table
@@ -59,7 +60,9 @@ from spinegrade.progress import Progress
 
 log = get_logger(__name__)
 
-LOCATION_COLUMNS = ["study_id", "condition", "level", "series", "instance_number", "x", "y", "source"]
+# ``source``: "localised" (the image decided), or "localised, unsure: ..." (a slice locator's presence was
+# under its threshold, so the geometric choice placed it); ``score``: that presence (NaN: none read).
+LOCATION_COLUMNS = ["study_id", "condition", "level", "series", "instance_number", "x", "y", "source", "score"]
 
 
 @dataclass
@@ -121,25 +124,29 @@ class LocatedStudy:
 
 
 def locate_sagittal_levels(study_id: int, stack: Stack | None, series: str, group: str, localizer: LocalizerEnsemble,
-                           problem: str | None = None) -> LocatedStudy:
-    """The spinal group's locator: the mid-sagittal slice of the series and the five level points on it."""
+                           problem: str | None = None, threshold: float | None = None) -> LocatedStudy:
+    """The spinal group's locator: each level's spinal canal slice of the series and its point there
+    (``threshold``: the presence a slice needs, default the one chosen out of fold)."""
     started = time.perf_counter()
     if stack is None or len(stack) == 0:
         return LocatedStudy(study_id, {}, None, problem or f"no readable {GROUPS[group].series} slice")
     while True:  # a slice whose pixels cannot be decoded leaves the stack, and the choice is made again
         try:
-            located = localizer.locate(stack)
+            located = localizer.locate(stack, threshold)
             break
         except DicomReadError:
             stack.slices.pop(localizer.choose_slice(stack))
             if not stack.slices:
                 return LocatedStudy(study_id, {}, None, problem or f"no decodable {GROUPS[group].series} slice")
+    chosen = set(int(k) for k in located.slice_index)
     for i, s in enumerate(stack.slices):  # keep memory flat over hundreds of studies
-        if i != located.slice_index:
+        if i not in chosen:
             s.pixels = None
-    instance = stack.slices[located.slice_index].instance_number
-    rows = [[study_id, condition, level, series, instance, float(x), float(y), "localised"]
-            for condition in GROUPS[group].conditions for level, (x, y) in zip(LEVELS, located.points)]
+    rows = [[study_id, condition, level, series, stack.slices[int(k)].instance_number, float(x), float(y),
+             "localised" if sure or not localizer.presence else "localised, unsure: the middle slice", float(score)]
+            for condition in GROUPS[group].conditions
+            for level, k, (x, y), sure, score in zip(LEVELS, located.slice_index, located.points, located.sure,
+                                                     located.score)]
     return LocatedStudy(study_id, {series: [stack]}, pd.DataFrame(rows, columns=LOCATION_COLUMNS),
                         seconds=time.perf_counter() - started)
 
@@ -152,14 +159,22 @@ def canal_points(anchor: LocatedStudy | None) -> dict[str, np.ndarray]:
 
 
 def locate_study(study_id: int, stack: Stack | None, localizer: LocalizerEnsemble, problem: str | None = None,
-                 group: str = "spinal", series: str = "") -> LocatedStudy:
+                 group: str = "spinal", series: str = "", threshold: float | None = None) -> LocatedStudy:
     """The spinal group's locator (``sagittal_levels``) on one study's series."""
-    return locate_sagittal_levels(study_id, stack, series, group, localizer, problem)
+    return locate_sagittal_levels(study_id, stack, series, group, localizer, problem, threshold)
 
 
 # What marks each locator finished in its folder (written last by its training).
-LOCATOR_MARKERS = {"sagittal_levels": "slice_choice.json", "sagittal_foramina": OFFSETS_MARKER,
+LOCATOR_MARKERS = {"sagittal_levels": SLICE_MARKER, "sagittal_foramina": OFFSETS_MARKER,
                    "axial_subarticular": OFFSETS_MARKER}
+# The locators whose points a slice locator (a presence head over neighbouring slices) may decide:
+# always for the levels; for the foramina when a head was trained (else the offsets alone).
+SLICE_HEADS = {"sagittal_levels", "sagittal_foramina"}
+
+
+def has_slice_head(root: Path) -> bool:
+    """Whether a locator's folder holds a slice locator (fold models), finished or not."""
+    return any(root.glob("fold*/localizer.json"))
 # The groups whose located points a locator starts from.
 LOCATOR_ANCHORS = {"sagittal_foramina": [OFFSETS_ANCHOR], "axial_subarticular": [OFFSETS_ANCHOR]}
 # The locators that place points at learned offsets from the spinal canal (offsets.py), and how each
@@ -171,7 +186,9 @@ def locator_trained(output_dir: Path, group: str) -> bool:
     """Whether the group's locator (and every locator it starts from) has finished training in this run."""
     locator = GROUPS[group].locator
     marker = LOCATOR_MARKERS.get(locator)
-    return (marker is not None and (RunLayout(output_dir).localizer_dir(group) / marker).is_file()
+    root = RunLayout(output_dir).localizer_dir(group)
+    head_finished = locator not in SLICE_HEADS or not has_slice_head(root) or (root / SLICE_MARKER).is_file()
+    return (marker is not None and (root / marker).is_file() and head_finished
             and all(locator_trained(output_dir, g) for g in LOCATOR_ANCHORS.get(locator, [])))
 
 
@@ -187,7 +204,8 @@ def needed_locators(groups: list[str]) -> list[str]:
 def locator_files(root: Path, group: str) -> list[Path]:
     """The files a trained locator is made of, relative to its folder ``root`` (what a kernel carries)."""
     files = [Path(LOCATOR_MARKERS[GROUPS[group].locator])]
-    if GROUPS[group].locator == "sagittal_levels":
+    if GROUPS[group].locator in SLICE_HEADS and (root / SLICE_MARKER).is_file():
+        files += [Path(SLICE_MARKER)] if Path(SLICE_MARKER) not in files else []
         for fold in sorted(p.parent for p in root.glob("fold*/best.safetensors")):
             files += [fold.relative_to(root) / "localizer.json", fold.relative_to(root) / "best.safetensors"]
     return files
@@ -497,12 +515,15 @@ def _by_fold(studies, folds: pd.Series | None) -> dict[int | None, list[int]]:
 
 
 def locate_split(data_dir: Path, split: str, output_dir: Path, group: str, device: torch.device,
-                 folds: pd.Series | None = None, anchors: list[LocatedStudy] | None = None) -> list[LocatedStudy]:
+                 folds: pd.Series | None = None, anchors: list[LocatedStudy] | None = None,
+                 threshold: float | None = None, choice: dict | None = None) -> list[LocatedStudy]:
     """Every listed study of ``split`` located for ``group`` on its series. With ``folds`` (study ->
     fold), each study by the locator of the fold that never saw it (out of fold). ``anchors``: the
-    spinal group's located studies, when already at hand (the offsets locators start from them)."""
+    spinal group's located studies, when already at hand (the offsets locators start from them).
+    ``threshold`` and ``choice``: a slice locator's presence threshold and its ``slice_choice.json``,
+    in place of the saved ones (the out-of-fold report that chooses the threshold)."""
     if GROUPS[group].locator in OFFSET_LOCATORS:
-        return locate_offsets_split(data_dir, split, output_dir, group, device, folds, anchors)
+        return locate_offsets_split(data_dir, split, output_dir, group, device, folds, anchors, threshold, choice)
     series = _study_series(data_dir, split, GROUPS[group].series)
     assigned = _by_fold(series, folds)
     located: list[LocatedStudy] = []
@@ -510,13 +531,14 @@ def locate_split(data_dir: Path, split: str, output_dir: Path, group: str, devic
     progress = Progress(len(series), "localised")
     for fold, studies in assigned.items():
         locator = LocalizerEnsemble(RunLayout(output_dir).localizer_dir(group), device=device,
-                                    folds=None if fold is None else [fold])
+                                    folds=None if fold is None else [fold], choice=choice)
         for study in studies:
             t0 = time.perf_counter()
             series_dir = series[study]
             try:
                 stack, problem = _read_stack(series_dir, GROUPS[group].series)
-                st = locate_study(study, stack, locator, problem, group=group, series=str(series_dir))
+                st = locate_study(study, stack, locator, problem, group=group, series=str(series_dir),
+                                  threshold=threshold)
             except Exception as exc:  # one bad study must never stop the run: it gets the prior
                 st = LocatedStudy(study, {}, None, f"{series_dir}: {type(exc).__name__}: {exc}")
             st.seconds = time.perf_counter() - t0
@@ -528,13 +550,15 @@ def locate_split(data_dir: Path, split: str, output_dir: Path, group: str, devic
 
 
 def locate_offsets_split(data_dir: Path, split: str, output_dir: Path, group: str, device: torch.device,
-                         folds: pd.Series | None = None, anchors: list[LocatedStudy] | None = None) -> list[LocatedStudy]:
+                         folds: pd.Series | None = None, anchors: list[LocatedStudy] | None = None,
+                         threshold: float | None = None, choice: dict | None = None) -> list[LocatedStudy]:
     """A group placed at learned offsets from the spinal canal (``OFFSET_LOCATORS``: the foramina on
     Sagittal T1, the lateral recesses on Axial T2) on every listed study: every series of the group's
     description, from the spinal canal points the level localiser places on the Sagittal T2/STIR
     (located here when ``anchors`` is not given). A study without a readable series of the group, or
     without spinal points to start from, gets no locations and a problem that names it (prior rows);
-    a level that no series reaches gets prior rows and a log line."""
+    a level that no series reaches gets prior rows and a log line. Where the group's locator has a
+    trained slice head (the foramina), the head decides within the offsets' window."""
     if anchors is None:
         anchors = locate_split(data_dir, split, output_dir, OFFSETS_ANCHOR, device, folds)
     anchor = {st.study_id: st for st in anchors}
@@ -545,8 +569,12 @@ def locate_offsets_split(data_dir: Path, split: str, output_dir: Path, group: st
     located: list[LocatedStudy] = []
     started = time.perf_counter()
     root = RunLayout(output_dir).localizer_dir(group)
+    with_head = GROUPS[group].locator in SLICE_HEADS and (choice is not None or (root / SLICE_MARKER).is_file())
     for fold, studies in assigned.items():
         offsets = PointOffsets.load(root, folds=None if fold is None else [fold])
+        head = (LocalizerEnsemble(root, device=device, folds=None if fold is None else [fold], choice=choice)
+                if with_head else None)
+        extra = {"head": head, "threshold": threshold} if with_head else {}
         for study in studies:
             t0 = time.perf_counter()
             stacks, problems = {}, []
@@ -574,7 +602,7 @@ def locate_offsets_split(data_dir: Path, split: str, output_dir: Path, group: st
                                                        f"(Sagittal T2/STIR: {reason})")
             else:
                 try:
-                    rows, outside = locate(study, canal_points(start), stacks, offsets)
+                    rows, outside = locate(study, canal_points(start), stacks, offsets, **extra)
                 except Exception as exc:  # one bad study must never stop the run: it gets the prior
                     rows, outside = [], []
                     problems.insert(0, f"cannot place its {group} points ({type(exc).__name__}: {exc})")
@@ -595,20 +623,37 @@ def _has_geometry(stacks: list[Stack]) -> bool:
     return all(s.has_geometry for stack in stacks for s in stack.slices)
 
 
-def report_offset_locator(output_dir: str | Path, data_dir: str | Path, group: str,
-                          folds_path: str | Path | None = None, device: str | None = None) -> dict:
-    """An offsets locator out of fold on the training studies, as prediction runs it (from the spinal
-    localiser's points, each study by the fold models that never saw it), against the labelled
-    points: ``results/localizer_<group>_report.json``."""
+def report_locator(output_dir: str | Path, data_dir: str | Path, group: str, folds_path: str | Path | None = None,
+                   device: str | None = None, choice: dict | None = None) -> dict:
+    """A group's locator out of fold on the training studies, as prediction runs it (each study by the
+    fold models that never saw it), against the labelled points: ``results/localizer_<group>_report.json``.
+
+    ``choice``: a slice locator just trained (what its ``slice_choice.json`` will hold, less the
+    threshold). Its presence threshold is chosen first, on these out-of-fold studies
+    (``locator_report.choose_threshold``), then ``slice_choice.json`` is written, marking it finished."""
     from spinegrade.data.folds import read_folds
     from spinegrade.layout import run_folds
+    from spinegrade.localize import write_slice_choice
+    from spinegrade.locator_report import NEVER, choose_threshold, compare_with_labels, write_locator_report
     from spinegrade.train import select_device
 
     output_dir, data_dir = Path(output_dir), Path(data_dir)
     folds = read_folds(run_folds(RunLayout(output_dir), folds_path)).set_index("study_id")["fold"]
-    located = locate_split(data_dir, "train", output_dir, group, select_device(device), folds=folds)
-    stacks = {(st.study_id, series): found for st in located for series, found in st.stacks.items()}
-    return write_offset_report(locations_table(located), stacks, data_dir, output_dir, group)
+    device_ = select_device(device)
+
+    def compared(threshold: float | None = None, with_choice: dict | None = None) -> pd.DataFrame:
+        located = locate_split(data_dir, "train", output_dir, group, device_, folds=folds, threshold=threshold,
+                               choice=with_choice)
+        stacks = {(st.study_id, series): found for st in located for series, found in st.stacks.items()}
+        return compare_with_labels(locations_table(located), stacks, data_dir, group)
+
+    extra = {}
+    if choice is not None:
+        threshold = choose_threshold(compared(0.0, choice), compared(NEVER, choice))
+        write_slice_choice(output_dir, group, {**choice, "threshold": threshold})
+        log.info(f"{group}: presence threshold {threshold:.3f}, chosen out of fold")
+        extra["threshold"] = threshold
+    return write_locator_report(compared(), output_dir, group, **extra)
 
 
 def locations_table(located: list[LocatedStudy]) -> pd.DataFrame:

@@ -86,7 +86,8 @@ def locate_subarticular(study_id: int, canal: dict[str, np.ndarray], stacks: dic
                     continue
                 x, y, _ = s.patient_to_pixel(target)
                 if s.shows(x, y):
-                    rows.append([study_id, condition, level, series, s.instance_number, float(x), float(y), "localised"])
+                    rows.append([study_id, condition, level, series, s.instance_number, float(x), float(y), "localised",
+                                 np.nan])
                     found = True
         if not found:
             outside.append(level_title(level))

@@ -3,12 +3,17 @@
 A timm backbone's last four feature maps (strides 4 to 32, through timm's uniform
 ``forward_intermediates``) are projected, brought to stride 4 and summed, and one heatmap per level
 comes out. A soft-argmax turns each heatmap into a point, so the network is trained directly on
-coordinates (normalised to [0, 1] of the input) and its output needs no peak-picking. Like the
+coordinates (normalised to [0, 1] of the input) and its output needs no peak-picking. The same
+heatmap also says whether the slice shows the level at all: the softmax ignores the logits' overall
+height, so their log-mean-exp is free to be trained as a presence score (``presence_logits``), high
+on the level's own slice and low two slices away. Scored over neighbouring slices, it picks each
+level's slice. Like the
 grading model, it takes uint8 grey images and normalises them itself (``normalise_input``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -72,6 +77,19 @@ def soft_argmax(logits: torch.Tensor) -> torch.Tensor:
     x = (weights.sum(dim=2) * xs).sum(dim=2)
     y = (weights.sum(dim=3) * ys).sum(dim=2)
     return torch.stack([x, y], dim=2)
+
+
+def presence_logits(logits: torch.Tensor) -> torch.Tensor:
+    """(B, points): each heatmap's log-mean-exp, a logit of "this slice shows this point"."""
+    b, k, h, w = logits.shape
+    return torch.logsumexp(logits.flatten(2).float(), dim=2) - math.log(h * w)
+
+
+def presence_loss(logits: torch.Tensor, present: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of :func:`presence_logits` against ``present`` (0 or 1) where ``known``."""
+    loss = F.binary_cross_entropy_with_logits(presence_logits(logits), present.float(), reduction="none")
+    mask = known.float()
+    return (loss * mask).sum() / mask.sum().clamp_min(1)
 
 
 def heatmap_loss(logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor, sigma_cells: float = 1.0) -> torch.Tensor:

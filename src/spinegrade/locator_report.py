@@ -1,0 +1,116 @@
+"""Every locator judged the same way, out of fold, against the labelled points: how often the slice
+is within one of the labelled slice (a point placed on another stack or series than the labelled
+one, or not placed at all, is not), and the point error in mm in patient space (so a wrong slice
+counts), per level and side. A slice locator's presence threshold is chosen here too.
+
+Outputs, under ``OUTPUT/results/``: ``localizer_<group>_oof.csv`` (every labelled point, where it
+was located, and by what: ``source``, ``score``) and ``localizer_<group>_report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from spinegrade.constants import GROUPS, REGISTRY
+from spinegrade.data.dicom import Stack
+from spinegrade.data.folds import write_csv_atomic
+from spinegrade.data.index import build_index
+from spinegrade.files import write_text_atomic
+from spinegrade.layout import RunLayout
+from spinegrade.logs import get_logger
+from spinegrade.offsets import find_instance
+
+log = get_logger(__name__)
+
+NEVER = 1.01  # a presence threshold no probability reaches: the geometric choice everywhere
+
+
+def compare_with_labels(located: pd.DataFrame, stacks: dict[tuple[int, str], list[Stack]], data_dir: Path,
+                        group: str) -> pd.DataFrame:
+    """One row per labelled point of ``group`` whose slice is readable: where it was located (``located``:
+    rows of the locations table), the slice offset and the error in mm. ``stacks``: (study, series) -> stacks."""
+    table = build_index(data_dir, check_images=False).table
+    labelled = table[table["condition"].isin(GROUPS[group].conditions) & table["instance_number"].notna()]
+    by_key: dict[tuple, list] = {}
+    for h in located.itertuples():
+        by_key.setdefault((h.study_id, h.condition, h.level), []).append(h)
+    rows = []
+    for r in labelled.itertuples():
+        series = str(Path(r.image_path).parent)
+        truth_at = find_instance(stacks.get((r.study_id, series), []), int(r.instance_number))
+        if truth_at is None:
+            continue  # the labelled slice is not readable: the data report names it
+        truth_stack = stacks[(r.study_id, series)][truth_at[0]]
+        truth = truth_stack.slices[truth_at[1]].pixel_to_patient(float(r.x), float(r.y))
+        hits = by_key.get((r.study_id, r.condition, r.level), [])
+        hit = next((h for h in hits if h.series == series), hits[0] if hits else None)
+        row = {"study_id": r.study_id, "condition": r.condition, "level": r.level, "series": series,
+               "instance_labelled": int(r.instance_number), "x_label": r.x, "y_label": r.y, "located": hit is not None,
+               "series_found": None, "instance_found": None, "x": np.nan, "y": np.nan, "slice_offset": np.nan,
+               "error_mm": np.nan, "source": None, "score": np.nan}
+        if hit is not None:
+            found_at = find_instance(stacks.get((r.study_id, hit.series), []), int(hit.instance_number))
+            if found_at is not None:
+                found_slice = stacks[(r.study_id, hit.series)][found_at[0]].slices[found_at[1]]
+                same_stack = hit.series == series and found_at[0] == truth_at[0]
+                row.update(series_found=hit.series, instance_found=int(hit.instance_number), x=hit.x, y=hit.y,
+                           slice_offset=found_at[1] - truth_at[1] if same_stack else np.nan,
+                           error_mm=float(np.linalg.norm(found_slice.pixel_to_patient(hit.x, hit.y) - truth)),
+                           source=hit.source, score=getattr(hit, "score", np.nan))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def choose_threshold(by_head: pd.DataFrame, by_geometry: pd.DataFrame) -> float:
+    """The presence threshold that puts most labelled points within one slice of theirs (then most on
+    it), taking the head's choice where its presence reaches the threshold and the geometric one
+    elsewhere. ``by_head`` and ``by_geometry``: :func:`compare_with_labels` of the same studies located
+    with every presence accepted and with none. Among equally good thresholds, the middle of their
+    range where it is as good (so a head always right out of fold still falls back on a slice that
+    shows nothing), else the lowest."""
+    key = ["study_id", "condition", "level", "series", "instance_labelled"]
+    both = by_head.merge(by_geometry, on=key, suffixes=("_head", "_geometry"))
+    if both.empty:
+        return 0.5
+    good = {side: (both[f"slice_offset_{side}"].abs() <= 1).to_numpy() + 1e-3 * (both[f"slice_offset_{side}"] == 0).to_numpy()
+            for side in ("head", "geometry")}
+    score = both["score_head"].to_numpy(dtype=float)
+    candidates = np.unique(np.concatenate([[0.0, NEVER], score[np.isfinite(score)]]))
+    def gain(t: float) -> float:
+        return float(np.where(np.nan_to_num(score, nan=-1.0) >= t, good["head"], good["geometry"]).sum())
+
+    gains = np.array([gain(t) for t in candidates])
+    best = candidates[gains == gains.max()]
+    middle = float(best.min() + best.max()) / 2
+    return middle if gain(middle) == gains.max() else float(best.min())
+
+
+def write_locator_report(frame: pd.DataFrame, output_dir: Path, group: str, **extra) -> dict:
+    """The out-of-fold table and its summary, overall and per level and side (``extra`` joins the summary)."""
+    results = RunLayout(output_dir).results
+    results.mkdir(parents=True, exist_ok=True)
+    write_csv_atomic(frame, results / f"localizer_{group}_oof.csv")
+    report = {"points": len(frame), **extra}
+    if not frame.empty:
+        report.update(_summary(frame))
+        report["per_level_side"] = {f"{REGISTRY[condition].side or 'midline'} {level}": _summary(part)
+                                    for (condition, level), part in frame.groupby(["condition", "level"])}
+        log.info(f"{group} locator out of fold over {len(frame)} labelled points: located {report['located']:.1%}; "
+                 f"slice within one of the labelled {report['slice_within_one']:.1%} (exact {report['slice_exact']:.1%}); "
+                 f"point error median {report['median_mm']:.2f} mm, 90th percentile {report['p90_mm']:.2f} mm; "
+                 f"the image decided {report['image_decided']:.1%}")
+    write_text_atomic(results / f"localizer_{group}_report.json", json.dumps(report, indent=1))
+    return report
+
+
+def _summary(frame: pd.DataFrame) -> dict:
+    """Shares over every labelled point (an unlocated one counts as missed); errors over located ones."""
+    offset = frame["slice_offset"]
+    return {"points": len(frame), "located": float(frame["located"].mean()),
+            "slice_within_one": float((offset.abs() <= 1).mean()), "slice_exact": float((offset == 0).mean()),
+            "median_mm": float(frame["error_mm"].median()), "p90_mm": float(frame["error_mm"].quantile(0.9)),
+            "image_decided": float((frame["source"] == "localised").mean() if frame["score"].notna().any() else 0.0)}

@@ -1,0 +1,113 @@
+"""Locators that read the image: on spines that curve, each level's canal slice and each foramen are
+found where this patient has them, by the shared run's real (small) trained locators; a slice that
+shows no spine falls back on geometry and says so."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from spinegrade.constants import GROUPS, LEVELS, SAGITTAL_T2
+from spinegrade.data import synthetic
+from spinegrade.data.dicom import main_stack, read_series
+from spinegrade.layout import RunLayout
+from spinegrade.localize import LocalizerEnsemble
+from spinegrade.locator_report import compare_with_labels
+from spinegrade.predict import locate_split, locations_table
+
+
+@pytest.fixture(scope="module")
+def curved(tmp_path_factory) -> dict:
+    """Six studies, every one with a strong lateral curve (9 to 12 mm), in the shared run's image sizes."""
+    data = tmp_path_factory.mktemp("curved") / "data"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(synthetic, "SCOLIOSIS", 1.0)
+        patch.setattr(synthetic, "SCOLIOSIS_MM", (9.0, 12.0))
+        synthetic.write_dataset(data, synthetic.SynthSettings(studies=6, test_studies=0, seed=11, image_size=(96, 128),
+                                                              workers=1))
+    coordinates = pd.read_csv(data / "train_label_coordinates.csv")
+    return {"data": data, "coordinates": coordinates}
+
+
+def _canal_series(data, study: int):
+    series = pd.read_csv(data / "train_series_descriptions.csv")
+    row = series[(series["study_id"] == study) & (series["series_description"] == SAGITTAL_T2)].iloc[0]
+    return data / "train_images" / str(study) / str(row["series_id"])
+
+
+def test_each_level_of_a_curved_spine_is_found_on_its_own_canal_slice(trained_run, curved):
+    localizer = LocalizerEnsemble(RunLayout(trained_run["out"]).localizer_dir("spinal"))
+    canal = curved["coordinates"][curved["coordinates"]["condition"] == "Spinal Canal Stenosis"]
+    spread_studies, offsets = 0, []
+    for study, points in canal.groupby("study_id"):
+        stack = main_stack(read_series(_canal_series(curved["data"], study), with_pixels=False))
+        labelled = {r.level.lower().replace("/", "_"): stack.index_of_instance(int(r.instance_number))
+                    for r in points.itertuples()}
+        found = localizer.locate(stack)
+        for k, level in enumerate(LEVELS):
+            offsets.append(found.slice_index[k] - labelled[level])
+        if abs(labelled["l1_l2"] - labelled["l5_s1"]) >= 2:  # the curve puts the ends two slices apart or more
+            spread_studies += 1
+            assert found.slice_index[0] != found.slice_index[-1], (study, labelled, found.slice_index)
+    assert spread_studies >= 1, "the fixture should hold a spine whose ends lie two slices apart"
+    offsets = np.abs(offsets)
+    assert (offsets <= 1).mean() >= 0.9, offsets
+    # one slice for the whole study (the middle slice moved by the common offset) misses more of them
+    middle = [abs(localizer.choose_slice(main_stack(read_series(_canal_series(curved["data"], s), with_pixels=False)))
+                  - main_stack(read_series(_canal_series(curved["data"], s), with_pixels=False)).index_of_instance(
+                      int(r.instance_number))) for s, points in canal.groupby("study_id") for r in points.itertuples()]
+    assert (np.array(middle) <= 1).mean() < (offsets <= 1).mean()
+
+
+def test_foramina_that_move_across_the_levels_are_found_on_their_slices(trained_run, curved):
+    located = locate_split(curved["data"], "train", trained_run["out"], "foraminal", "cpu")
+    stacks = {(st.study_id, series): found for st in located for series, found in st.stacks.items()}
+    frame = compare_with_labels(locations_table(located), stacks, curved["data"], "foraminal")
+    assert len(frame) >= 50 and frame["located"].all()
+    moved = frame.groupby(["study_id", "condition"])["instance_labelled"].transform(lambda s: s.max() - s.min()) >= 2
+    assert moved.sum() >= 10, "the fixture should hold foramina two or more slices apart across the levels"
+    assert (frame.loc[moved, "slice_offset"].abs() <= 1).mean() >= 0.9
+    assert (frame["source"] == "localised").mean() >= 0.8  # the image decided, not the offsets
+    # each side's foramen on its own side of the canal (+x is the patient's left), from geometry alone
+    canal = {(st.study_id, r.level): st.slice_of(r).pixel_to_patient(r.x, r.y)
+             for st in locate_split(curved["data"], "train", trained_run["out"], "spinal", "cpu")
+             for r in st.locations.itertuples()}
+    for st in located:
+        for r in st.locations.itertuples():
+            side_x = st.slice_of(r).pixel_to_patient(r.x, r.y)[0] - canal[(st.study_id, r.level)][0]
+            assert side_x > 8 if r.condition == GROUPS["foraminal"].conditions[0] else side_x < -8, r
+
+
+def test_a_series_that_shows_no_spine_falls_back_on_the_middle_slice_and_says_so(trained_run, tmp_path):
+    """Every slice of a test study's Sagittal T2/STIR replaced by noise: no level's presence reaches the
+    threshold, so each level takes the geometric slice, and the located rows say it was unsure."""
+    from spinegrade.predict import locate_sagittal_levels
+
+    data = trained_run["data"]
+    series = pd.read_csv(data / "test_series_descriptions.csv")
+    row = series[series["series_description"] == SAGITTAL_T2].iloc[0]
+    folder = tmp_path / "noise"
+    shutil.copytree(data / "test_images" / str(row["study_id"]) / str(row["series_id"]), folder)
+    rng = np.random.default_rng(0)
+    for path in folder.glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        noise = rng.integers(100, 400, (ds.Rows, ds.Columns)).astype(np.uint16)
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            ds.decompress()
+        ds.PixelData = noise.tobytes()
+        ds.save_as(path)
+    localizer = LocalizerEnsemble(RunLayout(trained_run["out"]).localizer_dir("spinal"))
+    stack = main_stack(read_series(folder, with_pixels=False))
+    found = localizer.locate(stack)
+    assert not found.sure.any(), found.score
+    assert (found.slice_index == localizer.choose_slice(stack)).all()
+    st = locate_sagittal_levels(int(row["study_id"]), stack, str(folder), "spinal", localizer)
+    assert set(st.locations["source"]) == {"localised, unsure: the middle slice"}
+    # the same series as stored: the image decides
+    original = main_stack(read_series(data / "test_images" / str(row["study_id"]) / str(row["series_id"]),
+                                      with_pixels=False))
+    assert localizer.locate(original).sure.all()
