@@ -59,7 +59,7 @@ DEMO_FORAMINAL_FLAGS ?= --num_epochs 4 --image_size 96
 # The subarticular group likewise (two sides, on Axial T2).
 DEMO_SUBARTICULAR_BACKBONES ?= efficientnet_lite0
 DEMO_SUBARTICULAR_FLAGS ?= --num_epochs 4 --image_size 96
-DEMO_LOCALIZER_FLAGS ?= --image_size 64 --num_epochs 12 --batch_size 4
+DEMO_LOCALIZER_FLAGS ?= --image_size 64 --num_epochs 12 --batch_size 8
 
 .PHONY: install demo test download index folds synth clean-demo train-fold train train-all evaluate train-localizer predict blend submission \
 	kernel kernel-run upload

@@ -49,8 +49,8 @@ def located_points(data_dir: Path, localizer: LocalizerEnsemble) -> dict[int, np
         if stack is None:
             continue
         found = localizer.locate(stack)
-        s = stack.slices[found.slice_index]
-        out[row.study_id] = np.stack([s.pixel_to_patient(x, y) for x, y in found.points])
+        out[row.study_id] = np.stack([stack.slices[k].pixel_to_patient(x, y)
+                                      for k, (x, y) in zip(found.slice_index, found.points)])
     return out
 
 

@@ -56,7 +56,7 @@ def trained_run(tmp_path_factory):
     folds = root / "folds.csv"
     write_csv_atomic(make_folds(build_index(data, check_images=False).labels_wide(), n_folds=3, seed=0), folds)
     out = root / "out"
-    config = LocalizerConfig(image_size=64, num_epochs=25, batch_size=4)
+    config = LocalizerConfig(image_size=64, num_epochs=25, batch_size=8)
     reports = {group: train_locator(group, config, data, folds, out, device="cpu")
                for group in ("spinal", "foraminal", "subarticular")}
     small = {"image_size": 64, "batch_size": 16, "num_workers": 0, "num_epochs": 5}

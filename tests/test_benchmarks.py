@@ -100,3 +100,9 @@ def test_kernel_budget_benchmark_runs():
     assert all(r["gflops_per_image"] > 0 and r["weights_mb"] > 1 for r in figures["rows"])
     hours = figures["projection"]["cpu"]["hours_per_studies"]
     assert hours["2"] > hours["1"] > 0  # each fold adds its models' time
+
+
+def test_label_geometry_benchmark_runs():
+    figures = _run("label_geometry.py", "--studies", "20", "--seed", "2")
+    assert figures["generated"]["studies"] == 20 and figures["real"]["studies"] == 1974
+    assert 0 <= figures["generated"]["canal_several_slices"] <= 1

@@ -47,7 +47,7 @@ def test_each_side_is_found_on_its_own_slices_whichever_way_the_t1_series_runs(s
         instances = [s.instance_number for s in stack.slices]  # ordered by position along the normal
         directions.add(int(np.sign(instances[-1] - instances[0]) * np.sign(stack.normal[0])))
         rows, _ = locate_foramina(study, labelled_canal(table, study), {str(series_dir): [stack]}, offsets)
-        found = {(c, lv): (inst, x, y) for _, c, lv, _, inst, x, y, _ in rows}
+        found = {(c, lv): (inst, x, y) for _, c, lv, _, inst, x, y, *_ in rows}
         for r in points.itertuples():
             inst, x, y = found[(r.condition, r.level)]
             k_found, k_label = stack.index_of_instance(inst), stack.index_of_instance(int(r.instance_number))

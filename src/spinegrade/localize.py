@@ -1,9 +1,10 @@
 """Find each level where this patient has it, from the images: the slice and the point per level.
 
 One kind of model serves the sagittal groups: a :class:`~spinegrade.models.localizer.LevelLocalizer`
-reads one whole slice and gives, per level, a heatmap (its soft-argmax is the point) and a presence
-score (the heatmap's log-mean-exp: how strongly this slice shows that level's structure). Scored over
-a window of neighbouring slices, the slice where a level's presence is highest is that level's slice.
+reads one whole slice, with its two neighbours as the other input channels (so it can tell whether the
+structure is fuller on a neighbour), and gives, per level, a heatmap (its soft-argmax is the point) and
+a presence score (the heatmap's log-mean-exp: whether this slice is the level's own). Scored over a
+window of neighbouring slices, the slice where a level's presence is highest is that level's slice.
 So every level gets its own slice, and a spine that curves or leans, or a patient off the stack's
 centre, moves the slices with it.
 
@@ -16,8 +17,7 @@ A level whose best presence is under the threshold chosen out of fold is *unsure
 the geometric choice (the middle slice; the offset), and its located row's ``source`` says so.
 
 Training reads every labelled slice of the group (each level on its own slice) and, as negatives,
-the slices two and three away from a labelled one; a level one slice from its labelled slice is
-left out of the presence loss (the neighbour of the labelled slice may show the structure as well).
+the slices one to three away from a labelled one.
 Trained fold by fold on the same folds as the grading models, so every training study is also located
 out of fold. Outputs, under ``OUTPUT/trained_models/localizer/<group>/``: ``fold<k>/`` (weights,
 ``localizer.json``, ``metrics.csv``) and ``slice_choice.json`` (the middle slice's offset per fold, the
@@ -71,7 +71,8 @@ log = get_logger(__name__)
 MARKER = "slice_choice.json"  # written last by a slice locator's training
 FIELD_PERCENTILE = 95  # of the training slices' longer sides: the localiser's field (prepare_slice_data)
 SEARCH_SLICES = 3  # the spinal window: this many slices either side of the middle one
-NEGATIVE_GAPS = (2, 3)  # negatives: slices this many away from a labelled slice
+NEGATIVE_GAPS = (1, 2, 3)  # negatives: slices this many away from a labelled slice
+CONTEXT = 1  # neighbours on each side given as input channels: the slice and its two neighbours
 NEGATIVE_SHARE = 0.5  # of training draws, a negative in place of the labelled slice
 
 
@@ -140,11 +141,12 @@ def _prepare_series(job: tuple) -> dict | str:
             continue
         labelled.setdefault(level, set()).add(k)
         on_slice.setdefault(k, {}).setdefault(level, (x, y))
-    candidates = set(on_slice)
+    samples = set(on_slice)
     for k in on_slice:
-        candidates |= {k + sign * gap for gap in NEGATIVE_GAPS for sign in (-1, 1) if 0 <= k + sign * gap < len(stack)}
+        samples |= {k + sign * gap for gap in NEGATIVE_GAPS for sign in (-1, 1) if 0 <= k + sign * gap < len(stack)}
+    rendered = samples | {k + d for k in samples for d in range(-CONTEXT, CONTEXT + 1) if 0 <= k + d < len(stack)}
     slices = []
-    for k in sorted(candidates):
+    for k in sorted(rendered):
         s = stack.slices[k]
         if min(s.shape) < MIN_IMAGE_SIDE:
             skipped.append(f"study {study_id}: {s.path}: image of {s.shape} pixels is too small to localise on")
@@ -155,11 +157,11 @@ def _prepare_series(job: tuple) -> dict | str:
             skipped.append(f"study {study_id}: {exc}")
             continue
         view = SquareView.fitted(pixels, s.pixel_spacing, size, field_mm)
-        presence = [np.nan if level not in labelled else 1.0 if k in labelled[level]
-                    else 0.0 if min(abs(k - j) for j in labelled[level]) >= 2 else np.nan for level in LEVELS]
+        presence = [np.nan if level not in labelled or k not in samples else float(k in labelled[level])
+                    for level in LEVELS]
         slices.append({"image": view.render(pixels), "study_id": study_id, "series_dir": series_dir, "slice_index": k,
                        "stack_length": len(stack), "instance_number": s.instance_number, "rows": s.shape[0], "cols": s.shape[1],
-                       "row_spacing": s.pixel_spacing[0], "col_spacing": s.pixel_spacing[1], "labelled": k in on_slice,
+                       "row_spacing": s.pixel_spacing[0], "col_spacing": s.pixel_spacing[1], "labelled": k in on_slice, "sample": k in samples,
                        "points": on_slice.get(k, {}), "presence": presence, **view.as_dict()})
         s.pixels = None
     return {"slices": slices, "skipped": skipped}
@@ -178,7 +180,8 @@ class SliceData:
     """A group's training slices, decoded once: ``images`` (N, size, size) uint8; ``meta`` one row per
     slice; ``points`` (N, 5, 2) in [0, 1] of the square view where the slice is a level's labelled
     slice (NaN elsewhere); ``presence`` (N, 5) 1 / 0 / NaN (left out); ``anchors``: the labelled
-    slices; ``negatives[i]``: the slices around ``anchors[i]``."""
+    slices; ``negatives[i]``: the slices around ``anchors[i]``; ``neighbours`` (N, 2): the rows of each
+    slice's neighbours in its stack (itself at the stack's ends), its other input channels."""
 
     images: np.ndarray
     meta: pd.DataFrame
@@ -187,6 +190,12 @@ class SliceData:
     anchors: np.ndarray
     negatives: list[np.ndarray]
     field_mm: float | None
+    neighbours: np.ndarray | None = None
+
+    def inputs(self, k: int) -> np.ndarray:
+        """(H, W, 3) uint8: slice ``k`` between its neighbours."""
+        before, after = self.neighbours[k]
+        return np.stack([self.images[before], self.images[k], self.images[after]], axis=-1)
 
 
 def prepare_slice_data(targets: pd.DataFrame, size: int) -> SliceData:
@@ -236,13 +245,16 @@ def prepare_slice_data(targets: pd.DataFrame, size: int) -> SliceData:
                 continue
             points[i, k] = (u, v)
     anchors = np.flatnonzero(meta["labelled"].to_numpy())
-    key = list(zip(meta["study_id"], meta["series_dir"]))
+    row_of = {(r.series_dir, r.slice_index): i for i, r in enumerate(meta.itertuples())}
+    neighbours = np.array([[row_of.get((r.series_dir, r.slice_index - 1), i), row_of.get((r.series_dir, r.slice_index + 1), i)]
+                           for i, r in enumerate(meta.itertuples())], dtype=int)
+    sample = meta["sample"].to_numpy()
     negatives = []
     for a in anchors:
-        k = meta.at[a, "slice_index"]
-        negatives.append(np.array([j for j in range(len(meta)) if key[j] == key[a]
-                                   and abs(meta.at[j, "slice_index"] - k) in NEGATIVE_GAPS], dtype=int))
-    return SliceData(images, meta, points, presence, anchors, negatives, field_mm)
+        around = [row_of.get((meta.at[a, "series_dir"], meta.at[a, "slice_index"] + sign * gap))
+                  for gap in NEGATIVE_GAPS for sign in (-1, 1)]
+        negatives.append(np.array([j for j in around if j is not None and sample[j]], dtype=int))
+    return SliceData(images, meta, points, presence, anchors, negatives, field_mm, neighbours)
 
 
 class SliceDataset(Dataset):
@@ -250,7 +262,8 @@ class SliceDataset(Dataset):
     then. ``image`` uint8 (1, H, W) (the model normalises it), ``points`` (levels, 2) in [0, 1],
     ``known`` where a point is labelled, ``presence`` and ``presence_known`` per level, ``index``.
     Training draws are augmented (rotation, scale, shift, brightness); the points move with the image.
-    ``anchors`` None: every slice once, in order, unaugmented (held-out evaluation)."""
+    ``anchors`` None: every slice once, in order, unaugmented (held-out evaluation). The image is the
+    slice between its neighbours, three channels, augmented as one image."""
 
     def __init__(self, data: SliceData, anchors: np.ndarray | None, train: bool):
         self.data, self.train = data, train
@@ -282,15 +295,15 @@ class SliceDataset(Dataset):
         size = self.data.images.shape[-1]
         points = self.data.points[k]
         known = np.isfinite(points).all(axis=1)
-        image = self.data.images[k]
+        image = self.data.inputs(k)
         if self.transform is not None:
             out = self.transform(image=image, keypoints=np.where(known[:, None], points * size, 0.0))
-            image = out["image"][..., 0] if out["image"].ndim == 3 else out["image"]
+            image = out["image"]
             points = np.asarray(out["keypoints"], dtype=np.float32).reshape(-1, 2) / size
         points = np.where(known[:, None], points, 0.0).astype(np.float32)
         presence = self.data.presence[k]
         presence_known = np.isfinite(presence)
-        return {"image": torch.from_numpy(np.ascontiguousarray(image))[None], "points": torch.from_numpy(points),
+        return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), "points": torch.from_numpy(points),
                 "known": torch.from_numpy(known), "presence": torch.from_numpy(np.nan_to_num(presence).astype(np.float32)),
                 "presence_known": torch.from_numpy(presence_known), "index": torch.tensor(k)}
 
@@ -333,7 +346,7 @@ def localizer_step(model: LevelLocalizer, batch: dict, device: torch.device, siz
 def _identity(config: LocalizerConfig, field_mm: float | None, group: str) -> dict:
     """The settings that make a localiser fold's result what it is (not the worker count)."""
     return plain({**{k: v for k, v in config.to_dict().items() if k != "num_workers"}, "field_mm": field_mm,
-                  "group": group, "presence": True, "negative_gaps": list(NEGATIVE_GAPS)})
+                  "group": group, "presence": True, "negative_gaps": list(NEGATIVE_GAPS), "slices": 2 * CONTEXT + 1})
 
 
 def train_localizer_fold(config: LocalizerConfig, data: SliceData, fold: int, output_dir: Path, device: torch.device,
@@ -344,7 +357,7 @@ def train_localizer_fold(config: LocalizerConfig, data: SliceData, fold: int, ou
     folder = FoldFolder(out, _identity(config, data.field_mm, group), f"{group} localiser fold {fold}")
     folds = data.meta["fold"].to_numpy()
     train_anchors = np.flatnonzero(folds[data.anchors] != fold)
-    val_rows = np.flatnonzero(folds == fold)
+    val_rows = np.flatnonzero((folds == fold) & data.meta["sample"].to_numpy())
     info, resume = folder.finished(force, resume)
     if info is not None:
         return
@@ -357,8 +370,9 @@ def train_localizer_fold(config: LocalizerConfig, data: SliceData, fold: int, ou
     train_set = SeededDataset(SliceDataset(data, train_anchors, train=True), config.seed + fold)
     val_set = SliceDataset(data, None, train=False)
     sampler = EpochSampler(len(train_set), config.seed + fold, shuffle=True)
-    loader_args = dict(image_shape=(1, config.image_size, config.image_size), workers=max(0, int(config.num_workers)),
-                       pin_memory=device.type == "cuda", seed=config.seed, fields=slice_fields(len(LEVELS)))
+    loader_args = dict(image_shape=(2 * CONTEXT + 1, config.image_size, config.image_size),
+                       workers=max(0, int(config.num_workers)), pin_memory=device.type == "cuda", seed=config.seed,
+                       fields=slice_fields(len(LEVELS)))
     train_loader = batch_loader(train_set, config.batch_size, sampler, drop_last=len(train_set) > config.batch_size,
                                 **loader_args)
     val_loader = batch_loader(val_set, config.batch_size * 2, [int(i) for i in val_rows], **loader_args)
@@ -368,7 +382,8 @@ def train_localizer_fold(config: LocalizerConfig, data: SliceData, fold: int, ou
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "localizer.json", json.dumps({**spec.to_dict(), **config.to_dict(), "mean": list(mean),
                                                           "std": list(std), "field_mm": data.field_mm, "fold": fold,
-                                                          "group": group, "presence": True}, indent=1))
+                                                          "group": group, "presence": True,
+                                                          "slices": 2 * CONTEXT + 1}, indent=1))
 
     def evaluate() -> dict:
         model.eval()
@@ -478,7 +493,7 @@ class LocalizerEnsemble:
         if not folders:
             raise SpinegradeError(f"{root}: no trained localiser (run `spinegrade train-localizer` / `make train-localizer`)")
         self.device = select_device(device)
-        self.models, self.size, fields, presence = [], None, set(), set()
+        self.models, self.size, fields, presence, slices = [], None, set(), set(), set()
         for folder in folders:
             spec = json.loads((folder / "localizer.json").read_text())
             model = LevelLocalizer(LocalizerSpec(spec["backbone"], spec.get("channels", 64),
@@ -488,11 +503,15 @@ class LocalizerEnsemble:
             self.size = int(spec["image_size"])
             fields.add(spec.get("field_mm"))  # absent: a localiser that saw each slice squashed
             presence.add(bool(spec.get("presence", False)))  # absent: one slice per study, no presence
+            slices.add(int(spec.get("slices", 1)))  # absent: the slice alone
         if len(fields) > 1:
             raise SpinegradeError(f"{root}: fold localisers were trained on different fields ({sorted(map(str, fields))} mm); "
                                   "train the localiser again")
         self.field_mm = fields.pop()
         self.presence = all(presence)
+        if len(slices) > 1:
+            raise SpinegradeError(f"{root}: fold localisers read different numbers of slices; train the localiser again")
+        self.context = (slices.pop() - 1) // 2
         if choice is None:
             marker = root / MARKER
             if not marker.is_file():
@@ -511,22 +530,27 @@ class LocalizerEnsemble:
         """For each slice of ``indices``: the presence probability of each level (len, 5) (NaN where the
         slice cannot be decoded, or the models have no presence head) and each level's point (len, 5, 2)
         in that slice's pixels. Only these slices are decoded."""
-        images, views, good = [], [], []
-        for k in indices:
+        rendered: dict[int, tuple[np.ndarray, SquareView] | None] = {}
+        for k in sorted({j for k in indices for j in range(k - self.context, k + self.context + 1)
+                         if 0 <= j < len(stack)}):
             s = stack.slices[k]
             try:
                 pixels = load_pixels(s)
             except DicomReadError:
-                images.append(np.zeros((self.size, self.size), np.uint8))
-                views.append(None)
-                good.append(False)
+                rendered[k] = None
                 continue
             view = (SquareView.fitted(pixels, s.pixel_spacing, self.size, self.field_mm) if self.field_mm
                     else SquareView.squashed(pixels.shape, self.size))
-            images.append(view.render(pixels))
-            views.append(view)
-            good.append(True)
-        tensor = torch.from_numpy(np.ascontiguousarray(np.stack(images)))[:, None]  # uint8: the model normalises
+            rendered[k] = (view.render(pixels), view)
+        blank = np.zeros((self.size, self.size), np.uint8)
+        images, views = [], []
+        for k in indices:
+            own = rendered[k]
+            views.append(own[1] if own else None)
+            channels = [rendered.get(j) or own for j in range(k - self.context, k + self.context + 1)]
+            images.append(np.stack([c[0] if c else blank for c in channels]))
+        good = [v is not None for v in views]
+        tensor = torch.from_numpy(np.ascontiguousarray(np.stack(images)))  # uint8 (n, slices, S, S): the model normalises
         points, presence = [], []
         with torch.inference_mode(), autocast(self.device):
             for m in self.models:

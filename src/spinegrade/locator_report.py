@@ -89,6 +89,18 @@ def choose_threshold(by_head: pd.DataFrame, by_geometry: pd.DataFrame) -> float:
     return middle if gain(middle) == gains.max() else float(best.min())
 
 
+def with_threshold(by_head: pd.DataFrame, by_geometry: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """What locating with ``threshold`` gives, from the two extremes (:func:`choose_threshold`'s inputs):
+    the head's row where its presence reaches the threshold and it was sure of it, else the geometric row."""
+    key = ["study_id", "condition", "level", "series", "instance_labelled"]
+    geometry = by_geometry.set_index(key)
+    head = by_head.set_index(key).reindex(geometry.index)
+    take = (head["score"].fillna(-1.0) >= threshold) & (head["source"] == "localised")
+    out = geometry.copy()
+    out.loc[take] = head.loc[take, out.columns]
+    return out.reset_index()
+
+
 def write_locator_report(frame: pd.DataFrame, output_dir: Path, group: str, **extra) -> dict:
     """The out-of-fold table and its summary, overall and per level and side (``extra`` joins the summary)."""
     results = RunLayout(output_dir).results

@@ -634,7 +634,7 @@ def report_locator(output_dir: str | Path, data_dir: str | Path, group: str, fol
     from spinegrade.data.folds import read_folds
     from spinegrade.layout import run_folds
     from spinegrade.localize import write_slice_choice
-    from spinegrade.locator_report import NEVER, choose_threshold, compare_with_labels, write_locator_report
+    from spinegrade.locator_report import NEVER, choose_threshold, compare_with_labels, with_threshold, write_locator_report
     from spinegrade.train import select_device
 
     output_dir, data_dir = Path(output_dir), Path(data_dir)
@@ -647,13 +647,13 @@ def report_locator(output_dir: str | Path, data_dir: str | Path, group: str, fol
         stacks = {(st.study_id, series): found for st in located for series, found in st.stacks.items()}
         return compare_with_labels(locations_table(located), stacks, data_dir, group)
 
-    extra = {}
-    if choice is not None:
-        threshold = choose_threshold(compared(0.0, choice), compared(NEVER, choice))
-        write_slice_choice(output_dir, group, {**choice, "threshold": threshold})
-        log.info(f"{group}: presence threshold {threshold:.3f}, chosen out of fold")
-        extra["threshold"] = threshold
-    return write_locator_report(compared(), output_dir, group, **extra)
+    if choice is None:
+        return write_locator_report(compared(), output_dir, group)
+    by_head, by_geometry = compared(0.0, choice), compared(NEVER, choice)
+    threshold = choose_threshold(by_head, by_geometry)
+    write_slice_choice(output_dir, group, {**choice, "threshold": threshold})
+    log.info(f"{group}: presence threshold {threshold:.3f}, chosen out of fold")
+    return write_locator_report(with_threshold(by_head, by_geometry, threshold), output_dir, group, threshold=threshold)
 
 
 def locations_table(located: list[LocatedStudy]) -> pd.DataFrame:
