@@ -32,7 +32,7 @@ def main() -> None:
     records = label_records(SynthSettings(studies=args.studies, test_studies=0, seed=args.seed, straight=args.straight))
     generated = label_geometry(coordinate_frames(records)[0])
     if (args.real / "train_label_coordinates.csv").is_file():
-        real, source = dataset_label_geometry(args.real), str(args.real)
+        real, source = dataset_label_geometry(args.real), f"{args.real.name}/train_label_coordinates.csv"
     else:
         committed = json.loads((ROOT / "tests" / "data" / "real_label_geometry.json").read_text())
         real, source = {k: v for k, v in committed.items() if k != "source"}, "tests/data/real_label_geometry.json"

@@ -99,7 +99,7 @@ def test_models_dataset_holds_exactly_the_blends_weights(built, trained_run, tmp
     weights = _weights_in(one_fold)
     graders = [w for w in weights if "/localizer/" not in w]
     assert len(graders) == 3 and all("/fold0/" in w for w in graders)
-    assert len(weights) - len(graders) == 3  # the level localiser keeps its three folds
+    assert len(weights) - len(graders) == 6  # the two slice locators (levels, foramina) keep their three folds each
 
 
 def test_kernel_runs_offline_in_a_kaggle_like_environment_and_matches_the_local_submission(built, trained_run, tmp_path):

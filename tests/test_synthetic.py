@@ -139,9 +139,9 @@ def test_label_geometry_matches_the_real_data():
 
 
 def test_straight_spines_keep_one_canal_slice_and_curved_ones_do_not():
-    curved = label_geometry(coordinate_frames(label_records(SynthSettings(studies=60, test_studies=0, seed=2)))[0])
+    curved = label_geometry(coordinate_frames(label_records(SynthSettings(studies=60, test_studies=0, seed=2, image_size=(64, 80))))[0])
     straight = label_geometry(coordinate_frames(label_records(
-        SynthSettings(studies=60, test_studies=0, seed=2, straight=True)))[0])
+        SynthSettings(studies=60, test_studies=0, seed=2, image_size=(64, 80), straight=True)))[0])
     assert straight["canal_several_slices"] == 0 and curved["canal_several_slices"] > 0.1
 
 
@@ -155,7 +155,7 @@ def test_label_records_are_what_write_dataset_wrote(synth_dataset):
 
 def test_posture_moves_points_only_on_its_own_stream():
     """Straight or curved, a study's grades, sizes and series are the same draws."""
-    a = label_records(SynthSettings(studies=6, test_studies=0, seed=5))
-    b = label_records(SynthSettings(studies=6, test_studies=0, seed=5, straight=True))
+    a = label_records(SynthSettings(studies=6, test_studies=0, seed=5, image_size=(64, 80)))
+    b = label_records(SynthSettings(studies=6, test_studies=0, seed=5, image_size=(64, 80), straight=True))
     assert [r.labels for r in a] == [r.labels for r in b] and [r.series for r in a] == [r.series for r in b]
     assert [c[4:] for r in a for c in r.coordinates] != [c[4:] for r in b for c in r.coordinates]

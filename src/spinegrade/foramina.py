@@ -64,7 +64,7 @@ def locate_foramina(study_id: int, canal: dict[str, np.ndarray], stacks: dict[st
     foraminal slice locator (a ``localize.LocalizerEnsemble``), None for the offsets alone;
     ``threshold``: its presence threshold (default: the one chosen out of fold)."""
     rows, outside = [], []
-    found: set[tuple[str, str]] = set()
+    found: dict[tuple[str, str], list[list]] = {}  # (side, level) -> a row per series that reaches it
     for series, series_stacks in stacks.items():
         stack = main_stack(series_stacks)
         if stack is None:
@@ -90,10 +90,12 @@ def locate_foramina(study_id: int, canal: dict[str, np.ndarray], stacks: dict[st
                 bx, by = points[best, LEVELS.index(level)]
                 if score >= limit and stack.slices[scored[best]].shows(bx, by):
                     k, x, y, source = scored[best], float(bx), float(by), "localised"
-            rows.append([study_id, condition, level, series, stack.slices[k].instance_number, x, y, source, score])
-            found.add((condition, level))
+            found.setdefault((condition, level), []).append(
+                [study_id, condition, level, series, stack.slices[k].instance_number, x, y, source, score])
     for condition in GROUPS[GROUP].conditions:
         for level in LEVELS:
-            if (condition, level) not in found:
+            if (condition, level) in found:
+                rows.extend(found[(condition, level)])
+            else:
                 outside.append(f"{condition.split('_')[0]} {level_title(level)}")
     return rows, outside

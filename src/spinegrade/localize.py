@@ -352,12 +352,17 @@ def _identity(config: LocalizerConfig, field_mm: float | None, group: str) -> di
 def train_localizer_fold(config: LocalizerConfig, data: SliceData, fold: int, output_dir: Path, device: torch.device,
                          group: str = "spinal", resume: bool = False, force: bool = False) -> None:
     """Train one fold on the other folds' slices through the shared fold loop (resume, ``done.json``,
-    AMP on a GPU, the ring loader). The best epoch is the one with the lowest held-out loss."""
+    AMP on a GPU, the ring loader). The best epoch is the one with the lowest held-out loss, on the held-out
+    studies' labelled slices and their nearest neighbours."""
     out = RunLayout(output_dir).localizer_dir(group, existing=False) / f"fold{fold}"
     folder = FoldFolder(out, _identity(config, data.field_mm, group), f"{group} localiser fold {fold}")
     folds = data.meta["fold"].to_numpy()
     train_anchors = np.flatnonzero(folds[data.anchors] != fold)
-    val_rows = np.flatnonzero((folds == fold) & data.meta["sample"].to_numpy())
+    # held out: the labelled slices and their nearest neighbours (the hardest negatives), a third of the samples
+    near = data.meta["labelled"].to_numpy().copy()
+    for a, negatives in zip(data.anchors, data.negatives):
+        near[[j for j in negatives if abs(data.meta.at[j, "slice_index"] - data.meta.at[a, "slice_index"]) == 1]] = True
+    val_rows = np.flatnonzero((folds == fold) & near)
     info, resume = folder.finished(force, resume)
     if info is not None:
         return

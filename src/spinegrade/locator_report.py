@@ -27,6 +27,7 @@ from spinegrade.offsets import find_instance
 log = get_logger(__name__)
 
 NEVER = 1.01  # a presence threshold no probability reaches: the geometric choice everywhere
+FLOOR = 0.5  # the lowest presence threshold: the head's own even odds
 
 
 def compare_with_labels(located: pd.DataFrame, stacks: dict[tuple[int, str], list[Stack]], data_dir: Path,
@@ -69,24 +70,19 @@ def choose_threshold(by_head: pd.DataFrame, by_geometry: pd.DataFrame) -> float:
     """The presence threshold that puts most labelled points within one slice of theirs (then most on
     it), taking the head's choice where its presence reaches the threshold and the geometric one
     elsewhere. ``by_head`` and ``by_geometry``: :func:`compare_with_labels` of the same studies located
-    with every presence accepted and with none. Among equally good thresholds, the middle of their
-    range where it is as good (so a head always right out of fold still falls back on a slice that
-    shows nothing), else the lowest."""
+    with every presence accepted and with none. Of equally good thresholds the lowest (the image
+    decides), but never under ``FLOOR``: below it the head itself says the slice is more likely not
+    the level's own (a slice that shows nothing falls back on geometry)."""
     key = ["study_id", "condition", "level", "series", "instance_labelled"]
     both = by_head.merge(by_geometry, on=key, suffixes=("_head", "_geometry"))
     if both.empty:
-        return 0.5
+        return FLOOR
     good = {side: (both[f"slice_offset_{side}"].abs() <= 1).to_numpy() + 1e-3 * (both[f"slice_offset_{side}"] == 0).to_numpy()
             for side in ("head", "geometry")}
     score = both["score_head"].to_numpy(dtype=float)
-    candidates = np.unique(np.concatenate([[0.0, NEVER], score[np.isfinite(score)]]))
-    def gain(t: float) -> float:
-        return float(np.where(np.nan_to_num(score, nan=-1.0) >= t, good["head"], good["geometry"]).sum())
-
-    gains = np.array([gain(t) for t in candidates])
-    best = candidates[gains == gains.max()]
-    middle = float(best.min() + best.max()) / 2
-    return middle if gain(middle) == gains.max() else float(best.min())
+    candidates = np.unique(np.concatenate([[FLOOR, NEVER], score[np.isfinite(score) & (score >= FLOOR)]]))
+    gains = [float(np.where(np.nan_to_num(score, nan=-1.0) >= t, good["head"], good["geometry"]).sum()) for t in candidates]
+    return float(candidates[int(np.argmax(gains))])
 
 
 def with_threshold(by_head: pd.DataFrame, by_geometry: pd.DataFrame, threshold: float) -> pd.DataFrame:

@@ -267,6 +267,8 @@ def prepare_stack(stack: Stack, index: int, x: float, y: float, settings: Prepro
     Pixels are decoded here, for these slices only; ``windowed`` keeps each slice's window limits
     across the calls for one series (the five levels usually sit on the same few slices)."""
     windowed = {} if windowed is None else windowed
+    if index in windowed and windowed[index] is None:  # found undecodable as another sample's neighbour
+        raise DicomReadError(stack.slices[index].path, "cannot decode pixel data (named above as a neighbouring slice)")
     point = stack.slices[index].pixel_to_patient(x, y)
     out = []
     for offset in range(-settings.neighbours, settings.neighbours + 1):
