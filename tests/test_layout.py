@@ -46,9 +46,11 @@ def test_an_old_run_predicts_the_submission_it_predicted_then(legacy, tmp_path):
     submission = pd.read_csv(tmp_path / "s.csv")  # as written: in sample_submission.csv's order
     expected = pd.read_csv(LEGACY / "expected_test_submission.csv")
     assert list(submission["row_id"]) == list(expected["row_id"])
-    # 1e-5: prediction now makes its crops as training's cache does, through the point's patient-space
-    # position (a round trip of ~1e-13 pixels, which can move OpenCV's fixed-point interpolation by a step).
-    np.testing.assert_allclose(submission.iloc[:, 1:].to_numpy(), expected.iloc[:, 1:].to_numpy(), atol=1e-5)
+    # 5e-5: prediction now makes its crops as training's cache does, through the point's patient-space
+    # position (a round trip of ~1e-13 pixels, which can move OpenCV's fixed-point interpolation by a step),
+    # and the generator's foramina and recesses sit where the real labels put them, which touches a few
+    # pixels at the rim of the canal slice's crop.
+    np.testing.assert_allclose(submission.iloc[:, 1:].to_numpy(), expected.iloc[:, 1:].to_numpy(), atol=5e-5)
     spinal = submission["row_id"].str.contains("spinal_canal")
     assert spinal.sum() == 10  # 2 studies x 5 levels came from the old models, not the prior
 
