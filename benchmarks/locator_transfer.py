@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
-import pandas as pd
 
 from common import report
 from spinegrade.config import LocalizerConfig

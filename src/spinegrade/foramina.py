@@ -79,7 +79,7 @@ def locate_foramina(study_id: int, canal: dict[str, np.ndarray], stacks: dict[st
                     starts[(condition, level)] = (hit, window)
         scored = sorted({j for _, window in starts.values() for j in window})
         probability, points = head.score(stack, scored) if scored else (None, None)
-        limit = head.threshold if head is not None and threshold is None else threshold
+        limit = head.threshold if threshold is None and head is not None else threshold
         for (condition, level), ((k, x, y), window) in starts.items():
             source, score = "localised" if head is None else "localised, unsure: the offset's slice", np.nan
             if window:

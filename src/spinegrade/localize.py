@@ -475,7 +475,8 @@ def train_localizer(config: LocalizerConfig, data_dir: str | Path, folds_path: s
     folds = sorted(int(f) for f in data.meta["fold"].unique())
     for fold in folds:
         train_localizer_fold(config, data, fold, output_dir, device_, group=group, resume=resume, force=force)
-    return middle_offsets(data, folds)
+    # the middle slice's offset is the spinal window's start and fallback; the foramina start from their offsets
+    return middle_offsets(data, folds) if GROUPS[group].locator == "sagittal_levels" else {}
 
 
 def write_slice_choice(output_dir: Path, group: str, choice: dict) -> None:

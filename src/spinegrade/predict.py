@@ -203,9 +203,10 @@ def needed_locators(groups: list[str]) -> list[str]:
 
 def locator_files(root: Path, group: str) -> list[Path]:
     """The files a trained locator is made of, relative to its folder ``root`` (what a kernel carries)."""
-    files = [Path(LOCATOR_MARKERS[GROUPS[group].locator])]
-    if GROUPS[group].locator in SLICE_HEADS and (root / SLICE_MARKER).is_file():
-        files += [Path(SLICE_MARKER)] if Path(SLICE_MARKER) not in files else []
+    locator = GROUPS[group].locator
+    with_head = locator in SLICE_HEADS and (root / SLICE_MARKER).is_file()
+    files = [Path(name) for name in dict.fromkeys([LOCATOR_MARKERS[locator], *([SLICE_MARKER] if with_head else [])])]
+    if with_head:
         for fold in sorted(p.parent for p in root.glob("fold*/best.safetensors")):
             files += [fold.relative_to(root) / "localizer.json", fold.relative_to(root) / "best.safetensors"]
     return files
