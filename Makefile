@@ -60,6 +60,9 @@ DEMO_FORAMINAL_FLAGS ?= --num_epochs 4 --image_size 96
 DEMO_SUBARTICULAR_BACKBONES ?= efficientnet_lite0
 DEMO_SUBARTICULAR_FLAGS ?= --num_epochs 4 --image_size 96
 DEMO_LOCALIZER_FLAGS ?= --image_size 64 --num_epochs 12 --batch_size 8
+# The recesses' locator reads an axial slice per level and side: four times the canal's labelled slices,
+# so fewer epochs.
+DEMO_SUBARTICULAR_LOCALIZER_FLAGS ?= --num_epochs 4
 
 .PHONY: install demo test download index folds synth clean-demo train-fold train train-all evaluate train-localizer predict blend submission \
 	kernel kernel-run upload
@@ -80,8 +83,10 @@ demo: install
 		--test-studies $(DEMO_TEST_STUDIES) --image-size 192 288 --seed 0
 	$(SPINEGRADE) index --data-dir $(DEMO_DATA)
 	$(SPINEGRADE) folds --data-dir $(DEMO_DATA) --n-folds $(N_FOLDS) --out $(DEMO_FOLDS)
-	$(SPINEGRADE) train-localizer --data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) --output-dir $(DEMO_OUTPUT) \
-		$(RESUME) $(DEMO_LOCALIZER_FLAGS)
+	$(SPINEGRADE) train-localizer --conditions spinal foraminal --data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) \
+		--output-dir $(DEMO_OUTPUT) $(RESUME) $(DEMO_LOCALIZER_FLAGS)
+	$(SPINEGRADE) train-localizer --conditions subarticular --data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) \
+		--output-dir $(DEMO_OUTPUT) $(RESUME) $(DEMO_LOCALIZER_FLAGS) $(DEMO_SUBARTICULAR_LOCALIZER_FLAGS)
 	$(SPINEGRADE) train --models $(DEMO_BACKBONES) --conditions spinal --data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) \
 		--output-dir $(DEMO_OUTPUT) $(RESUME) $(DEMO_TRAIN_FLAGS)
 	$(SPINEGRADE) train --models $(DEMO_FORAMINAL_BACKBONES) --conditions foraminal --data-dir $(DEMO_DATA) \

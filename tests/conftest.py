@@ -38,8 +38,8 @@ def real_metadata() -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-    """A whole small run: 30+5 synthetic studies, 3 folds, the spinal localiser and the two offsets
-    locators (foramina, lateral recesses), two EfficientNet-Lite0 configs (48 and 72 mm crops) on the
+    """A whole small run: 30+5 synthetic studies, 3 folds, every group's locator (the canal, the foramina
+    and the lateral recesses, each with its slice locator), two EfficientNet-Lite0 configs (48 and 72 mm crops) on the
     spinal group and one on each of the foraminal and subarticular groups, every fold.
 
     Settings are tiny (CPU, seconds per fold) but every stage is the real one.
@@ -56,9 +56,11 @@ def trained_run(tmp_path_factory):
     folds = root / "folds.csv"
     write_csv_atomic(make_folds(build_index(data, check_images=False).labels_wide(), n_folds=3, seed=0), folds)
     out = root / "out"
-    config = LocalizerConfig(image_size=64, num_epochs=25, batch_size=8)
-    reports = {group: train_locator(group, config, data, folds, out, device="cpu")
-               for group in ("spinal", "foraminal", "subarticular")}
+    # the groups with more labelled slices (two sides; an axial slice per level and side) get fewer epochs
+    epochs = {"spinal": 25, "foraminal": 15, "subarticular": 8}
+    reports = {group: train_locator(group, LocalizerConfig(image_size=64, num_epochs=n, batch_size=8), data, folds, out,
+                                    device="cpu")
+               for group, n in epochs.items()}
     small = {"image_size": 64, "batch_size": 16, "num_workers": 0, "num_epochs": 5}
     for name in ("efficientnet_lite0", "efficientnet_lite0_wide"):
         config = load_config(name, small)

@@ -70,9 +70,9 @@ def test_models_dataset_holds_exactly_the_blends_weights(built, trained_run, tmp
     models = built["build"].models_dir
     trained = trained_run["out"] / "trained_models"
     expected = {str(p.relative_to(trained.parent)) for p in trained.glob("*/*/fold*/best.safetensors")}
-    # spinal: both backbones (3 folds each); foraminal, subarticular: lite0 (3 folds); the level localiser's and
-    # the foramina's slice locator's 3 folds
-    assert len(expected) == 6 * 3
+    # spinal: both backbones (3 folds each); foraminal, subarticular: lite0 (3 folds); the three slice
+    # locators' (the levels', the foramina's, the recesses') 3 folds each
+    assert len(expected) == 7 * 3
     assert _weights_in(models) == expected
     for group in ("foraminal", "subarticular"):  # the offsets locators
         assert (models / "trained_models" / "localizer" / group / "offsets.json").is_file()
@@ -91,7 +91,7 @@ def test_models_dataset_holds_exactly_the_blends_weights(built, trained_run, tmp
     only_wide = build_kernel(out, username="tester", offline=True).models_dir
     assert {tuple(p.split("/")[1:3]) for p in _weights_in(only_wide)} == {
         ("efficientnet_lite0_wide", "spinal"), ("efficientnet_lite0", "foraminal"), ("efficientnet_lite0", "subarticular"),
-        ("localizer", "spinal"), ("localizer", "foraminal")}
+        ("localizer", "spinal"), ("localizer", "foraminal"), ("localizer", "subarticular")}
 
     # The cut for the time limit: one fold per (backbone, group), the locators whole.
     one_fold = build_kernel(out, kernels_dir=tmp_path / "one-fold", username="tester", offline=True,
@@ -99,7 +99,7 @@ def test_models_dataset_holds_exactly_the_blends_weights(built, trained_run, tmp
     weights = _weights_in(one_fold)
     graders = [w for w in weights if "/localizer/" not in w]
     assert len(graders) == 3 and all("/fold0/" in w for w in graders)
-    assert len(weights) - len(graders) == 6  # the two slice locators (levels, foramina) keep their three folds each
+    assert len(weights) - len(graders) == 9  # the three slice locators keep their three folds each
 
 
 def test_kernel_runs_offline_in_a_kaggle_like_environment_and_matches_the_local_submission(built, trained_run, tmp_path):

@@ -11,7 +11,10 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
+from spinegrade.data.folds import make_folds, write_csv_atomic
+from spinegrade.data.index import build_index
 from spinegrade.layout import RunLayout
 
 
@@ -35,8 +38,17 @@ def _command(data, folds, out, config, *extra):
             str(data), "--folds", str(folds), "--output-dir", str(out), "--device", "cpu", *extra]
 
 
-def test_sigkill_mid_training_then_resume_reaches_the_uninterrupted_result(trained_run, tmp_path):
-    data, folds = trained_run["data"], trained_run["folds"]
+@pytest.fixture
+def small_run(synth_dataset, tmp_path) -> tuple:
+    """The suite's 16-study dataset in two folds: enough for a kill to land mid-training, and half the
+    shared run's training time."""
+    folds = tmp_path / "two-folds.csv"
+    write_csv_atomic(make_folds(build_index(synth_dataset, check_images=False).labels_wide(), n_folds=2, seed=0), folds)
+    return synth_dataset, folds
+
+
+def test_sigkill_mid_training_then_resume_reaches_the_uninterrupted_result(small_run, tmp_path):
+    data, folds = small_run
     config = tmp_path / "killable.yaml"
     config.write_text(CONFIG)
     straight = subprocess.run(_command(data, folds, tmp_path / "straight", config), capture_output=True, text=True,
@@ -79,13 +91,10 @@ def _localizer_command(data, folds, out, *extra):
             "--image_size", "64", "--batch_size", "4", "--num_epochs", "2", *extra]
 
 
-def test_localizer_killed_mid_training_resumes_to_the_uninterrupted_result(trained_run, tmp_path):
+def test_localizer_killed_mid_training_resumes_to_the_uninterrupted_result(small_run, tmp_path):
     """The localiser trains through the same fold loop as the grading models: the same resume. Two
     folds of two epochs: the kill lands after fold 0's first epoch, the resume runs the rest."""
-    data = trained_run["data"]
-    folds = tmp_path / "two-folds.csv"
-    two = pd.read_csv(trained_run["folds"])
-    two.assign(fold=two["fold"] % 2).to_csv(folds, index=False)
+    data, folds = small_run
     straight = subprocess.run(_localizer_command(data, folds, tmp_path / "straight"), capture_output=True, text=True,
                               timeout=600)
     assert straight.returncode == 0, straight.stderr[-2000:]

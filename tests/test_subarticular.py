@@ -298,3 +298,49 @@ def test_series_of_one_slice_are_located_or_left_to_the_prior_without_an_error(s
     middle = Stack([stack.slices[len(stack) // 2]])  # the mid-sagittal slice: no foramen within 3 mm of it
     assert nearest_slice(middle, canal["l4_l5"] + np.array([20.0, 0, 0])) is None
     assert nearest_slice(middle, middle.slices[0].pixel_to_patient(10, 10)) is not None
+
+
+def test_the_recess_head_keeps_each_side_on_the_patients_side_whichever_way_the_rows_run(trained_run, tmp_path):
+    """The shared run's trained subarticular slice locator, on a study's axial series and on its mirror
+    image in storage: the head reads both turned to one orientation by their geometry, so each side gets
+    the same slice and the same patient point from both, on the patient's own side of the canal. Were
+    the head read on the slices as stored, its left heatmap would follow the image's right; were its
+    neighbouring slices read in file order, they would reach it as other input channels."""
+    from spinegrade.localize import LocalizerEnsemble
+
+    data, out = trained_run["data"], trained_run["out"]
+    table = build_index(data, check_images=False).table
+    root = RunLayout(out).localizer_dir("subarticular")
+    head = LocalizerEnsemble(root)
+    assert head.turned and len(GROUPS["subarticular"].conditions) == 2
+    offsets = PointOffsets.load(root)
+    checked = 0
+    for study in sorted(table[table["condition"] == LEFT]["study_id"].unique())[:2]:
+        canal = labelled_canal(table, study)
+        source = _axial_series(data, "train", study)[0]
+        mirrored = tmp_path / f"mirrored-{study}"
+        _mirror_series(source, mirrored)
+        found = {}
+        for name, folder in (("source", source), ("mirrored", mirrored)):
+            stacks = {name: _read_stacks(folder, AXIAL_T2)[0]}
+            rows, _ = locate_subarticular(study, canal, stacks, offsets, head=head, threshold=0.0)
+            located = LocatedStudy(study, stacks, pd.DataFrame(rows, columns=LOCATION_COLUMNS))
+            assert (located.locations["source"] == "localised").all()  # threshold 0: the head decides every side
+            found[name] = {(r.condition, r.level): (r.instance_number, located.slice_of(r).pixel_to_patient(r.x, r.y))
+                           for r in located.locations.itertuples()}
+        assert found["source"].keys() == found["mirrored"].keys() and found["source"]
+        for key, (instance, point) in found["source"].items():
+            other_instance, other_point = found["mirrored"][key]
+            assert instance == other_instance and np.linalg.norm(point - other_point) < 1e-6, (study, key)
+            side_x = point[0] - canal[key[1]][0]
+            assert side_x > 0 if key[0] == LEFT else side_x < 0, (study, key)  # +x is the patient's left
+            checked += 1
+    assert checked >= 10
+
+
+def test_the_recess_head_decides_the_slice_where_it_is_sure(trained_run):
+    """The trained run's report: the threshold chosen out of fold is recorded, and the head, not the
+    offsets, placed most recesses out of fold (the rest fell back on the offsets and say so)."""
+    report = trained_run["subarticular_report"]
+    assert 0.5 <= report["threshold"] <= 1.01
+    assert report["image_decided"] >= 0.5

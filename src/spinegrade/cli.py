@@ -298,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep a finished locator; continue an unfinished fold from its last checkpoint")
     p.add_argument("--force", action="store_true", help="retrain locators and folds already finished")
     p.add_argument("--offsets-only", action="store_true",
-                   help="the foramina at their learned offsets from the canal alone, no slice locator (for comparison)")
+                   help="the foramina and lateral recesses at their learned offsets from the canal alone, no slice "
+                        "locator (for comparison)")
     for name, kind in (("backbone", str), ("image_size", int), ("batch_size", int), ("num_epochs", int),
                        ("learning_rate", float), ("seed", int), ("num_workers", int), ("weights", str),
                        ("pretrained", str)):

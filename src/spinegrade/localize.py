@@ -12,6 +12,11 @@ centre, moves the slices with it.
   slice moved by the training folds' most common offset, +- ``SEARCH_SLICES``.
 - foraminal (``sagittal_foramina``): each foramen on Sagittal T1 (``foramina.py``): the slices of its
   own side (from geometry) around the point at the learned offset from the canal (``offsets.py``).
+- subarticular (``axial_subarticular``): both lateral recesses on Axial T2 (``subarticular.py``). An
+  axial slice shows one level, so its heatmaps are the patient's sides, not the levels: each slice is
+  first turned to one orientation from its geometry (the patient's left to the image's right, posterior
+  down), so a heatmap means one side whichever way the series was stored. The window: the slices
+  around the one nearest the level's canal point, along the stack's own normal.
 
 A level whose best presence is under the threshold chosen out of fold is *unsure*: it falls back on
 the geometric choice (the middle slice; the offset), and its located row's ``source`` says so.
@@ -43,8 +48,8 @@ import torch
 from torch.utils.data import Dataset
 
 from spinegrade.config import LocalizerConfig
-from spinegrade.constants import GROUPS, LEVELS, level_title
-from spinegrade.data.dicom import MIN_IMAGE_SIDE, DicomReadError, Stack, load_pixels, main_stack, read_series
+from spinegrade.constants import GROUPS, LEVELS, REGISTRY, level_title
+from spinegrade.data.dicom import MIN_IMAGE_SIDE, DicomReadError, Slice, Stack, load_pixels, main_stack, read_series
 from spinegrade.data.folds import read_folds
 from spinegrade.data.index import build_index
 from spinegrade.data.loader import batch_loader
@@ -74,6 +79,50 @@ SEARCH_SLICES = 3  # the spinal window: this many slices either side of the midd
 NEGATIVE_GAPS = (1, 2, 3)  # negatives: slices this many away from a labelled slice
 CONTEXT = 1  # neighbours on each side given as input channels: the slice and its two neighbours
 NEGATIVE_SHARE = 0.5  # of training draws, a negative in place of the labelled slice
+AXIAL_LOCATORS = {"axial_subarticular"}  # slice locators whose heatmaps are sides on a turned slice
+
+
+def reads_axial(group: str) -> bool:
+    return GROUPS[group].locator in AXIAL_LOCATORS
+
+
+def point_names(group: str) -> tuple[str, ...]:
+    """What a group's slice locator finds on a slice, one heatmap each: the levels on a sagittal
+    slice; on an axial slice (one level) the patient's sides, in the group's condition order."""
+    if reads_axial(group):
+        return tuple(REGISTRY[c].side for c in GROUPS[group].conditions)
+    return tuple(LEVELS)
+
+
+def canonical_flips(s: Slice) -> tuple[bool, bool]:
+    """(flip columns, flip rows) that turn an axial slice to one orientation: the patient's left (+x)
+    to the image's right, posterior (+y) down. From ImageOrientationPatient alone, so a series stored
+    either way reaches the model the same way (and each side's heatmap keeps its side)."""
+    return bool(s.row_direction[0] < 0), bool(s.column_direction[1] < 0)
+
+
+def runs_backwards(stack: Stack) -> bool:
+    """Whether the stack's slices, in its order (along its normal), run against the patient axis the
+    normal is nearest (towards the patient's right, front or feet). The neighbours given as input
+    channels are then read in reverse, so the channels run one anatomical way (left, back, head last)
+    whichever way a series was stored: the same anatomy reaches the model as the same input."""
+    normal = stack.normal
+    return bool(normal[int(np.argmax(np.abs(normal)))] < 0)
+
+
+def turned(pixels: np.ndarray, flips: tuple[bool, bool]) -> np.ndarray:
+    """``pixels`` with :func:`canonical_flips`' flips applied."""
+    if flips[0]:
+        pixels = pixels[:, ::-1]
+    if flips[1]:
+        pixels = pixels[::-1, :]
+    return np.ascontiguousarray(pixels)
+
+
+def turn_point(x, y, flips: tuple[bool, bool], shape: tuple[int, int]):
+    """A pixel point mapped through :func:`turned` (its own inverse: the same call maps it back)."""
+    rows, cols = shape
+    return (cols - 1 - x if flips[0] else x), (rows - 1 - y if flips[1] else y)
 
 
 def middle_index(n: int) -> int:
@@ -105,42 +154,69 @@ def slice_targets(data_dir: Path, group: str) -> pd.DataFrame:
                          "x": rows["x"].to_numpy(dtype=float), "y": rows["y"].to_numpy(dtype=float)})
 
 
-def _series_stack(series_dir: str) -> Stack | None:
-    return main_stack(read_series(series_dir, with_pixels=False, errors=[]))
+def _series_stacks(series_dir: str, every_stack: bool) -> list[Stack]:
+    """A series' stacks (headers only): every one where a series may hold several (axial blocks at
+    different angles), else its main stack."""
+    stacks = read_series(series_dir, with_pixels=False, errors=[])
+    return stacks if every_stack else [s for s in [main_stack(stacks)] if s is not None]
+
+
+def _find_instance(stacks: list[Stack], instance: int) -> tuple[int, int] | None:
+    """(stack number, index in it) of an instance number, None when no readable slice has it."""
+    for n, stack in enumerate(stacks):
+        k = stack.index_of_instance(instance)
+        if k is not None:
+            return n, k
+    return None
 
 
 def _labelled_extents(job: tuple) -> list[float] | str:
     """The longer side in mm of each labelled slice of one series (headers only), or why it cannot be read."""
-    study_id, series_dir, points = job
-    stack = _series_stack(series_dir)
-    if stack is None:
+    study_id, series_dir, points, axial = job
+    stacks = _series_stacks(series_dir, axial)
+    if not stacks:
         return f"study {study_id}: no readable slice in {series_dir}"
     out = []
     for instance in {p[2] for p in points}:
-        k = stack.index_of_instance(instance)
-        if k is not None:
-            s = stack.slices[k]
+        found = _find_instance(stacks, instance)
+        if found is not None:
+            s = stacks[found[0]].slices[found[1]]
             out.append(max(s.shape[0] * s.pixel_spacing[0], s.shape[1] * s.pixel_spacing[1]))
     return out
 
 
 def _prepare_series(job: tuple) -> dict | str:
-    """One labelled series: its labelled slices and their negatives, each rendered in its square view,
-    with the labelled points (pixels) and the presence targets per level."""
-    study_id, series_dir, points, size, field_mm = job
-    stack = _series_stack(series_dir)
-    if stack is None:
+    """One labelled series: its labelled slices and their negatives, each rendered in its square view
+    (turned to one orientation where the group reads axial slices), with the labelled points (pixels
+    of the slice as rendered) and the presence targets per heatmap (``point_names``)."""
+    study_id, series_dir, points, axial, names, size, field_mm = job
+    stacks = _series_stacks(series_dir, axial)
+    if not stacks:
         return f"study {study_id}: no readable slice in {series_dir}"
-    labelled: dict[str, set[int]] = {}  # level -> labelled slice indices (two sides: two slices)
-    on_slice: dict[int, dict[str, tuple[float, float]]] = {}
+    by_stack: dict[int, list[tuple]] = {}
     skipped = []
     for condition, level, instance, x, y in points:
-        k = stack.index_of_instance(instance)
-        if k is None:
+        found = _find_instance(stacks, instance)
+        if found is None:
             skipped.append(f"study {study_id}: labelled slice {instance} not readable in {series_dir}")
             continue
-        labelled.setdefault(level, set()).add(k)
-        on_slice.setdefault(k, {}).setdefault(level, (x, y))
+        name = REGISTRY[condition].side if axial else level
+        by_stack.setdefault(found[0], []).append((name, found[1], x, y))
+    slices = []
+    for n, labelled_points in sorted(by_stack.items()):
+        slices += _render_stack(study_id, series_dir, n, stacks[n], labelled_points, names, axial, size, field_mm,
+                                skipped)
+    return {"slices": slices, "skipped": skipped}
+
+
+def _render_stack(study_id: int, series_dir: str, stack_number: int, stack: Stack, labelled_points: list[tuple],
+                  names: tuple[str, ...], axial: bool, size: int, field_mm: float | None, skipped: list[str]) -> list[dict]:
+    """The labelled slices of one stack, their negatives and the neighbours they are read with."""
+    labelled: dict[str, set[int]] = {}  # heatmap -> labelled slice indices (two sides: two slices)
+    on_slice: dict[int, dict[str, tuple[float, float]]] = {}
+    for name, k, x, y in labelled_points:
+        labelled.setdefault(name, set()).add(k)
+        on_slice.setdefault(k, {}).setdefault(name, (x, y))
     samples = set(on_slice)
     for k in on_slice:
         samples |= {k + sign * gap for gap in NEGATIVE_GAPS for sign in (-1, 1) if 0 <= k + sign * gap < len(stack)}
@@ -156,15 +232,19 @@ def _prepare_series(job: tuple) -> dict | str:
         except DicomReadError as exc:
             skipped.append(f"study {study_id}: {exc}")
             continue
+        flips = canonical_flips(s) if axial else (False, False)
+        pixels = turned(pixels, flips)
         view = SquareView.fitted(pixels, s.pixel_spacing, size, field_mm)
-        presence = [np.nan if level not in labelled or k not in samples else float(k in labelled[level])
-                    for level in LEVELS]
-        slices.append({"image": view.render(pixels), "study_id": study_id, "series_dir": series_dir, "slice_index": k,
-                       "stack_length": len(stack), "instance_number": s.instance_number, "rows": s.shape[0], "cols": s.shape[1],
-                       "row_spacing": s.pixel_spacing[0], "col_spacing": s.pixel_spacing[1], "labelled": k in on_slice, "sample": k in samples,
-                       "points": on_slice.get(k, {}), "presence": presence, **view.as_dict()})
+        presence = [np.nan if name not in labelled or k not in samples else float(k in labelled[name])
+                    for name in names]
+        points = {name: turn_point(x, y, flips, s.shape) for name, (x, y) in on_slice.get(k, {}).items()}
+        slices.append({"image": view.render(pixels), "study_id": study_id, "series_dir": series_dir, "stack": stack_number,
+                       "backwards": runs_backwards(stack), "slice_index": k, "stack_length": len(stack), "instance_number": s.instance_number,
+                       "rows": s.shape[0], "cols": s.shape[1], "row_spacing": s.pixel_spacing[0],
+                       "col_spacing": s.pixel_spacing[1], "labelled": k in on_slice, "sample": k in samples,
+                       "points": points, "presence": presence, **view.as_dict()})
         s.pixels = None
-    return {"slices": slices, "skipped": skipped}
+    return slices
 
 
 def _map(function, jobs: list) -> list:
@@ -181,7 +261,8 @@ class SliceData:
     slice; ``points`` (N, 5, 2) in [0, 1] of the square view where the slice is a level's labelled
     slice (NaN elsewhere); ``presence`` (N, 5) 1 / 0 / NaN (left out); ``anchors``: the labelled
     slices; ``negatives[i]``: the slices around ``anchors[i]``; ``neighbours`` (N, 2): the rows of each
-    slice's neighbours in its stack (itself at the stack's ends), its other input channels."""
+    slice's neighbours in its stack (itself at the stack's ends), its other input channels, in
+    anatomical order (:func:`runs_backwards`)."""
 
     images: np.ndarray
     meta: pd.DataFrame
@@ -198,60 +279,64 @@ class SliceData:
         return np.stack([self.images[before], self.images[k], self.images[after]], axis=-1)
 
 
-def prepare_slice_data(targets: pd.DataFrame, size: int) -> SliceData:
-    """Each labelled series' labelled slices and negatives in their :class:`SquareView`, decoded once.
+def prepare_slice_data(targets: pd.DataFrame, size: int, group: str = "spinal") -> SliceData:
+    """Each labelled series' labelled slices and negatives in their :class:`SquareView`, decoded once
+    (``targets``: ``slice_targets(data_dir, group)``).
 
     The field is the 95th percentile of the labelled slices' longer sides, read from the headers in a
     first pass so that every slice is rendered at the same scale. Not the largest: one slice with a
     wrong PixelSpacing would shrink every other slice's anatomy. The few larger slices are cut at
     their edges, and a point that falls outside the field is left out like an unlabelled one."""
+    axial, names = reads_axial(group), point_names(group)
     jobs = [(study, series, [tuple(r) for r in part[["condition", "level", "instance_number", "x", "y"]].itertuples(
-                 index=False, name=None)])
+                 index=False, name=None)], axial)
             for (study, series), part in targets.groupby(["study_id", "series_dir"], sort=True)]
     extents = [e for found in _map(_labelled_extents, jobs) if not isinstance(found, str) for e in found]
     field_mm = float(np.percentile(extents, FIELD_PERCENTILE, method="lower")) if extents else None
     slices = []
-    for result in _map(_prepare_series, [(*job, size, field_mm) for job in jobs]):
+    for result in _map(_prepare_series, [(*job, names, size, field_mm) for job in jobs]):
         if isinstance(result, str):
             log.info(f"skipped: {result}")
             continue
         for line in result["skipped"]:
             log.info(f"skipped: {line}")
         slices.extend(result["slices"])
-    empty = SliceData(np.zeros((0, size, size), np.uint8), pd.DataFrame(), np.zeros((0, len(LEVELS), 2)),
-                      np.zeros((0, len(LEVELS))), np.zeros(0, int), [], field_mm)
+    empty = SliceData(np.zeros((0, size, size), np.uint8), pd.DataFrame(), np.zeros((0, len(names), 2)),
+                      np.zeros((0, len(names))), np.zeros(0, int), [], field_mm)
     if not slices:
         return empty
     images = np.stack([s.pop("image") for s in slices])
-    points = np.full((len(slices), len(LEVELS), 2), np.nan)
+    points = np.full((len(slices), len(names), 2), np.nan)
     presence = np.array([s.pop("presence") for s in slices], dtype=float)
     labelled_points = [s.pop("points") for s in slices]
     meta = pd.DataFrame(slices)
     for i, (r, on_slice) in enumerate(zip(meta.itertuples(), labelled_points)):
         view = SquareView.columns(meta.iloc[[i]], size)
-        for k, level in enumerate(LEVELS):
-            if level not in on_slice:
+        for k, name in enumerate(names):
+            if name not in on_slice:
                 continue
-            x, y = on_slice[level]
+            x, y = on_slice[name]
+            title = name if axial else level_title(name)
             if not (-0.5 <= x <= r.cols - 0.5 and -0.5 <= y <= r.rows - 0.5):
-                log.info(f"skipped point: study {r.study_id} {level_title(level)} at ({x}, {y}) lies outside its "
+                log.info(f"skipped point: study {r.study_id} {title} at ({x}, {y}) lies outside its "
                          f"{r.cols}x{r.rows} image")
                 continue
             u, v = (float(np.squeeze(c)) for c in view.to_unit(np.array([x]), np.array([y])))
             if not (0 <= u <= 1 and 0 <= v <= 1):
-                log.info(f"skipped point: study {r.study_id} {level_title(level)} lies outside the localiser's "
+                log.info(f"skipped point: study {r.study_id} {title} lies outside the localiser's "
                          f"{field_mm:.0f} mm field (its slice is {r.rows * r.row_spacing:.0f} x "
                          f"{r.cols * r.col_spacing:.0f} mm)")
                 continue
             points[i, k] = (u, v)
     anchors = np.flatnonzero(meta["labelled"].to_numpy())
-    row_of = {(r.series_dir, r.slice_index): i for i, r in enumerate(meta.itertuples())}
-    neighbours = np.array([[row_of.get((r.series_dir, r.slice_index - 1), i), row_of.get((r.series_dir, r.slice_index + 1), i)]
+    row_of = {(r.series_dir, r.stack, r.slice_index): i for i, r in enumerate(meta.itertuples())}
+    neighbours = np.array([[row_of.get((r.series_dir, r.stack, r.slice_index - 1), i),
+                            row_of.get((r.series_dir, r.stack, r.slice_index + 1), i)][::-1 if r.backwards else 1]
                            for i, r in enumerate(meta.itertuples())], dtype=int)
     sample = meta["sample"].to_numpy()
     negatives = []
     for a in anchors:
-        around = [row_of.get((meta.at[a, "series_dir"], meta.at[a, "slice_index"] + sign * gap))
+        around = [row_of.get((meta.at[a, "series_dir"], meta.at[a, "stack"], meta.at[a, "slice_index"] + sign * gap))
                   for gap in NEGATIVE_GAPS for sign in (-1, 1)]
         negatives.append(np.array([j for j in around if j is not None and sample[j]], dtype=int))
     return SliceData(images, meta, points, presence, anchors, negatives, field_mm, neighbours)
@@ -346,7 +431,13 @@ def localizer_step(model: LevelLocalizer, batch: dict, device: torch.device, siz
 def _identity(config: LocalizerConfig, field_mm: float | None, group: str) -> dict:
     """The settings that make a localiser fold's result what it is (not the worker count)."""
     return plain({**{k: v for k, v in config.to_dict().items() if k != "num_workers"}, "field_mm": field_mm,
-                  "group": group, "presence": True, "negative_gaps": list(NEGATIVE_GAPS), "slices": 2 * CONTEXT + 1})
+                  "group": group, "presence": True, "negative_gaps": list(NEGATIVE_GAPS), "slices": 2 * CONTEXT + 1,
+                  **_turned(group)})
+
+
+def _turned(group: str) -> dict:
+    """``localizer.json``'s mark of a locator that reads slices turned by :func:`canonical_flips`."""
+    return {"turned": True} if reads_axial(group) else {}
 
 
 def train_localizer_fold(config: LocalizerConfig, data: SliceData, fold: int, output_dir: Path, device: torch.device,
@@ -367,7 +458,7 @@ def train_localizer_fold(config: LocalizerConfig, data: SliceData, fold: int, ou
     if info is not None:
         return
     seed_everything(config.seed)
-    spec = LocalizerSpec(config.backbone)
+    spec = LocalizerSpec(config.backbone, num_points=len(point_names(group)))
     model = LevelLocalizer(spec)
     log.info(load_pretrained(model, config.pretrained, config.weights))
     mean, std = input_statistics(model.backbone)
@@ -377,7 +468,7 @@ def train_localizer_fold(config: LocalizerConfig, data: SliceData, fold: int, ou
     sampler = EpochSampler(len(train_set), config.seed + fold, shuffle=True)
     loader_args = dict(image_shape=(2 * CONTEXT + 1, config.image_size, config.image_size),
                        workers=max(0, int(config.num_workers)), pin_memory=device.type == "cuda", seed=config.seed,
-                       fields=slice_fields(len(LEVELS)))
+                       fields=slice_fields(spec.num_points))
     train_loader = batch_loader(train_set, config.batch_size, sampler, drop_last=len(train_set) > config.batch_size,
                                 **loader_args)
     val_loader = batch_loader(val_set, config.batch_size * 2, [int(i) for i in val_rows], **loader_args)
@@ -388,7 +479,7 @@ def train_localizer_fold(config: LocalizerConfig, data: SliceData, fold: int, ou
     write_text_atomic(out / "localizer.json", json.dumps({**spec.to_dict(), **config.to_dict(), "mean": list(mean),
                                                           "std": list(std), "field_mm": data.field_mm, "fold": fold,
                                                           "group": group, "presence": True,
-                                                          "slices": 2 * CONTEXT + 1}, indent=1))
+                                                          "slices": 2 * CONTEXT + 1, **_turned(group)}, indent=1))
 
     def evaluate() -> dict:
         model.eval()
@@ -465,7 +556,7 @@ def train_localizer(config: LocalizerConfig, data_dir: str | Path, folds_path: s
     if targets.empty:
         raise SpinegradeError(f"{data_dir}: no study with labelled {group} points ({GROUPS[group].series}) to train "
                               "its localiser on")
-    data = prepare_slice_data(targets, config.image_size)
+    data = prepare_slice_data(targets, config.image_size, group)
     if data.meta.empty:
         raise SpinegradeError(f"{data_dir}: none of the labelled {group} slices could be read")
     data.meta = data.meta.merge(targets.drop_duplicates("study_id")[["study_id", "fold"]], on="study_id", how="left")
@@ -499,10 +590,11 @@ class LocalizerEnsemble:
         if not folders:
             raise SpinegradeError(f"{root}: no trained localiser (run `spinegrade train-localizer` / `make train-localizer`)")
         self.device = select_device(device)
-        self.models, self.size, fields, presence, slices = [], None, set(), set(), set()
+        self.models, self.size, fields, presence, slices, turned_ = [], None, set(), set(), set(), set()
         for folder in folders:
             spec = json.loads((folder / "localizer.json").read_text())
             model = LevelLocalizer(LocalizerSpec(spec["backbone"], spec.get("channels", 64),
+                                                 num_points=spec.get("num_points", len(LEVELS)),
                                                  feature_levels=spec.get("feature_levels", 3)))
             load_state(model, folder / "best.safetensors")
             self.models.append(model.to(self.device).eval())
@@ -510,6 +602,7 @@ class LocalizerEnsemble:
             fields.add(spec.get("field_mm"))  # absent: a localiser that saw each slice squashed
             presence.add(bool(spec.get("presence", False)))  # absent: one slice per study, no presence
             slices.add(int(spec.get("slices", 1)))  # absent: the slice alone
+            turned_.add(bool(spec.get("turned", False)))  # absent: slices read as stored
         if len(fields) > 1:
             raise SpinegradeError(f"{root}: fold localisers were trained on different fields ({sorted(map(str, fields))} mm); "
                                   "train the localiser again")
@@ -518,6 +611,7 @@ class LocalizerEnsemble:
         if len(slices) > 1:
             raise SpinegradeError(f"{root}: fold localisers read different numbers of slices; train the localiser again")
         self.context = (slices.pop() - 1) // 2
+        self.turned = all(turned_)
         if choice is None:
             marker = root / MARKER
             if not marker.is_file():
@@ -533,15 +627,17 @@ class LocalizerEnsemble:
         return int(np.clip(middle_index(len(stack)) + self.offset, 0, len(stack) - 1))
 
     def score(self, stack: Stack, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """For each slice of ``indices``: the presence probability of each level (len, 5) (NaN where the
-        slice cannot be decoded, or the models have no presence head) and each level's point (len, 5, 2)
-        in that slice's pixels. Only these slices are decoded."""
+        """For each slice of ``indices``: the presence probability of each heatmap (len, P: the levels,
+        or the sides on an axial slice) (NaN where the slice cannot be decoded, or the models have no
+        presence head) and each heatmap's point (len, P, 2) in that slice's pixels as stored. Only these
+        slices are decoded."""
         rendered: dict[int, tuple[np.ndarray, SquareView] | None] = {}
+        flips = {k: canonical_flips(s) if self.turned else (False, False) for k, s in enumerate(stack.slices)}
         for k in sorted({j for k in indices for j in range(k - self.context, k + self.context + 1)
                          if 0 <= j < len(stack)}):
             s = stack.slices[k]
             try:
-                pixels = load_pixels(s)
+                pixels = turned(load_pixels(s), flips[k])
             except DicomReadError:
                 rendered[k] = None
                 continue
@@ -549,11 +645,13 @@ class LocalizerEnsemble:
                     else SquareView.squashed(pixels.shape, self.size))
             rendered[k] = (view.render(pixels), view)
         blank = np.zeros((self.size, self.size), np.uint8)
+        backwards = runs_backwards(stack)
         images, views = [], []
         for k in indices:
             own = rendered[k]
             views.append(own[1] if own else None)
-            channels = [rendered.get(j) or own for j in range(k - self.context, k + self.context + 1)]
+            around = range(k - self.context, k + self.context + 1)
+            channels = [rendered.get(j) or own for j in (reversed(around) if backwards else around)]
             images.append(np.stack([c[0] if c else blank for c in channels]))
         good = [v is not None for v in views]
         tensor = torch.from_numpy(np.ascontiguousarray(np.stack(images)))  # uint8 (n, slices, S, S): the model normalises
@@ -565,9 +663,10 @@ class LocalizerEnsemble:
                 presence.append(torch.sigmoid(presence_logits(logits).float()).cpu().numpy())
         unit, probability = np.mean(points, axis=0), np.mean(presence, axis=0)
         pixels = np.full(unit.shape, np.nan)
-        for i, view in enumerate(views):
+        for i, (k, view) in enumerate(zip(indices, views)):
             if view is not None:
-                pixels[i] = np.stack(view.to_pixels(unit[i, :, 0], unit[i, :, 1]), axis=1)
+                x, y = turn_point(*view.to_pixels(unit[i, :, 0], unit[i, :, 1]), flips[k], stack.slices[k].shape)
+                pixels[i] = np.stack([x, y], axis=1)
         probability[~np.array(good)] = np.nan
         if not self.presence:
             probability[:] = np.nan

@@ -7,7 +7,9 @@ What each locator is (``constants.GROUPS[group].locator``):
 - ``sagittal_foramina`` (foraminal): the learned offsets from the canal (``offsets.py``) as the
   starting window and fallback, and the slice locator of ``localize.py`` on Sagittal T1 deciding
   each foramen's slice and point (``head=False``: the offsets alone, for comparison);
-- ``axial_subarticular`` (subarticular): the offsets, projected on every axial stack (``subarticular.py``).
+- ``axial_subarticular`` (subarticular): the offsets, projected on every axial stack, as the starting
+  window and fallback, and the slice locator of ``localize.py`` on Axial T2 deciding each recess's
+  slice and point (``subarticular.py``; ``head=False``: the offsets alone).
 
 Every locator is trained on a run's folds, read back by prediction from its folder
 (``RunLayout.localizer_dir``), and reported out of fold the same way (``predict.report_locator``).
@@ -35,7 +37,8 @@ def train_locator(group: str, config: LocalizerConfig, data_dir: str | Path, fol
                   head: bool = True) -> dict | None:
     """Train ``group``'s locator on every fold and write its out-of-fold report (returned). A group
     whose locator starts from the spinal canal points needs the spinal locator trained first.
-    ``head``: train the foramina's slice locator (else the offsets alone, and an earlier head is removed)."""
+    ``head``: train the slice locator of a group placed from the canal (else its offsets alone, and an
+    earlier head is removed)."""
     locator = GROUPS[group].locator
     if locator is None:
         log.warning(f"{group}: no locator to train yet; its rows are the training prior at prediction")

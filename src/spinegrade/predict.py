@@ -168,8 +168,9 @@ def locate_study(study_id: int, stack: Stack | None, localizer: LocalizerEnsembl
 LOCATOR_MARKERS = {"sagittal_levels": SLICE_MARKER, "sagittal_foramina": OFFSETS_MARKER,
                    "axial_subarticular": OFFSETS_MARKER}
 # The locators whose points a slice locator (a presence head over neighbouring slices) may decide:
-# always for the levels; for the foramina when a head was trained (else the offsets alone).
-SLICE_HEADS = {"sagittal_levels", "sagittal_foramina"}
+# always for the levels; for the foramina and the lateral recesses when a head was trained (else the
+# offsets alone).
+SLICE_HEADS = {"sagittal_levels", "sagittal_foramina", "axial_subarticular"}
 
 
 def has_slice_head(root: Path) -> bool:
@@ -559,7 +560,7 @@ def locate_offsets_split(data_dir: Path, split: str, output_dir: Path, group: st
     (located here when ``anchors`` is not given). A study without a readable series of the group, or
     without spinal points to start from, gets no locations and a problem that names it (prior rows);
     a level that no series reaches gets prior rows and a log line. Where the group's locator has a
-    trained slice head (the foramina), the head decides within the offsets' window."""
+    trained slice head, the head decides within the offsets' window."""
     if anchors is None:
         anchors = locate_split(data_dir, split, output_dir, OFFSETS_ANCHOR, device, folds)
     anchor = {st.study_id: st for st in anchors}
@@ -642,9 +643,13 @@ def report_locator(output_dir: str | Path, data_dir: str | Path, group: str, fol
     folds = read_folds(run_folds(RunLayout(output_dir), folds_path)).set_index("study_id")["fold"]
     device_ = select_device(device)
 
+    # a locator placed from the canal starts from the same spinal points however often it is run here
+    anchors = (locate_split(data_dir, "train", output_dir, OFFSETS_ANCHOR, device_, folds=folds)
+               if GROUPS[group].locator in OFFSET_LOCATORS else None)
+
     def compared(threshold: float | None = None, with_choice: dict | None = None) -> pd.DataFrame:
-        located = locate_split(data_dir, "train", output_dir, group, device_, folds=folds, threshold=threshold,
-                               choice=with_choice)
+        located = locate_split(data_dir, "train", output_dir, group, device_, folds=folds, anchors=anchors,
+                               threshold=threshold, choice=with_choice)
         stacks = {(st.study_id, series): found for st in located for series, found in st.stacks.items()}
         return compare_with_labels(locations_table(located), stacks, data_dir, group)
 

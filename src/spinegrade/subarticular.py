@@ -16,18 +16,26 @@ found by the level localiser on the Sagittal T2/STIR, is projected along each st
 
 On the chosen slice, each side's point is the canal point plus that side's learned offset
 (``offsets.py``), projected onto the slice: the patient's left is +x in patient space, whatever the
-image's rows do. A level that no stack reaches gets prior rows, and the command says which.
+image's rows do. That is the starting window and the fallback. Where the run has the subarticular
+slice locator (``localize.LocalizerEnsemble``, its heatmaps the patient's sides on slices turned to one
+orientation by their geometry), the image decides: it scores the slices within ``WINDOW`` of that
+slice, in the same stack, that are still nearer this level than its neighbours, and each side takes
+the slice where its presence is highest, at its heatmap's point (real labels put the two recesses of
+a level on different slices in 43 % of levels). An unsure side (presence under the threshold chosen
+out of fold, or a point off the image) keeps the offset's slice and point, and its ``source`` says so.
+A level that no stack reaches gets prior rows, and the command says which.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from spinegrade.constants import GROUPS, LEVELS, level_title
+from spinegrade.constants import GROUPS, LEVELS, REGISTRY, level_title
 from spinegrade.data.dicom import Stack
 from spinegrade.offsets import PointOffsets
 
 GROUP = "subarticular"
+WINDOW = 2  # slices either side of the geometric slice that the head reads
 
 
 def neighbour_points(canal: dict[str, np.ndarray], level: str) -> list[np.ndarray]:
@@ -61,11 +69,26 @@ def nearest_level_slice(stack: Stack, point: np.ndarray, reach: float,
     return (k, float(distances[k])) if stack.slices[k].shows(x, y) else None
 
 
+def level_window(stack: Stack, k: int, point: np.ndarray, reach: float, others: list[np.ndarray]) -> list[int]:
+    """The slices within ``WINDOW`` of ``k`` that still show ``point``'s level: within ``reach`` of it
+    along the stack's normal and nearer it than the neighbouring levels' canal points (``others``)."""
+    window = []
+    for j in range(max(0, k - WINDOW), min(len(stack), k + WINDOW + 1)):
+        distance = abs(stack.slices[j].patient_to_pixel(point)[2])
+        if distance <= reach and all(abs(stack.slices[j].patient_to_pixel(o)[2]) > distance for o in others):
+            window.append(j)
+    return window
+
+
 def locate_subarticular(study_id: int, canal: dict[str, np.ndarray], stacks: dict[str, list[Stack]],
-                        offsets: PointOffsets) -> tuple[list[list], list[str]]:
+                        offsets: PointOffsets, head=None, threshold: float | None = None) -> tuple[list[list], list[str]]:
     """Rows of the locations table for every (side, level, axial series) that images the level, and
     a note per level that no series reaches. ``canal``: level -> patient point of its spinal canal;
-    ``stacks``: series -> its stacks."""
+    ``stacks``: series -> its stacks; ``head``: the subarticular slice locator (a
+    ``localize.LocalizerEnsemble``), None for the offsets alone; ``threshold``: its presence threshold
+    (default: the one chosen out of fold)."""
+    limit = head.threshold if threshold is None and head is not None else threshold
+    sides = [REGISTRY[c].side for c in GROUPS[GROUP].conditions]  # the head's heatmaps, in this order
     rows, outside = [], []
     for level in LEVELS:
         found = False
@@ -79,15 +102,25 @@ def locate_subarticular(study_id: int, canal: dict[str, np.ndarray], stacks: dic
             if not hits:
                 continue
             _, stack, k = min(hits, key=lambda h: h[0])
-            s = stack.slices[k]
+            window = level_window(stack, k, canal[level], reach, others) if head is not None else []
+            probability, points = head.score(stack, window) if window else (None, None)
             for condition in GROUPS[GROUP].conditions:
                 target = offsets.target(condition, level, canal[level])
                 if target is None:
                     continue
+                s = stack.slices[k]
                 x, y, _ = s.patient_to_pixel(target)
+                source, score = "localised" if head is None else "localised, unsure: the offset's slice", np.nan
+                if window:
+                    side = sides.index(REGISTRY[condition].side)
+                    best = int(np.nan_to_num(probability[:, side], nan=-1.0).argmax())
+                    score = float(probability[best, side])
+                    bx, by = points[best, side]
+                    if score >= limit and stack.slices[window[best]].shows(bx, by):
+                        s, x, y, source = stack.slices[window[best]], float(bx), float(by), "localised"
                 if s.shows(x, y):
-                    rows.append([study_id, condition, level, series, s.instance_number, float(x), float(y), "localised",
-                                 np.nan])
+                    rows.append([study_id, condition, level, series, s.instance_number, float(x), float(y), source,
+                                 score])
                     found = True
         if not found:
             outside.append(level_title(level))
