@@ -307,6 +307,7 @@ def test_the_recess_head_keeps_each_side_on_the_patients_side_whichever_way_the_
     the head read on the slices as stored, its left heatmap would follow the image's right; were its
     neighbouring slices read in file order, they would reach it as other input channels."""
     from spinegrade.localize import LocalizerEnsemble
+    from spinegrade.locator_report import NEVER
 
     data, out = trained_run["data"], trained_run["out"]
     table = build_index(data, check_images=False).table
@@ -335,6 +336,12 @@ def test_the_recess_head_keeps_each_side_on_the_patients_side_whichever_way_the_
             side_x = point[0] - canal[key[1]][0]
             assert side_x > 0 if key[0] == LEFT else side_x < 0, (study, key)  # +x is the patient's left
             checked += 1
+        # a head sure of nothing: every side keeps the offsets' slice and point, and says so
+        stacks = {"source": _read_stacks(source, AXIAL_T2)[0]}
+        unsure, _ = locate_subarticular(study, canal, stacks, offsets, head=head, threshold=NEVER)
+        alone, _ = locate_subarticular(study, canal, stacks, offsets)
+        assert {r[7] for r in unsure} == {"localised, unsure: the offset's slice"}
+        assert [r[:7] for r in unsure] == [r[:7] for r in alone]
     assert checked >= 10
 
 
