@@ -57,7 +57,7 @@ def trained_run(tmp_path_factory):
     write_csv_atomic(make_folds(build_index(data, check_images=False).labels_wide(), n_folds=3, seed=0), folds)
     out = root / "out"
     # the groups with more labelled slices (two sides; an axial slice per level and side) get fewer epochs
-    epochs = {"spinal": 40, "foraminal": 15, "subarticular": 8}
+    epochs = {"spinal": 40, "foraminal": 25, "subarticular": 8}
     reports = {group: train_locator(group, LocalizerConfig(image_size=64, num_epochs=n, batch_size=8), data, folds, out,
                                     device="cpu")
                for group, n in epochs.items()}
