@@ -78,7 +78,9 @@ def test_foramina_that_move_across_the_levels_are_found_on_their_slices(trained_
     moved = frame.groupby(["study_id", "condition"])["instance_labelled"].transform(lambda s: s.max() - s.min()) >= 2
     assert moved.sum() >= 10, "the fixture should hold foramina two or more slices apart across the levels"
     found = (frame.loc[moved, "slice_offset"].abs() <= 1).mean()
-    assert found >= 0.7 and found > (by_offsets.loc[moved, "slice_offset"].abs() <= 1).mean(), found
+    # From canal points found per level, the offsets follow the curve too (all within one on this fixture
+    # since the canal's slice locator reads neighbours in anatomical order); the head must still find them.
+    assert found >= 0.8 and (by_offsets.loc[moved, "slice_offset"].abs() <= 1).mean() >= 0.8, found
     assert (frame["source"] == "localised").mean() >= 0.8  # the image decided, not the offsets
     # each side's foramen on its own side of the canal (+x is the patient's left), from geometry alone
     canal = {(st.study_id, r.level): st.slice_of(r).pixel_to_patient(r.x, r.y)
