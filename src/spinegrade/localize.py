@@ -69,6 +69,7 @@ from spinegrade.fold_loop import (
 from spinegrade.layout import RunLayout, remember_folds
 from spinegrade.logs import get_logger
 from spinegrade.models.classifier import input_statistics, load_pretrained, load_state, save_state
+from spinegrade.offsets import find_instance
 from spinegrade.models.localizer import LevelLocalizer, LocalizerSpec, heatmap_loss, presence_loss, presence_logits, soft_argmax
 
 log = get_logger(__name__)
@@ -161,15 +162,6 @@ def _series_stacks(series_dir: str, every_stack: bool) -> list[Stack]:
     return stacks if every_stack else [s for s in [main_stack(stacks)] if s is not None]
 
 
-def _find_instance(stacks: list[Stack], instance: int) -> tuple[int, int] | None:
-    """(stack number, index in it) of an instance number, None when no readable slice has it."""
-    for n, stack in enumerate(stacks):
-        k = stack.index_of_instance(instance)
-        if k is not None:
-            return n, k
-    return None
-
-
 def _labelled_extents(job: tuple) -> list[float] | str:
     """The longer side in mm of each labelled slice of one series (headers only), or why it cannot be read."""
     study_id, series_dir, points, axial = job
@@ -178,7 +170,7 @@ def _labelled_extents(job: tuple) -> list[float] | str:
         return f"study {study_id}: no readable slice in {series_dir}"
     out = []
     for instance in {p[2] for p in points}:
-        found = _find_instance(stacks, instance)
+        found = find_instance(stacks, instance)
         if found is not None:
             s = stacks[found[0]].slices[found[1]]
             out.append(max(s.shape[0] * s.pixel_spacing[0], s.shape[1] * s.pixel_spacing[1]))
@@ -196,7 +188,7 @@ def _prepare_series(job: tuple) -> dict | str:
     by_stack: dict[int, list[tuple]] = {}
     skipped = []
     for condition, level, instance, x, y in points:
-        found = _find_instance(stacks, instance)
+        found = find_instance(stacks, instance)
         if found is None:
             skipped.append(f"study {study_id}: labelled slice {instance} not readable in {series_dir}")
             continue
