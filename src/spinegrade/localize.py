@@ -69,8 +69,8 @@ from spinegrade.fold_loop import (
 from spinegrade.layout import RunLayout, remember_folds
 from spinegrade.logs import get_logger
 from spinegrade.models.classifier import input_statistics, load_pretrained, load_state, save_state
-from spinegrade.offsets import find_instance
 from spinegrade.models.localizer import LevelLocalizer, LocalizerSpec, heatmap_loss, presence_loss, presence_logits, soft_argmax
+from spinegrade.offsets import find_instance
 
 log = get_logger(__name__)
 
