@@ -23,10 +23,10 @@ from spinegrade.config import LocalizerConfig
 from spinegrade.constants import GROUPS
 from spinegrade.data.synthetic import SynthSettings, write_dataset
 from spinegrade.layout import RunLayout
-from spinegrade.locators import train_locator
+from spinegrade.locators import report_locator, train_locator
 from spinegrade.metrics import competition_score
 from spinegrade.oof import parsed
-from spinegrade.predict import localised_oof, report_locator
+from spinegrade.predict import localised_oof
 
 TERMS = {"spinal": ["spinal", "any_severe_spinal"], "foraminal": ["foraminal"], "subarticular": ["subarticular"]}
 

@@ -20,7 +20,8 @@ from spinegrade.data.index import build_index
 from spinegrade.foramina import locate_foramina
 from spinegrade.offsets import PointOffsets, train_offsets
 from spinegrade.layout import RunLayout
-from spinegrade.predict import locate_split, predict_split
+from spinegrade.locators import locate_split
+from spinegrade.predict import predict_split
 
 LEFT, RIGHT = GROUPS["foraminal"].conditions
 

@@ -15,7 +15,8 @@ from spinegrade.data.dicom import main_stack, read_series
 from spinegrade.layout import RunLayout
 from spinegrade.localize import LocalizerEnsemble
 from spinegrade.locator_report import FLOOR, NEVER, choose_threshold, compare_with_labels
-from spinegrade.predict import locate_split, locations_table
+from spinegrade.locating import Locator, locations_table, study_series
+from spinegrade.locators import LOCATORS, locate_split, locator_class
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,7 @@ def test_an_unsure_level_falls_back_on_the_middle_slice_and_says_so(trained_run)
     moved by the common offset) and its located row says it was unsure. (A series of pure noise is not
     caught so: the presence score ranks the slices of a window well but is about as high on noise as on
     anatomy; the README says so.)"""
-    from spinegrade.predict import locate_sagittal_levels
+    from spinegrade.locators import locate_levels
 
     data = trained_run["data"]
     series = pd.read_csv(data / "test_series_descriptions.csv")
@@ -107,11 +108,11 @@ def test_an_unsure_level_falls_back_on_the_middle_slice_and_says_so(trained_run)
     stack = main_stack(read_series(folder, with_pixels=False))
     found = localizer.locate(stack, NEVER)
     assert not found.sure.any() and (found.slice_index == localizer.choose_slice(stack)).all()
-    st = locate_sagittal_levels(int(row["study_id"]), stack, str(folder), "spinal", localizer, threshold=NEVER)
+    st = locate_levels(int(row["study_id"]), stack, str(folder), "spinal", localizer, threshold=NEVER)
     assert set(st.locations["source"]) == {"localised, unsure: the middle slice"}
     assert st.locations["score"].between(0, 1).all()  # the presence it had, kept in the row
     sure = localizer.locate(stack, FLOOR)
-    assert sure.sure.sum() >= 3 and set(locate_sagittal_levels(
+    assert sure.sure.sum() >= 3 and set(locate_levels(
         int(row["study_id"]), stack, str(folder), "spinal", localizer, threshold=FLOOR).locations["source"]) >= {"localised"}
 
 
@@ -143,3 +144,31 @@ def test_out_of_fold_ensembles_take_their_own_folds_offset_and_models(trained_ru
         ensemble = LocalizerEnsemble(root, folds=[fold])
         assert ensemble.offset == choice["offset_from_middle_per_fold"][str(fold)] and len(ensemble.models) == 1
     assert len(LocalizerEnsemble(root).models) == 3 and LocalizerEnsemble(root).offset == choice["offset_from_middle"]
+
+
+def test_every_group_fills_the_one_locator_interface(trained_run):
+    """Each group's registry entry names a Locator that fills all of the interface (train, finished, files,
+    locate); loaded from the shared run, each locates a test study by that one call, starting from the
+    spinal points where it names them as its anchor, and gives the rows the split loop gives."""
+    out, data = trained_run["out"], trained_run["data"]
+    for group, spec in GROUPS.items():
+        cls = locator_class(group)
+        assert cls is LOCATORS[spec.locator] and issubclass(cls, Locator) and cls.name == spec.locator
+        for method in ("train", "finished", "files", "locate"):  # each filled in, not the interface's own
+            assert next(k for k in cls.__mro__ if method in vars(k)) is not Locator, (group, method)
+        root = RunLayout(out).localizer_dir(group)
+        assert cls.finished(root) and all((root / f).is_file() for f in cls.files(root))
+        assert any(str(f).endswith(".safetensors") for f in cls.files(root))  # every group's slice locator travels
+
+    study = sorted(study_series(data, "test", SAGITTAL_T2))[0]
+    located = {}
+    for group in GROUPS:  # registry order: the spinal points come first
+        cls = locator_class(group)
+        locator = cls(group, RunLayout(out).localizer_dir(group), "cpu")
+        series = study_series(data, "test", GROUPS[group].series)[study]
+        located[group] = locator.locate(study, series, located.get(cls.anchor))
+        rows = located[group].locations
+        assert rows is not None and set(rows["condition"]) == set(GROUPS[group].conditions)
+        assert set(rows["level"]) == set(LEVELS) and set(rows["series"]) <= {str(p) for p in series}
+        by_split = {st.study_id: st for st in locate_split(data, "test", out, group, "cpu")}[study].locations
+        pd.testing.assert_frame_equal(by_split.reset_index(drop=True), rows.reset_index(drop=True))

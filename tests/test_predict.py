@@ -14,6 +14,7 @@ import pytest
 from spinegrade.constants import CONDITION_GROUP as GROUPS_OF
 from spinegrade.constants import GROUPS, LEVELS, PROBABILITY_COLUMNS, SEVERITIES, SEVERITY_INDEX, parse_row_id
 from spinegrade.errors import SpinegradeError
+from spinegrade.layout import RunLayout
 from spinegrade.metrics import competition_score
 from spinegrade.predict import check_submission, predict_split
 from spinegrade.study_page import predict_study
@@ -25,9 +26,9 @@ def test_localiser_puts_points_within_a_few_millimetres(trained_run):
     # 20 training studies per fold and a few seconds of training: a disc is about 9 mm high and a
     # point dropped anywhere on the slice would be some 60 mm off.
     assert report["median_mm"] < 6.5
-    saved = json.loads((trained_run["out"] / "results" / "localizer_spinal_report.json").read_text())
+    saved = json.loads(RunLayout(trained_run["out"]).locator_report("spinal").read_text())
     assert saved == report and report["points"] == 30 * 5
-    oof = pd.read_csv(trained_run["out"] / "results" / "localizer_spinal_oof.csv")
+    oof = pd.read_csv(RunLayout(trained_run["out"]).locator_oof("spinal"))
     assert len(oof) == report["points"] and set(oof["level"]) == set(LEVELS) and oof["located"].all()
     assert (oof["error_mm"] < 10).mean() > 0.7
 

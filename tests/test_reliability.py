@@ -122,8 +122,8 @@ def test_localizer_killed_mid_training_resumes_to_the_uninterrupted_result(small
         assert list(b["epoch"]) == [0, 1]
         cols = ["train_l1_pixels", "val_median_mm", "val_p90_mm"]
         pd.testing.assert_frame_equal(a[cols], b[cols], atol=1e-4, rtol=1e-4)
-    oof_a = pd.read_csv(tmp_path / "straight" / "results" / "localizer_spinal_oof.csv")
-    oof_b = pd.read_csv(out / "results" / "localizer_spinal_oof.csv")
+    oof_a = pd.read_csv(RunLayout(tmp_path / "straight").locator_oof("spinal"))
+    oof_b = pd.read_csv(RunLayout(out).locator_oof("spinal"))
     pd.testing.assert_frame_equal(oof_a, oof_b, atol=1e-3, rtol=1e-4)
     assert not [p for p in Path(out).rglob(".*") if p.is_file()]
 

@@ -23,15 +23,9 @@ from spinegrade.data.index import build_index
 from spinegrade.data.preprocess import PreprocessSettings, prepare_stack
 from spinegrade.layout import RunLayout
 from spinegrade.offsets import PointOffsets, find_instance, train_offsets
-from spinegrade.predict import (
-    LOCATION_COLUMNS,
-    LocatedStudy,
-    _read_stacks,
-    grade_studies,
-    load_fold_models,
-    locate_split,
-    predict_split,
-)
+from spinegrade.locating import LOCATION_COLUMNS, LocatedStudy, read_stacks
+from spinegrade.locators import locate_split
+from spinegrade.predict import grade_studies, load_fold_models, predict_split
 from spinegrade.subarticular import locate_subarticular
 
 LEFT, RIGHT = GROUPS["subarticular"].conditions
@@ -65,7 +59,7 @@ def test_each_level_and_side_lands_on_its_labelled_slice_in_every_axial_layout(s
     row_directions, tilted, shared, checked = set(), 0, 0, 0
     for study, points in labelled.groupby("study_id"):
         canal = labelled_canal(table, study)
-        stacks = {str(d): _read_stacks(d, AXIAL_T2)[0] for d in _axial_series(synth_dataset, "train", study)}
+        stacks = {str(d): read_stacks(d, AXIAL_T2)[0] for d in _axial_series(synth_dataset, "train", study)}
         rows, _ = locate_subarticular(study, canal, stacks, offsets)
         found = pd.DataFrame(rows, columns=LOCATION_COLUMNS)
         for series_stacks in stacks.values():
@@ -125,7 +119,7 @@ def test_rows_running_the_other_way_give_the_same_points_and_the_same_crops_per_
     canal = labelled_canal(table, study)
     located = {}
     for name, folder in (("source", source), ("mirrored", mirrored)):
-        stacks = {name: _read_stacks(folder, AXIAL_T2)[0]}
+        stacks = {name: read_stacks(folder, AXIAL_T2)[0]}
         rows, _ = locate_subarticular(study, canal, stacks, offsets)
         assert {r[1] for r in rows} == {LEFT, RIGHT}
         located[name] = LocatedStudy(study, stacks, pd.DataFrame(rows, columns=LOCATION_COLUMNS))
@@ -287,7 +281,7 @@ def test_series_of_one_slice_are_located_or_left_to_the_prior_without_an_error(s
     table = build_index(synth_dataset, check_images=False).table
     labelled = table[(table["condition"] == LEFT) & table["instance_number"].notna()].iloc[0]
     study, canal = int(labelled.study_id), labelled_canal(table, int(labelled.study_id))
-    axial = _read_stacks(Path(labelled.image_path).parent, AXIAL_T2)[0]
+    axial = read_stacks(Path(labelled.image_path).parent, AXIAL_T2)[0]
     one = Stack([axial[0].slices[axial[0].index_of_instance(int(labelled.instance_number))]])
     rows, outside = locate_subarticular(study, canal, {"one": [one]}, offsets)
     assert {(r[1], r[2]) for r in rows} == {(LEFT, labelled.level), (RIGHT, labelled.level)}
@@ -323,7 +317,7 @@ def test_the_recess_head_keeps_each_side_on_the_patients_side_whichever_way_the_
         _mirror_series(source, mirrored)
         found = {}
         for name, folder in (("source", source), ("mirrored", mirrored)):
-            stacks = {name: _read_stacks(folder, AXIAL_T2)[0]}
+            stacks = {name: read_stacks(folder, AXIAL_T2)[0]}
             rows, _ = locate_subarticular(study, canal, stacks, offsets, head=head, threshold=0.0)
             located = LocatedStudy(study, stacks, pd.DataFrame(rows, columns=LOCATION_COLUMNS))
             assert (located.locations["source"] == "localised").all()  # threshold 0: the head decides every side
@@ -337,7 +331,7 @@ def test_the_recess_head_keeps_each_side_on_the_patients_side_whichever_way_the_
             assert side_x > 0 if key[0] == LEFT else side_x < 0, (study, key)  # +x is the patient's left
             checked += 1
         # a head sure of nothing: every side keeps the offsets' slice and point, and says so
-        stacks = {"source": _read_stacks(source, AXIAL_T2)[0]}
+        stacks = {"source": read_stacks(source, AXIAL_T2)[0]}
         unsure, _ = locate_subarticular(study, canal, stacks, offsets, head=head, threshold=NEVER)
         alone, _ = locate_subarticular(study, canal, stacks, offsets)
         assert {r[7] for r in unsure} == {"localised, unsure: the offset's slice"}

@@ -142,8 +142,7 @@ def cmd_train_localizer(args: argparse.Namespace) -> None:
             setattr(config, name, getattr(args, name))
     if args.pretrained is not None:
         config.pretrained = parse_bool(args.pretrained)
-    from spinegrade.locators import train_locator
-    from spinegrade.predict import locator_trained
+    from spinegrade.locators import locator_trained, train_locator
 
     for group in trained_groups(args.conditions):
         locator = GROUPS[group].locator

@@ -248,7 +248,8 @@ def competition_table(full: dict[str, list[pd.DataFrame]]) -> pd.DataFrame:
 def _localised(layout: RunLayout, group: str, data_dir, names: list[str]) -> dict[str, pd.DataFrame]:
     """End-to-end OOF predictions (the locator's points) of the group's trained backbones, when the
     group has a trained locator and the images are at hand; empty otherwise."""
-    from spinegrade.predict import localised_oof, locator_trained
+    from spinegrade.locators import locator_trained
+    from spinegrade.predict import localised_oof
 
     trained = [n for n in names if layout.finished_fold_dirs(n, group)]
     if data_dir is None or not trained or GROUPS[group].locator is None or not locator_trained(layout.root, group):

@@ -134,6 +134,14 @@ class RunLayout:
             return old
         return new
 
+    def locator_report(self, group: str) -> Path:
+        """The group's locator judged out of fold (``locator_report.py``), kept with the locator."""
+        return self.localizer_dir(group, existing=False) / "oof_report.json"
+
+    def locator_oof(self, group: str) -> Path:
+        """Every labelled point of the group and where its locator put it, out of fold."""
+        return self.localizer_dir(group, existing=False) / "oof_points.csv"
+
     # --- what is there --------------------------------------------------------------------------
     def backbones(self) -> list[str]:
         """Backbones with at least one finished fold of any group."""

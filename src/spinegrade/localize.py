@@ -27,7 +27,7 @@ Trained fold by fold on the same folds as the grading models, so every training 
 out of fold. Outputs, under ``OUTPUT/trained_models/localizer/<group>/``: ``fold<k>/`` (weights,
 ``localizer.json``, ``metrics.csv``) and ``slice_choice.json`` (the middle slice's offset per fold, the
 presence threshold; written last, it marks the locator finished); the out-of-fold report is
-``predict.report_locator``'s.
+``locators.report_locator``'s.
 """
 
 from __future__ import annotations
@@ -539,7 +539,7 @@ def middle_offsets(data: SliceData, folds: list[int]) -> dict:
 def train_localizer(config: LocalizerConfig, data_dir: str | Path, folds_path: str | Path, output_dir: str | Path,
                     device: str | None = None, resume: bool = False, force: bool = False, group: str = "spinal") -> dict:
     """Train the group's slice locator on every fold; return what ``slice_choice.json`` will hold
-    (without the threshold, which the out-of-fold report chooses: ``predict.report_locator``). A
+    (without the threshold, which the out-of-fold report chooses: ``locators.report_locator``). A
     finished fold with the same settings is kept; ``resume`` continues an unfinished one."""
     output_dir = Path(output_dir)
     layout = RunLayout(output_dir)

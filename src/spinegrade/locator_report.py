@@ -3,8 +3,9 @@ is within one of the labelled slice (a point placed on another stack or series t
 one, or not placed at all, is not), and the point error in mm in patient space (so a wrong slice
 counts), per level and side. A slice locator's presence threshold is chosen here too.
 
-Outputs, under ``OUTPUT/results/``: ``localizer_<group>_oof.csv`` (every labelled point, where it
-was located, and by what: ``source``, ``score``) and ``localizer_<group>_report.json``.
+Outputs, with the group's locator in ``OUTPUT/trained_models/localizer/<group>/``: ``oof_points.csv``
+(every labelled point, where it was located, and by what: ``source``, ``score``) and
+``oof_report.json`` (``RunLayout.locator_oof``, ``RunLayout.locator_report``).
 """
 
 from __future__ import annotations
@@ -99,9 +100,9 @@ def with_threshold(by_head: pd.DataFrame, by_geometry: pd.DataFrame, threshold: 
 
 def write_locator_report(frame: pd.DataFrame, output_dir: Path, group: str, **extra) -> dict:
     """The out-of-fold table and its summary, overall and per level and side (``extra`` joins the summary)."""
-    results = RunLayout(output_dir).results
-    results.mkdir(parents=True, exist_ok=True)
-    write_csv_atomic(frame, results / f"localizer_{group}_oof.csv")
+    layout = RunLayout(output_dir)
+    layout.locator_oof(group).parent.mkdir(parents=True, exist_ok=True)
+    write_csv_atomic(frame, layout.locator_oof(group))
     report = {"points": len(frame), **extra}
     if not frame.empty:
         report.update(_summary(frame))
@@ -111,7 +112,7 @@ def write_locator_report(frame: pd.DataFrame, output_dir: Path, group: str, **ex
                  f"slice within one of the labelled {report['slice_within_one']:.1%} (exact {report['slice_exact']:.1%}); "
                  f"point error median {report['median_mm']:.2f} mm, 90th percentile {report['p90_mm']:.2f} mm; "
                  f"the image decided {report['image_decided']:.1%}")
-    write_text_atomic(results / f"localizer_{group}_report.json", json.dumps(report, indent=1))
+    write_text_atomic(layout.locator_report(group), json.dumps(report, indent=1))
     return report
 
 

@@ -29,41 +29,21 @@ from spinegrade.constants import (
     GROUPS,
     LEVELS,
     PROBABILITY_COLUMNS,
-    SAGITTAL_T2,
     SEVERITIES,
     row_id,
-)
-from spinegrade.data.dicom import (
-    MIN_IMAGE_SIDE,
-    DicomReadError,
-    Slice,
-    Stack,
-    main_stack,
-    read_series,
 )
 from spinegrade.data.index import read_csv_checked
 from spinegrade.data.preprocess import PreprocessSettings, centre_view, prepare_stack
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_csv_atomic
 from spinegrade.layout import RunLayout
-from spinegrade.foramina import locate_foramina
-from spinegrade.offsets import ANCHOR_GROUP as OFFSETS_ANCHOR
-from spinegrade.offsets import MARKER as OFFSETS_MARKER
-from spinegrade.offsets import PointOffsets, find_instance
-from spinegrade.subarticular import locate_subarticular
-from spinegrade.localize import MARKER as SLICE_MARKER
-from spinegrade.localize import LocalizerEnsemble
+from spinegrade.locating import LocatedStudy, listed_studies
+from spinegrade.locators import locate_split, locator_class, locator_trained
 from spinegrade.logs import get_logger
 from spinegrade.metrics import prior_for, prior_table
 from spinegrade.models.classifier import LevelClassifier, ModelSpec, load_state
-from spinegrade.progress import Progress
 
 log = get_logger(__name__)
-
-# ``source``: "localised" (the image decided), or "localised, unsure: ..." (a slice locator's presence was
-# under its threshold, so the geometric choice placed it); ``score``: that presence (NaN: none read).
-LOCATION_COLUMNS = ["study_id", "condition", "level", "series", "instance_number", "x", "y", "source", "score"]
-
 
 @dataclass
 class FoldModel:
@@ -93,124 +73,6 @@ def load_fold_models(output_dir: Path, name: str, group: str, device: torch.devi
         load_state(model, folder / "best.safetensors")
         models.append(FoldModel(name, group, int(spec["fold"]), model.to(device).eval(), PreprocessSettings.from_model(spec)))
     return models
-
-
-# --- locating -----------------------------------------------------------------------------------
-
-@dataclass
-class LocatedStudy:
-    """One study's series for a group and where its levels were found on them (``locations``: rows
-    of the locations table, whose ``series`` names a key of ``stacks``); ``problem`` says why it has none."""
-
-    study_id: int
-    stacks: dict[str, list[Stack]]  # series -> its stacks; only the chosen slices keep their pixels
-    locations: pd.DataFrame | None
-    problem: str | None = None
-    seconds: float = 0.0
-
-    def stack_at(self, row) -> tuple[Stack, int]:
-        """The stack a locations row points into, and the index of its slice there (instance numbers
-        name a slice within its series: a series whose stacks repeat them is read by its first stack)."""
-        stacks = self.stacks.get(row.series, [])
-        found = find_instance(stacks, int(row.instance_number))
-        if found is None:
-            raise SpinegradeError(f"{row.series}: no slice with instance number {int(row.instance_number)}")
-        return stacks[found[0]], found[1]
-
-    def slice_of(self, row) -> Slice:
-        """The slice a locations row points at."""
-        stack, k = self.stack_at(row)
-        return stack.slices[k]
-
-
-def locate_sagittal_levels(study_id: int, stack: Stack | None, series: str, group: str, localizer: LocalizerEnsemble,
-                           problem: str | None = None, threshold: float | None = None) -> LocatedStudy:
-    """The spinal group's locator: each level's spinal canal slice of the series and its point there
-    (``threshold``: the presence a slice needs, default the one chosen out of fold)."""
-    started = time.perf_counter()
-    if stack is None or len(stack) == 0:
-        return LocatedStudy(study_id, {}, None, problem or f"no readable {GROUPS[group].series} slice")
-    while True:  # a slice whose pixels cannot be decoded leaves the stack, and the choice is made again
-        try:
-            located = localizer.locate(stack, threshold)
-            break
-        except DicomReadError:
-            stack.slices.pop(localizer.choose_slice(stack))
-            if not stack.slices:
-                return LocatedStudy(study_id, {}, None, problem or f"no decodable {GROUPS[group].series} slice")
-    chosen = set(int(k) for k in located.slice_index)
-    for i, s in enumerate(stack.slices):  # keep memory flat over hundreds of studies
-        if i not in chosen:
-            s.pixels = None
-    rows = [[study_id, condition, level, series, stack.slices[int(k)].instance_number, float(x), float(y),
-             "localised" if sure or not localizer.presence else "localised, unsure: the middle slice", float(score)]
-            for condition in GROUPS[group].conditions
-            for level, k, (x, y), sure, score in zip(LEVELS, located.slice_index, located.points, located.sure,
-                                                     located.score)]
-    return LocatedStudy(study_id, {series: [stack]}, pd.DataFrame(rows, columns=LOCATION_COLUMNS),
-                        seconds=time.perf_counter() - started)
-
-
-def canal_points(anchor: LocatedStudy | None) -> dict[str, np.ndarray]:
-    """Level -> patient point (mm) of the spinal canal where the spinal locator placed it."""
-    if anchor is None or anchor.locations is None:
-        return {}
-    return {r.level: anchor.slice_of(r).pixel_to_patient(r.x, r.y) for r in anchor.locations.itertuples()}
-
-
-def locate_study(study_id: int, stack: Stack | None, localizer: LocalizerEnsemble, problem: str | None = None,
-                 group: str = "spinal", series: str = "", threshold: float | None = None) -> LocatedStudy:
-    """The spinal group's locator (``sagittal_levels``) on one study's series."""
-    return locate_sagittal_levels(study_id, stack, series, group, localizer, problem, threshold)
-
-
-# What marks each locator finished in its folder (written last by its training).
-LOCATOR_MARKERS = {"sagittal_levels": SLICE_MARKER, "sagittal_foramina": OFFSETS_MARKER,
-                   "axial_subarticular": OFFSETS_MARKER}
-# The locators whose points a slice locator (a presence head over neighbouring slices) may decide:
-# always for the levels; for the foramina and the lateral recesses when a head was trained (else the
-# offsets alone).
-SLICE_HEADS = {"sagittal_levels", "sagittal_foramina", "axial_subarticular"}
-
-
-def has_slice_head(root: Path) -> bool:
-    """Whether a locator's folder holds a slice locator (fold models), finished or not."""
-    return any(root.glob("fold*/localizer.json"))
-# The groups whose located points a locator starts from.
-LOCATOR_ANCHORS = {"sagittal_foramina": [OFFSETS_ANCHOR], "axial_subarticular": [OFFSETS_ANCHOR]}
-# The locators that place points at learned offsets from the spinal canal (offsets.py), and how each
-# reads its series.
-OFFSET_LOCATORS = {"sagittal_foramina": locate_foramina, "axial_subarticular": locate_subarticular}
-
-
-def locator_trained(output_dir: Path, group: str) -> bool:
-    """Whether the group's locator (and every locator it starts from) has finished training in this run."""
-    locator = GROUPS[group].locator
-    marker = LOCATOR_MARKERS.get(locator)
-    root = RunLayout(output_dir).localizer_dir(group)
-    head_finished = locator not in SLICE_HEADS or not has_slice_head(root) or (root / SLICE_MARKER).is_file()
-    return (marker is not None and (root / marker).is_file() and head_finished
-            and all(locator_trained(output_dir, g) for g in LOCATOR_ANCHORS.get(locator, [])))
-
-
-def needed_locators(groups: list[str]) -> list[str]:
-    """The locators that predicting ``groups`` runs: theirs and those they start from, in registry order."""
-    needed = set()
-    for group in groups:
-        needed.add(group)
-        needed.update(needed_locators(LOCATOR_ANCHORS.get(GROUPS[group].locator, [])))
-    return [g for g in GROUPS if g in needed]
-
-
-def locator_files(root: Path, group: str) -> list[Path]:
-    """The files a trained locator is made of, relative to its folder ``root`` (what a kernel carries)."""
-    locator = GROUPS[group].locator
-    with_head = locator in SLICE_HEADS and (root / SLICE_MARKER).is_file()
-    files = [Path(name) for name in dict.fromkeys([LOCATOR_MARKERS[locator], *([SLICE_MARKER] if with_head else [])])]
-    if with_head:
-        for fold in sorted(p.parent for p in root.glob("fold*/best.safetensors")):
-            files += [fold.relative_to(root) / "localizer.json", fold.relative_to(root) / "best.safetensors"]
-    return files
 
 
 # --- grading ------------------------------------------------------------------------------------
@@ -288,51 +150,6 @@ def training_priors(data_dir: Path | None, output_dir: Path) -> pd.DataFrame:
     if saved.is_file():
         return pd.read_csv(saved)
     raise SpinegradeError(f"no training prior: neither {Path(data_dir or '.') / 'train.csv'} nor {saved} exists")
-
-
-def _study_series(data_dir: Path, split: str, description: str = SAGITTAL_T2) -> dict[int, Path | None]:
-    """The first ``description`` series folder of every study listed for ``split`` (None when it has none)."""
-    return {study: (found[0] if found else None) for study, found in _all_study_series(data_dir, split, description).items()}
-
-
-def _all_study_series(data_dir: Path, split: str, description: str) -> dict[int, list[Path]]:
-    """Every ``description`` series folder of every study listed for ``split``, in the CSV's order."""
-    path = data_dir / f"{split}_series_descriptions.csv"
-    series = read_csv_checked(path, ["study_id", "series_id", "series_description"])
-    out: dict[int, list[Path]] = {}
-    for r in series.itertuples():
-        try:
-            study = int(r.study_id)
-        except (TypeError, ValueError):
-            continue  # the index reports bad ids with their line
-        out.setdefault(study, [])
-        if r.series_description == description:
-            try:
-                out[study].append(data_dir / f"{split}_images" / str(study) / str(int(r.series_id)))
-            except (TypeError, ValueError):
-                pass  # no usable series id: the study gets the prior
-    return out
-
-
-def _read_stacks(series_dir: Path | None, description: str = SAGITTAL_T2) -> tuple[list[Stack], str | None]:
-    """Every stack of a series (headers only: the locator decodes the slices it chooses), or a problem."""
-    if series_dir is None:
-        return [], f"no {description} series listed"
-    if not series_dir.is_dir():
-        return [], f"{series_dir}: series folder absent"
-    errors: list[DicomReadError] = []
-    stacks = read_series(series_dir, with_pixels=False, errors=errors)
-    # Placeholder images (under 8 pixels a side) are no slice to grade, as in training.
-    stacks = [Stack(kept) for kept in ([s for s in st.slices if min(s.shape) >= MIN_IMAGE_SIDE] for st in stacks) if kept]
-    if not stacks:
-        return [], f"{series_dir}: no readable DICOM file" + (f" ({errors[0]})" if errors else "")
-    return stacks, None
-
-
-def _read_stack(series_dir: Path | None, description: str = SAGITTAL_T2) -> tuple[Stack | None, str | None]:
-    """The series' main stack (the most slices), or a problem."""
-    stacks, problem = _read_stacks(series_dir, description)
-    return main_stack(stacks), problem
 
 
 def submission_frame(study_ids: list[int], graded: dict[str, dict[str, dict[int, dict[str, np.ndarray]]]],
@@ -440,11 +257,22 @@ class SplitGrades:
     blends: dict[str, Blend]
 
 
+def locate_with_anchors(data_dir: Path, split: str, output_dir: Path, group: str, device: torch.device,
+                        located: dict[str, list[LocatedStudy]]) -> list[LocatedStudy]:
+    """``group``'s located studies, from ``located`` (group -> located studies) when already there;
+    else located, after the group its locator starts from, and both kept in ``located``."""
+    if group not in located:
+        anchor = locator_class(group).anchor
+        anchors = locate_with_anchors(data_dir, split, output_dir, anchor, device, located) if anchor else None
+        located[group] = locate_split(data_dir, split, output_dir, group, device, anchors=anchors)
+    return located[group]
+
+
 def grade_split(data_dir: Path, split: str, output_dir: Path, blends: dict[str, Blend], device: torch.device) -> SplitGrades:
     """Locate and grade every listed study of ``split`` for each group a blend covers; a group without
     a model or a study without its series is named in the log and left to the prior."""
-    result = SplitGrades(sorted(_study_series(data_dir, split)), {}, {}, blends)
-    anchors: list[LocatedStudy] | None = None  # the spinal points, which start the offsets locators: located once
+    result = SplitGrades(listed_studies(data_dir, split), {}, {}, blends)
+    located_by_group: dict[str, list[LocatedStudy]] = {}  # each group located once (the spinal points start others)
     for group, spec in GROUPS.items():
         blend = blends.get(group)
         names = [n for n, w in zip(blend.backbones, blend.weights) if w > 0] if blend else []
@@ -455,11 +283,7 @@ def grade_split(data_dir: Path, split: str, output_dir: Path, blends: dict[str, 
             log.warning(f"{group}: no trained locator places its points ({RunLayout(output_dir).localizer_dir(group)}: "
                         "run `spinegrade train-localizer`); its rows get the training prior")
             continue
-        if spec.locator in OFFSET_LOCATORS and anchors is None:
-            anchors = locate_split(data_dir, split, output_dir, OFFSETS_ANCHOR, device)
-        located = locate_split(data_dir, split, output_dir, group, device, anchors=anchors)
-        if group == OFFSETS_ANCHOR:
-            anchors = located
+        located = locate_with_anchors(data_dir, split, output_dir, group, device, located_by_group)
         result.located[group] = located
         result.graded[group] = {}
         for name in names:
@@ -506,166 +330,6 @@ def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, back
     log.info(f"{len(submission)} rows for {len(grades.studies)} studies written to {out} "
              f"(per backbone: {predictions_dir / f'{split}_per_backbone.csv'})")
     return per_backbone, submission
-
-
-def _by_fold(studies, folds: pd.Series | None) -> dict[int | None, list[int]]:
-    """``studies`` grouped by the fold whose locator locates them (study -> fold in ``folds``), or all
-    under None (the locator of every fold together)."""
-    if folds is None:
-        return {None: sorted(studies)}
-    return {int(f): sorted(s for s in folds.index[folds == f] if s in studies) for f in sorted(folds.unique())}
-
-
-def locate_split(data_dir: Path, split: str, output_dir: Path, group: str, device: torch.device,
-                 folds: pd.Series | None = None, anchors: list[LocatedStudy] | None = None,
-                 threshold: float | None = None, choice: dict | None = None) -> list[LocatedStudy]:
-    """Every listed study of ``split`` located for ``group`` on its series. With ``folds`` (study ->
-    fold), each study by the locator of the fold that never saw it (out of fold). ``anchors``: the
-    spinal group's located studies, when already at hand (the offsets locators start from them).
-    ``threshold`` and ``choice``: a slice locator's presence threshold and its ``slice_choice.json``,
-    in place of the saved ones (the out-of-fold report that chooses the threshold)."""
-    if GROUPS[group].locator in OFFSET_LOCATORS:
-        return locate_offsets_split(data_dir, split, output_dir, group, device, folds, anchors, threshold, choice)
-    series = _study_series(data_dir, split, GROUPS[group].series)
-    assigned = _by_fold(series, folds)
-    located: list[LocatedStudy] = []
-    started = time.perf_counter()
-    progress = Progress(len(series), "localised")
-    for fold, studies in assigned.items():
-        locator = LocalizerEnsemble(RunLayout(output_dir).localizer_dir(group), device=device,
-                                    folds=None if fold is None else [fold], choice=choice)
-        for study in studies:
-            t0 = time.perf_counter()
-            series_dir = series[study]
-            try:
-                stack, problem = _read_stack(series_dir, GROUPS[group].series)
-                st = locate_study(study, stack, locator, problem, group=group, series=str(series_dir),
-                                  threshold=threshold)
-            except Exception as exc:  # one bad study must never stop the run: it gets the prior
-                st = LocatedStudy(study, {}, None, f"{series_dir}: {type(exc).__name__}: {exc}")
-            st.seconds = time.perf_counter() - t0
-            located.append(st)
-            progress.step()
-    log.info(f"{group}: localised {sum(s.locations is not None for s in located)} of {len(located)} studies "
-             f"({(time.perf_counter() - started) / max(len(located), 1):.2f} s per study: reading and localising)")
-    return located
-
-
-def locate_offsets_split(data_dir: Path, split: str, output_dir: Path, group: str, device: torch.device,
-                         folds: pd.Series | None = None, anchors: list[LocatedStudy] | None = None,
-                         threshold: float | None = None, choice: dict | None = None) -> list[LocatedStudy]:
-    """A group placed at learned offsets from the spinal canal (``OFFSET_LOCATORS``: the foramina on
-    Sagittal T1, the lateral recesses on Axial T2) on every listed study: every series of the group's
-    description, from the spinal canal points the level localiser places on the Sagittal T2/STIR
-    (located here when ``anchors`` is not given). A study without a readable series of the group, or
-    without spinal points to start from, gets no locations and a problem that names it (prior rows);
-    a level that no series reaches gets prior rows and a log line. Where the group's locator has a
-    trained slice head, the head decides within the offsets' window."""
-    if anchors is None:
-        anchors = locate_split(data_dir, split, output_dir, OFFSETS_ANCHOR, device, folds)
-    anchor = {st.study_id: st for st in anchors}
-    description = GROUPS[group].series
-    locate = OFFSET_LOCATORS[GROUPS[group].locator]
-    series = _all_study_series(data_dir, split, description)
-    assigned = _by_fold(series, folds)
-    located: list[LocatedStudy] = []
-    started = time.perf_counter()
-    root = RunLayout(output_dir).localizer_dir(group)
-    with_head = GROUPS[group].locator in SLICE_HEADS and (choice is not None or (root / SLICE_MARKER).is_file())
-    for fold, studies in assigned.items():
-        offsets = PointOffsets.load(root, folds=None if fold is None else [fold])
-        head = (LocalizerEnsemble(root, device=device, folds=None if fold is None else [fold], choice=choice)
-                if with_head else None)
-        extra = {"head": head, "threshold": threshold} if with_head else {}
-        for study in studies:
-            t0 = time.perf_counter()
-            stacks, problems = {}, []
-            for series_dir in series[study]:
-                try:
-                    found, problem = _read_stacks(series_dir, description)
-                except Exception as exc:  # one bad series must never stop the run
-                    found, problem = [], f"{series_dir}: {type(exc).__name__}: {exc}"
-                if found:
-                    stacks[str(series_dir)] = found
-                else:
-                    problems.append(problem)
-            start = anchor.get(study)
-            for series_dir in [d for d, found in stacks.items() if not _has_geometry(found)]:
-                del stacks[series_dir]  # a default orientation would place the sides anywhere
-                problems.append(f"{series_dir}: no ImagePositionPatient/ImageOrientationPatient, so its sides cannot be told")
-            if start is not None and start.locations is not None and not all(
-                    start.slice_of(r).has_geometry for r in start.locations.itertuples()):
-                start = LocatedStudy(study, {}, None, "its slice has no ImagePositionPatient/ImageOrientationPatient")
-            if not stacks:
-                st = LocatedStudy(study, {}, None, problems[0] if problems else f"no {description} series listed")
-            elif start is None or start.locations is None:
-                reason = start.problem if start is not None else "not located"
-                st = LocatedStudy(study, stacks, None, f"no spinal canal points to start the {group} points from "
-                                                       f"(Sagittal T2/STIR: {reason})")
-            else:
-                try:
-                    rows, outside = locate(study, canal_points(start), stacks, offsets, **extra)
-                except Exception as exc:  # one bad study must never stop the run: it gets the prior
-                    rows, outside = [], []
-                    problems.insert(0, f"cannot place its {group} points ({type(exc).__name__}: {exc})")
-                if outside:
-                    log.info(f"study {study}: no {description} series reaches the {group} points at "
-                             f"{', '.join(outside)}; prior rows there")
-                st = LocatedStudy(study, stacks, pd.DataFrame(rows, columns=LOCATION_COLUMNS) if rows else None,
-                                  None if rows else (problems[0] if problems else f"no {group} point inside the "
-                                                                                  f"{description} volume"))
-            st.seconds = time.perf_counter() - t0
-            located.append(st)
-    log.info(f"{group}: located {sum(s.locations is not None for s in located)} of {len(located)} studies "
-             f"({(time.perf_counter() - started) / max(len(located), 1):.2f} s per study: reading and locating)")
-    return located
-
-
-def _has_geometry(stacks: list[Stack]) -> bool:
-    return all(s.has_geometry for stack in stacks for s in stack.slices)
-
-
-def report_locator(output_dir: str | Path, data_dir: str | Path, group: str, folds_path: str | Path | None = None,
-                   device: str | None = None, choice: dict | None = None) -> dict:
-    """A group's locator out of fold on the training studies, as prediction runs it (each study by the
-    fold models that never saw it), against the labelled points: ``results/localizer_<group>_report.json``.
-
-    ``choice``: a slice locator just trained (what its ``slice_choice.json`` will hold, less the
-    threshold). Its presence threshold is chosen first, on these out-of-fold studies
-    (``locator_report.choose_threshold``), then ``slice_choice.json`` is written, marking it finished."""
-    from spinegrade.data.folds import read_folds
-    from spinegrade.layout import run_folds
-    from spinegrade.localize import write_slice_choice
-    from spinegrade.locator_report import NEVER, choose_threshold, compare_with_labels, with_threshold, write_locator_report
-    from spinegrade.train import select_device
-
-    output_dir, data_dir = Path(output_dir), Path(data_dir)
-    folds = read_folds(run_folds(RunLayout(output_dir), folds_path)).set_index("study_id")["fold"]
-    device_ = select_device(device)
-
-    # a locator placed from the canal starts from the same spinal points however often it is run here
-    anchors = (locate_split(data_dir, "train", output_dir, OFFSETS_ANCHOR, device_, folds=folds)
-               if GROUPS[group].locator in OFFSET_LOCATORS else None)
-
-    def compared(threshold: float | None = None, with_choice: dict | None = None) -> pd.DataFrame:
-        located = locate_split(data_dir, "train", output_dir, group, device_, folds=folds, anchors=anchors,
-                               threshold=threshold, choice=with_choice)
-        stacks = {(st.study_id, series): found for st in located for series, found in st.stacks.items()}
-        return compare_with_labels(locations_table(located), stacks, data_dir, group)
-
-    if choice is None:
-        return write_locator_report(compared(), output_dir, group)
-    by_head, by_geometry = compared(0.0, choice), compared(NEVER, choice)
-    threshold = choose_threshold(by_head, by_geometry)
-    write_slice_choice(output_dir, group, {**choice, "threshold": threshold})
-    log.info(f"{group}: presence threshold {threshold:.3f}, chosen out of fold")
-    return write_locator_report(with_threshold(by_head, by_geometry, threshold), output_dir, group, threshold=threshold)
-
-
-def locations_table(located: list[LocatedStudy]) -> pd.DataFrame:
-    """The locations of every located study, one table."""
-    frames = [s.locations for s in located if s.locations is not None]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=LOCATION_COLUMNS)
 
 
 def score_submission(submission: pd.DataFrame | str | Path, labels_csv: str | Path) -> dict[str, float]:

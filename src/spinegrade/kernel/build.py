@@ -34,7 +34,7 @@ from spinegrade.kernel import (
 )
 from spinegrade.kernel.wheels import collect_wheels
 from spinegrade.layout import RunLayout
-from spinegrade.predict import locator_files, locator_trained, needed_locators
+from spinegrade.locators import locator_files, locator_trained, needed_locators
 from spinegrade.logs import get_logger
 
 log = get_logger(__name__)
