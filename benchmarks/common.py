@@ -33,6 +33,16 @@ def benchmark_data(args: argparse.Namespace, scratch: Path) -> Path:
     return target
 
 
+# make demo's data and its grading models' settings per group (Makefile: DEMO_DATA, DEMO_FOLDS,
+# DEMO_TRAIN_FLAGS, DEMO_FORAMINAL_FLAGS, DEMO_SUBARTICULAR_FLAGS), on the efficientnet_lite0 config
+DEMO_DATA = Path("input/demo/rsna-2024-lumbar-spine-degenerative-classification")
+DEMO_FOLDS = Path("input/demo/folds.csv")
+DEMO_GRADING = {"spinal": {"num_epochs": 5}, "foraminal": {"num_epochs": 4, "image_size": 96},
+                "subarticular": {"num_epochs": 4, "image_size": 96}}
+# each group's competition terms
+TERMS = {"spinal": ["spinal", "any_severe_spinal"], "foraminal": ["foraminal"], "subarticular": ["subarticular"]}
+
+
 def machine() -> dict:
     return {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

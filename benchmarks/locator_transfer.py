@@ -17,8 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-
-from common import report
+from common import TERMS, report
 from spinegrade.config import LocalizerConfig
 from spinegrade.constants import GROUPS
 from spinegrade.data.synthetic import SynthSettings, write_dataset
@@ -27,8 +26,6 @@ from spinegrade.locators import report_locator, train_locator
 from spinegrade.metrics import competition_score
 from spinegrade.oof import parsed
 from spinegrade.predict import localised_oof
-
-TERMS = {"spinal": ["spinal", "any_severe_spinal"], "foraminal": ["foraminal"], "subarticular": ["subarticular"]}
 
 
 def end_to_end(run: Path, data: Path, folds: Path, group: str) -> dict[str, float]:

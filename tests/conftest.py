@@ -39,8 +39,9 @@ def real_metadata() -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """A whole small run: 30+5 synthetic studies, 3 folds, every group's locator (the canal, the foramina
-    and the lateral recesses, each with its slice locator), two EfficientNet-Lite0 configs (48 and 72 mm crops) on the
-    spinal group and one on each of the foraminal and subarticular groups, every fold.
+    and the lateral recesses, each with its slice locator), two EfficientNet-Lite0 configs (48 and 72 mm crops)
+    on the spinal group and one on each of the foraminal and subarticular groups (reading three and five
+    neighbouring slices as channels), every fold.
 
     Settings are tiny (CPU, seconds per fold) but every stage is the real one.
     """
@@ -67,8 +68,10 @@ def trained_run(tmp_path_factory):
         for fold in range(3):
             train_fold(config, data, folds, out, fold)
     # the subarticular narrowing is the subtlest: it gets two more epochs
-    for group, epochs in (("foraminal", 3), ("subarticular", 5)):
-        config = load_config("efficientnet_lite0", {**small, "num_epochs": epochs}, group=group)
+    # the foraminal model reads three slices as channels and the subarticular model five (each group's only
+    # backbone, so every later stage, the blend and the kernel included, runs them)
+    for group, epochs, slices in (("foraminal", 3, 3), ("subarticular", 5, 5)):
+        config = load_config("efficientnet_lite0", {**small, "num_epochs": epochs, "slices": slices}, group=group)
         for fold in range(3):
             train_fold(config, data, folds, out, fold)
     return {"data": data, "folds": folds, "out": out, "answers": root / "data-answers", "localizer_report": reports["spinal"],

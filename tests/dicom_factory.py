@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
@@ -59,3 +60,21 @@ def labelled_canal(table, study: int) -> dict[str, np.ndarray]:
     rows = table[(table["study_id"] == study) & (table["condition"] == "spinal_canal_stenosis")
                  & table["instance_number"].notna()]
     return {r.level: read_slice(r.image_path, with_pixels=False).pixel_to_patient(r.x, r.y) for r in rows.itertuples()}
+
+
+def mirror_series(source: Path, target: Path) -> None:
+    """The same slices stored with their rows running the other way: pixel columns reversed, the row
+    direction negated and the first pixel's position moved to the other end. Patient space is unchanged."""
+    target.mkdir(parents=True)
+    for f in sorted(source.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            ds.decompress()
+        pixels = ds.pixel_array[:, ::-1].copy()
+        orientation = [float(v) for v in ds.ImageOrientationPatient]
+        row = np.array(orientation[:3])
+        position = np.array([float(v) for v in ds.ImagePositionPatient]) + row * float(ds.PixelSpacing[1]) * (ds.Columns - 1)
+        ds.ImageOrientationPatient = [*(-row).tolist(), *orientation[3:]]
+        ds.ImagePositionPatient = position.tolist()
+        ds.PixelData = pixels.tobytes()
+        ds.save_as(target / f.name)

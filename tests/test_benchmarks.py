@@ -106,3 +106,20 @@ def test_label_geometry_benchmark_runs():
     figures = _run("label_geometry.py", "--studies", "20", "--seed", "2")
     assert figures["generated"]["studies"] == 20 and figures["real"]["studies"] == 1974
     assert 0 <= figures["generated"]["canal_several_slices"] <= 1
+
+
+def test_slices_benchmark_runs(trained_run, tmp_path):
+    figures = _run("slices.py", "--groups", "subarticular", "--slices", "1", "3", "--data-dir", str(trained_run["data"]),
+                   "--folds", str(trained_run["folds"]), "--output-dir", str(trained_run["out"]), "--scratch",
+                   str(tmp_path), "--num-epochs", "1", "--image-size", "32")
+    rows = figures["groups"]["subarticular"]
+    assert set(rows) == {"1", "3"} and rows["1"]["over_one_slice"]["labelled"]["subarticular"] == 1.0
+    assert all(0 < r[way]["subarticular"] < 5 for r in rows.values() for way in ("labelled", "end_to_end"))
+
+
+def test_hand_feature_benchmark_runs(trained_run, tmp_path):
+    figures = _run("hand_feature.py", "--groups", "subarticular", "--data-dir", str(trained_run["data"]), "--folds",
+                   str(trained_run["folds"]), "--cache", str(tmp_path))
+    row = figures["groups"]["subarticular"]
+    assert row["samples"] > 100 and 0 < row["feature"]["subarticular"] < 5 and 0 < row["prior"]["subarticular"] < 5
+    assert all(0 <= v <= 1 for v in row["mean_share_by_grade"].values())

@@ -96,7 +96,7 @@ def test_jitter_moves_the_point_and_the_slice_in_training_only():
     canvases[0, 2] = 100
     plain = LevelDataset(canvases, [0], [0], build_transform(train=False), image_size=32)
     view = plain._view(0)
-    assert view.shape == (32, 32) and view[16, 16] == 255 and view.sum() == 255
+    assert view.shape == (32, 32, 1) and view[16, 16, 0] == 255 and view.sum() == 255
     jittered = LevelDataset(canvases, [0], [0], build_transform(train=False), image_size=32,
                             jitter=Jitter(point_sd=2.0, slice_probability=0.5))
     positions, neighbours = set(), 0
@@ -106,7 +106,7 @@ def test_jitter_moves_the_point_and_the_slice_in_training_only():
         if v.max() == 100:
             neighbours += 1
         else:
-            positions.add(tuple(np.argwhere(v == 255)[0]))
+            positions.add(tuple(np.argwhere(v[..., 0] == 255)[0]))
     assert 8 <= neighbours <= 32 and len(positions) > 3
     assert all(12 <= r <= 20 and 12 <= c <= 20 for r, c in positions)  # never beyond the 4-pixel margin
 

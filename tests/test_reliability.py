@@ -1,5 +1,6 @@
 """Nothing lost to a crash: a training process killed with SIGKILL part-way, resumed with --resume,
-ends where an uninterrupted run ends; a finished fold is never trained again."""
+ends where an uninterrupted run ends; a finished fold is never trained again. (The killed grading
+model reads five neighbouring slices as channels, so that path is resumed too.)"""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ batch_size: 16
 num_epochs: 3
 learning_rate: 0.001
 num_workers: 0
+slices: 5
 """
 
 

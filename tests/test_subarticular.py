@@ -14,7 +14,7 @@ import pydicom
 import pytest
 import torch
 
-from dicom_factory import labelled_canal
+from dicom_factory import labelled_canal, mirror_series
 
 from spinegrade.constants import AXIAL_T2, GROUPS, LEVELS, row_id
 from spinegrade.data.dicom import read_slice
@@ -88,24 +88,6 @@ def test_each_level_and_side_lands_on_its_labelled_slice_in_every_axial_layout(s
     assert checked >= 100
 
 
-def _mirror_series(source: Path, target: Path) -> None:
-    """The same slices stored with their rows running the other way: pixel columns reversed, the row
-    direction negated and the first pixel's position moved to the other end. Patient space is unchanged."""
-    target.mkdir(parents=True)
-    for f in sorted(source.glob("*.dcm")):
-        ds = pydicom.dcmread(f)
-        if ds.file_meta.TransferSyntaxUID.is_compressed:
-            ds.decompress()
-        pixels = ds.pixel_array[:, ::-1].copy()
-        orientation = [float(v) for v in ds.ImageOrientationPatient]
-        row = np.array(orientation[:3])
-        position = np.array([float(v) for v in ds.ImagePositionPatient]) + row * float(ds.PixelSpacing[1]) * (ds.Columns - 1)
-        ds.ImageOrientationPatient = [*(-row).tolist(), *orientation[3:]]
-        ds.ImagePositionPatient = position.tolist()
-        ds.PixelData = pixels.tobytes()
-        ds.save_as(target / f.name)
-
-
 def test_rows_running_the_other_way_give_the_same_points_and_the_same_crops_per_side(synth_dataset, offsets, tmp_path):
     """A series and its mirror image in storage (same anatomy in patient space): each side is placed on
     the same patient point, and its crop (turned for its side) is the same image. Were sides taken from
@@ -115,7 +97,7 @@ def test_rows_running_the_other_way_give_the_same_points_and_the_same_crops_per_
     study = int(table[table["condition"] == LEFT]["study_id"].iloc[0])
     source = _axial_series(synth_dataset, "train", study)[0]
     mirrored = tmp_path / "mirrored"
-    _mirror_series(source, mirrored)
+    mirror_series(source, mirrored)
     canal = labelled_canal(table, study)
     located = {}
     for name, folder in (("source", source), ("mirrored", mirrored)):
@@ -314,7 +296,7 @@ def test_the_recess_head_keeps_each_side_on_the_patients_side_whichever_way_the_
         canal = labelled_canal(table, study)
         source = _axial_series(data, "train", study)[0]
         mirrored = tmp_path / f"mirrored-{study}"
-        _mirror_series(source, mirrored)
+        mirror_series(source, mirrored)
         found = {}
         for name, folder in (("source", source), ("mirrored", mirrored)):
             stacks = {name: read_stacks(folder, AXIAL_T2)[0]}

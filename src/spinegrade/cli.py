@@ -88,7 +88,8 @@ TRAIN_OVERRIDES: list[tuple[str, type, str]] = [
     ("num_workers", int, "data loader worker processes"),
     ("compile", str, "torch.compile the model: off, on, or a backend (eager, aot_eager, inductor)"),
     ("point_jitter_mm", float, "training shift of the point, standard deviation in mm (3)"),
-    ("neighbour_slice_probability", float, "how often training uses a neighbouring slice (0.2)"),
+    ("neighbour_slice_probability", float, "how often training moves the slices read by one (0.2)"),
+    ("slices", int, "the labelled slice and its neighbours as input channels: 1, 3 or 5 (the group's default)"),
     ("backbone", str, "timm model name, overriding the config's"),
 ]
 

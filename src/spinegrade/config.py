@@ -80,6 +80,8 @@ class TrainConfig:
     # (crops only), and a neighbouring slice used this often.
     point_jitter_mm: float = 3.0
     neighbour_slice_probability: float = 0.2
+    # The labelled slice and its neighbours read as input channels (odd: 1, 3, 5), in anatomical order.
+    slices: int = 1
     seed: int = 42
     num_workers: int = 2
     # torch.compile the model: "off", "on" (the default inductor backend) or a backend name ("eager",
@@ -197,7 +199,7 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None, conf
     if group not in GROUPS:
         raise SpinegradeError(f"{path}: group must be one of {', '.join(GROUPS)}, got {group!r}")
     registry = GROUPS[group]
-    values: dict[str, Any] = {"input": registry.input, "crop_mm": registry.crop_mm}
+    values: dict[str, Any] = {"input": registry.input, "crop_mm": registry.crop_mm, "slices": registry.slices}
     if registry.turn_by_side:  # its crops keep one orientation: a horizontal flip would undo it (YAML or a flag may)
         values["flip_probability"] = 0.0
     values.update(file_values)
@@ -215,6 +217,8 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None, conf
         raise SpinegradeError(f"{path}: input must be 'full' or 'crop', got {config.input!r}")
     if config.class_weights not in ("inverse_frequency", "competition", "none"):
         raise SpinegradeError(f"{path}: class_weights must be inverse_frequency, competition or none")
+    if config.slices < 1 or config.slices % 2 != 1:
+        raise SpinegradeError(f"{path}: slices must be an odd number (1, 3, 5), got {config.slices}")
     if len(config.hidden_sizes) != 2:
         raise SpinegradeError(f"{path}: hidden_sizes must be two numbers, got {list(config.hidden_sizes)}")
     return config

@@ -41,6 +41,8 @@ class ConditionGroup:
     # Crops of both sides shown in one orientation (each side's lateral edge to the image's right): on an
     # axial slice the two sides are mirror images, so one model grades both from one view of the anatomy.
     turn_by_side: bool = False
+    # Slices read as channels by its grading models by default: the labelled one and its neighbours (1, 3, 5).
+    slices: int = 1
 
 
 @dataclass(frozen=True)

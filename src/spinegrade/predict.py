@@ -12,7 +12,6 @@ each condition and level, and the command names it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -78,16 +77,16 @@ def load_fold_models(output_dir: Path, name: str, group: str, device: torch.devi
 # --- grading ------------------------------------------------------------------------------------
 
 def model_inputs(study: LocatedStudy, settings: PreprocessSettings) -> np.ndarray | None:
-    """(rows of its locations, H, W) uint8: the images a model of ``settings`` grades, made exactly as
-    training's cache makes them (neighbouring slices are not needed here)."""
-    single = dataclasses.replace(settings, neighbours=0)
+    """(rows of its locations, slices, H, W) uint8: the images a model of ``settings`` grades (the
+    located slice and the neighbours it reads as channels, ``PreprocessSettings.from_model``), made
+    exactly as training's cache makes them."""
     windows: dict[str, dict] = {}  # per series: its slices' intensity windows
     images = []
     for r in study.locations.itertuples():
         stack, k = study.stack_at(r)
-        canvases = prepare_stack(stack, k, r.x, r.y, single, windows.setdefault(f"{r.series}:{id(stack)}", {}),
+        canvases = prepare_stack(stack, k, r.x, r.y, settings, windows.setdefault(f"{r.series}:{id(stack)}", {}),
                                  condition=r.condition)
-        images.append(centre_view(canvases, settings.image_size))
+        images.append(centre_view(canvases, settings.image_size, len(canvases)))
     return np.stack(images)
 
 
@@ -118,7 +117,7 @@ def grade_studies(studies: list[LocatedStudy], models: list[FoldModel], device: 
     levels = torch.tensor([level_index[lv] for st in usable for lv in st.locations["level"]])
     total = np.zeros((len(levels), 3))
     for m in models:
-        batch = torch.from_numpy(by_settings[m.settings][:, None])  # uint8 grey: the model normalises
+        batch = torch.from_numpy(by_settings[m.settings])  # uint8 grey (rows, slices, H, W): the model normalises
         probs = []
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             for start in range(0, len(batch), 64):

@@ -171,13 +171,14 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
 
     device_ = select_device(device, world)
     seed_everything(config.seed)
-    spec = ModelSpec(config.backbone, config.level_embeddings, tuple(config.hidden_sizes), config.dropout)
+    spec = ModelSpec(config.backbone, config.level_embeddings, tuple(config.hidden_sizes), config.dropout,
+                     slices=config.slices)
     model = LevelClassifier(spec)
     say(load_pretrained(model, config.pretrained, config.weights))
     trainable, frozen = apply_freezing(model, config.freeze_backbone, config.unfreeze_last_n)
     say(f"parameters: {trainable:,} trainable, {frozen:,} frozen (freeze_backbone={config.freeze_backbone}, "
         f"unfreeze_last_n={config.unfreeze_last_n} backbone tensors)")
-    mean, std = input_statistics(model.backbone)
+    mean, std = input_statistics(model.backbone, spec.input_channels)
     model.to(device_)
     if device_.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -205,11 +206,12 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
                     slice_probability=config.neighbour_slice_probability)
     train_set = SeededDataset(LevelDataset(cache.images, levels, targets, build_transform(
         True, config.flip_probability, config.rotation_degrees), train_idx, flipped,
-        image_size=config.image_size, jitter=jitter), config.seed)
-    val_set = LevelDataset(cache.images, levels, targets, build_transform(False), val_idx, image_size=config.image_size)
+        image_size=config.image_size, jitter=jitter, slices=config.slices), config.seed)
+    val_set = LevelDataset(cache.images, levels, targets, build_transform(False), val_idx, image_size=config.image_size,
+                           slices=config.slices)
     train_sampler = EpochSampler(len(train_set), config.seed, shuffle=True, world=world)
     workers = max(0, int(config.num_workers))
-    loader_args = dict(image_shape=(1, config.image_size, config.image_size), workers=workers,
+    loader_args = dict(image_shape=(config.slices, config.image_size, config.image_size), workers=workers,
                        pin_memory=device_.type == "cuda", seed=config.seed)
     train_loader = batch_loader(train_set, batch_size, train_sampler, drop_last=len(train_sampler) > batch_size,
                                 **loader_args)

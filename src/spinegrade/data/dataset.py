@@ -1,5 +1,9 @@
 """Samples as dicts (image, level, target, index) from the preprocessing cache; albumentations pipelines.
 
+An image is the labelled slice alone, or with its neighbours as channels (``slices``: 3 or 5, in the
+anatomical order the cache keeps, ``preprocess.neighbour_indices``): augmentation treats such a stack
+as one image, the same flip and rotation for every channel, and a locator's slice error moves the
+whole stack by one slice.
 Augmentation runs on training samples only: horizontal flip and rotation of the uint8 grey image;
 the model normalises whole batches with its backbone's mean and std. A horizontal flip of an *axial* image exchanges the
 patient's left and right, so a sample carrying a left/right label takes the other side's label
@@ -100,10 +104,13 @@ class LevelDataset(Dataset):
 
     def __init__(self, images: np.ndarray, levels: np.ndarray, targets: np.ndarray, transform: A.Compose,
                  indices: np.ndarray | None = None, flipped_targets: np.ndarray | None = None,
-                 image_size: int | None = None, jitter: Jitter = Jitter()):
-        # images: (N, H, W), or (N, slices, C, C) canvases from the cache (centre slice in the middle).
+                 image_size: int | None = None, jitter: Jitter = Jitter(), slices: int = 1):
+        # images: (N, H, W), or (N, cached slices, C, C) canvases from the cache (centre slice in the middle).
         self.images = images if images.ndim == 4 else images[:, None]
         self.image_size = image_size or self.images.shape[-1]
+        self.slices = slices
+        if slices % 2 != 1 or slices > self.images.shape[1]:
+            raise ValueError(f"{slices} slices as channels: an odd number, at most the {self.images.shape[1]} cached")
         self.jitter = jitter
         self.rng = np.random.default_rng(0)
         self.levels = np.asarray(levels, dtype=np.int64)
@@ -122,32 +129,34 @@ class LevelDataset(Dataset):
         self.transform.set_random_state(self.rng, random.Random(seed))
 
     def _view(self, k: int) -> np.ndarray:
-        """The model-sized image of sample ``k``: centre slice and centre crop, or jittered ones."""
-        slices, canvas = self.images.shape[1], self.images.shape[-1]
-        centre = slices // 2
-        s = centre
-        if slices > 1 and self.jitter.slice_probability > 0 and self.rng.random() < self.jitter.slice_probability:
-            s = centre + int(self.rng.choice([-1, 1]))
+        """The model-sized image of sample ``k`` (H, W, slices): the centre slices and centre crop, or
+        jittered ones (the whole stack moved by one slice, the point by a few pixels)."""
+        cached, canvas = self.images.shape[1], self.images.shape[-1]
+        centre = cached // 2
+        if cached > self.slices and self.jitter.slice_probability > 0 and self.rng.random() < self.jitter.slice_probability:
+            centre += int(self.rng.choice([-1, 1]))
         margin = (canvas - self.image_size) // 2
         dx = dy = 0
         if margin > 0 and self.jitter.point_sd > 0:
             dx, dy = np.clip(np.round(self.rng.normal(0, self.jitter.point_sd, 2)), -margin, margin).astype(int)
         top, left = margin + dy, margin + dx
-        return np.asarray(self.images[k, s, top: top + self.image_size, left: left + self.image_size])
+        half = self.slices // 2
+        stack = self.images[k, centre - half:centre + half + 1, top: top + self.image_size, left: left + self.image_size]
+        return np.ascontiguousarray(np.moveaxis(np.asarray(stack), 0, -1))
 
     def __getitem__(self, i: int) -> dict:
-        """``image``: uint8 (1, H, W), grey; the model normalises it."""
+        """``image``: uint8 (slices, H, W), grey; the model normalises it."""
         k = int(self.indices[i])
         result = self.transform(image=self._view(k))
         image, target = result["image"], self.targets[k]
-        if image.ndim == 3:  # albumentations may hand a grey image back with a channel axis
-            image = image[:, :, 0]
+        if image.ndim == 2:  # albumentations may hand a one-channel image back without its channel axis
+            image = image[:, :, None]
         if flip_applied(result):
             if self.flipped_targets[k] >= 0:
                 target = self.flipped_targets[k]
             else:
                 image = image[:, ::-1]
-        image = torch.from_numpy(np.ascontiguousarray(image))[None]
+        image = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 0)))
         return {"image": image, "level": torch.tensor(self.levels[k]), "target": torch.tensor(target),
                 "index": torch.tensor(k)}
 

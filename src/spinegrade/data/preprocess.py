@@ -40,7 +40,7 @@ from spinegrade.progress import Progress
 
 log = get_logger(__name__)
 
-PREPROCESS_VERSION = 5  # 5: crops of an oriented group turned by side; 4: whole slices keep their shape, padding outside the window; 3: window after the crop
+PREPROCESS_VERSION = 6  # 6: neighbours in anatomical order, a far neighbour replaced by the labelled slice; 5: crops of an oriented group turned by side; 4: whole slices keep their shape, padding outside the window; 3: window after the crop
 # Intensity window: robust to the scanner's arbitrary scale and to a few hot pixels.
 LOW_PERCENTILE, HIGH_PERCENTILE = 1.0, 99.5
 
@@ -51,22 +51,25 @@ class PreprocessSettings:
     input: str  # "full" or "crop"
     image_size: int
     crop_mm: float
-    neighbours: int = 1  # slices cached on each side of the labelled one
+    neighbours: int = 1  # slices cached on each side of the labelled one (:func:`cached_neighbours`)
     margin: float = 0.25  # a crop's cached canvas is this much larger, for point jitter
     turn_by_side: bool = False  # crops turned for their side (:func:`side_turn`)
 
     @classmethod
     def from_config(cls, config) -> "PreprocessSettings":
         return cls(config.group, config.input, config.image_size, config.crop_mm,
+                   neighbours=cached_neighbours(getattr(config, "slices", 1)),
                    turn_by_side=GROUPS[config.group].turn_by_side and config.input == "crop")
 
     @classmethod
     def from_model(cls, spec: dict) -> "PreprocessSettings":
-        """What a trained fold's ``model.json`` was trained on (one from before condition groups names
-        its ``condition`` instead of its group; one from before turned crops saw them unturned)."""
+        """What a trained fold's ``model.json`` was trained on, with the neighbours it reads as channels
+        and no more (prediction's images; one from before condition groups names its ``condition``
+        instead of its group; one from before turned crops saw them unturned; one from before
+        neighbouring slices as channels reads one slice)."""
         group = spec.get("group") or CONDITION_GROUP[spec["condition"]]
         return cls(group, spec["input"], int(spec["image_size"]), float(spec["crop_mm"]),
-                   turn_by_side=bool(spec.get("turn_by_side", False)))
+                   neighbours=int(spec.get("slices", 1)) // 2, turn_by_side=bool(spec.get("turn_by_side", False)))
 
     @property
     def canvas_size(self) -> int:
@@ -78,6 +81,14 @@ class PreprocessSettings:
     @property
     def mm_per_pixel(self) -> float:
         return self.crop_mm / self.image_size
+
+
+def cached_neighbours(slices: int) -> int:
+    """Slices cached on each side of the labelled one for a model that reads ``slices`` (odd) slices as
+    channels: one more than it reads, so that training can move the whole stack by one slice (a
+    locator's error) without leaving the cache. So the cache is keyed per setting: 1 slice caches 3
+    canvases a sample, 3 slices 5, and 5 slices 7."""
+    return slices // 2 + 1
 
 
 # The window's percentiles are read on about this many pixels (an even grid over the image): the
@@ -256,23 +267,58 @@ def turn(image: np.ndarray, transpose: bool, flip_rows: bool, flip_cols: bool) -
 SAMPLE_KEY = ["study_id", "condition", "level"]
 
 
+# The patient axis each kind of slice stack's channels run along (LPS: +x the patient's left, +y
+# posterior, +z head). Sagittal: from the patient's right to left; for one side's structure (a
+# foramen), from the midline out (medial to lateral), so both sides reach a model the same way round.
+# Axial: from superior to inferior. Coronal: front to back.
+SAGITTAL_ORDER, AXIAL_ORDER, CORONAL_ORDER = np.array([1.0, 0, 0]), np.array([0, 0, -1.0]), np.array([0, 1.0, 0])
+NEIGHBOUR_REACH = 0.5  # a neighbour n slices away may lie up to (n + this) slice gaps from the labelled slice
+
+
+def anatomical_direction(stack: Stack, side: str | None) -> np.ndarray:
+    """The patient-space direction a stack's neighbouring slices are ordered along, as channels:
+    from the stack's normal (its nearest patient axis) and the side of the structure graded."""
+    axis = int(np.argmax(np.abs(stack.normal)))
+    if axis == 0:
+        return -SAGITTAL_ORDER if side == "right" else SAGITTAL_ORDER
+    return AXIAL_ORDER if axis == 2 else CORONAL_ORDER
+
+
+def neighbour_indices(stack: Stack, index: int, neighbours: int, side: str | None = None) -> list[int]:
+    """Indices of the ``2 * neighbours + 1`` slices read around slice ``index``, in anatomical order
+    (:func:`anatomical_direction`), whichever way the series was stored. Past the stack's ends, or
+    farther from the labelled slice than ``n + NEIGHBOUR_REACH`` slice gaps for the n-th neighbour (a
+    jump between the blocks of a per-level axial series), the labelled slice stands in."""
+    distances = np.array([s.distance for s in stack.slices])
+    gap = float(np.median(np.abs(np.diff(distances)))) if len(stack) > 1 else 0.0
+    step = -1 if float(stack.normal @ anatomical_direction(stack, side)) < 0 else 1  # the stack runs along its normal
+    out = []
+    for n in range(-neighbours, neighbours + 1):
+        k = index + step * n
+        if not 0 <= k < len(stack) or abs(distances[k] - distances[index]) > (abs(n) + NEIGHBOUR_REACH) * gap + 1e-6:
+            k = index
+        out.append(k)
+    return out
+
+
 def prepare_stack(stack: Stack, index: int, x: float, y: float, settings: PreprocessSettings,
                   windowed: dict[int, tuple[float, float] | None] | None = None,
                   problems: list[str] | None = None, condition: str | None = None) -> np.ndarray:
-    """Canvases (2 * neighbours + 1, C, C) for slice ``index`` of ``stack`` and its neighbours, each
-    centred on the same patient-space point (projected on the neighbour's own geometry); at the
-    ends of the stack, or where a neighbour cannot be decoded, the labelled slice stands in. With
-    ``settings.turn_by_side`` (a group's ``ConditionGroup.turn_by_side``, recorded with its models), each
-    canvas is turned for ``condition``'s side (:func:`side_turn`).
+    """Canvases (2 * neighbours + 1, C, C) for slice ``index`` of ``stack`` and its neighbours, in
+    anatomical order (:func:`neighbour_indices`), each centred on the same patient-space point
+    (projected on the neighbour's own geometry); past the ends of the stack, across a jump in it, or
+    where a neighbour cannot be decoded, the labelled slice stands in. With ``settings.turn_by_side``
+    (a group's ``ConditionGroup.turn_by_side``, recorded with its models), each canvas is turned for
+    ``condition``'s side (:func:`side_turn`).
     Pixels are decoded here, for these slices only; ``windowed`` keeps each slice's window limits
     across the calls for one series (the five levels usually sit on the same few slices)."""
     windowed = {} if windowed is None else windowed
     if index in windowed and windowed[index] is None:  # found undecodable as another sample's neighbour
         raise DicomReadError(stack.slices[index].path, "cannot decode pixel data (named above as a neighbouring slice)")
     point = stack.slices[index].pixel_to_patient(x, y)
+    side = REGISTRY[condition].side if condition else None
     out = []
-    for offset in range(-settings.neighbours, settings.neighbours + 1):
-        k = min(max(index + offset, 0), len(stack) - 1)
+    for k in neighbour_indices(stack, index, settings.neighbours, side):
         if k not in windowed:
             try:
                 windowed[k] = window_limits(load_pixels(stack.slices[k]))
@@ -290,18 +336,20 @@ def prepare_stack(stack: Stack, index: int, x: float, y: float, settings: Prepro
         px, py, _ = s.patient_to_pixel(point)
         canvas = prepare_image(s.pixels, s.pixel_spacing, px, py, settings, size=settings.canvas_size,
                                limits=windowed[k])
-        side = REGISTRY[condition].side if condition else None
         if settings.turn_by_side and side:
             canvas = turn(canvas, *side_turn(s, side))
         out.append(canvas)
     return np.stack(out)
 
 
-def centre_view(canvases: np.ndarray, image_size: int) -> np.ndarray:
-    """The model's input from a sample's cached canvases (slices, C, C): the centre slice, cut to
-    ``image_size`` around the centre, as training sees it without jitter (and prediction always)."""
+def centre_view(canvases: np.ndarray, image_size: int, slices: int = 1) -> np.ndarray:
+    """The model's input from a sample's cached canvases (cached slices, C, C): the centre ``slices``
+    slices (slices, S, S), cut to ``image_size`` around the centre, as training sees it without jitter
+    (and prediction always)."""
     margin = (canvases.shape[-1] - image_size) // 2
-    return np.asarray(canvases[canvases.shape[0] // 2, margin:margin + image_size, margin:margin + image_size])
+    centre = canvases.shape[0] // 2
+    return np.asarray(canvases[centre - slices // 2:centre + slices // 2 + 1,
+                               margin:margin + image_size, margin:margin + image_size])
 
 
 @dataclass

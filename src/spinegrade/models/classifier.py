@@ -8,6 +8,12 @@ Transfer learning: with ``freeze_backbone`` the whole backbone is frozen, then t
 ``unfreeze_last_n`` *parameter tensors* of the backbone, in registration order, are trained again.
 A "layer" here is therefore one weight or bias tensor (a conv's weight, a norm's scale), not a block:
 32 tensors is about the last stage of a ConvNeXt or the last two blocks of a ViT.
+
+Neighbouring slices as channels (``slices``): one grey slice is repeated over the three ImageNet
+channels; three slices are the three channels, each normalised with its channel's statistics; five
+(or more) make a backbone with that many input channels (timm's ``in_chans``), whose first layer's
+pretrained kernel is adapted from the three colour channels (timm's ``adapt_input_conv``) and whose
+input statistics are the mean of the three.
 """
 
 from __future__ import annotations
@@ -37,6 +43,12 @@ class ModelSpec:
     dropout: float = 0.1
     num_levels: int = len(LEVELS)
     num_classes: int = len(SEVERITIES)
+    slices: int = 1  # neighbouring slices read as channels (absent from a model.json before them: 1)
+
+    @property
+    def input_channels(self) -> int:
+        """The backbone's input channels: ImageNet's three for one or three slices, else one per slice."""
+        return 3 if self.slices in (1, 3) else self.slices
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -45,7 +57,8 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
-        fields = {k: d[k] for k in ("backbone", "level_embeddings", "hidden_sizes", "dropout", "num_levels", "num_classes") if k in d}
+        fields = {k: d[k] for k in ("backbone", "level_embeddings", "hidden_sizes", "dropout", "num_levels", "num_classes",
+                                    "slices") if k in d}
         fields["hidden_sizes"] = tuple(fields.get("hidden_sizes", (512, 256)))
         return cls(**fields)
 
@@ -53,7 +66,7 @@ class ModelSpec:
 class LevelClassifier(nn.Module):
     """Backbone features joined with a level embedding, classified by the MLP head.
 
-    It takes images as the loader gives them: uint8 grey, (N, 1, H, W), and normalises them itself
+    It takes images as the loader gives them: uint8 grey, (N, slices, H, W), and normalises them itself
     with the backbone's pretraining statistics. The loader then moves a quarter of the bytes of a
     3-channel float image, and the normalisation runs batched on the model's device (free on a GPU)
     instead of per sample in the workers. Float input is taken as already normalised."""
@@ -61,8 +74,8 @@ class LevelClassifier(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
-        self.backbone = create_backbone(spec.backbone)
-        mean, std = input_statistics(self.backbone)
+        self.backbone = create_backbone(spec.backbone, spec.input_channels)
+        mean, std = input_statistics(self.backbone, spec.input_channels)
         # Not saved with the weights: they follow from the backbone's name.
         self.register_buffer("input_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("input_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
@@ -84,8 +97,8 @@ class LevelClassifier(nn.Module):
 
 
 def normalise_input(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 grey (N, 1, H, W) images as the backbone takes them: scaled to [0, 1], repeated over its
-    channels and normalised with its pretraining statistics (``mean``, ``std``: (1, C, 1, 1)),
+    """uint8 grey (N, slices, H, W) images as the backbone takes them: scaled to [0, 1], one slice
+    repeated over its channels, and normalised with its pretraining statistics (``mean``, ``std``: (1, C, 1, 1)),
     channels-last on a GPU. Float input is taken as already normalised and passes unchanged."""
     if image.dtype != torch.uint8:
         return image
@@ -96,10 +109,10 @@ def normalise_input(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) 
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 
-def create_backbone(name: str) -> nn.Module:
+def create_backbone(name: str, in_chans: int = 3) -> nn.Module:
     """A randomly initialised timm backbone without its classifier; unknown names fail with suggestions."""
     try:
-        return timm.create_model(name, pretrained=False, num_classes=0)
+        return timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)
     except RuntimeError as exc:
         if "Unknown model" not in str(exc):
             raise
@@ -110,10 +123,25 @@ def create_backbone(name: str) -> nn.Module:
                               "Any name from timm.list_models() works.") from None
 
 
-def input_statistics(backbone: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The normalisation the backbone was pretrained with (ImageNet's for the usual ones)."""
+def input_statistics(backbone: nn.Module, in_chans: int = 3) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation the backbone was pretrained with (ImageNet's for the usual ones), per input
+    channel: with other than its pretrained number of channels, the mean of its statistics on each."""
     config = timm.data.resolve_model_data_config(backbone)
-    return tuple(float(v) for v in config["mean"]), tuple(float(v) for v in config["std"])
+    mean, std = [float(v) for v in config["mean"]], [float(v) for v in config["std"]]
+    if len(mean) != in_chans:
+        mean, std = [sum(mean) / len(mean)] * in_chans, [sum(std) / len(std)] * in_chans
+    return tuple(mean), tuple(std)
+
+
+def fit_input_conv(source: torch.Tensor, target_shape: torch.Size) -> torch.Tensor:
+    """A pretrained first-layer kernel (out, 3, k, k) adapted to a backbone with another number of
+    input channels (timm's ``adapt_input_conv``: repeated and rescaled); any other tensor unchanged."""
+    if (source.ndim == 4 and len(target_shape) == 4 and source.shape[1] != target_shape[1]
+            and source.shape[0] == target_shape[0] and source.shape[2:] == target_shape[2:]):
+        from timm.models import adapt_input_conv
+
+        return adapt_input_conv(int(target_shape[1]), source, base_chans=int(source.shape[1]))
+    return source
 
 
 def apply_freezing(model: LevelClassifier, freeze_backbone: bool, unfreeze_last_n: int) -> tuple[int, int]:
@@ -200,12 +228,14 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> str:
     path = Path(path)
     state = _strip_prefixes(_read_state_dict(path))
     target = backbone.state_dict()
+    state = {k: fit_input_conv(v, target[k].shape) if k in target else v for k, v in state.items()}
     by_name = {k: v for k, v in state.items() if k in target and v.shape == target[k].shape}
     if len(by_name) == len(target):
         backbone.load_state_dict(by_name)
         return f"{len(by_name)} tensors by name"
     # Same architecture, other names: match by order, skipping the source's classifier at the end.
     source = [v for v in state.values() if isinstance(v, torch.Tensor)]
+    source = [fit_input_conv(s, t.shape) for s, t in zip(source, target.values())] + source[len(target):]
     if len(source) >= len(target) and all(s.shape == t.shape for s, t in zip(source, target.values())):
         backbone.load_state_dict(dict(zip(target.keys(), source)))
         return f"{len(target)} tensors by position"
@@ -264,7 +294,8 @@ def load_pretrained(model: LevelClassifier, pretrained: bool, weights: str | Non
             f"cannot load ImageNet weights for {model.spec.backbone!r} ({type(exc).__name__}); offline? "
             "Pass --weights FILE (safetensors or .pth), or --pretrained false to train from scratch on purpose"
         ) from None
-    model.backbone.load_state_dict(source.state_dict())
+    target = model.backbone.state_dict()
+    model.backbone.load_state_dict({k: fit_input_conv(v, target[k].shape) for k, v in source.state_dict().items()})
     return f"backbone ImageNet weights from timm ({model.spec.backbone})"
 
 
