@@ -78,20 +78,18 @@ def canal_points(anchor: LocatedStudy | None) -> dict[str, np.ndarray]:
 class Locator:
     """One group's locator, loaded with the models of every fold (or of ``fold`` alone, out of fold).
 
-    A subclass sets ``name`` (the registry's name for it), ``marker`` (the file its training writes
-    last) and ``anchor`` (the group whose located points it starts from, if any), and fills
+    A subclass sets ``name`` (the registry's name for it) and ``anchor`` (the group whose located
+    points it starts from, if any), and fills
     ``train``, ``finished``, ``files`` and ``locate``. ``threshold`` and ``choice`` replace a slice
     locator's saved presence threshold and ``slice_choice.json`` (the out-of-fold report that
     chooses the threshold passes them before it is written)."""
 
     name: ClassVar[str]
-    marker: ClassVar[str]
     anchor: ClassVar[str | None] = None
 
     def __init__(self, group: str, root: Path, device, fold: int | None = None, threshold: float | None = None,
                  choice: dict | None = None):
-        self.group, self.root, self.device, self.fold = group, Path(root), device, fold
-        self.threshold, self.choice = threshold, choice
+        self.group, self.root, self.threshold = group, Path(root), threshold
 
     @classmethod
     def train(cls, group: str, config: LocalizerConfig, data_dir: Path, folds_path: Path, output_dir: Path,

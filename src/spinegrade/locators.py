@@ -71,7 +71,7 @@ class LevelsLocator(Locator):
     decides each level's slice within a window around the middle slice (moved by the most common
     labelled offset), falling back on that slice where it is unsure."""
 
-    name, marker = "sagittal_levels", SLICE_MARKER
+    name = "sagittal_levels"
 
     def __init__(self, group: str, root: Path, device, fold: int | None = None, threshold: float | None = None,
                  choice: dict | None = None):
@@ -136,7 +136,7 @@ class OffsetsLocator(Locator):
     Sides come from ImagePositionPatient and ImageOrientationPatient, so a series without them is set
     aside with a problem naming it."""
 
-    marker, anchor = OFFSETS_MARKER, ANCHOR_GROUP
+    anchor = ANCHOR_GROUP
     place: ClassVar[Callable]  # (study_id, canal points, series -> stacks, offsets, head=, threshold=) -> (rows, outside)
 
     def __init__(self, group: str, root: Path, device, fold: int | None = None, threshold: float | None = None,

@@ -58,7 +58,7 @@ class PreprocessSettings:
     @classmethod
     def from_config(cls, config) -> "PreprocessSettings":
         return cls(config.group, config.input, config.image_size, config.crop_mm,
-                   neighbours=cached_neighbours(getattr(config, "slices", 1)),
+                   neighbours=cached_neighbours(config.slices),
                    turn_by_side=GROUPS[config.group].turn_by_side and config.input == "crop")
 
     @classmethod
