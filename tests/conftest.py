@@ -70,8 +70,10 @@ def trained_run(tmp_path_factory):
     # the subarticular narrowing is the subtlest: it gets two more epochs
     # the foraminal model reads three slices as channels and the subarticular model five (each group's only
     # backbone, so every later stage, the blend and the kernel included, runs them)
+    # the foraminal model also grades with the mirror (test_time_flip)
     for group, epochs, slices in (("foraminal", 3, 3), ("subarticular", 5, 5)):
-        config = load_config("efficientnet_lite0", {**small, "num_epochs": epochs, "slices": slices}, group=group)
+        config = load_config("efficientnet_lite0", {**small, "num_epochs": epochs, "slices": slices,
+                                                    "test_time_flip": group == "foraminal"}, group=group)
         for fold in range(3):
             train_fold(config, data, folds, out, fold)
     return {"data": data, "folds": folds, "out": out, "answers": root / "data-answers", "localizer_report": reports["spinal"],

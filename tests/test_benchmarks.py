@@ -12,15 +12,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(script: str, *args: str) -> dict:
-    """The script's JSON line; its results file goes to a scratch folder, never over benchmarks/results/."""
+def _run(script: str, *args: str, results: str | None = None) -> dict:
+    """The script's JSON line; its results file (``results``, default named after the script) goes to a
+    scratch folder, never over benchmarks/results/."""
     with tempfile.TemporaryDirectory() as scratch:
         env = {**os.environ, "SPINEGRADE_BENCHMARK_RESULTS": scratch}
         result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
                                 text=True, timeout=600, env=env)
         written = sorted(Path(scratch).glob("*.json"))
         if result.returncode == 0 and "--out" not in args:
-            assert [p.name for p in written] == [f"{Path(script).stem}.json"]
+            assert [p.name for p in written] == [results or f"{Path(script).stem}.json"]
             assert json.loads(written[0].read_text()) == json.loads(result.stdout.strip().splitlines()[-1])
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -108,13 +109,18 @@ def test_label_geometry_benchmark_runs():
     assert 0 <= figures["generated"]["canal_several_slices"] <= 1
 
 
-def test_slices_benchmark_runs(trained_run, tmp_path):
-    figures = _run("slices.py", "--groups", "subarticular", "--slices", "1", "3", "--data-dir", str(trained_run["data"]),
-                   "--folds", str(trained_run["folds"]), "--output-dir", str(trained_run["out"]), "--scratch",
-                   str(tmp_path), "--num-epochs", "1", "--image-size", "32")
+def test_recipe_benchmark_runs(trained_run, tmp_path):
+    figures = _run("recipe.py", "--factor", "slices", "--values", "1", "3", "--groups", "subarticular", "--data-dir",
+                   str(trained_run["data"]), "--folds", str(trained_run["folds"]), "--output-dir", str(trained_run["out"]),
+                   "--scratch", str(tmp_path), "--num-epochs", "1", "--image-size", "32", results="recipe_slices.json")
     rows = figures["groups"]["subarticular"]
-    assert set(rows) == {"1", "3"} and rows["1"]["over_one_slice"]["labelled"]["subarticular"] == 1.0
+    assert figures["factor"] == "slices" and set(rows) == {"1", "3"}
+    assert rows["1"]["over_reference"]["labelled"]["subarticular"] == 1.0
     assert all(0 < r[way]["subarticular"] < 5 for r in rows.values() for way in ("labelled", "end_to_end"))
+    for value in ("1", "3"):  # each value is its own model, reading that many slices
+        spec = json.loads((tmp_path / "subarticular" / "trained_models" / f"lite0_slices{value}" / "subarticular" / "fold0"
+                           / "model.json").read_text())
+        assert spec["slices"] == int(value)
 
 
 def test_hand_feature_benchmark_runs(trained_run, tmp_path):

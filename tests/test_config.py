@@ -80,3 +80,13 @@ def test_a_non_editable_install_finds_the_shipped_configs_and_trains(synth_datas
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert trained.stdout.startswith(str(site))  # the installed copy ran, not the checkout
     assert (tmp_path / "out" / "trained_models" / "resnet18" / "spinal" / "fold0" / "done.json").is_file()
+
+
+def test_test_time_flip_is_refused_where_a_flip_changes_the_grade_or_never_trained():
+    assert load_config("efficientnet_lite0", {"test_time_flip": "true"}, group="foraminal").test_time_flip
+    assert load_config("efficientnet_lite0", group="spinal").test_time_flip == GROUPS["spinal"].test_time_flip
+    with pytest.raises(SpinegradeError, match="test_time_flip needs .*subarticular: flip_probability 0.0"):
+        load_config("efficientnet_lite0", {"test_time_flip": True}, group="subarticular")  # turned crops: no flips
+    with pytest.raises(SpinegradeError, match="test_time_flip needs .*input full"):  # a whole axial slice: sides swap
+        load_config("efficientnet_lite0", {"test_time_flip": True, "input": "full", "flip_probability": 0.5},
+                    group="subarticular")

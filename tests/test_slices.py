@@ -161,3 +161,43 @@ def test_both_foramina_of_a_t1_series_stored_either_way_reach_the_model_in_one_c
         assert np.abs(a - b[:, :, ::-1]).mean() < 1.0  # channel for channel, mirrored in plane
         assert np.abs(a[0] - a[2]).mean() > 1.0  # the neighbours are other slices
     assert set(rows["condition"]) == {LEFT, RIGHT}
+
+
+def test_a_model_trained_with_test_time_flip_grades_the_mean_over_its_mirror(trained_run):
+    """The shared run's foraminal model trained with ``test_time_flip``: its model.json says so, and
+    prediction grades each located foramen as the mean of the model's probabilities on the image and
+    on its mirror, computed here by hand from the same inputs (without the flag the grades differ)."""
+    import json
+
+    import pandas as pd
+
+    from spinegrade.constants import LEVELS
+    from spinegrade.data.index import build_index
+    from spinegrade.locating import LOCATION_COLUMNS, LocatedStudy, read_stacks
+    from spinegrade.predict import grade_studies, load_fold_models, model_inputs
+
+    model = load_fold_models(trained_run["out"], "efficientnet_lite0", "foraminal", torch.device("cpu"))[0]
+    spec = json.loads((trained_run["out"] / "trained_models" / "efficientnet_lite0" / "foraminal" / "fold0" / "model.json").read_text())
+    assert spec["test_time_flip"] is True and model.test_time_flip
+    table = build_index(trained_run["data"], check_images=False).table
+    rows = table[table["condition"].isin([LEFT, RIGHT]) & table["instance_number"].notna()]
+    rows = rows[rows["study_id"] == rows["study_id"].iloc[0]]
+    study = int(rows["study_id"].iloc[0])
+    folder = Path(rows["image_path"].iloc[0]).parent
+    located = pd.DataFrame([[study, r.condition, r.level, "t1", int(r.instance_number), r.x, r.y, "localised", np.nan]
+                            for r in rows.itertuples()], columns=LOCATION_COLUMNS)
+    located_study = LocatedStudy(study, {"t1": read_stacks(folder, "Sagittal T1")[0]}, located)
+    images = torch.from_numpy(model_inputs(located_study, model.settings))
+    levels = torch.tensor([LEVELS.index(lv) for lv in located["level"]])
+    with torch.inference_mode():
+        plain = torch.softmax(model.model(images, levels), dim=1)
+        mirror = torch.softmax(model.model(images.flip(-1), levels), dim=1)
+    graded = grade_studies([located_study], [model], torch.device("cpu"))[study]
+    for k, r in enumerate(located.itertuples()):
+        got = graded[r.condition][LEVELS.index(r.level)]
+        assert np.allclose(got, ((plain[k] + mirror[k]) / 2).numpy(), atol=1e-5)
+    model.test_time_flip = False
+    unflipped = grade_studies([located_study], [model], torch.device("cpu"))[study]
+    for k, r in enumerate(located.itertuples()):
+        assert np.allclose(unflipped[r.condition][LEVELS.index(r.level)], plain[k].numpy(), atol=1e-5)
+    assert not np.allclose(plain.numpy(), mirror.numpy(), atol=1e-3)  # the mirror is another input to the model

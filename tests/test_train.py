@@ -170,3 +170,26 @@ def test_workers_and_their_ring_of_slots_train_to_the_same_metrics_as_one_proces
     b = pd.read_csv(fold_dir(tmp_path / "b", "tiny", 1) / "metrics.csv")[cols]
     pd.testing.assert_frame_equal(a, b, atol=1e-6, rtol=1e-6)
     assert alone.best_score == pytest.approx(helped.best_score, abs=1e-6)
+
+
+def test_a_fold_finished_before_a_setting_existed_reads_as_trained_with_its_default(train_data, tmp_path, logged):
+    """A run saved before ``slices`` and ``test_time_flip`` existed trained with their defaults: resuming
+    it keeps its finished folds; asking for another value than the default trains again."""
+    from spinegrade.config import TrainConfig
+    from spinegrade.fold_loop import FoldFolder
+    from spinegrade.train import _identity
+
+    data, folds_path = train_data
+    config = load_config("resnet18", {**SMALL, "backbone": "resnet18", "pretrained": False, "name": "tiny",
+                                      "num_epochs": 1})
+    train_fold(config, data, folds_path, tmp_path, 0)
+    done = fold_dir(tmp_path, "tiny", 0) / "done.json"
+    info = json.loads(done.read_text())
+    for added in ("slices", "test_time_flip"):
+        del info["config"][added]
+    done.write_text(json.dumps(info))
+    assert train_fold(config, data, folds_path, tmp_path, 0, resume=True).skipped
+    three = load_config("resnet18", {**SMALL, "backbone": "resnet18", "pretrained": False, "name": "tiny",
+                                     "num_epochs": 1, "slices": 3})
+    folder = FoldFolder(done.parent, _identity(three), "tiny", defaults=_identity(TrainConfig()))
+    assert folder.finished(force=False, resume=True)[0] is None

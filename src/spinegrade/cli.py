@@ -90,6 +90,8 @@ TRAIN_OVERRIDES: list[tuple[str, type, str]] = [
     ("point_jitter_mm", float, "training shift of the point, standard deviation in mm (3)"),
     ("neighbour_slice_probability", float, "how often training moves the slices read by one (0.2)"),
     ("slices", int, "the labelled slice and its neighbours as input channels: 1, 3 or 5 (the group's default)"),
+    ("flip_probability", float, "how often training flips an image horizontally (0.5; 0 for the turned recess crops)"),
+    ("test_time_flip", str, "grade as the mean over the image and its mirror: true/false (the group's default)"),
     ("backbone", str, "timm model name, overriding the config's"),
 ]
 

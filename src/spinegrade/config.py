@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from spinegrade.constants import CONDITION_GROUP, GROUPS
+from spinegrade.constants import CONDITION_GROUP, GROUPS, flip_keeps_grade
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_text_atomic
 
@@ -82,6 +82,9 @@ class TrainConfig:
     neighbour_slice_probability: float = 0.2
     # The labelled slice and its neighbours read as input channels (odd: 1, 3, 5), in anatomical order.
     slices: int = 1
+    # Grade (held-out fold and prediction) as the mean over the image and its horizontal mirror: a
+    # test-time augmentation, for a group whose training flips keep the grade.
+    test_time_flip: bool = False
     seed: int = 42
     num_workers: int = 2
     # torch.compile the model: "off", "on" (the default inductor backend) or a backend name ("eager",
@@ -117,7 +120,7 @@ class LocalizerConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_BOOL_FIELDS = {"pretrained", "freeze_backbone"}
+_BOOL_FIELDS = {"pretrained", "freeze_backbone", "test_time_flip"}
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -199,7 +202,8 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None, conf
     if group not in GROUPS:
         raise SpinegradeError(f"{path}: group must be one of {', '.join(GROUPS)}, got {group!r}")
     registry = GROUPS[group]
-    values: dict[str, Any] = {"input": registry.input, "crop_mm": registry.crop_mm, "slices": registry.slices}
+    values: dict[str, Any] = {"input": registry.input, "crop_mm": registry.crop_mm, "slices": registry.slices,
+                              "test_time_flip": registry.test_time_flip}
     if registry.turn_by_side:  # its crops keep one orientation: a horizontal flip would undo it (YAML or a flag may)
         values["flip_probability"] = 0.0
     values.update(file_values)
@@ -219,6 +223,9 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None, conf
         raise SpinegradeError(f"{path}: class_weights must be inverse_frequency, competition or none")
     if config.slices < 1 or config.slices % 2 != 1:
         raise SpinegradeError(f"{path}: slices must be an odd number (1, 3, 5), got {config.slices}")
+    if config.test_time_flip and (config.flip_probability <= 0 or not flip_keeps_grade(group, config.input)):
+        raise SpinegradeError(f"{path}: test_time_flip needs a model trained with flips that keep the grade "
+                              f"({group}: flip_probability {config.flip_probability}, input {config.input})")
     if len(config.hidden_sizes) != 2:
         raise SpinegradeError(f"{path}: hidden_sizes must be two numbers, got {list(config.hidden_sizes)}")
     return config

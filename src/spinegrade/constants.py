@@ -43,6 +43,9 @@ class ConditionGroup:
     turn_by_side: bool = False
     # Slices read as channels by its grading models by default: the labelled one and its neighbours (1, 3, 5).
     slices: int = 1
+    # Grade as the mean over the image and its horizontal mirror (test-time augmentation), where the
+    # group trains with flips that keep the grade (``flip_keeps_grade``).
+    test_time_flip: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,3 +139,10 @@ def flipped_condition(condition: str) -> str:
         return condition
     other = "right" if spec.side == "left" else "left"
     return next(c for c in GROUPS[spec.group].conditions if REGISTRY[c].side == other)
+
+
+def flip_keeps_grade(group: str, input_mode: str) -> bool:
+    """Whether a horizontal flip of a ``group`` image keeps its grade: a flip of a whole axial slice shows
+    the patient's other side (its label becomes ``flipped_condition``'s grade); a crop centred on one
+    side's point still shows that side, and a sagittal flip only swaps front and back."""
+    return not (GROUPS[group].series == AXIAL_T2 and input_mode == "full")

@@ -140,6 +140,13 @@ class FoldFolder:
     out: Path
     identity: dict
     label: str  # how messages name the fold: "lite0 spinal fold 0"
+    # Each setting's default: a fold saved before a setting existed trained with its default, so it reads
+    # as saved with it (a run finished before ``slices`` existed is still finished, not retrained).
+    defaults: dict = field(default_factory=dict)
+
+    def saved_settings(self, saved: dict | None) -> dict:
+        """``saved`` with the settings added since it was written filled in with their defaults."""
+        return {**{k: v for k, v in self.defaults.items() if k in self.identity}, **(saved or {})}
 
     @property
     def done(self) -> Path:
@@ -156,12 +163,13 @@ class FoldFolder:
         if force or not self.done.is_file():
             return None, resume and not force
         info = json.loads(self.done.read_text())
-        if info.get("config") == self.identity:
+        saved = self.saved_settings(info.get("config"))
+        if saved == self.identity:
             say(f"{self.label}: already trained (best epoch {info['best_epoch'] + 1}, "
                 f"loss {info['best_score']:.4f}); use --force to retrain")
             return info, resume
         say(f"{self.label}: trained before with other settings; training again")
-        return None, resume and continues(info.get("config"), self.identity)
+        return None, resume and continues(saved, self.identity)
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, device: torch.device,
                 say=log.info) -> FoldProgress:
@@ -170,7 +178,7 @@ class FoldFolder:
             say(f"no checkpoint in {self.out}; starting from the first epoch")
             return FoldProgress()
         state = load_checkpoint(self.last, device)
-        saved = dict(state.get("config") or {})
+        saved = self.saved_settings(state.get("config"))
         if not continues(saved, self.identity):
             changed = sorted(k for k in self.identity.keys() | saved.keys() if saved.get(k) != self.identity.get(k))
             raise SpinegradeError(f"{self.last}: saved by a run with other settings ({', '.join(changed)}); resume with "

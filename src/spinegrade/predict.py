@@ -40,7 +40,7 @@ from spinegrade.locating import LocatedStudy, listed_studies
 from spinegrade.locators import locate_split, locator_class, locator_trained
 from spinegrade.logs import get_logger
 from spinegrade.metrics import prior_for, prior_table
-from spinegrade.models.classifier import LevelClassifier, ModelSpec, load_state
+from spinegrade.models.classifier import LevelClassifier, ModelSpec, grade_probabilities, load_state
 
 log = get_logger(__name__)
 
@@ -51,6 +51,7 @@ class FoldModel:
     fold: int
     model: LevelClassifier
     settings: PreprocessSettings
+    test_time_flip: bool = False  # graded as the mean over the image and its mirror (as its training did)
 
 
 def trained_backbones(output_dir: Path) -> list[str]:
@@ -70,7 +71,8 @@ def load_fold_models(output_dir: Path, name: str, group: str, device: torch.devi
         spec = json.loads((folder / "model.json").read_text())
         model = LevelClassifier(ModelSpec.from_dict(spec))
         load_state(model, folder / "best.safetensors")
-        models.append(FoldModel(name, group, int(spec["fold"]), model.to(device).eval(), PreprocessSettings.from_model(spec)))
+        models.append(FoldModel(name, group, int(spec["fold"]), model.to(device).eval(), PreprocessSettings.from_model(spec),
+                                bool(spec.get("test_time_flip", False))))
     return models
 
 
@@ -121,8 +123,8 @@ def grade_studies(studies: list[LocatedStudy], models: list[FoldModel], device: 
         probs = []
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             for start in range(0, len(batch), 64):
-                logits = m.model(batch[start:start + 64].to(device), levels[start:start + 64].to(device))
-                probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+                probs.append(grade_probabilities(m.model, batch[start:start + 64].to(device),
+                                                 levels[start:start + 64].to(device), m.test_time_flip).cpu().numpy())
         total += np.concatenate(probs)
     total /= len(models)
     k = 0

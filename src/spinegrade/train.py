@@ -53,6 +53,7 @@ from spinegrade.models.classifier import (
     ModelSpec,
     apply_freezing,
     freeze_norm_statistics,
+    grade_probabilities,
     input_statistics,
     load_pretrained,
     save_state,
@@ -106,17 +107,17 @@ def load_samples(config: TrainConfig, data_dir: Path, folds_path: Path, say=log.
 
 
 def predict_probabilities(model: nn.Module, loader: DataLoader, device: torch.device,
-                          world: World = SINGLE) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and the sample indices they belong to (under DDP, gathered from every
-    process's shard, each sample once, in index order)."""
+                          world: World = SINGLE, flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities (with ``flip``, averaged over the horizontal mirror) and the sample indices
+    they belong to (under DDP, gathered from every process's shard, each sample once, in index order)."""
     model.eval()
     probs, indices = [], []
     with torch.inference_mode():
         for batch in loader:
             image = batch["image"].to(device, non_blocking=True)
             with autocast(device):
-                logits = model(image, batch["level"].to(device, non_blocking=True))
-            probs.append(torch.softmax(logits.float(), dim=1))  # on the device: no wait per batch
+                probs.append(grade_probabilities(model, image, batch["level"].to(device, non_blocking=True), flip))
+                # on the device: no wait per batch
             indices.append(batch["index"].numpy().copy())  # not a view: it would hold the batch's pinned block
     shards = world.gather((torch.cat(probs).cpu().numpy(), np.concatenate(indices)))
     probs_all, indices_all = np.concatenate([p for p, _ in shards]), np.concatenate([i for _, i in shards])
@@ -142,7 +143,7 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
     name, group = config.name, config.group
     out = layout.fold_dir(name, group, fold, existing=False)
     oof_file = layout.oof_file(name, group, fold, existing=False)
-    folder = FoldFolder(out, _identity(config), f"{name} {group} fold {fold}")
+    folder = FoldFolder(out, _identity(config), f"{name} {group} fold {fold}", defaults=_identity(TrainConfig()))
     info, resume = folder.finished(force, resume, say)
     if info is not None:
         return FoldResult(name, group, fold, info["best_epoch"], info["best_score"], info["prior_score"],
@@ -222,7 +223,7 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
         save_config(config, out / "config.yaml")
         write_text_atomic(out / "model.json", json.dumps({
             **spec.to_dict(), "input": config.input, "image_size": config.image_size, "crop_mm": config.crop_mm,
-            "turn_by_side": settings.turn_by_side, "mean": list(mean), "std": list(std), "labels": list(SEVERITIES), "group": group,
+            "turn_by_side": settings.turn_by_side, "test_time_flip": config.test_time_flip, "mean": list(mean), "std": list(std), "labels": list(SEVERITIES), "group": group,
             "conditions": list(GROUPS[group].conditions), "fold": fold, "name": name}, indent=1))
 
     val_rows = table.iloc[val_idx].reset_index(drop=True)
@@ -233,7 +234,8 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
         started = time.perf_counter()
         train_loss, train_accuracy, train_competition = train_epoch(
             net, model, train_loader, train_sampler, criterion, optimizer, device_, epoch, config, table, world, main)
-        held, probs, scores, val_loss = evaluate_epoch(model, val_loader, device_, table, weights, world)
+        held, probs, scores, val_loss = evaluate_epoch(model, val_loader, device_, table, weights, world,
+                                                       flip=config.test_time_flip)
         held_out.update(held=held, probs=probs)
         row = {"train_loss": train_loss, "train_accuracy": train_accuracy, "train_competition": train_competition,
                "val_loss": val_loss, "val_accuracy": float((probs.argmax(1) == held["severity"].to_numpy()).mean()),
@@ -282,9 +284,10 @@ def train_epoch(net: nn.Module, model: nn.Module, loader, sampler: EpochSampler,
 
 
 def evaluate_epoch(model: nn.Module, loader, device: torch.device, table: pd.DataFrame, weights: torch.Tensor,
-                   world: World = SINGLE) -> tuple[pd.DataFrame, np.ndarray, dict[str, float], float]:
-    """The held-out fold after an epoch: (its rows, probabilities, competition terms, weighted cross-entropy)."""
-    probs, idx = predict_probabilities(model, loader, device, world)
+                   world: World = SINGLE, flip: bool = False) -> tuple[pd.DataFrame, np.ndarray, dict[str, float], float]:
+    """The held-out fold after an epoch, graded as prediction will (``flip``: with the mirror too):
+    (its rows, probabilities, competition terms, weighted cross-entropy)."""
+    probs, idx = predict_probabilities(model, loader, device, world, flip)
     held = table.iloc[idx].reset_index(drop=True)
     loss = float(nn.functional.cross_entropy(torch.log(torch.tensor(probs).clamp_min(1e-15)),
                                              torch.tensor(held["severity"].to_numpy()), weight=weights))

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from spinegrade.constants import AXIAL_T2, flipped_condition
+from spinegrade.constants import CONDITION_GROUP, flip_keeps_grade, flipped_condition
 
 
 class LeanRotate(A.Rotate):
@@ -170,7 +170,7 @@ def mirrored_targets(samples: pd.DataFrame, labels: pd.DataFrame, input_mode: st
     front and back only: those keep their grade.
     """
     own = samples["severity"].to_numpy().astype(np.int64)
-    swaps = (samples["series_description"] == AXIAL_T2).to_numpy() & (input_mode == "full")
+    swaps = np.array([not flip_keeps_grade(CONDITION_GROUP[c], input_mode) for c in samples["condition"]], dtype=bool)
     if not swaps.any():
         return own
     grade = {(s, c, lv): g for s, c, lv, g in labels[["study_id", "condition", "level", "severity"]].itertuples(index=False)}

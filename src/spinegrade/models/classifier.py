@@ -96,6 +96,16 @@ class LevelClassifier(nn.Module):
         return self.head(torch.cat([features, self.level_embedding(level)], dim=1))
 
 
+def grade_probabilities(model: nn.Module, image: torch.Tensor, level: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """Softmax probabilities (float32) of a batch; with ``flip``, their mean over the images and their
+    horizontal mirrors: a test-time augmentation for a model whose training flips kept the grade
+    (``TrainConfig.test_time_flip``), so held-out folds and prediction grade the same way."""
+    probs = torch.softmax(model(image, level).float(), dim=1)
+    if flip:
+        probs = (probs + torch.softmax(model(image.flip(-1), level).float(), dim=1)) / 2
+    return probs
+
+
 def normalise_input(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 grey (N, slices, H, W) images as the backbone takes them: scaled to [0, 1], one slice
     repeated over its channels, and normalised with its pretraining statistics (``mean``, ``std``: (1, C, 1, 1)),
