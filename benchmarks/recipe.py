@@ -7,9 +7,11 @@ on every fold of the demo's data, then scored out of fold at the labelled points
 (each held-out study located by the demo run's locators and graded by the fold's model). Printed,
 and written as JSON (``recipe_<factor>.json``): per group and value, the group's competition terms
 both ways, the training seconds (the folds' epochs summed) and each value's terms over the first
-value's. The models land under ``--scratch``; a value already trained there is read back.
+value's. ``--set`` holds other settings for every value (a recipe chosen so far: the combination
+of the winners is measured, not assumed). The models land under ``--scratch``; a value already trained there is read back.
 
     python benchmarks/recipe.py --factor slices --values 1 3 5 [--groups subarticular foraminal spinal]
+        [--set crop_mm=24 ...: settings held for every value, a recipe chosen so far]
         [--data-dir D] [--folds F] [--output-dir runs/demo] [--scratch runs/recipe] [--num-epochs N --image-size S]
 """
 
@@ -62,14 +64,19 @@ def main() -> None:
     parser.add_argument("--folds", type=Path, default=DEMO_FOLDS)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="the run whose locators place the points")
     parser.add_argument("--scratch", type=Path, default=Path("runs/recipe"))
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="settings held for every value (a recipe chosen so far), named in the models and the file")
     parser.add_argument("--num-epochs", type=int, help="in place of the demo's (a quick check)")
     parser.add_argument("--image-size", type=int, help="in place of the demo's (a quick check)")
     args = parser.parse_args()
+    held = dict(item.split("=", 1) for item in args.set)
     quick = {k: v for k, v in (("num_epochs", args.num_epochs), ("image_size", args.image_size)) if v is not None}
-    result = {"benchmark": "recipe", "factor": args.factor, "settings": DEMO_GRADING, "overrides": quick, "groups": {}}
+    suffix = "".join(f"_{k}{v}" for k, v in held.items())
+    result = {"benchmark": "recipe", "factor": args.factor, "held": held, "settings": DEMO_GRADING, "overrides": quick,
+              "groups": {}}
     for group in args.groups:
-        rows = {v: measure(group, {**quick, args.factor: v}, f"lite0_{args.factor}{v}", args.data_dir, args.folds,
-                           args.output_dir, args.scratch)
+        rows = {v: measure(group, {**quick, **held, args.factor: v}, f"lite0_{args.factor}{v}{suffix}", args.data_dir,
+                           args.folds, args.output_dir, args.scratch)
                 for v in args.values}
         reference = rows[args.values[0]]
         for v, row in rows.items():
@@ -78,7 +85,7 @@ def main() -> None:
             print(f"{group}, {args.factor} {v}: labelled {row['labelled']}, end to end {row['end_to_end']}, "
                   f"{row['training_seconds']:.0f} s training")
         result["groups"][group] = rows
-    report(result, RESULTS / f"recipe_{args.factor}.json")
+    report(result, RESULTS / f"recipe_{args.factor}{suffix}.json")
 
 
 if __name__ == "__main__":
