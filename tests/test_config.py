@@ -83,8 +83,10 @@ def test_a_non_editable_install_finds_the_shipped_configs_and_trains(synth_datas
 
 
 def test_test_time_flip_is_refused_where_a_flip_changes_the_grade_or_never_trained():
-    assert load_config("efficientnet_lite0", {"test_time_flip": "true"}, group="foraminal").test_time_flip
-    assert load_config("efficientnet_lite0", group="spinal").test_time_flip == GROUPS["spinal"].test_time_flip
+    assert GROUPS["foraminal"].test_time_flip and not GROUPS["spinal"].test_time_flip
+    assert load_config("efficientnet_lite0", group="foraminal").test_time_flip  # the registry's default flows
+    assert not load_config("efficientnet_lite0", {"test_time_flip": "false"}, group="foraminal").test_time_flip
+    assert load_config("efficientnet_lite0", {"test_time_flip": "true"}, group="spinal").test_time_flip
     with pytest.raises(SpinegradeError, match="test_time_flip needs .*subarticular: flip_probability 0.0"):
         load_config("efficientnet_lite0", {"test_time_flip": True}, group="subarticular")  # turned crops: no flips
     with pytest.raises(SpinegradeError, match="test_time_flip needs .*input full"):  # a whole axial slice: sides swap

@@ -172,7 +172,7 @@ def test_workers_and_their_ring_of_slots_train_to_the_same_metrics_as_one_proces
     assert alone.best_score == pytest.approx(helped.best_score, abs=1e-6)
 
 
-def test_a_fold_finished_before_a_setting_existed_reads_as_trained_with_its_default(train_data, tmp_path, logged):
+def test_a_fold_finished_before_a_setting_existed_reads_as_trained_with_its_default(train_data, tmp_path):
     """A run saved before ``slices`` and ``test_time_flip`` existed trained with their defaults: resuming
     it keeps its finished folds; asking for another value than the default trains again."""
     from spinegrade.config import TrainConfig
