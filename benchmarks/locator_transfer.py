@@ -25,7 +25,7 @@ from spinegrade.layout import RunLayout
 from spinegrade.locators import report_locator, train_locator
 from spinegrade.metrics import competition_score
 from spinegrade.oof import parsed
-from spinegrade.predict import localised_oof
+from spinegrade.evaluate import localised_oof
 
 
 def end_to_end(run: Path, data: Path, folds: Path, group: str) -> dict[str, float]:

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from common import logged_lines, report
-from spinegrade.predict import predict_split, trained_backbones
+from spinegrade.layout import RunLayout
+from spinegrade.submit import predict_split
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--projected-studies", type=int, default=500)
     args = parser.parse_args()
-    backbones = trained_backbones(args.output_dir)
+    backbones = RunLayout(args.output_dir).backbones()
     totals, localise, grade, fixed = [], [], [], []
     for _ in range(args.repeats):
         started = time.perf_counter()

@@ -29,7 +29,7 @@ from spinegrade.data.folds import read_folds
 from spinegrade.layout import RunLayout
 from spinegrade.metrics import competition_score
 from spinegrade.oof import parsed, read_oof
-from spinegrade.predict import localised_oof
+from spinegrade.evaluate import localised_oof
 from spinegrade.train import train_fold
 
 

@@ -26,8 +26,8 @@ from spinegrade.constants import PROBABILITY_COLUMNS
 from spinegrade.data.dicom import main_stack, read_series
 from spinegrade.data.restore import Storage, restore_split
 from spinegrade.layout import RunLayout
-from spinegrade.localize import LocalizerEnsemble
-from spinegrade.predict import predict_split, score_submission, trained_backbones
+from spinegrade.slice_locator import SliceLocator
+from spinegrade.submit import predict_split, score_submission
 
 VARIANTS = {
     "4:3, centred": Storage(pad_columns=(1 / 6, 1 / 6)),
@@ -38,7 +38,7 @@ VARIANTS = {
 }
 
 
-def located_points(data_dir: Path, localizer: LocalizerEnsemble) -> dict[int, np.ndarray]:
+def located_points(data_dir: Path, localizer: SliceLocator) -> dict[int, np.ndarray]:
     """(5, 3) patient-space points per test study, from its Sagittal T2/STIR series."""
     series = pd.read_csv(data_dir / "test_series_descriptions.csv")
     series = series[series["series_description"] == "Sagittal T2/STIR"]
@@ -64,8 +64,8 @@ def main() -> None:
     answers = args.answers or args.data_dir.with_name(args.data_dir.name + "-answers") / "test.csv"
     layout = RunLayout(args.output_dir)
     blends = load_blends(args.output_dir) if layout.blend_json.is_file() else None
-    backbones = None if blends else trained_backbones(args.output_dir)
-    localizer = LocalizerEnsemble(layout.localizer_dir("spinal"))
+    backbones = None if blends else layout.backbones()
+    localizer = SliceLocator(layout.localizer_dir("spinal"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -21,7 +21,7 @@ from spinegrade.foramina import locate_foramina
 from spinegrade.offsets import PointOffsets, train_offsets
 from spinegrade.layout import RunLayout
 from spinegrade.locators import locate_split
-from spinegrade.predict import predict_split
+from spinegrade.submit import predict_split
 
 LEFT, RIGHT = GROUPS["foraminal"].conditions
 

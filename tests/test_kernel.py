@@ -19,7 +19,7 @@ from spinegrade.kernel import BUNDLED_PACKAGES, MODELS_MARKER
 from spinegrade.kernel.build import build_kernel
 from spinegrade.kernel.local import run_kernel_locally
 from spinegrade.kernel.runtime import run_kernel
-from spinegrade.predict import predict_split
+from spinegrade.submit import predict_split
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -39,7 +39,7 @@ def test_layout_reads_an_old_run_as_the_spinal_group(legacy):
 
 def test_an_old_run_predicts_the_submission_it_predicted_then(legacy, tmp_path):
     from spinegrade.blend import load_blends
-    from spinegrade.predict import predict_split
+    from spinegrade.submit import predict_split
 
     assert list(load_blends(legacy / "run")) == ["spinal"]  # blend.json without `groups`
     predict_split(legacy / "data", "test", legacy / "run", out=tmp_path / "s.csv", predictions_dir=tmp_path)

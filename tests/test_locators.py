@@ -13,10 +13,11 @@ from spinegrade.constants import GROUPS, LEVELS, SAGITTAL_T2
 from spinegrade.data import synthetic
 from spinegrade.data.dicom import main_stack, read_series
 from spinegrade.layout import RunLayout
-from spinegrade.localize import LocalizerEnsemble
+from spinegrade.slice_locator import SliceLocator
 from spinegrade.locator_report import FLOOR, NEVER, choose_threshold, compare_with_labels
-from spinegrade.locating import Locator, locations_table, study_series
+from spinegrade.locating import Locator, locations_table
 from spinegrade.locators import LOCATORS, locate_split, locator_class
+from spinegrade.study import split_studies
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def _canal_series(data, study: int):
 def test_each_level_of_a_curved_spine_is_found_on_its_own_canal_slice(trained_run, curved):
     """The head deciding (at the lowest threshold the out-of-fold choice may take: the shared run's few,
     mostly straight studies may leave geometry as good out of fold, and its threshold higher)."""
-    localizer = LocalizerEnsemble(RunLayout(trained_run["out"]).localizer_dir("spinal"))
+    localizer = SliceLocator(RunLayout(trained_run["out"]).localizer_dir("spinal"))
     canal = curved["coordinates"][curved["coordinates"]["condition"] == "Spinal Canal Stenosis"]
     spread_studies, offsets = 0, []
     for study, points in canal.groupby("study_id"):
@@ -104,7 +105,7 @@ def test_an_unsure_level_falls_back_on_the_middle_slice_and_says_so(trained_run)
     series = pd.read_csv(data / "test_series_descriptions.csv")
     row = series[series["series_description"] == SAGITTAL_T2].iloc[0]
     folder = data / "test_images" / str(row["study_id"]) / str(row["series_id"])
-    localizer = LocalizerEnsemble(RunLayout(trained_run["out"]).localizer_dir("spinal"))
+    localizer = SliceLocator(RunLayout(trained_run["out"]).localizer_dir("spinal"))
     stack = main_stack(read_series(folder, with_pixels=False))
     found = localizer.locate(stack, NEVER)
     assert not found.sure.any() and (found.slice_index == localizer.choose_slice(stack)).all()
@@ -141,9 +142,9 @@ def test_out_of_fold_ensembles_take_their_own_folds_offset_and_models(trained_ru
     root = RunLayout(trained_run["out"]).localizer_dir("spinal")
     choice = json.loads((root / "slice_choice.json").read_text())
     for fold in range(3):
-        ensemble = LocalizerEnsemble(root, folds=[fold])
+        ensemble = SliceLocator(root, folds=[fold])
         assert ensemble.offset == choice["offset_from_middle_per_fold"][str(fold)] and len(ensemble.models) == 1
-    assert len(LocalizerEnsemble(root).models) == 3 and LocalizerEnsemble(root).offset == choice["offset_from_middle"]
+    assert len(SliceLocator(root).models) == 3 and SliceLocator(root).offset == choice["offset_from_middle"]
 
 
 def test_every_group_fills_the_one_locator_interface(trained_run):
@@ -160,15 +161,15 @@ def test_every_group_fills_the_one_locator_interface(trained_run):
         assert cls.finished(root) and all((root / f).is_file() for f in cls.files(root))
         assert any(str(f).endswith(".safetensors") for f in cls.files(root))  # every group's slice locator travels
 
-    study = sorted(study_series(data, "test", SAGITTAL_T2))[0]
+    study = split_studies(data, "test")[0]
     located = {}
     for group in GROUPS:  # registry order: the spinal points come first
         cls = locator_class(group)
         locator = cls(group, RunLayout(out).localizer_dir(group), "cpu")
-        series = study_series(data, "test", GROUPS[group].series)[study]
-        located[group] = locator.locate(study, series, located.get(cls.anchor))
+        series = [s.key for s in study.of_kind(GROUPS[group].series)]
+        located[group] = locator.locate(study, located.get(cls.anchor))
         rows = located[group].locations
         assert rows is not None and set(rows["condition"]) == set(GROUPS[group].conditions)
-        assert set(rows["level"]) == set(LEVELS) and set(rows["series"]) <= {str(p) for p in series}
-        by_split = {st.study_id: st for st in locate_split(data, "test", out, group, "cpu")}[study].locations
+        assert set(rows["level"]) == set(LEVELS) and set(rows["series"]) <= set(series)
+        by_split = {st.study_id: st for st in locate_split(data, "test", out, group, "cpu")}[study.study_id].locations
         pd.testing.assert_frame_equal(by_split.reset_index(drop=True), rows.reset_index(drop=True))

@@ -16,7 +16,7 @@ from spinegrade.constants import GROUPS, LEVELS, PROBABILITY_COLUMNS, SEVERITIES
 from spinegrade.errors import SpinegradeError
 from spinegrade.layout import RunLayout
 from spinegrade.metrics import competition_score
-from spinegrade.predict import check_submission, predict_split
+from spinegrade.submit import check_submission, predict_split
 from spinegrade.study_page import predict_study
 
 
@@ -69,7 +69,7 @@ def test_test_split_submission_is_complete_valid_and_beats_the_prior(trained_run
 
 
 def _prior_rows(trained_run, submission):
-    from spinegrade.predict import training_priors
+    from spinegrade.submit import training_priors
 
     priors = training_priors(trained_run["data"], trained_run["out"]).set_index(["condition", "level"])
     return [priors.loc[(c, lv), list(PROBABILITY_COLUMNS)].to_numpy(dtype=float)
@@ -194,7 +194,7 @@ def test_submission_check_refuses_bad_files(trained_run):
 
 def test_blend_then_submit_end_to_end(trained_run, tmp_path):
     from spinegrade.blend import run_blend
-    from spinegrade.predict import prior_submission, score_submission
+    from spinegrade.submit import prior_submission, score_submission
     from spinegrade.submit import submit
 
     out = _own_copy(trained_run["out"], tmp_path)  # this test writes a blend and submissions
@@ -228,7 +228,7 @@ def _own_copy(run: Path, tmp_path: Path) -> Path:
 
 
 def test_rows_follow_the_listed_test_studies_when_the_sample_lists_others(trained_run, tmp_path, logged):
-    from spinegrade.predict import write_submission
+    from spinegrade.submit import write_submission
 
     sample = pd.read_csv(trained_run["data"] / "sample_submission.csv")
     one_study = sample[sample["row_id"].str.startswith(sample["row_id"].iloc[0].split("_")[0] + "_")]

@@ -13,7 +13,7 @@ import torch
 
 from dicom_factory import AXIAL, SAGITTAL, write_mr
 
-from spinegrade.constants import GROUPS
+from spinegrade.constants import GROUPS, PROBABILITY_COLUMNS
 from spinegrade.data.dataset import Jitter, LevelDataset, build_transform
 from spinegrade.data.dicom import read_series
 from spinegrade.data.preprocess import PreprocessSettings, neighbour_indices, prepare_stack
@@ -135,7 +135,8 @@ def test_both_foramina_of_a_t1_series_stored_either_way_reach_the_model_in_one_c
 
     from dicom_factory import mirror_series
     from spinegrade.data.index import build_index
-    from spinegrade.locating import LOCATION_COLUMNS, LocatedStudy, read_stacks
+    from spinegrade.locating import LOCATION_COLUMNS, LocatedStudy
+    from spinegrade.study import Series
     from spinegrade.predict import load_fold_models, model_inputs
 
     model = load_fold_models(trained_run["out"], "efficientnet_lite0", "foraminal", torch.device("cpu"))[0]
@@ -149,7 +150,7 @@ def test_both_foramina_of_a_t1_series_stored_either_way_reach_the_model_in_one_c
     mirror_series(Path(source), mirrored)
     inputs = {}
     for name, folder in (("source", Path(source)), ("mirrored", mirrored)):
-        stacks = read_stacks(folder, "Sagittal T1")[0]
+        stacks = Series(str(folder), "Sagittal T1").read()[0]
         located = []
         for r in rows.itertuples():
             x = r.x if name == "source" else stacks[0].slices[0].shape[1] - 1 - r.x
@@ -173,7 +174,8 @@ def test_a_model_trained_with_test_time_flip_grades_the_mean_over_its_mirror(tra
 
     from spinegrade.constants import LEVELS
     from spinegrade.data.index import build_index
-    from spinegrade.locating import LOCATION_COLUMNS, LocatedStudy, read_stacks
+    from spinegrade.locating import LOCATION_COLUMNS, LocatedStudy
+    from spinegrade.study import Series
     from spinegrade.predict import grade_studies, load_fold_models, model_inputs
 
     model = load_fold_models(trained_run["out"], "efficientnet_lite0", "foraminal", torch.device("cpu"))[0]
@@ -186,18 +188,19 @@ def test_a_model_trained_with_test_time_flip_grades_the_mean_over_its_mirror(tra
     folder = Path(rows["image_path"].iloc[0]).parent
     located = pd.DataFrame([[study, r.condition, r.level, "t1", int(r.instance_number), r.x, r.y, "localised", np.nan]
                             for r in rows.itertuples()], columns=LOCATION_COLUMNS)
-    located_study = LocatedStudy(study, {"t1": read_stacks(folder, "Sagittal T1")[0]}, located)
+    located_study = LocatedStudy(study, {"t1": Series(str(folder), "Sagittal T1").read()[0]}, located)
     images = torch.from_numpy(model_inputs(located_study, model.settings))
     levels = torch.tensor([LEVELS.index(lv) for lv in located["level"]])
     with torch.inference_mode():
         plain = torch.softmax(model.model(images, levels), dim=1)
         mirror = torch.softmax(model.model(images.flip(-1), levels), dim=1)
-    graded = grade_studies([located_study], [model], torch.device("cpu"))[study]
+    graded = grade_studies([located_study], [model], torch.device("cpu")).set_index(["condition", "level"])
     for k, r in enumerate(located.itertuples()):
-        got = graded[r.condition][LEVELS.index(r.level)]
+        got = graded.loc[(r.condition, r.level), list(PROBABILITY_COLUMNS)].to_numpy(dtype=float)
         assert np.allclose(got, ((plain[k] + mirror[k]) / 2).numpy(), atol=1e-5)
     model.test_time_flip = False
-    unflipped = grade_studies([located_study], [model], torch.device("cpu"))[study]
+    unflipped = grade_studies([located_study], [model], torch.device("cpu")).set_index(["condition", "level"])
     for k, r in enumerate(located.itertuples()):
-        assert np.allclose(unflipped[r.condition][LEVELS.index(r.level)], plain[k].numpy(), atol=1e-5)
+        assert np.allclose(unflipped.loc[(r.condition, r.level), list(PROBABILITY_COLUMNS)].to_numpy(dtype=float),
+                           plain[k].numpy(), atol=1e-5)
     assert not np.allclose(plain.numpy(), mirror.numpy(), atol=1e-3)  # the mirror is another input to the model

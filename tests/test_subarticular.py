@@ -16,16 +16,18 @@ import torch
 
 from dicom_factory import labelled_canal, mirror_series
 
-from spinegrade.constants import AXIAL_T2, GROUPS, LEVELS, row_id
+from spinegrade.constants import AXIAL_T2, GROUPS, LEVELS, PROBABILITY_COLUMNS, row_id
 from spinegrade.data.dicom import read_slice
 from spinegrade.data.folds import make_folds, write_csv_atomic
 from spinegrade.data.index import build_index
 from spinegrade.data.preprocess import PreprocessSettings, prepare_stack
 from spinegrade.layout import RunLayout
 from spinegrade.offsets import PointOffsets, find_instance, train_offsets
-from spinegrade.locating import LOCATION_COLUMNS, LocatedStudy, read_stacks
+from spinegrade.locating import LOCATION_COLUMNS, LocatedStudy
 from spinegrade.locators import locate_split
-from spinegrade.predict import grade_studies, load_fold_models, predict_split
+from spinegrade.predict import grade_studies, load_fold_models
+from spinegrade.submit import predict_split
+from spinegrade.study import Series
 from spinegrade.subarticular import locate_subarticular
 
 LEFT, RIGHT = GROUPS["subarticular"].conditions
@@ -59,7 +61,7 @@ def test_each_level_and_side_lands_on_its_labelled_slice_in_every_axial_layout(s
     row_directions, tilted, shared, checked = set(), 0, 0, 0
     for study, points in labelled.groupby("study_id"):
         canal = labelled_canal(table, study)
-        stacks = {str(d): read_stacks(d, AXIAL_T2)[0] for d in _axial_series(synth_dataset, "train", study)}
+        stacks = {str(d): Series(str(d), AXIAL_T2).read()[0] for d in _axial_series(synth_dataset, "train", study)}
         rows, _ = locate_subarticular(study, canal, stacks, offsets)
         found = pd.DataFrame(rows, columns=LOCATION_COLUMNS)
         for series_stacks in stacks.values():
@@ -101,7 +103,7 @@ def test_rows_running_the_other_way_give_the_same_points_and_the_same_crops_per_
     canal = labelled_canal(table, study)
     located = {}
     for name, folder in (("source", source), ("mirrored", mirrored)):
-        stacks = {name: read_stacks(folder, AXIAL_T2)[0]}
+        stacks = {name: Series(str(folder), AXIAL_T2).read()[0]}
         rows, _ = locate_subarticular(study, canal, stacks, offsets)
         assert {r[1] for r in rows} == {LEFT, RIGHT}
         located[name] = LocatedStudy(study, stacks, pd.DataFrame(rows, columns=LOCATION_COLUMNS))
@@ -201,6 +203,11 @@ def axial_quirks(trained_run, tmp_path_factory):
     return {"data": data, "no_axial": no_axial, "split": split, "new": new_dir, "blind": blind}
 
 
+def _by_target(grades: pd.DataFrame) -> dict[tuple[str, str], np.ndarray]:
+    """(condition, level) -> probabilities, from grading's tidy rows."""
+    return {(r.condition, r.level): np.array([getattr(r, c) for c in PROBABILITY_COLUMNS]) for r in grades.itertuples()}
+
+
 def test_a_level_in_two_axial_series_is_graded_as_the_mean_of_both(trained_run, axial_quirks):
     q = axial_quirks
     located = {st.study_id: st for st in locate_split(q["data"], "test", trained_run["out"], "subarticular", "cpu")}
@@ -212,15 +219,15 @@ def test_a_level_in_two_axial_series_is_graded_as_the_mean_of_both(trained_run, 
     assert set(st.locations["series"]) == {str(p) for p in st.stacks} and str(q["new"]) in st.stacks
     cpu = torch.device("cpu")
     models = load_fold_models(trained_run["out"], "efficientnet_lite0", "subarticular", cpu)
-    both = grade_studies([st], models, cpu)[st.study_id]
+    both = _by_target(grade_studies([st], models, cpu))
     one_each = []
     for series in st.stacks:
         alone = LocatedStudy(st.study_id, st.stacks, st.locations[st.locations["series"] == series].reset_index(drop=True))
-        one_each.append(grade_studies([alone], models, cpu)[st.study_id])
-    k = LEVELS.index(shared[0])
+        one_each.append(_by_target(grade_studies([alone], models, cpu)))
+    k = shared[0]
     for condition in (LEFT, RIGHT):
-        assert np.allclose(both[condition][k], (one_each[0][condition][k] + one_each[1][condition][k]) / 2, atol=1e-6)
-        assert not np.allclose(one_each[0][condition][k], one_each[1][condition][k], atol=1e-4)  # two real readings
+        assert np.allclose(both[condition, k], (one_each[0][condition, k] + one_each[1][condition, k]) / 2, atol=1e-6)
+        assert not np.allclose(one_each[0][condition, k], one_each[1][condition, k], atol=1e-4)  # two real readings
 
 
 def test_a_study_without_axial_t2_gets_the_prior_there_and_keeps_its_other_groups(trained_run, axial_quirks, tmp_path,
@@ -263,7 +270,7 @@ def test_series_of_one_slice_are_located_or_left_to_the_prior_without_an_error(s
     table = build_index(synth_dataset, check_images=False).table
     labelled = table[(table["condition"] == LEFT) & table["instance_number"].notna()].iloc[0]
     study, canal = int(labelled.study_id), labelled_canal(table, int(labelled.study_id))
-    axial = read_stacks(Path(labelled.image_path).parent, AXIAL_T2)[0]
+    axial = Series(str(Path(labelled.image_path).parent), AXIAL_T2).read()[0]
     one = Stack([axial[0].slices[axial[0].index_of_instance(int(labelled.instance_number))]])
     rows, outside = locate_subarticular(study, canal, {"one": [one]}, offsets)
     assert {(r[1], r[2]) for r in rows} == {(LEFT, labelled.level), (RIGHT, labelled.level)}
@@ -282,13 +289,13 @@ def test_the_recess_head_keeps_each_side_on_the_patients_side_whichever_way_the_
     the same slice and the same patient point from both, on the patient's own side of the canal. Were
     the head read on the slices as stored, its left heatmap would follow the image's right; were its
     neighbouring slices read in file order, they would reach it as other input channels."""
-    from spinegrade.localize import LocalizerEnsemble
+    from spinegrade.slice_locator import SliceLocator
     from spinegrade.locator_report import NEVER
 
     data, out = trained_run["data"], trained_run["out"]
     table = build_index(data, check_images=False).table
     root = RunLayout(out).localizer_dir("subarticular")
-    head = LocalizerEnsemble(root)
+    head = SliceLocator(root)
     assert head.turned and len(GROUPS["subarticular"].conditions) == 2
     offsets = PointOffsets.load(root)
     checked = 0
@@ -299,7 +306,7 @@ def test_the_recess_head_keeps_each_side_on_the_patients_side_whichever_way_the_
         mirror_series(source, mirrored)
         found = {}
         for name, folder in (("source", source), ("mirrored", mirrored)):
-            stacks = {name: read_stacks(folder, AXIAL_T2)[0]}
+            stacks = {name: Series(str(folder), AXIAL_T2).read()[0]}
             rows, _ = locate_subarticular(study, canal, stacks, offsets, head=head, threshold=0.0)
             located = LocatedStudy(study, stacks, pd.DataFrame(rows, columns=LOCATION_COLUMNS))
             assert (located.locations["source"] == "localised").all()  # threshold 0: the head decides every side
@@ -313,7 +320,7 @@ def test_the_recess_head_keeps_each_side_on_the_patients_side_whichever_way_the_
             assert side_x > 0 if key[0] == LEFT else side_x < 0, (study, key)  # +x is the patient's left
             checked += 1
         # a head sure of nothing: every side keeps the offsets' slice and point, and says so
-        stacks = {"source": read_stacks(source, AXIAL_T2)[0]}
+        stacks = {"source": Series(str(source), AXIAL_T2).read()[0]}
         unsure, _ = locate_subarticular(study, canal, stacks, offsets, head=head, threshold=NEVER)
         alone, _ = locate_subarticular(study, canal, stacks, offsets)
         assert {r[7] for r in unsure} == {"localised, unsure: the offset's slice"}

@@ -232,3 +232,40 @@ def blend_info(output_dir: str | Path) -> dict[str, dict]:
     """What ``oof/blend.json`` says of each group (losses, candidates), in the same reading as :func:`load_blends`."""
     info = json.loads(RunLayout(output_dir).blend_json.read_text())
     return info["groups"] if "groups" in info else {LEGACY_GROUP: info}
+
+
+def mean_blends(output_dir: Path, backbones: list[str] | None) -> dict[str, Blend]:
+    """The plain mean of the named (else every trained) backbones, per group they have."""
+    layout = RunLayout(output_dir)
+    backbones = backbones or layout.backbones()
+    if not backbones:
+        raise SpinegradeError(f"{layout.trained_models}: no trained backbone to predict with")
+    out = {}
+    for group in GROUPS:
+        names = [n for n in backbones if layout.finished_fold_dirs(n, group)]
+        if names:
+            out[group] = Blend(names, np.full(len(names), 1.0 / len(names)))
+    if not out:
+        raise SpinegradeError(f"{layout.trained_models}: none of {', '.join(backbones)} has a finished fold")
+    return out
+
+
+def blends_for(output_dir: Path, backbones: list[str] | None) -> dict[str, Blend]:
+    """The tuned blend of each group when there is one: restricted to ``backbones`` when they are named
+    (each group uses the named backbones that have it, with the blend's weights for them); else the
+    plain mean of the named (or every trained) backbones."""
+    layout = RunLayout(output_dir)
+    if not layout.blend_json.is_file():
+        return mean_blends(output_dir, backbones)
+    blends = load_blends(output_dir)
+    if backbones is None:
+        return blends
+    out = {}
+    for group, blend in blends.items():
+        keep = [(n, w) for n, w in zip(blend.backbones, blend.weights) if n in backbones and w > 0]
+        if keep:
+            w = np.array([w for _, w in keep])
+            out[group] = Blend([n for n, _ in keep], w / w.sum(), blend.mode, blend.temperature)
+    for group, blend in mean_blends(output_dir, backbones).items():
+        out.setdefault(group, blend)  # a group the blend never had: the named backbones' mean
+    return out

@@ -163,7 +163,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
         predict_study(args.study_dir, args.output_dir, args.backbones, out_dir=args.out, device=args.device)
         return
-    from spinegrade.predict import predict_split
+    from spinegrade.submit import predict_split
 
     predict_split(args.data_dir, args.split, args.output_dir, args.backbones, out=args.out, device=args.device)
 
@@ -181,7 +181,7 @@ def cmd_submit(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from spinegrade.predict import score_submission
+    from spinegrade.submit import score_submission
 
     scores = score_submission(args.submission, args.labels)
     lines = [f"{args.submission} against {args.labels}:",
@@ -189,7 +189,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     if args.data_dir is not None:
         import pandas as pd
 
-        from spinegrade.predict import prior_submission
+        from spinegrade.submit import prior_submission
 
         prior = prior_submission(pd.read_csv(args.submission)["row_id"], args.data_dir, args.output_dir)
         base = score_submission(prior, args.labels)

@@ -20,11 +20,14 @@ import yaml
 
 from spinegrade import plots
 from spinegrade.blend import blend_info, load_blends
-from spinegrade.constants import GROUPS, LEVELS, PROBABILITY_COLUMNS, SEVERITIES
+from spinegrade.constants import GROUPS, LEVELS, PROBABILITY_COLUMNS, SEVERITIES, row_id
 from spinegrade.data.folds import read_folds, write_csv_atomic
+from spinegrade.data.index import build_index
+from spinegrade.device import select_device
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_text_atomic
 from spinegrade.layout import BLEND_NAME, RunLayout, run_folds
+from spinegrade.locators import locate_split, locator_trained
 from spinegrade.logs import get_logger
 from spinegrade.metrics import (
     class_prior,
@@ -34,6 +37,7 @@ from spinegrade.metrics import (
     weighted_log_loss,
 )
 from spinegrade.oof import complete_names, parsed, read_oof
+from spinegrade.predict import grade_studies, load_fold_models
 from spinegrade.report import write_report
 
 log = get_logger(__name__)
@@ -248,9 +252,6 @@ def competition_table(full: dict[str, list[pd.DataFrame]]) -> pd.DataFrame:
 def _localised(layout: RunLayout, group: str, data_dir, names: list[str]) -> dict[str, pd.DataFrame]:
     """End-to-end OOF predictions (the locator's points) of the group's trained backbones, when the
     group has a trained locator and the images are at hand; empty otherwise."""
-    from spinegrade.locators import locator_trained
-    from spinegrade.predict import localised_oof
-
     trained = [n for n in names if layout.finished_fold_dirs(n, group)]
     if data_dir is None or not trained or GROUPS[group].locator is None or not locator_trained(layout.root, group):
         return {}
@@ -294,3 +295,35 @@ def format_scores(name: str, group: str, scores: dict[str, float]) -> str:
     prior = "  ".join(f"{k} {scores['prior_' + k]:.4f}" for k in terms)
     return (f"{name} {group}: out-of-fold over {scores['folds']} folds, {scores['studies']} studies, {scores['rows']} levels\n"
             f"  model: {model}\n  prior: {prior}")
+
+
+def localised_oof(output_dir: str | Path, data_dir: str | Path, folds_path: str | Path | None, backbones: list[str],
+                  group: str = "spinal", device: str | None = None) -> dict[str, pd.DataFrame]:
+    """Out-of-fold predictions of one group without coordinates: each training study located by the
+    fold's locator and graded by the fold models that never saw it. Beside the OOF predictions at the
+    labelled points, this shows what localisation costs."""
+    output_dir, data_dir = Path(output_dir), Path(data_dir)
+    device_ = select_device(device)
+    folds = read_folds(run_folds(RunLayout(output_dir), folds_path)).set_index("study_id")["fold"]
+    table = build_index(data_dir, check_images=False).table
+    labels = table.set_index(["study_id", "condition", "level"])["severity"]
+    located = locate_split(data_dir, "train", output_dir, group, device_, folds=folds)
+    for st in located:
+        if st.problem:
+            log.info(f"end-to-end: study {st.study_id} not graded ({st.problem})")
+    fold_of = folds.to_dict()
+    out = {}
+    for name in backbones:
+        models = load_fold_models(output_dir, name, group, device_)
+        rows = []
+        for fold in sorted({m.fold for m in models}):
+            own = [m for m in models if m.fold == fold]
+            studies = [st for st in located if fold_of.get(st.study_id) == fold]
+            for r in grade_studies(studies, own, device_).itertuples(index=False):
+                severity = labels.get((r.study_id, r.condition, r.level), -1)
+                if severity >= 0:
+                    rows.append([row_id(r.study_id, r.condition, r.level), *(getattr(r, c) for c in PROBABILITY_COLUMNS),
+                                 SEVERITIES[severity], fold])
+        out[name] = pd.DataFrame(rows, columns=["row_id", *PROBABILITY_COLUMNS, "label", "fold"])
+        log.info(f"{name} {group}: {len(rows)} held-out levels graded at the locator's points")
+    return out

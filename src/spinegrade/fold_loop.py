@@ -1,5 +1,5 @@
 """One fold's training loop, written once for every model spinegrade trains: the grading models
-(``train.py``) and the locators (``localize.py``).
+(``train.py``) and the slice locators (``slice_locator_training.py``).
 
 What a fold folder holds and how it lives is the same for both: ``last.pt`` after every epoch
 (model, optimiser, learning-rate schedule and progress; tensors and plain values only, loaded with
@@ -75,22 +75,6 @@ class SeededDataset(torch.utils.data.Dataset):
         epoch, i = divmod(int(encoded), len(self.dataset))
         self.dataset.set_seed(hash((self.seed, epoch, i)) % (2**31))
         return self.dataset[i]
-
-
-def select_device(requested: str | None = None, world: World = SINGLE) -> torch.device:
-    """The requested device, else a GPU when there is one (under DDP, this process's own GPU)."""
-    if requested:
-        device = torch.device(requested)
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and world.enabled:
-        return torch.device("cuda", world.local_rank)
-    return device
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on a GPU (the method's mixed precision), nothing on a CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def seed_everything(seed: int) -> None:

@@ -3,7 +3,7 @@ foramen is on the Sagittal T1 series, per level and side.
 
 Geometry gives the starting window: the foramen's learned offset from the level's spinal canal point
 (``offsets.py``), and on each T1 series the slice nearest that point, read along the series' own
-normal. The image decides: the foraminal slice locator (``localize.LocalizerEnsemble`` trained on
+normal. The image decides: the foraminal slice locator (``slice_locator.SliceLocator`` trained on
 the labelled foramina) scores the slices of that side within ``WINDOW`` slices of it, and the slice
 where the level's presence is highest is the foramen's, at the point its heatmap gives. A head that
 is unsure (its best presence under the threshold chosen out of fold, or its point off the image), or
@@ -61,7 +61,7 @@ def locate_foramina(study_id: int, canal: dict[str, np.ndarray], stacks: dict[st
     """Rows of the locations table for every (side, level, T1 series) whose foramen lies in that
     series' volume (its main stack), and a note per (side, level) that no series reaches. ``canal``:
     level -> patient point of its spinal canal; ``stacks``: series -> its stacks; ``head``: the
-    foraminal slice locator (a ``localize.LocalizerEnsemble``), None for the offsets alone;
+    foraminal slice locator (a ``slice_locator.SliceLocator``), None for the offsets alone;
     ``threshold``: its presence threshold (default: the one chosen out of fold)."""
     rows, outside = [], []
     found: dict[tuple[str, str], list[list]] = {}  # (side, level) -> a row per series that reaches it

@@ -8,7 +8,7 @@ names its locator in the registry (``constants.GROUPS[group].locator``); the imp
 - **train** on a run's folds (``Locator.train``), writing its files under
   ``OUTPUT/trained_models/localizer/<group>/`` (``RunLayout.localizer_dir``), the marker last;
 - **load** the models of every fold, or of one fold for out-of-fold use (the constructor);
-- **locate** one study from its series folders (``Locator.locate``), returning a :class:`LocatedStudy`;
+- **locate** one :class:`~spinegrade.study.Study` (``Locator.locate``), returning a :class:`LocatedStudy`;
 - say whether it is **finished** and which **files** a Kaggle kernel must carry.
 
 Reporting out of fold, and locating a whole split, are the same loop for every locator
@@ -26,10 +26,10 @@ import numpy as np
 import pandas as pd
 
 from spinegrade.config import LocalizerConfig
-from spinegrade.data.dicom import MIN_IMAGE_SIDE, DicomReadError, Slice, Stack, read_series
-from spinegrade.data.index import read_csv_checked
+from spinegrade.data.dicom import Slice, Stack
 from spinegrade.errors import SpinegradeError
 from spinegrade.offsets import find_instance
+from spinegrade.study import Study
 
 # ``source``: "localised" (the image decided), or "localised, unsure: ..." (a slice locator's presence was
 # under its threshold, so the geometric choice placed it); ``score``: that presence (NaN: none read).
@@ -108,52 +108,10 @@ class Locator:
         """The files a trained locator is made of, relative to ``root`` (what a kernel carries)."""
         raise NotImplementedError
 
-    def locate(self, study_id: int, series_dirs: list[Path], start: LocatedStudy | None) -> LocatedStudy:
-        """Where this study's points are: ``series_dirs``: the study's series of the group's description,
-        in the CSV's order; ``start``: the anchor group's located study (None without an anchor)."""
+    def locate(self, study: Study, start: LocatedStudy | None) -> LocatedStudy:
+        """Where this study's points are, on its series of the group's kind; ``start``: the anchor
+        group's located study (None without an anchor)."""
         raise NotImplementedError
-
-
-# --- reading a study's series --------------------------------------------------------------------
-
-def study_series(data_dir: Path, split: str, description: str) -> dict[int, list[Path]]:
-    """Every ``description`` series folder of every study listed for ``split``, in the CSV's order
-    (a study listed without one maps to an empty list)."""
-    path = data_dir / f"{split}_series_descriptions.csv"
-    series = read_csv_checked(path, ["study_id", "series_id", "series_description"])
-    out: dict[int, list[Path]] = {}
-    for r in series.itertuples():
-        try:
-            study = int(r.study_id)
-        except (TypeError, ValueError):
-            continue  # the index reports bad ids with their line
-        out.setdefault(study, [])
-        if r.series_description == description:
-            try:
-                out[study].append(data_dir / f"{split}_images" / str(study) / str(int(r.series_id)))
-            except (TypeError, ValueError):
-                pass  # no usable series id: the study gets the prior
-    return out
-
-
-def listed_studies(data_dir: Path, split: str) -> list[int]:
-    """Every study listed for ``split`` in its series descriptions, sorted."""
-    return sorted(study_series(data_dir, split, ""))
-
-
-def read_stacks(series_dir: Path | None, description: str) -> tuple[list[Stack], str | None]:
-    """Every stack of a series (headers only: the locator decodes the slices it chooses), or a problem."""
-    if series_dir is None:
-        return [], f"no {description} series listed"
-    if not series_dir.is_dir():
-        return [], f"{series_dir}: series folder absent"
-    errors: list[DicomReadError] = []
-    stacks = read_series(series_dir, with_pixels=False, errors=errors)
-    # Placeholder images (under 8 pixels a side) are no slice to grade, as in training.
-    stacks = [Stack(kept) for kept in ([s for s in st.slices if min(s.shape) >= MIN_IMAGE_SIDE] for st in stacks) if kept]
-    if not stacks:
-        return [], f"{series_dir}: no readable DICOM file" + (f" ({errors[0]})" if errors else "")
-    return stacks, None
 
 
 def has_geometry(stacks: list[Stack]) -> bool:

@@ -3,13 +3,13 @@ folds, locate a split, report it out of fold, say whether it is trained and whic
 
 Which locator a group uses is the registry's ``constants.GROUPS[group].locator``, one of ``LOCATORS``:
 
-- ``sagittal_levels`` (spinal): the slice locator of ``localize.py`` on Sagittal T2/STIR, each level
+- ``sagittal_levels`` (spinal): the slice locator of ``slice_locator.py`` on Sagittal T2/STIR, each level
   on its own slice (:class:`LevelsLocator`);
 - ``sagittal_foramina`` (foraminal): the learned offsets from the canal (``offsets.py``) as the
-  starting window and fallback, and the slice locator of ``localize.py`` on Sagittal T1 deciding each
+  starting window and fallback, and the slice locator of ``slice_locator.py`` on Sagittal T1 deciding each
   foramen's slice and point (``foramina.py``);
 - ``axial_subarticular`` (subarticular): the offsets, projected on every axial stack, as the starting
-  window and fallback, and the slice locator of ``localize.py`` on Axial T2 deciding each recess's
+  window and fallback, and the slice locator of ``slice_locator.py`` on Axial T2 deciding each recess's
   slice and point (``subarticular.py``).
 
 The two placed from the canal can be trained without their slice locator (``head=False``: the offsets
@@ -32,8 +32,8 @@ from spinegrade.data.dicom import DicomReadError, Stack, main_stack
 from spinegrade.errors import SpinegradeError
 from spinegrade.foramina import locate_foramina
 from spinegrade.layout import RunLayout
-from spinegrade.localize import MARKER as SLICE_MARKER
-from spinegrade.localize import LocalizerEnsemble
+from spinegrade.slice_locator import MARKER as SLICE_MARKER
+from spinegrade.slice_locator import SliceLocator
 from spinegrade.locating import (
     LOCATION_COLUMNS,
     LocatedStudy,
@@ -41,14 +41,13 @@ from spinegrade.locating import (
     canal_points,
     has_geometry,
     locations_table,
-    read_stacks,
-    study_series,
 )
 from spinegrade.logs import get_logger
 from spinegrade.offsets import ANCHOR_GROUP
 from spinegrade.offsets import MARKER as OFFSETS_MARKER
 from spinegrade.offsets import PointOffsets
 from spinegrade.progress import Progress
+from spinegrade.study import Study, split_studies
 from spinegrade.subarticular import locate_subarticular
 
 log = get_logger(__name__)
@@ -62,8 +61,8 @@ def _slice_head_files(root: Path) -> list[Path]:
     return files
 
 
-def _ensemble(root: Path, device, fold: int | None, choice: dict | None) -> LocalizerEnsemble:
-    return LocalizerEnsemble(root, device=device, folds=None if fold is None else [fold], choice=choice)
+def _ensemble(root: Path, device, fold: int | None, choice: dict | None) -> SliceLocator:
+    return SliceLocator(root, device=device, folds=None if fold is None else [fold], choice=choice)
 
 
 class LevelsLocator(Locator):
@@ -80,7 +79,7 @@ class LevelsLocator(Locator):
 
     @classmethod
     def train(cls, group, config, data_dir, folds_path, output_dir, device, resume, force, head):
-        from spinegrade.localize import train_localizer
+        from spinegrade.slice_locator_training import train_localizer
 
         return train_localizer(config, data_dir, folds_path, output_dir, device=device, resume=resume, force=force,
                                group=group)
@@ -93,14 +92,15 @@ class LevelsLocator(Locator):
     def files(cls, root: Path) -> list[Path]:
         return _slice_head_files(root)
 
-    def locate(self, study_id: int, series_dirs: list[Path], start: LocatedStudy | None) -> LocatedStudy:
-        series_dir = series_dirs[0] if series_dirs else None
-        stacks, problem = read_stacks(series_dir, GROUPS[self.group].series)
-        return locate_levels(study_id, main_stack(stacks), str(series_dir), self.group, self.ensemble, problem,
-                             self.threshold)
+    def locate(self, study: Study, start: LocatedStudy | None) -> LocatedStudy:
+        kind = GROUPS[self.group].series
+        series = study.of_kind(kind)[:1]  # the first (a scanner folder: the largest)
+        stacks, problem = series[0].read() if series else ([], f"no {kind} series listed")
+        return locate_levels(study.study_id, main_stack(stacks), series[0].key if series else "", self.group,
+                             self.ensemble, problem, self.threshold)
 
 
-def locate_levels(study_id: int, stack: Stack | None, series: str, group: str, localizer: LocalizerEnsemble,
+def locate_levels(study_id: int, stack: Stack | None, series: str, group: str, localizer: SliceLocator,
                   problem: str | None = None, threshold: float | None = None) -> LocatedStudy:
     """Each level's spinal canal slice of the series' main ``stack`` and its point there (``threshold``:
     the presence a slice needs, default the one chosen out of fold)."""
@@ -148,7 +148,7 @@ class OffsetsLocator(Locator):
 
     @classmethod
     def train(cls, group, config, data_dir, folds_path, output_dir, device, resume, force, head):
-        from spinegrade.localize import train_localizer
+        from spinegrade.slice_locator_training import train_localizer
         from spinegrade.offsets import train_offsets
 
         train_offsets(data_dir, folds_path, output_dir, group)
@@ -170,18 +170,18 @@ class OffsetsLocator(Locator):
     def files(cls, root: Path) -> list[Path]:
         return [Path(OFFSETS_MARKER), *(_slice_head_files(root) if (root / SLICE_MARKER).is_file() else [])]
 
-    def locate(self, study_id: int, series_dirs: list[Path], start: LocatedStudy | None) -> LocatedStudy:
-        description = GROUPS[self.group].series
+    def locate(self, study: Study, start: LocatedStudy | None) -> LocatedStudy:
+        study_id, description = study.study_id, GROUPS[self.group].series
         stacks, problems = {}, []
-        for series_dir in series_dirs:
+        for series in study.of_kind(description):
             try:
-                found, problem = read_stacks(series_dir, description)
+                found, problem = series.read()
             except Exception as exc:  # one bad series must never stop the run
-                found, problem = [], f"{series_dir}: {type(exc).__name__}: {exc}"
+                found, problem = [], f"{series.key}: {type(exc).__name__}: {exc}"
             if found and not has_geometry(found):  # a default orientation would place the sides anywhere
-                found, problem = [], f"{series_dir}: no ImagePositionPatient/ImageOrientationPatient, so its sides cannot be told"
+                found, problem = [], f"{series.key}: no ImagePositionPatient/ImageOrientationPatient, so its sides cannot be told"
             if found:
-                stacks[str(series_dir)] = found
+                stacks[series.key] = found
             else:
                 problems.append(problem)
         if start is not None and start.locations is not None and not all(
@@ -268,41 +268,50 @@ def _by_fold(studies, folds: pd.Series | None) -> dict[int | None, list[int]]:
     return {int(f): sorted(s for s in folds.index[folds == f] if s in studies) for f in sorted(folds.unique())}
 
 
-def locate_split(data_dir: Path, split: str, output_dir: Path, group: str, device,
-                 folds: pd.Series | None = None, anchors: list[LocatedStudy] | None = None,
-                 threshold: float | None = None, choice: dict | None = None) -> list[LocatedStudy]:
-    """Every listed study of ``split`` located for ``group`` on its series. With ``folds`` (study ->
-    fold), each study by the locator of the fold that never saw it (out of fold). ``anchors``: the
-    located studies of the group this locator starts from, when already at hand (else located here).
+def locate_studies(studies: list[Study], output_dir: Path, group: str, device, folds: pd.Series | None = None,
+                   anchors: list[LocatedStudy] | None = None, threshold: float | None = None,
+                   choice: dict | None = None) -> list[LocatedStudy]:
+    """Each study located for ``group``, one after the other. With ``folds`` (study -> fold), each study
+    by the locator of the fold that never saw it (out of fold). ``anchors``: the located studies of the
+    group this locator starts from, when already at hand (else located here, on the same studies).
     ``threshold`` and ``choice``: a slice locator's presence threshold and its ``slice_choice.json``,
     in place of the saved ones (the out-of-fold report that chooses the threshold)."""
     cls = locator_class(group)
     if cls is None:
         raise SpinegradeError(f"{group}: no locator places its points yet")
-    data_dir, output_dir = Path(data_dir), Path(output_dir)
+    output_dir = Path(output_dir)
     if cls.anchor is not None and anchors is None:
-        anchors = locate_split(data_dir, split, output_dir, cls.anchor, device, folds)
+        anchors = locate_studies(studies, output_dir, cls.anchor, device, folds)
     start = {st.study_id: st for st in anchors or []}
-    series = study_series(data_dir, split, GROUPS[group].series)
+    by_id = {s.study_id: s for s in studies}
     root = RunLayout(output_dir).localizer_dir(group)
     located: list[LocatedStudy] = []
     started = time.perf_counter()
-    progress = Progress(len(series), "located")
-    for fold, studies in _by_fold(series, folds).items():
+    progress = Progress(len(studies), "located")
+    for fold, ids in _by_fold(by_id, folds).items():
         locator = cls(group, root, device, fold=fold, threshold=threshold, choice=choice)
-        for study in studies:
+        for study_id in ids:
+            study = by_id[study_id]
             t0 = time.perf_counter()
             try:
-                st = locator.locate(study, series[study], start.get(study))
+                st = locator.locate(study, start.get(study_id))
             except Exception as exc:  # one bad study must never stop the run: it gets the prior
-                where = series[study][0] if series[study] else f"study {study}"
-                st = LocatedStudy(study, {}, None, f"{where}: {type(exc).__name__}: {exc}")
+                series = study.of_kind(GROUPS[group].series)
+                st = LocatedStudy(study_id, {}, None, f"{series[0].key if series else f'study {study_id}'}: "
+                                                      f"{type(exc).__name__}: {exc}")
             st.seconds = time.perf_counter() - t0
             located.append(st)
             progress.step()
     log.info(f"{group}: located {sum(s.locations is not None for s in located)} of {len(located)} studies "
              f"({(time.perf_counter() - started) / max(len(located), 1):.2f} s per study: reading and locating)")
     return located
+
+
+def locate_split(data_dir: Path, split: str, output_dir: Path, group: str, device, folds: pd.Series | None = None,
+                 anchors: list[LocatedStudy] | None = None, threshold: float | None = None,
+                 choice: dict | None = None) -> list[LocatedStudy]:
+    """Every listed study of ``split`` located for ``group`` (:func:`locate_studies`)."""
+    return locate_studies(split_studies(data_dir, split), output_dir, group, device, folds, anchors, threshold, choice)
 
 
 def report_locator(output_dir: str | Path, data_dir: str | Path, group: str, folds_path: str | Path | None = None,
@@ -314,9 +323,9 @@ def report_locator(output_dir: str | Path, data_dir: str | Path, group: str, fol
     threshold). Its presence threshold is chosen first, on these out-of-fold studies
     (``locator_report.choose_threshold``), then ``slice_choice.json`` is written, marking it finished."""
     from spinegrade.data.folds import read_folds
-    from spinegrade.fold_loop import select_device
+    from spinegrade.device import select_device
     from spinegrade.layout import run_folds
-    from spinegrade.localize import write_slice_choice
+    from spinegrade.slice_locator_training import write_slice_choice
     from spinegrade.locator_report import NEVER, choose_threshold, compare_with_labels, with_threshold, write_locator_report
 
     output_dir, data_dir = Path(output_dir), Path(data_dir)

@@ -13,7 +13,7 @@ by offsets that never saw it. Which side a point is on therefore comes from DICO
 
 Outputs, under ``OUTPUT/trained_models/localizer/<group>/``: ``offsets.json`` (the offsets of
 every fold and of all folds together; written last, it marks the locator finished). The offsets are
-where a locator starts and what it falls back on; the foramina's slice locator (``localize.py``)
+where a locator starts and what it falls back on; the foramina's slice locator (``slice_locator.py``)
 reads the image around them. The out-of-fold report is ``locator_report.py``'s.
 """
 

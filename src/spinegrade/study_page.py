@@ -1,13 +1,9 @@
 """One study straight off a scanner: ``spinegrade predict STUDY_DIR``.
 
-The three series are found among any DICOM files under the folder (any names, any nesting, other
-files ignored): by SeriesDescription first, and where a description is missing or unusual, by the
-slices' orientation (the normal along the patient's x axis: sagittal; along z: axial) and contrast
-(RepetitionTime and EchoTime: T1 is short and short, T2 long; an inversion recovery with a short
-inversion time or a long echo is a STIR, one with neither a T1 FLAIR). The
-study is then graded exactly as a test split is (``predict.grade_split``), through a one-study
-dataset of links in the competition's layout, so it gets what a submission gets: every group, the
-tuned blend, the prior where a series is missing.
+The folder is read as a :class:`~spinegrade.study.Study` (``study.scanner_study``: the three series
+found among any DICOM files under it, by description, else by orientation and contrast), then graded
+exactly as a test split is (``predict.grade_split``, ``submit.submission_frame``), so it gets what a
+submission gets: every group, the tuned blend, the prior where a series is missing.
 
 Written to ``OUT`` (``STUDY_DIR-spinegrade`` by default):
 
@@ -25,172 +21,52 @@ import base64
 import html
 import io
 import json
-import re
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from spinegrade.constants import (
-    AXIAL_T2,
     CONDITION_GROUP,
     GROUPS,
-    LEVELS,
     PROBABILITY_COLUMNS,
     REGISTRY,
-    SAGITTAL_T1,
-    SAGITTAL_T2,
-    SERIES_DESCRIPTIONS,
     SEVERITIES,
     level_title,
     parse_row_id,
 )
-from spinegrade.data.dicom import DicomReadError, Slice, list_dicom_files, load_pixels, read_slice
+from spinegrade.data.dicom import Slice, load_pixels
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_text_atomic
 from spinegrade.logs import get_logger
-from spinegrade.predict import blends_for, grade_split, submission_frame, training_priors
+from spinegrade.blend import blends_for
+from spinegrade.device import select_device
+from spinegrade.predict import SplitGrades, grade_split
+from spinegrade.study import Study, scanner_study
+from spinegrade.submit import submission_frame, training_priors
 
 log = get_logger(__name__)
 
-STUDY_ID = 1  # the one-study dataset's id: the study folder may be named anything
-# Contrast from timing (ms): T1 has a short repetition and echo time, T2 a long echo or repetition time.
-T1_MAX_TR, T1_MAX_TE, T2_MIN_TE, T2_MIN_TR = 1200.0, 40.0, 60.0, 2000.0
-STIR_MAX_TI = 300.0  # a short inversion time nulls fat: STIR (a T1 FLAIR inverts at about 800 ms or more)
 GRADE_COLOURS = {"Normal/Mild": "#4caf50", "Moderate": "#ff9800", "Severe": "#f44336"}
-
-
-def kind_from_description(description: str) -> str | None:
-    """The competition's series kind a SeriesDescription names, if it names one (whole words: "ax" in
-    "max" or "tra" in "contrast" name nothing)."""
-    d = description.lower().replace("_", " ")
-    if d in (k.lower() for k in SERIES_DESCRIPTIONS):
-        return next(k for k in SERIES_DESCRIPTIONS if k.lower() == d)
-    words = set(re.findall(r"[a-z0-9]+", d))
-    sagittal = bool(words & {"sag", "sagittal"})
-    axial = bool(words & {"ax", "axial", "tra", "transverse", "transversal"})
-    if sagittal and words & {"t1", "t1w"}:
-        return SAGITTAL_T1
-    if sagittal and words & {"t2", "t2w", "stir"}:
-        return SAGITTAL_T2
-    if axial and words & {"t2", "t2w"}:
-        return AXIAL_T2
-    return None
-
-
-def kind_from_geometry(s: Slice) -> str | None:
-    """The series kind from one slice's orientation and contrast, when the description says nothing
-    (nothing without an ImageOrientationPatient)."""
-    if not s.has_geometry:
-        return None
-    axis = int(np.argmax(np.abs(np.cross(s.orientation[:3], s.orientation[3:]))))  # 0: x (sagittal), 2: z (axial)
-    tr, te = s.repetition_time, s.echo_time
-    if s.inversion_time and (s.inversion_time <= STIR_MAX_TI or (te is not None and te >= T2_MIN_TE)):
-        contrast = "T2"  # STIR: read as the T2 series
-    elif s.inversion_time:
-        contrast = "T1"  # T1 FLAIR
-    elif tr is not None and tr <= T1_MAX_TR and (te is None or te <= T1_MAX_TE):
-        contrast = "T1"
-    elif (te is not None and te >= T2_MIN_TE) or (tr is not None and tr >= T2_MIN_TR):
-        contrast = "T2"
-    else:
-        return None
-    if axis == 0:
-        return SAGITTAL_T1 if contrast == "T1" else SAGITTAL_T2
-    if axis == 2 and contrast == "T2":
-        return AXIAL_T2
-    return None
-
-
-@dataclass
-class FoundSeries:
-    kind: str  # one of SERIES_DESCRIPTIONS
-    description: str  # as the files say it
-    uid: str
-    files: list[Path]
-    how: str  # "description" or "orientation and contrast"
-
-
-def find_series(study_dir: Path) -> tuple[list[FoundSeries], list[str]]:
-    """Every series of the three kinds among the DICOM files under ``study_dir``, and what was left
-    out (other series, files that are not DICOM)."""
-    by_series: dict[str, list[Path]] = {}
-    first: dict[str, Slice] = {}
-    skipped = 0
-    for path in list_dicom_files(study_dir):
-        try:
-            header = read_slice(path, with_pixels=False)
-        except DicomReadError:
-            skipped += 1  # not DICOM, or broken: the other files may still make the series
-            continue
-        key = header.series_uid or header.series_description or "(no series id)"
-        by_series.setdefault(key, []).append(path)
-        first.setdefault(key, header)
-    found, notes = [], []
-    for key, files in by_series.items():
-        s = first[key]
-        kind, how = kind_from_description(s.series_description), "description"
-        if kind is None:
-            kind, how = kind_from_geometry(s), "orientation and contrast"
-        if kind is None:
-            notes.append(f"series {s.series_description or key!r} ({len(files)} files): not one of the three kinds")
-            continue
-        found.append(FoundSeries(kind, s.series_description, s.series_uid, sorted(files), how))
-    if skipped:
-        notes.append(f"{skipped} files are not readable DICOM and were skipped")
-    if not found:
-        raise SpinegradeError(f"{study_dir}: no Sagittal T1, Sagittal T2/STIR or Axial T2 series among "
-                              f"{sum(map(len, by_series.values()))} DICOM files")
-    # the Sagittal T2/STIR the level localiser reads: the largest one, first
-    found.sort(key=lambda f: (SERIES_DESCRIPTIONS.index(f.kind), -(len(f.files) if f.kind == SAGITTAL_T2 else 0)))
-    return found, notes
-
-
-def _one_study_dataset(root: Path, series: list[FoundSeries]) -> dict[str, FoundSeries]:
-    """A test split of one study in the competition's layout, made of links to the files; returns
-    series folder -> the series it holds. One Sagittal T2/STIR is kept (the localiser reads one)."""
-    rows, folders = [], {}
-    sagittal_t2 = [f for f in series if f.kind == SAGITTAL_T2][:1]  # find_series lists the largest first
-    for number, f in enumerate([f for f in series if f.kind != SAGITTAL_T2] + sagittal_t2, start=1):
-        folder = root / "test_images" / str(STUDY_ID) / str(number)
-        folder.mkdir(parents=True)
-        for k, path in enumerate(f.files):
-            (folder / f"{k}.dcm").symlink_to(path.resolve())
-        rows.append({"study_id": STUDY_ID, "series_id": number, "series_description": f.kind})
-        folders[str(folder)] = f
-    pd.DataFrame(rows).to_csv(root / "test_series_descriptions.csv", index=False)
-    return folders
 
 
 def predict_study(study_dir: str | Path, output_dir: str | Path, backbones: list[str] | None = None,
                   out_dir: str | Path | None = None, device: str | None = None) -> dict:
     """Grade all 25 targets of one study folder; write ``grades.json`` and ``study.html``."""
-    from spinegrade.train import select_device
-
     study_dir, output_dir = Path(study_dir).resolve(), Path(output_dir)
     if not study_dir.is_dir():
         raise SpinegradeError(f"{study_dir}: not a folder")
     out_dir = Path(out_dir) if out_dir else study_dir.parent / f"{study_dir.name}-spinegrade"
-    series, notes = find_series(study_dir)
-    for f in series:
-        log.info(f"{f.kind}: series {f.description!r} ({len(f.files)} files), found by {f.how}")
-    extra = [f for f in series if f.kind == SAGITTAL_T2][1:]
-    if extra:
-        notes.append(f"{len(extra)} more Sagittal T2/STIR series not read (the level localiser reads the largest)")
+    study, notes = scanner_study(study_dir)
+    for f in study.series:
+        log.info(f"{f.kind}: series {f.description!r} ({len(f.files)} files), found by {f.found_by}")
     for note in notes:
         log.info(note)
     blends = blends_for(output_dir, backbones)
-    with tempfile.TemporaryDirectory(prefix="spinegrade-study-") as tmp:
-        try:
-            folders = _one_study_dataset(Path(tmp), series)
-        except OSError as exc:
-            raise SpinegradeError(f"{tmp}: cannot link the study's files there ({exc})") from None
-        grades = grade_split(Path(tmp), "test", output_dir, blends, select_device(device))
-        submission = submission_frame([STUDY_ID], grades.graded, grades.blends, training_priors(None, output_dir))
-        result = _result(study_dir, series, notes, grades, submission, folders)
-        pages = _slice_figures(grades, result, folders)
+    grades = grade_split([study], output_dir, blends, select_device(device))
+    submission = submission_frame([study.study_id], grades.grades, grades.blends, training_priors(None, output_dir))
+    result = _result(study_dir, study, notes, grades, submission)
+    pages = _slice_figures(grades, result, study)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out_dir / "grades.json", json.dumps(result, indent=1))
@@ -204,10 +80,10 @@ def predict_study(study_dir: str | Path, output_dir: str | Path, backbones: list
     return result
 
 
-def _result(study_dir: Path, series: list[FoundSeries], notes: list[str], grades, submission: pd.DataFrame,
-            folders: dict[str, FoundSeries]) -> dict:
-    located = {group: next((st for st in studies if st.study_id == STUDY_ID), None)
+def _result(study_dir: Path, study: Study, notes: list[str], grades: SplitGrades, submission: pd.DataFrame) -> dict:
+    located = {group: next((st for st in studies if st.study_id == study.study_id), None)
                for group, studies in grades.located.items()}
+    by_key = {f.key: f for f in study.series}
     targets = []
     for r in submission.itertuples(index=False):
         _, condition, level = parse_row_id(r.row_id)
@@ -218,15 +94,13 @@ def _result(study_dir: Path, series: list[FoundSeries], notes: list[str], grades
         if st is not None and st.locations is not None:
             for h in st.locations[(st.locations["condition"] == condition) & (st.locations["level"] == level)].itertuples():
                 s = st.slice_of(h)
-                f = folders[h.series]
+                f = by_key[h.series]
                 points.append({"series": f.description, "series_uid": f.uid, "series_kind": f.kind,
                                "instance": int(h.instance_number), "x": float(h.x), "y": float(h.y),
                                "patient_mm": [round(float(v), 2) for v in s.pixel_to_patient(h.x, h.y)]})
-        graded = any(condition in by_study.get(STUDY_ID, {}) and np.isfinite(by_study[STUDY_ID][condition][LEVELS.index(level)]).all()
-                     for by_study in grades.graded.get(group, {}).values())
-        if graded:
+        if grades.graded(group, study.study_id, condition, level):
             source = "model"
-        elif group not in grades.graded:
+        elif group not in grades.located:
             source = "prior: no model grades this group"
         elif st is not None and st.problem:
             source = f"prior: {st.problem}"
@@ -239,17 +113,17 @@ def _result(study_dir: Path, series: list[FoundSeries], notes: list[str], grades
     models = {group: {"backbones": dict(zip(b.backbones, map(float, b.weights))), "mode": b.mode,
                       "locator": GROUPS[group].locator} for group, b in grades.blends.items()}
     return {"study_dir": str(study_dir),
-            "series": [{"kind": f.kind, "description": f.description, "uid": f.uid, "files": len(f.files), "found_by": f.how}
-                       for f in series],
+            "series": [{"kind": f.kind, "description": f.description, "uid": f.uid, "files": len(f.files),
+                        "found_by": f.found_by} for f in study.series],
             "notes": notes, "models": models, "targets": targets}
 
 
-def _slice_figures(grades, result: dict, folders: dict[str, FoundSeries]) -> dict[str, list[tuple[str, str]]]:
+def _slice_figures(grades: SplitGrades, result: dict, study: Study) -> dict[str, list[tuple[str, str]]]:
     """group -> [(caption, PNG as base64)]: each slice a group was read on, its points marked."""
     by_target = {(t["condition"], t["level"]): t for t in result["targets"]}
     out: dict[str, list[tuple[str, str]]] = {}
     for group, studies in grades.located.items():
-        st = next((s for s in studies if s.study_id == STUDY_ID), None)
+        st = next((s for s in studies if s.study_id == study.study_id), None)
         if st is None or st.locations is None:
             continue
         for (series, instance), rows in st.locations.groupby(["series", "instance_number"], sort=False):
@@ -260,9 +134,9 @@ def _slice_figures(grades, result: dict, folders: dict[str, FoundSeries]) -> dic
                 side = {"left": "L ", "right": "R "}.get(REGISTRY[h.condition].side or "", "")
                 marks.append((h.x, h.y, f"{side}{t['level']} {t['grade']} {max(t['probabilities'].values()):.2f}",
                               GRADE_COLOURS[t["grade"]]))
-            f = folders[series]
-            number = list(folders.values()).index(f) + 1  # several series may share a description
-            caption = f"{f.description or f.kind} (series {number} of {len(folders)}), instance {int(instance)}"
+            number, f = next((k, f) for k, f in enumerate(study.series, start=1) if f.key == series)
+            # several series may share a description
+            caption = f"{f.description or f.kind} (series {number} of {len(study.series)}), instance {int(instance)}"
             out.setdefault(group, []).append((caption, _figure(s, marks)))
     return out
 

@@ -17,7 +17,7 @@ found by the level localiser on the Sagittal T2/STIR, is projected along each st
 On the chosen slice, each side's point is the canal point plus that side's learned offset
 (``offsets.py``), projected onto the slice: the patient's left is +x in patient space, whatever the
 image's rows do. That is the starting window and the fallback. Where the run has the subarticular
-slice locator (``localize.LocalizerEnsemble``, its heatmaps the patient's sides on slices turned to one
+slice locator (``slice_locator.SliceLocator``, its heatmaps the patient's sides on slices turned to one
 orientation by their geometry), the image decides: it scores the slices within ``WINDOW`` of that
 slice, in the same stack, that are still nearer this level than its neighbours, and each side takes
 the slice where its presence is highest, at its heatmap's point (real labels put the two recesses of
@@ -85,7 +85,7 @@ def locate_subarticular(study_id: int, canal: dict[str, np.ndarray], stacks: dic
     """Rows of the locations table for every (side, level, axial series) that images the level, and
     a note per level that no series reaches. ``canal``: level -> patient point of its spinal canal;
     ``stacks``: series -> its stacks; ``head``: the subarticular slice locator (a
-    ``localize.LocalizerEnsemble``), None for the offsets alone; ``threshold``: its presence threshold
+    ``slice_locator.SliceLocator``), None for the offsets alone; ``threshold``: its presence threshold
     (default: the one chosen out of fold)."""
     limit = head.threshold if threshold is None and head is not None else threshold
     sides = [REGISTRY[c].side for c in GROUPS[GROUP].conditions]  # the head's heatmaps, in this order

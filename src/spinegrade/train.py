@@ -35,16 +35,8 @@ from spinegrade.data.preprocess import PreprocessSettings, build_cache
 from spinegrade.distributed import SINGLE, World, start, stop, world_from_environment
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_text_atomic
-from spinegrade.fold_loop import (
-    EpochSampler,
-    FoldFolder,
-    SeededDataset,
-    autocast,
-    fit,
-    plain,
-    seed_everything,
-    select_device,
-)
+from spinegrade.device import autocast, select_device
+from spinegrade.fold_loop import EpochSampler, FoldFolder, SeededDataset, fit, plain, seed_everything
 from spinegrade.layout import RunLayout, remember_folds
 from spinegrade.logs import get_logger
 from spinegrade.metrics import class_prior, competition_score, prior_table
@@ -170,7 +162,7 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
         raise SpinegradeError(f"{name} {group} fold {fold}: {len(train_idx)} training and {len(val_idx)} held-out "
                               "samples have a readable image; the skipped files are listed above")
 
-    device_ = select_device(device, world)
+    device_ = select_device(device, world.local_rank if world.enabled else None)
     seed_everything(config.seed)
     spec = ModelSpec(config.backbone, config.level_embeddings, tuple(config.hidden_sizes), config.dropout,
                      slices=config.slices)

@@ -70,7 +70,7 @@ def test_study_ids(competition: Path | None) -> list[int]:
 
 def fallback_submission(competition: Path | None, models: Path | None) -> pd.DataFrame:
     """The training prior on every row of every listed study (uniform when no prior can be had)."""
-    from spinegrade.predict import prior_submission
+    from spinegrade.submit import prior_submission
 
     rows = [row_id(s, c, lv) for s in test_study_ids(competition) for c in CONDITIONS for lv in LEVELS]
     try:
@@ -94,7 +94,7 @@ def _run_kernel(models_dataset: str, input_root: str | Path | None, working: str
     import torch
 
     from spinegrade.blend import load_blends
-    from spinegrade.predict import predict_split, write_submission
+    from spinegrade.submit import predict_split, write_submission
 
     started = time.perf_counter()
     input_root = Path(input_root or os.environ.get("KAGGLE_INPUT", "/kaggle/input"))

@@ -13,7 +13,7 @@ from spinegrade.data.dicom import main_stack, read_series
 from spinegrade.data.preprocess import PreprocessSettings, SquareView, content_box, prepare_image, window_limits
 from spinegrade.data.restore import Storage, restore
 from spinegrade.layout import RunLayout
-from spinegrade.localize import LocalizerEnsemble
+from spinegrade.slice_locator import SliceLocator
 
 
 def _disc_phantom(shape, spacing, centre_mm, radius_mm=12.0) -> np.ndarray:
@@ -90,7 +90,7 @@ def test_points_stay_put_when_the_slices_are_stored_on_another_matrix(trained_ru
     A localiser that squashed each slice into its square would see the anatomy 25% narrower; one
     that sees millimetres finds the same points."""
     data = trained_run["data"]
-    localizer = LocalizerEnsemble(RunLayout(trained_run["out"]).localizer_dir("spinal"))
+    localizer = SliceLocator(RunLayout(trained_run["out"]).localizer_dir("spinal"))
     series = pd.read_csv(data / "test_series_descriptions.csv")
     series = series[series["series_description"] == "Sagittal T2/STIR"]
     shifts, same_slice = [], 0
@@ -149,7 +149,7 @@ def test_restored_files_keep_the_anatomy_in_patient_space(tmp_path):
 def test_one_slice_with_a_wrong_pixel_spacing_does_not_set_the_field(dataset_copy, logged):
     """The field is a high percentile of the slices' sizes, not the largest: a slice whose PixelSpacing
     claims 5 mm pixels would otherwise shrink every other slice's anatomy to a fifth."""
-    from spinegrade.localize import prepare_slice_data, slice_targets
+    from spinegrade.slice_locator_training import prepare_slice_data, slice_targets
 
     targets = slice_targets(dataset_copy, "spinal")
     odd = targets.iloc[0]
