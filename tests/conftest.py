@@ -82,6 +82,25 @@ def trained_run(tmp_path_factory):
             "foramen_report": reports["foraminal"], "subarticular_report": reports["subarticular"]}
 
 
+def _listing(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(autouse=True)
+def shared_run_untouched(request):
+    """A test reads the shared trained run and never writes into it (a test that writes works on its own
+    copy), so no result depends on which test ran first."""
+    if "trained_run" not in request.fixturenames:
+        yield
+        return
+    run = request.getfixturevalue("trained_run")["out"]
+    before = _listing(run)
+    yield
+    after = _listing(run)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"the test wrote into the shared trained run: {', '.join(changed[:5])}"
+
+
 @pytest.fixture
 def logged(caplog):
     """``logged()``: the messages the ``spinegrade`` logger emitted so far in this test (INFO and up)."""
