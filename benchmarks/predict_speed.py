@@ -14,6 +14,7 @@ import argparse
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,9 +37,9 @@ def main() -> None:
     totals, localise, grade, fixed = [], [], [], []
     for _ in range(args.repeats):
         started = time.perf_counter()
-        with logged_lines() as lines:
+        with logged_lines() as lines, tempfile.TemporaryDirectory() as scratch:  # the run is only read
             _, submission = predict_split(args.data_dir, args.split, args.output_dir, backbones,
-                                          out=Path(args.output_dir) / "predictions" / "benchmark.csv")
+                                          out=Path(scratch) / "benchmark.csv", predictions_dir=scratch)
         elapsed = time.perf_counter() - started
         studies = submission["row_id"].str.split("_").str[0].nunique()
         model_lines = [l for l in lines if " fold models loaded in " in l]

@@ -102,6 +102,14 @@ def shared_run_untouched(request):
 
 
 @pytest.fixture
+def own_run(trained_run, tmp_path) -> Path:
+    """A copy of the shared trained run, for a test that writes into it (resumable state and cache left out)."""
+    target = tmp_path / "own-run"
+    shutil.copytree(trained_run["out"], target, ignore=shutil.ignore_patterns("last.pt", "cache"))
+    return target
+
+
+@pytest.fixture
 def logged(caplog):
     """``logged()``: the messages the ``spinegrade`` logger emitted so far in this test (INFO and up)."""
     import logging

@@ -34,12 +34,11 @@ def test_predict_speed_benchmark_runs(trained_run):
     assert figures["seconds_per_study_median"] > 0
 
 
-def test_kernel_speed_benchmark_runs(trained_run):
+def test_kernel_speed_benchmark_runs(trained_run, own_run):
     from spinegrade.blend import run_blend
 
-    if not (trained_run["out"] / "oof" / "blend.json").is_file():
-        run_blend(trained_run["out"], trained_run["folds"])
-    figures = _run("kernel_speed.py", "--data-dir", str(trained_run["data"]), "--output-dir", str(trained_run["out"]),
+    run_blend(own_run, trained_run["folds"])  # the kernel carries a blend
+    figures = _run("kernel_speed.py", "--data-dir", str(trained_run["data"]), "--output-dir", str(own_run),
                    "--repeats", "1")
     assert figures["benchmark"] == "kernel_speed" and figures["studies"] == 5
     assert figures["kernel_seconds_median"] > 0 and figures["half_seconds_median"] > 0  # timings: never compared here

@@ -118,9 +118,8 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert shot.is_file() and shot.stat().st_size > 20000
 
 
-def test_end_to_end_column_grades_held_out_studies_at_the_localisers_points(trained_run, tmp_path):
-    out = tmp_path / "run"  # evaluation writes its results and report: into a copy of the shared run
-    shutil.copytree(trained_run["out"], out, ignore=shutil.ignore_patterns("last.pt", "cache"))
+def test_end_to_end_column_grades_held_out_studies_at_the_locators_points(trained_run, own_run):
+    out = own_run  # evaluation writes its results and report
     summary = run_evaluation(out, trained_run["folds"], data_dir=trained_run["data"])
     assert set(summary["group"]) == {"spinal", "foraminal", "subarticular"}  # the groups the run trained
     summary = summary.set_index(["name", "group"])

@@ -47,7 +47,7 @@ def _score_against_answers(submission: pd.DataFrame, answers) -> dict:
 def test_test_split_submission_is_complete_valid_and_beats_the_prior(trained_run, tmp_path, logged):
     out_file = tmp_path / "submission.csv"
     per_backbone, submission = predict_split(trained_run["data"], "test", trained_run["out"], out=out_file,
-                                             backbones=["efficientnet_lite0"])
+                                             backbones=["efficientnet_lite0"], predictions_dir=tmp_path)
     lines = logged()
     written = pd.read_csv(out_file)
     sample = pd.read_csv(trained_run["data"] / "sample_submission.csv")
@@ -85,7 +85,7 @@ def test_a_study_with_a_missing_or_corrupt_sagittal_series_gets_prior_rows(train
     for f in (data / "test_images" / str(broken.study_id) / str(broken.series_id)).iterdir():
         f.write_bytes(b"garbage")
     series.drop(index=removed.name).to_csv(data / "test_series_descriptions.csv", index=False)
-    _, submission = predict_split(data, "test", trained_run["out"], out=tmp_path / "s.csv")
+    _, submission = predict_split(data, "test", trained_run["out"], out=tmp_path / "s.csv", predictions_dir=tmp_path)
     lines = logged()
     assert len(submission) == 5 * 25
     for study in (broken.study_id, removed.study_id):
@@ -192,12 +192,11 @@ def test_submission_check_refuses_bad_files(trained_run):
             check_submission(frame.reset_index(drop=True), sample)
 
 
-def test_blend_then_submit_end_to_end(trained_run, tmp_path):
+def test_blend_then_submit_end_to_end(trained_run, own_run):
     from spinegrade.blend import run_blend
-    from spinegrade.submit import prior_submission, score_submission
-    from spinegrade.submit import submit
+    from spinegrade.submit import prior_submission, score_submission, submit
 
-    out = _own_copy(trained_run["out"], tmp_path)  # this test writes a blend and submissions
+    out = own_run  # this test writes a blend and submissions
     reports = run_blend(out, trained_run["folds"])
     assert list(reports) == ["spinal", "foraminal", "subarticular"]  # the groups the run trained
     assert set(reports["spinal"].blend.backbones) == {"efficientnet_lite0", "efficientnet_lite0_wide"}
@@ -218,13 +217,6 @@ def test_blend_then_submit_end_to_end(trained_run, tmp_path):
     prior = score_submission(prior_submission(submission["row_id"], trained_run["data"], out),
                              trained_run["answers"] / "test.csv")
     assert all(model[g] < prior[g] for g in GROUPS), (model, prior)
-
-
-def _own_copy(run: Path, tmp_path: Path) -> Path:
-    """A copy of the shared trained run for a test that writes into it (resumable state and cache left out)."""
-    target = tmp_path / "run"
-    shutil.copytree(run, target, ignore=shutil.ignore_patterns("last.pt", "cache"))
-    return target
 
 
 def test_rows_follow_the_listed_test_studies_when_the_sample_lists_others(trained_run, tmp_path, logged):
