@@ -9,7 +9,7 @@
 #   make train-all                               every backbone of the method (BACKBONES), every fold
 #   make evaluate                                OOF metrics, plots and report.html for every trained backbone
 #   make train-localizer                         each group's locator (make train runs it; a finished one is kept)
-#   make predict                                 localise and grade the test split: a submission
+#   make predict                                 locate and grade the test split: a submission
 #   make blend                                   OOF-tuned blend weights of every trained backbone
 #   make submission                              the blend on the test split: submissions/submission.csv
 #   make kernel                                  the offline Kaggle kernel of the blend, with its datasets: kernels/

@@ -13,7 +13,7 @@ config at its own input size:
 - the size of the weights in the models dataset (safetensors, float32).
 
 It then projects the kernel's time per 1,000 studies on Kaggle's CPU (``--kaggle-cpu-cores``, the
-measured per-core rate scaled to that many cores) and GPU, adds the reading and localising time
+measured per-core rate scaled to that many cores) and GPU, adds the reading and locating time
 measured by ``predict_speed.py`` (``benchmarks/results/predict_speed.json``, when present), and
 says how many folds per model fit the competition's 9-hour limit: the cut
 ``spinegrade kernel --folds-per-model K`` applies. Left out, and small beside the forward passes of
@@ -92,7 +92,7 @@ def main() -> None:
     per_fold_cpu = sum(r["cpu_seconds_per_image_median"] for r in rows) * images * cores / args.kaggle_cpu_cores
     per_fold_gpu = sum(r["gflops_per_image"] for r in rows) * images / (args.gpu_tflops * 1000)
     speed = RESULTS / "predict_speed.json"
-    read = json.loads(speed.read_text()).get("read_and_localise_seconds_per_study_median", 0.0) if speed.is_file() else 0.0
+    read = json.loads(speed.read_text()).get("read_and_locate_seconds_per_study_median", 0.0) if speed.is_file() else 0.0
     if not speed.is_file():
         print(f"no {speed}: reading and locating left out of the projection (run predict_speed.py first)")
     budget = KAGGLE_HOURS * 3600 / args.studies  # seconds a study may take
@@ -109,7 +109,7 @@ def main() -> None:
     print(f"models dataset: {len(rows) * args.folds * len(GROUPS)} classifiers, {size_gb:.1f} GB")
     report({"benchmark": "kernel_budget", "rows": rows, "images_per_study": images, "folds": args.folds,
             "studies": args.studies, "kaggle_cpu_cores": args.kaggle_cpu_cores, "assumed_gpu_tflops": args.gpu_tflops,
-            "read_and_localise_seconds_per_study": read, "projection": projection, "models_dataset_gb": round(size_gb, 2),
+            "read_and_locate_seconds_per_study": read, "projection": projection, "models_dataset_gb": round(size_gb, 2),
             "classifiers": len(rows) * args.folds * len(GROUPS)})
 
 

@@ -18,20 +18,20 @@ import json
 from pathlib import Path
 
 from common import TERMS, report
-from spinegrade.config import LocalizerConfig
+from spinegrade.config import LocatorConfig
 from spinegrade.constants import GROUPS
 from spinegrade.data.synthetic import SynthSettings, write_dataset
 from spinegrade.layout import RunLayout
 from spinegrade.locators import report_locator, train_locator
 from spinegrade.metrics import competition_score
 from spinegrade.oof import parsed
-from spinegrade.evaluate import localised_oof
+from spinegrade.evaluate import located_oof
 
 
 def end_to_end(run: Path, data: Path, folds: Path, group: str) -> dict[str, float]:
     """The group's competition terms, end to end out of fold, with every backbone of ``run`` averaged."""
     names = [n for n in RunLayout(run).backbones() if RunLayout(run).finished_fold_dirs(n, group)]
-    frames = localised_oof(run, data, folds, names, group, device="cpu")
+    frames = located_oof(run, data, folds, names, group, device="cpu")
     probs = sum(frames[n].set_index("row_id")[["normal_mild", "moderate", "severe"]] for n in names) / len(names)
     merged = probs.join(frames[names[0]].set_index("row_id")[["label", "fold"]]).reset_index()
     scores = competition_score(parsed(merged))
@@ -62,7 +62,7 @@ def main() -> None:
         target = models / backbone
         if not target.exists():
             target.symlink_to((RunLayout(args.output_dir).trained_models / backbone).resolve(), target_is_directory=True)
-    config = LocalizerConfig(image_size=args.localizer_image_size, num_epochs=args.localizer_epochs, batch_size=4)
+    config = LocatorConfig(image_size=args.localizer_image_size, num_epochs=args.localizer_epochs, batch_size=4)
     result = {"benchmark": "locator_transfer", "trained_on": "straight spines", "groups": {}}
     for group in GROUPS:
         train_locator(group, config, straight, args.folds, run, device="cpu", resume=True)

@@ -1,7 +1,7 @@
 """Prediction speed: seconds per study from DICOM files to graded levels, on this machine.
 
 Runs `predict_split` on a split several times and prints the median seconds per study (reading +
-localising, grading, writing), the one-off cost of loading the fold models, and the projection to a
+locating, grading, writing), the one-off cost of loading the fold models, and the projection to a
 hidden test set of several hundred studies. The last line is JSON. Defaults point at `make demo`'s
 outputs.
 
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--projected-studies", type=int, default=500)
     args = parser.parse_args()
     backbones = RunLayout(args.output_dir).backbones()
-    totals, localise, grade, fixed = [], [], [], []
+    totals, locate, grade, fixed = [], [], [], []
     for _ in range(args.repeats):
         started = time.perf_counter()
         with logged_lines() as lines, tempfile.TemporaryDirectory() as scratch:  # the run is only read
@@ -46,10 +46,10 @@ def main() -> None:
         load = sum(float(l.split(" loaded in ")[1].split(" s")[0]) for l in model_lines)
         fixed.append(load)
         totals.append((elapsed - load) / studies)
-        # One line per located group ("spinal: localised 5 of 5 studies (0.12 s per study: ...)", "foraminal: located ...").
-        summaries = [l for l in lines if (": localised " in l or ": located " in l) and " s per study" in l]
-        assert summaries, "predict_split logged no localisation summary"
-        localise.append(sum(float(l.split("(")[1].split(" s per")[0]) for l in summaries))
+        # One line per located group ("spinal: located 5 of 5 studies (0.12 s per study: ...)", "foraminal: located ...").
+        summaries = [l for l in lines if (": located " in l or ": located " in l) and " s per study" in l]
+        assert summaries, "predict_split logged no locating summary"
+        locate.append(sum(float(l.split("(")[1].split(" s per")[0]) for l in summaries))
         grade.append(sum(float(l.split(" studies in ")[1].split(" s")[0]) for l in model_lines) / studies)
     result = {
         "benchmark": "predict_speed", "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
@@ -57,13 +57,13 @@ def main() -> None:
         "backbones": backbones, "studies": studies, "repeats": args.repeats,
         "seconds_per_study_median": statistics.median(totals),
         "model_loading_seconds_once_median": statistics.median(fixed),
-        "read_and_localise_seconds_per_study_median": statistics.median(localise),
+        "read_and_locate_seconds_per_study_median": statistics.median(locate),
         "grade_seconds_per_study_median": statistics.median(grade),
         "projected_minutes_for_studies": {str(args.projected_studies): (statistics.median(fixed) + statistics.median(totals)
                                                                          * args.projected_studies) / 60},
     }
-    print(f"{result['seconds_per_study_median']:.3f} s per study (median of {args.repeats}; read+localise "
-          f"{result['read_and_localise_seconds_per_study_median']:.3f}, grade {result['grade_seconds_per_study_median']:.3f}), "
+    print(f"{result['seconds_per_study_median']:.3f} s per study (median of {args.repeats}; read+locate "
+          f"{result['read_and_locate_seconds_per_study_median']:.3f}, grade {result['grade_seconds_per_study_median']:.3f}), "
           f"plus {result['model_loading_seconds_once_median']:.1f} s once to load the models, "
           f"with {', '.join(backbones)}; {args.projected_studies} studies: "
           f"{result['projected_minutes_for_studies'][str(args.projected_studies)]:.1f} min")

@@ -29,7 +29,7 @@ from spinegrade.data.folds import read_folds
 from spinegrade.layout import RunLayout
 from spinegrade.metrics import competition_score
 from spinegrade.oof import parsed, read_oof
-from spinegrade.evaluate import localised_oof
+from spinegrade.evaluate import located_oof
 from spinegrade.train import train_fold
 
 
@@ -50,7 +50,7 @@ def measure(group: str, setting: dict, name: str, data: Path, folds: Path, demo:
         train_fold(config, data, folds, run, int(fold), resume=True)
     layout = RunLayout(run)
     seconds = sum(pd.read_csv(d / "metrics.csv")["seconds"].sum() for d in layout.finished_fold_dirs(name, group))
-    located = parsed(localised_oof(run, data, folds, [name], group, device="cpu")[name])
+    located = parsed(located_oof(run, data, folds, [name], group, device="cpu")[name])
     return {"labelled": terms(read_oof(layout, name, group), group), "end_to_end": terms(located, group),
             "training_seconds": float(seconds)}
 

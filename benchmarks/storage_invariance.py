@@ -3,7 +3,7 @@
 Rewrites every test-split DICOM file of DATA (`spinegrade.data.restore`) in several ways that keep
 the anatomy where it is in patient space: another aspect ratio, non-square pixels, MONOCHROME1 with
 signed rescaled values, 8 bits. Each variant is predicted with OUTPUT's models (the blend when
-there is one) and compared with the files as stored: how far the localiser's points moved (mm, in
+there is one) and compared with the files as stored: how far the locator's points moved (mm, in
 patient space; median and 90th percentile), the largest change in any probability, and the spinal
 score when the answers are known (a synthetic set's `<data>-answers/test.csv`). Figures describe
 these models on this data; the last line is JSON. Defaults point at `make demo`'s outputs.
@@ -38,7 +38,7 @@ VARIANTS = {
 }
 
 
-def located_points(data_dir: Path, localizer: SliceLocator) -> dict[int, np.ndarray]:
+def located_points(data_dir: Path, slice_locator: SliceLocator) -> dict[int, np.ndarray]:
     """(5, 3) patient-space points per test study, from its Sagittal T2/STIR series."""
     series = pd.read_csv(data_dir / "test_series_descriptions.csv")
     series = series[series["series_description"] == "Sagittal T2/STIR"]
@@ -48,7 +48,7 @@ def located_points(data_dir: Path, localizer: SliceLocator) -> dict[int, np.ndar
                                        with_pixels=False))
         if stack is None:
             continue
-        found = localizer.locate(stack)
+        found = slice_locator.locate(stack)
         out[row.study_id] = np.stack([stack.slices[k].pixel_to_patient(x, y)
                                       for k, (x, y) in zip(found.slice_index, found.points)])
     return out
@@ -65,7 +65,7 @@ def main() -> None:
     layout = RunLayout(args.output_dir)
     blends = load_blends(args.output_dir) if layout.blend_json.is_file() else None
     backbones = None if blends else layout.backbones()
-    localizer = SliceLocator(layout.localizer_dir("spinal"))
+    slice_locator = SliceLocator(layout.locator_dir("spinal"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -75,7 +75,7 @@ def main() -> None:
                                           predictions_dir=tmp / name)
             scores = score_submission(submission, answers) if answers.is_file() else {}
             return {"submission": submission.set_index("row_id")[list(PROBABILITY_COLUMNS)],
-                    "points": located_points(data, localizer), "spinal": scores.get("spinal")}
+                    "points": located_points(data, slice_locator), "spinal": scores.get("spinal")}
 
         base = run("as-stored", args.data_dir)
         rows.append({"variant": "as stored", "studies": len(base["points"]), "shift_median_mm": 0.0,

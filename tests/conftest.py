@@ -45,7 +45,7 @@ def trained_run(tmp_path_factory):
 
     Settings are tiny (CPU, seconds per fold) but every stage is the real one.
     """
-    from spinegrade.config import LocalizerConfig, load_config
+    from spinegrade.config import LocatorConfig, load_config
     from spinegrade.data.folds import make_folds, write_csv_atomic
     from spinegrade.data.index import build_index
     from spinegrade.locators import train_locator
@@ -61,7 +61,7 @@ def trained_run(tmp_path_factory):
     # (the fewest that keep each locator's out-of-fold figures clear of the tests' bounds: 16 foraminal epochs
     # put 96 % of the foramina within a slice, 12 only 91 %; 25 spinal epochs leave the canal 6.6 mm off)
     epochs = {"spinal": 40, "foraminal": 16, "subarticular": 5}
-    reports = {group: train_locator(group, LocalizerConfig(image_size=64, num_epochs=n, batch_size=8), data, folds, out,
+    reports = {group: train_locator(group, LocatorConfig(image_size=64, num_epochs=n, batch_size=8), data, folds, out,
                                     device="cpu")
                for group, n in epochs.items()}
     small = {"image_size": 64, "batch_size": 16, "num_workers": 0, "num_epochs": 5}
@@ -78,7 +78,7 @@ def trained_run(tmp_path_factory):
                                                     "test_time_flip": group == "foraminal"}, group=group)
         for fold in range(3):
             train_fold(config, data, folds, out, fold)
-    return {"data": data, "folds": folds, "out": out, "answers": root / "data-answers", "localizer_report": reports["spinal"],
+    return {"data": data, "folds": folds, "out": out, "answers": root / "data-answers", "locator_report": reports["spinal"],
             "foramen_report": reports["foraminal"], "subarticular_report": reports["subarticular"]}
 
 

@@ -28,7 +28,7 @@ Where each kind is covered:
                                         --weights), test_hostile_weights_refused_by_the_train_command,
                                         test_hostile_resume_checkpoint_is_refused_without_running_it (last.pt,
                                         --resume), test_hostile_best_weights_are_refused_without_running_them
-                                        (load_state: prediction, localiser), test_hostile_cache_arrays_are_never_unpickled
+                                        (load_state: prediction, locator), test_hostile_cache_arrays_are_never_unpickled
                                         (np.load of the preprocessing cache). Every torch.load, np.load and
                                         safetensors load in src/ is one of these; none allows pickles.
 """

@@ -125,17 +125,17 @@ def test_end_to_end_column_grades_held_out_studies_at_the_locators_points(traine
     summary = summary.set_index(["name", "group"])
     for name, group in (("efficientnet_lite0", "spinal"), ("efficientnet_lite0_wide", "spinal"),
                         ("efficientnet_lite0", "foraminal"), ("efficientnet_lite0", "subarticular")):
-        assert np.isfinite(summary.loc[(name, group), "score_localised"])
-        localised = pd.read_csv(out / "oof" / "localised" / group / f"{name}.csv")
+        assert np.isfinite(summary.loc[(name, group), "score_located"])
+        located = pd.read_csv(out / "oof" / "localised" / group / f"{name}.csv")
         oof = pd.concat([pd.read_csv(p) for p in (out / "oof" / name / group).glob("fold*.csv")])
         if group == "spinal":
-            assert set(localised["row_id"]) == set(oof["row_id"])  # the same held-out levels, located instead
+            assert set(located["row_id"]) == set(oof["row_id"])  # the same held-out levels, located instead
         else:  # a point outside its series' volume is left to the prior
-            assert set(localised["row_id"]) <= set(oof["row_id"]) and len(localised) >= 0.9 * len(oof)
+            assert set(located["row_id"]) <= set(oof["row_id"]) and len(located) >= 0.9 * len(oof)
         # Every study is located by the fold locator that never saw it: same fold on both sides.
-        merged = localised.merge(oof, on="row_id", suffixes=("_loc", ""))
+        merged = located.merge(oof, on="row_id", suffixes=("_loc", ""))
         assert (merged["fold_loc"] == merged["fold"]).all()
     for group in ("spinal", "foraminal", "subarticular"):
-        assert summary.loc[("efficientnet_lite0", group), "score_localised"] < summary.loc[("class_prior", group), "score"]
+        assert summary.loc[("efficientnet_lite0", group), "score_located"] < summary.loc[("class_prior", group), "score"]
     page = (out / "report.html").read_text()
-    assert "score_localised" in page
+    assert "score_located" in page

@@ -36,7 +36,7 @@ def test_each_side_is_found_on_its_own_slices_whichever_way_the_t1_series_runs(s
     folds = tmp_path / "folds.csv"
     write_csv_atomic(make_folds(index.labels_wide(), n_folds=2, seed=0), folds)
     train_offsets(synth_dataset, folds, tmp_path, "foraminal")
-    offsets = PointOffsets.load(RunLayout(tmp_path).localizer_dir("foraminal"))
+    offsets = PointOffsets.load(RunLayout(tmp_path).locator_dir("foraminal"))
     table = index.table
     labelled = table[table["condition"].isin([LEFT, RIGHT]) & table["instance_number"].notna()]
     assert (labelled.pivot_table(index=["study_id", "level"], columns="condition", values="severity")

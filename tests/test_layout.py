@@ -33,7 +33,7 @@ def test_layout_reads_an_old_run_as_the_spinal_group(legacy):
     assert layout.model_dir("tiny", "spinal") == layout.trained_models / "tiny"  # the old place
     assert layout.model_dir("tiny", "spinal", existing=False) == layout.trained_models / "tiny" / "spinal"
     assert layout.model_dir("tiny", "foraminal") == layout.trained_models / "tiny" / "foraminal"  # nothing there
-    assert layout.localizer_dir("spinal") == layout.trained_models / "localizer"
+    assert layout.locator_dir("spinal") == layout.trained_models / "localizer"
     assert [p.name for p in layout.finished_fold_dirs("tiny", "spinal")] == ["fold0", "fold1"]
 
 

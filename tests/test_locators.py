@@ -42,14 +42,14 @@ def _canal_series(data, study: int):
 def test_each_level_of_a_curved_spine_is_found_on_its_own_canal_slice(trained_run, curved):
     """The head deciding (at the lowest threshold the out-of-fold choice may take: the shared run's few,
     mostly straight studies may leave geometry as good out of fold, and its threshold higher)."""
-    localizer = SliceLocator(RunLayout(trained_run["out"]).localizer_dir("spinal"))
+    slice_locator = SliceLocator(RunLayout(trained_run["out"]).locator_dir("spinal"))
     canal = curved["coordinates"][curved["coordinates"]["condition"] == "Spinal Canal Stenosis"]
     spread_studies, offsets = 0, []
     for study, points in canal.groupby("study_id"):
         stack = main_stack(read_series(_canal_series(curved["data"], study), with_pixels=False))
         labelled = {r.level.lower().replace("/", "_"): stack.index_of_instance(int(r.instance_number))
                     for r in points.itertuples()}
-        found = localizer.locate(stack, threshold=FLOOR)  # the image decides wherever the head says so
+        found = slice_locator.locate(stack, threshold=FLOOR)  # the image decides wherever the head says so
         for k, level in enumerate(LEVELS):
             offsets.append(found.slice_index[k] - labelled[level])
         if abs(labelled["l1_l2"] - labelled["l5_s1"]) >= 2:  # the curve puts the ends two slices apart or more
@@ -62,7 +62,7 @@ def test_each_level_of_a_curved_spine_is_found_on_its_own_canal_slice(trained_ru
     middle = []
     for study, points in canal.groupby("study_id"):
         stack = main_stack(read_series(_canal_series(curved["data"], study), with_pixels=False))
-        middle += [abs(localizer.choose_slice(stack) - stack.index_of_instance(int(r.instance_number)))
+        middle += [abs(slice_locator.choose_slice(stack) - stack.index_of_instance(int(r.instance_number)))
                    for r in points.itertuples()]
     assert (offsets <= 1).mean() >= 0.75 and (offsets <= 1).mean() >= (np.array(middle) <= 1).mean() + 0.2, (
         offsets, middle)
@@ -83,7 +83,7 @@ def test_foramina_that_move_across_the_levels_are_found_on_their_slices(trained_
     # From canal points found per level, the offsets follow the curve too (all within one on this fixture
     # since the canal's slice locator reads neighbours in anatomical order); the head must still find them.
     assert found >= 0.8 and (by_offsets.loc[moved, "slice_offset"].abs() <= 1).mean() >= 0.8, found
-    assert (frame["source"] == "localised").mean() >= 0.8  # the image decided, not the offsets
+    assert (frame["source"] == "located").mean() >= 0.8  # the image decided, not the offsets
     # each side's foramen on its own side of the canal (+x is the patient's left), from geometry alone
     canal = {(st.study_id, r.level): st.slice_of(r).pixel_to_patient(r.x, r.y)
              for st in locate_split(curved["data"], "train", trained_run["out"], "spinal", "cpu")
@@ -105,16 +105,16 @@ def test_an_unsure_level_falls_back_on_the_middle_slice_and_says_so(trained_run)
     series = pd.read_csv(data / "test_series_descriptions.csv")
     row = series[series["series_description"] == SAGITTAL_T2].iloc[0]
     folder = data / "test_images" / str(row["study_id"]) / str(row["series_id"])
-    localizer = SliceLocator(RunLayout(trained_run["out"]).localizer_dir("spinal"))
+    slice_locator = SliceLocator(RunLayout(trained_run["out"]).locator_dir("spinal"))
     stack = main_stack(read_series(folder, with_pixels=False))
-    found = localizer.locate(stack, NEVER)
-    assert not found.sure.any() and (found.slice_index == localizer.choose_slice(stack)).all()
-    st = locate_levels(int(row["study_id"]), stack, str(folder), "spinal", localizer, threshold=NEVER)
-    assert set(st.locations["source"]) == {"localised, unsure: the middle slice"}
+    found = slice_locator.locate(stack, NEVER)
+    assert not found.sure.any() and (found.slice_index == slice_locator.choose_slice(stack)).all()
+    st = locate_levels(int(row["study_id"]), stack, str(folder), "spinal", slice_locator, threshold=NEVER)
+    assert set(st.locations["source"]) == {"located, unsure: the middle slice"}
     assert st.locations["score"].between(0, 1).all()  # the presence it had, kept in the row
-    sure = localizer.locate(stack, FLOOR)
+    sure = slice_locator.locate(stack, FLOOR)
     assert sure.sure.sum() >= 3 and set(locate_levels(
-        int(row["study_id"]), stack, str(folder), "spinal", localizer, threshold=FLOOR).locations["source"]) >= {"localised"}
+        int(row["study_id"]), stack, str(folder), "spinal", slice_locator, threshold=FLOOR).locations["source"]) >= {"located"}
 
 
 def test_the_threshold_is_the_lowest_of_the_best_and_never_under_even_odds():
@@ -139,7 +139,7 @@ def test_out_of_fold_ensembles_take_their_own_folds_offset_and_models(trained_ru
     fold's (the fold folders once shadowed the fold numbers), and that fold's model alone."""
     import json
 
-    root = RunLayout(trained_run["out"]).localizer_dir("spinal")
+    root = RunLayout(trained_run["out"]).locator_dir("spinal")
     choice = json.loads((root / "slice_choice.json").read_text())
     for fold in range(3):
         ensemble = SliceLocator(root, folds=[fold])
@@ -157,7 +157,7 @@ def test_every_group_fills_the_one_locator_interface(trained_run):
         assert cls is LOCATORS[spec.locator] and issubclass(cls, Locator) and cls.name == spec.locator
         for method in ("train", "finished", "files", "locate"):  # each filled in, not the interface's own
             assert next(k for k in cls.__mro__ if method in vars(k)) is not Locator, (group, method)
-        root = RunLayout(out).localizer_dir(group)
+        root = RunLayout(out).locator_dir(group)
         assert cls.finished(root) and all((root / f).is_file() for f in cls.files(root))
         assert any(str(f).endswith(".safetensors") for f in cls.files(root))  # every group's slice locator travels
 
@@ -165,8 +165,8 @@ def test_every_group_fills_the_one_locator_interface(trained_run):
     located = {}
     for group in GROUPS:  # registry order: the spinal points come first
         cls = locator_class(group)
-        locator = cls(group, RunLayout(out).localizer_dir(group), "cpu")
-        series = [s.key for s in study.of_kind(GROUPS[group].series)]
+        locator = cls(group, RunLayout(out).locator_dir(group), "cpu")
+        series = [s.key for s in study.of_kind(GROUPS[group].series_kind)]
         located[group] = locator.locate(study, located.get(cls.anchor))
         rows = located[group].locations
         assert rows is not None and set(rows["condition"]) == set(GROUPS[group].conditions)

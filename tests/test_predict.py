@@ -1,4 +1,4 @@
-"""Localise, then grade, on studies with no coordinates: a split, a broken study, one folder off a scanner."""
+"""Locate, then grade, on studies with no coordinates: a split, a broken study, one folder off a scanner."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from spinegrade.study_page import predict_study
 
 
 def test_localiser_puts_points_within_a_few_millimetres(trained_run):
-    report = trained_run["localizer_report"]
+    report = trained_run["locator_report"]
     assert report["slice_within_one"] >= 0.9
     # 20 training studies per fold and a few seconds of training: a disc is about 9 mm high and a
     # point dropped anywhere on the slice would be some 60 mm off.
@@ -121,7 +121,7 @@ def test_one_study_folder_gets_all_25_targets_each_where_it_was_read(trained_run
     for t in saved["targets"]:
         assert abs(sum(t["probabilities"].values()) - 1) < 1e-5 and t["grade"] in SEVERITIES
         if t["source"] == "model":  # every graded target says where it was read, on its group's series
-            assert t["points"] and all(p["series_kind"] == GROUPS[t["group"]].series for p in t["points"])
+            assert t["points"] and all(p["series_kind"] == GROUPS[t["group"]].series_kind for p in t["points"])
     from_model = {t["group"] for t in saved["targets"] if t["source"] == "model"}
     assert from_model == {"spinal", "foraminal", "subarticular"}
     for level in ("L3/L4", "L4/L5"):  # each side on the patient's own side: +x is the patient's left

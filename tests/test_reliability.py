@@ -87,23 +87,23 @@ def test_sigkill_mid_training_then_resume_reaches_the_uninterrupted_result(small
     assert again.returncode == 0 and "killable spinal fold 0: already trained" in again.stderr  # not retrained
 
 
-def _localizer_command(data, folds, out, *extra):
+def _locator_command(data, folds, out, *extra):
     return [sys.executable, "-m", "spinegrade.cli", "train-localizer", "--conditions", "spinal", "--data-dir", str(data),
             "--folds", str(folds), "--output-dir", str(out), "--device", "cpu", "--backbone", "resnet18", "--pretrained", "false",
             "--image_size", "64", "--batch_size", "4", "--num_epochs", "2", *extra]
 
 
-def test_localizer_killed_mid_training_resumes_to_the_uninterrupted_result(small_run, tmp_path):
-    """The localiser trains through the same fold loop as the grading models: the same resume. Two
+def test_slice_locator_killed_mid_training_resumes_to_the_uninterrupted_result(small_run, tmp_path):
+    """The locator trains through the same fold loop as the grading models: the same resume. Two
     folds of two epochs: the kill lands after fold 0's first epoch, the resume runs the rest."""
     data, folds = small_run
-    straight = subprocess.run(_localizer_command(data, folds, tmp_path / "straight"), capture_output=True, text=True,
+    straight = subprocess.run(_locator_command(data, folds, tmp_path / "straight"), capture_output=True, text=True,
                               timeout=600)
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     out = tmp_path / "killed"
-    fold0 = RunLayout(out).localizer_dir("spinal", existing=False) / "fold0"
-    process = subprocess.Popen(_localizer_command(data, folds, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    fold0 = RunLayout(out).locator_dir("spinal", existing=False) / "fold0"
+    process = subprocess.Popen(_locator_command(data, folds, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         if (fold0 / "last.pt").is_file():  # fold 0's first epoch is saved: the kill lands after it
@@ -113,9 +113,9 @@ def test_localizer_killed_mid_training_resumes_to_the_uninterrupted_result(small
     process.wait()
     assert process.returncode == -signal.SIGKILL
     assert not (fold0 / "done.json").exists()
-    assert not (fold0.parent / "slice_choice.json").exists()  # the localiser as a whole is unfinished
+    assert not (fold0.parent / "slice_choice.json").exists()  # the locator as a whole is unfinished
 
-    resumed = subprocess.run(_localizer_command(data, folds, out, "--resume"), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(_locator_command(data, folds, out, "--resume"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed after epoch" in resumed.stderr
     for fold in range(2):
@@ -129,8 +129,8 @@ def test_localizer_killed_mid_training_resumes_to_the_uninterrupted_result(small
     pd.testing.assert_frame_equal(oof_a, oof_b, atol=1e-3, rtol=1e-4)
     assert not [p for p in Path(out).rglob(".*") if p.is_file()]
 
-    again = subprocess.run(_localizer_command(data, folds, out, "--resume"), capture_output=True, text=True, timeout=600)
+    again = subprocess.run(_locator_command(data, folds, out, "--resume"), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "spinal: locator already trained" in again.stderr  # kept whole with --resume
-    without_resume = subprocess.run(_localizer_command(data, folds, out), capture_output=True, text=True, timeout=600)
-    assert without_resume.returncode == 0 and "spinal localiser fold 1: already trained" in without_resume.stderr
+    without_resume = subprocess.run(_locator_command(data, folds, out), capture_output=True, text=True, timeout=600)
+    assert without_resume.returncode == 0 and "spinal locator fold 1: already trained" in without_resume.stderr
     assert "epoch 1/2" not in without_resume.stderr  # without --resume, finished folds are read back, not retrained

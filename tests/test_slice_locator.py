@@ -1,5 +1,5 @@
 """Whole-slice inputs see millimetres, not pixels: the same anatomy stored on another matrix looks the same
-to the grading models and is found in the same place by the localiser."""
+to the grading models and is found in the same place by the locator."""
 
 from __future__ import annotations
 
@@ -87,10 +87,10 @@ def test_points_stay_put_when_the_slices_are_stored_on_another_matrix(trained_ru
     """Every test study's sagittal T2 series re-stored with a sixth of its width of black added on
     each side (4:3 in millimetres), its rows resampled to 0.75 of their number (pixels 1.33 times
     taller than wide), inverted as MONOCHROME1 and kept as signed values with a slope and intercept.
-    A localiser that squashed each slice into its square would see the anatomy 25% narrower; one
+    A locator that squashed each slice into its square would see the anatomy 25% narrower; one
     that sees millimetres finds the same points."""
     data = trained_run["data"]
-    localizer = SliceLocator(RunLayout(trained_run["out"]).localizer_dir("spinal"))
+    slice_locator = SliceLocator(RunLayout(trained_run["out"]).locator_dir("spinal"))
     series = pd.read_csv(data / "test_series_descriptions.csv")
     series = series[series["series_description"] == "Sagittal T2/STIR"]
     shifts, same_slice = [], 0
@@ -103,7 +103,7 @@ def test_points_stay_put_when_the_slices_are_stored_on_another_matrix(trained_ru
         stacks = [main_stack(read_series(f, with_pixels=False)) for f in (folder, copy)]
         rows, cols = stacks[1].slices[0].shape
         assert cols > 1.6 * rows  # really stored on another matrix
-        found = [localizer.locate(stack) for stack in stacks]
+        found = [slice_locator.locate(stack) for stack in stacks]
         # each level's slice: the same, or a neighbour where the presence of two slices was nearly tied
         assert (np.abs(found[0].slice_index - found[1].slice_index) <= 1).all()
         same_slice += int((found[0].slice_index == found[1].slice_index).sum())
@@ -163,7 +163,7 @@ def test_one_slice_with_a_wrong_pixel_spacing_does_not_set_the_field(dataset_cop
     sides = np.maximum(meta["rows"] * meta["row_spacing"], meta["cols"] * meta["col_spacing"])
     normal = sides[meta["study_id"] != odd["study_id"]]
     assert normal.max() * 0.9 <= data.field_mm <= normal.max()
-    assert any(f"study {odd['study_id']}" in line and "outside the localiser's" in line for line in lines), lines
+    assert any(f"study {odd['study_id']}" in line and "outside the locator's" in line for line in lines), lines
     kept = (meta["study_id"] != odd["study_id"]).to_numpy()[:, None] & (data.presence == 1)
     assert kept.sum() >= 5 * 15 and np.isfinite(data.points[kept]).all()  # nothing else cut
 

@@ -154,7 +154,7 @@ def test_both_foramina_of_a_t1_series_stored_either_way_reach_the_model_in_one_c
         located = []
         for r in rows.itertuples():
             x = r.x if name == "source" else stacks[0].slices[0].shape[1] - 1 - r.x
-            located.append([study, r.condition, r.level, name, int(r.instance_number), x, r.y, "localised", np.nan])
+            located.append([study, r.condition, r.level, name, int(r.instance_number), x, r.y, "located", np.nan])
         study_rows = LocatedStudy(study, {name: stacks}, pd.DataFrame(located, columns=LOCATION_COLUMNS))
         inputs[name] = model_inputs(study_rows, model.settings).astype(int)
     assert inputs["source"].shape == (len(rows), 3, 64, 64)
@@ -186,7 +186,7 @@ def test_a_model_trained_with_test_time_flip_grades_the_mean_over_its_mirror(tra
     rows = rows[rows["study_id"] == rows["study_id"].iloc[0]]
     study = int(rows["study_id"].iloc[0])
     folder = Path(rows["image_path"].iloc[0]).parent
-    located = pd.DataFrame([[study, r.condition, r.level, "t1", int(r.instance_number), r.x, r.y, "localised", np.nan]
+    located = pd.DataFrame([[study, r.condition, r.level, "t1", int(r.instance_number), r.x, r.y, "located", np.nan]
                             for r in rows.itertuples()], columns=LOCATION_COLUMNS)
     located_study = LocatedStudy(study, {"t1": Series(str(folder), "Sagittal T1").read()[0]}, located)
     images = torch.from_numpy(model_inputs(located_study, model.settings))

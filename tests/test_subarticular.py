@@ -46,7 +46,7 @@ def offsets(synth_dataset, tmp_path_factory) -> PointOffsets:
     folds = out / "folds.csv"
     write_csv_atomic(make_folds(build_index(synth_dataset, check_images=False).labels_wide(), n_folds=2, seed=0), folds)
     train_offsets(synth_dataset, folds, out, "subarticular")
-    return PointOffsets.load(RunLayout(out).localizer_dir("subarticular"))
+    return PointOffsets.load(RunLayout(out).locator_dir("subarticular"))
 
 
 def test_each_level_and_side_lands_on_its_labelled_slice_in_every_axial_layout(synth_dataset, offsets):
@@ -294,7 +294,7 @@ def test_the_recess_head_keeps_each_side_on_the_patients_side_whichever_way_the_
 
     data, out = trained_run["data"], trained_run["out"]
     table = build_index(data, check_images=False).table
-    root = RunLayout(out).localizer_dir("subarticular")
+    root = RunLayout(out).locator_dir("subarticular")
     head = SliceLocator(root)
     assert head.turned and len(GROUPS["subarticular"].conditions) == 2
     offsets = PointOffsets.load(root)
@@ -309,7 +309,7 @@ def test_the_recess_head_keeps_each_side_on_the_patients_side_whichever_way_the_
             stacks = {name: Series(str(folder), AXIAL_T2).read()[0]}
             rows, _ = locate_subarticular(study, canal, stacks, offsets, head=head, threshold=0.0)
             located = LocatedStudy(study, stacks, pd.DataFrame(rows, columns=LOCATION_COLUMNS))
-            assert (located.locations["source"] == "localised").all()  # threshold 0: the head decides every side
+            assert (located.locations["source"] == "located").all()  # threshold 0: the head decides every side
             found[name] = {(r.condition, r.level): (r.instance_number, located.slice_of(r).pixel_to_patient(r.x, r.y))
                            for r in located.locations.itertuples()}
         assert found["source"].keys() == found["mirrored"].keys() and found["source"]
@@ -323,7 +323,7 @@ def test_the_recess_head_keeps_each_side_on_the_patients_side_whichever_way_the_
         stacks = {"source": Series(str(source), AXIAL_T2).read()[0]}
         unsure, _ = locate_subarticular(study, canal, stacks, offsets, head=head, threshold=NEVER)
         alone, _ = locate_subarticular(study, canal, stacks, offsets)
-        assert {r[7] for r in unsure} == {"localised, unsure: the offset's slice"}
+        assert {r[7] for r in unsure} == {"located, unsure: the offset's slice"}
         assert [r[:7] for r in unsure] == [r[:7] for r in alone]
     assert checked >= 10
 

@@ -136,10 +136,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     result(log, "\n".join(lines))
 
 
-def cmd_train_localizer(args: argparse.Namespace) -> None:
-    from spinegrade.config import LocalizerConfig, parse_bool
+def cmd_train_locators(args: argparse.Namespace) -> None:
+    from spinegrade.config import LocatorConfig, parse_bool
 
-    config = LocalizerConfig()
+    config = LocatorConfig()
     for name in ("backbone", "image_size", "batch_size", "num_epochs", "learning_rate", "seed", "num_workers", "weights"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
@@ -150,7 +150,7 @@ def cmd_train_localizer(args: argparse.Namespace) -> None:
     for group in trained_groups(args.conditions):
         locator = GROUPS[group].locator
         if args.resume and not args.force and locator is not None and locator_trained(args.output_dir, group):
-            log.info(f"{group}: locator already trained in {RunLayout(args.output_dir).localizer_dir(group)}; "
+            log.info(f"{group}: locator already trained in {RunLayout(args.output_dir).locator_dir(group)}; "
                      "use --force to retrain")
             continue
         train_locator(group, config, args.data_dir, args.folds, args.output_dir, device=args.device, resume=args.resume,
@@ -306,9 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("learning_rate", float), ("seed", int), ("num_workers", int), ("weights", str),
                        ("pretrained", str)):
         p.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, type=kind, default=None)
-    p.set_defaults(func=cmd_train_localizer)
+    p.set_defaults(func=cmd_train_locators)
 
-    p = sub.add_parser("predict", help="grade a split (localise, then every fold model) or one study folder")
+    p = sub.add_parser("predict", help="grade a split (locate, then every fold model) or one study folder")
     p.add_argument("study_dir", type=Path, nargs="?", default=None,
                    help="one study's DICOM files, any names and nesting (instead of --split)")
     p.add_argument("--data-dir", "--data_dir", type=Path, default=DEFAULT_DATA_DIR)

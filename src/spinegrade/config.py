@@ -76,7 +76,7 @@ class TrainConfig:
     class_weights: str = "inverse_frequency"  # or "competition" (1/2/4) or "none"
     rotation_degrees: float = 15.0
     flip_probability: float = 0.5
-    # Training on what a localiser gives: the point moved by a Gaussian of this many millimetres
+    # Training on what a locator gives: the point moved by a Gaussian of this many millimetres
     # (crops only), and a neighbouring slice used this often.
     point_jitter_mm: float = 3.0
     neighbour_slice_probability: float = 0.2
@@ -101,8 +101,8 @@ class TrainConfig:
 
 
 @dataclass
-class LocalizerConfig:
-    """Settings of the level localiser (``spinegrade train-localizer``)."""
+class LocatorConfig:
+    """Settings of the level locator (``spinegrade train-localizer``)."""
 
     backbone: str = "efficientnet_lite0"
     pretrained: bool = True

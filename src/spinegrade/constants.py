@@ -33,7 +33,7 @@ class ConditionGroup:
 
     name: str  # the metric group: the value of --conditions, the folder under trained_models/<backbone>/
     conditions: tuple[str, ...]  # scored together (left and right)
-    series: str  # the series description a radiologist reads it on
+    series_kind: str  # the series description (one of SERIES_DESCRIPTIONS) a radiologist reads it on
     input: str  # default preprocessing: "full" (the whole slice) or "crop" (crop_mm around the point)
     crop_mm: float
     locator: str | None  # what places its points on a study without coordinates; None: none yet (prior rows)
@@ -68,23 +68,23 @@ GROUPS: dict[str, ConditionGroup] = {g.name: g for g in (
 )}
 METRIC_GROUPS: tuple[str, ...] = tuple(GROUPS)
 
-REGISTRY: dict[str, Condition] = {c.name: c for c in (
+CONDITION_SPECS: dict[str, Condition] = {c.name: c for c in (
     Condition("spinal_canal_stenosis", "spinal", None),
     Condition("left_neural_foraminal_narrowing", "foraminal", "left"),
     Condition("right_neural_foraminal_narrowing", "foraminal", "right"),
     Condition("left_subarticular_stenosis", "subarticular", "left"),
     Condition("right_subarticular_stenosis", "subarticular", "right"),
 )}
-assert all(c in GROUPS[spec.group].conditions for c, spec in REGISTRY.items())
-CONDITIONS: tuple[str, ...] = tuple(REGISTRY)
+assert all(c in GROUPS[spec.group].conditions for c, spec in CONDITION_SPECS.items())
+CONDITIONS: tuple[str, ...] = tuple(CONDITION_SPECS)
 
 # Derived views of the registry, for lookups by condition.
-CONDITION_GROUP: dict[str, str] = {c.name: c.group for c in REGISTRY.values()}
-CONDITION_SERIES: dict[str, str] = {c.name: GROUPS[c.group].series for c in REGISTRY.values()}
+CONDITION_GROUP: dict[str, str] = {c.name: c.group for c in CONDITION_SPECS.values()}
+CONDITION_SERIES_KIND: dict[str, str] = {c.name: GROUPS[c.group].series_kind for c in CONDITION_SPECS.values()}
 
 
 def group_of(condition: str) -> ConditionGroup:
-    return GROUPS[REGISTRY[condition].group]
+    return GROUPS[CONDITION_SPECS[condition].group]
 
 
 def check_groups(names) -> list[str]:
@@ -136,15 +136,15 @@ SEVERITY_INDEX: dict[str, int] = {s: i for i, s in enumerate(SEVERITIES)}
 def flipped_condition(condition: str) -> str:
     """The condition a flip that exchanges the patient's sides turns ``condition`` into: the same group's
     condition on the other side (a midline condition is unchanged)."""
-    spec = REGISTRY[condition]
+    spec = CONDITION_SPECS[condition]
     if spec.side is None:
         return condition
     other = "right" if spec.side == "left" else "left"
-    return next(c for c in GROUPS[spec.group].conditions if REGISTRY[c].side == other)
+    return next(c for c in GROUPS[spec.group].conditions if CONDITION_SPECS[c].side == other)
 
 
 def flip_keeps_grade(group: str, input_mode: str) -> bool:
     """Whether a horizontal flip of a ``group`` image keeps its grade: a flip of a whole axial slice shows
     the patient's other side (its label becomes ``flipped_condition``'s grade); a crop centred on one
     side's point still shows that side, and a sagittal flip only swaps front and back."""
-    return not (GROUPS[group].series == AXIAL_T2 and input_mode == "full")
+    return not (GROUPS[group].series_kind == AXIAL_T2 and input_mode == "full")

@@ -48,7 +48,7 @@ TERMS = [*GROUPS, *(g.any_severe_term for g in GROUPS.values() if g.any_severe_t
 # Figures reported per fold (mean and spread) and in summary.csv.
 FOLD_FIGURES = ("score", *TERMS, "accuracy", "balanced_accuracy", "f1_macro")
 SUMMARY_COLUMNS = [
-    "name", "group", "studies", "rows", "score", "score_localised", "score_fold_mean", "score_fold_std", *TERMS,
+    "name", "group", "studies", "rows", "score", "score_located", "score_fold_mean", "score_fold_std", *TERMS,
     "accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "f1_weighted",
     "f1_normal_mild", "f1_moderate", "f1_severe", "roc_auc_normal_mild", "roc_auc_moderate", "roc_auc_severe", "ece",
 ]
@@ -191,16 +191,16 @@ def run_evaluation(output_dir: str | Path, folds_path: str | Path | None = None,
             log.info(f"{name} {group}: folds {missing} have no OOF predictions yet; left out (train them to include it)")
         if not names:
             continue
-        localised = _localised(layout, group, data_dir, names)
+        located = _located(layout, group, data_dir, names)
         prior_metrics = None
         for name in names:
             oof = read_oof(layout, name, group)
             full.setdefault(name, []).append(oof)
             metrics = evaluate_predictions(oof)
-            if name in localised and not localised[name].empty:
-                metrics["score_localised"] = competition_score(parsed(localised[name]))["score"]
-                located.setdefault(f"{name}, located", []).append(parsed(localised[name]))
-                write_csv_atomic(localised[name], layout.localised_oof_file(name, group))
+            if name in located and not located[name].empty:
+                metrics["score_located"] = competition_score(parsed(located[name]))["score"]
+                located.setdefault(f"{name}, located", []).append(parsed(located[name]))
+                write_csv_atomic(located[name], layout.located_oof_file(name, group))
             if prior_metrics is None:
                 prior_oof = prior_predictions(oof)
                 prior_metrics = evaluate_predictions(prior_oof)
@@ -249,13 +249,13 @@ def competition_table(full: dict[str, list[pd.DataFrame]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["name", "groups", *TERMS, "score"])
 
 
-def _localised(layout: RunLayout, group: str, data_dir, names: list[str]) -> dict[str, pd.DataFrame]:
+def _located(layout: RunLayout, group: str, data_dir, names: list[str]) -> dict[str, pd.DataFrame]:
     """End-to-end OOF predictions (the locator's points) of the group's trained backbones, when the
     group has a trained locator and the images are at hand; empty otherwise."""
     trained = [n for n in names if layout.finished_fold_dirs(n, group)]
     if data_dir is None or not trained or GROUPS[group].locator is None or not locator_trained(layout.root, group):
         return {}
-    out = localised_oof(layout.root, data_dir, layout.folds if layout.folds.is_file() else None, trained, group)
+    out = located_oof(layout.root, data_dir, layout.folds if layout.folds.is_file() else None, trained, group)
     blends = load_blends(layout.root) if layout.blend_json.is_file() else {}
     blend = blends.get(group)
     if BLEND_NAME in names and blend is not None and all(n in out for n in blend.backbones):
@@ -270,7 +270,7 @@ def _localised(layout: RunLayout, group: str, data_dir, names: list[str]) -> dic
 
 def format_summary(summary: pd.DataFrame) -> str:
     terms = [t for t in TERMS if summary[t].notna().any()]
-    columns = ["name", "group", "studies", "rows", "score", "score_localised", *terms, "f1_macro", "accuracy", "ece"]
+    columns = ["name", "group", "studies", "rows", "score", "score_located", *terms, "f1_macro", "accuracy", "ece"]
     return summary[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="")
 
 
@@ -297,11 +297,11 @@ def format_scores(name: str, group: str, scores: dict[str, float]) -> str:
             f"  model: {model}\n  prior: {prior}")
 
 
-def localised_oof(output_dir: str | Path, data_dir: str | Path, folds_path: str | Path | None, backbones: list[str],
+def located_oof(output_dir: str | Path, data_dir: str | Path, folds_path: str | Path | None, backbones: list[str],
                   group: str = "spinal", device: str | None = None) -> dict[str, pd.DataFrame]:
     """Out-of-fold predictions of one group without coordinates: each training study located by the
     fold's locator and graded by the fold models that never saw it. Beside the OOF predictions at the
-    labelled points, this shows what localisation costs."""
+    labelled points, this shows what locating costs."""
     output_dir, data_dir = Path(output_dir), Path(data_dir)
     device_ = select_device(device)
     folds = read_folds(run_folds(RunLayout(output_dir), folds_path)).set_index("study_id")["fold"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spinegrade.constants import GROUPS, LEVELS, REGISTRY, level_title
+from spinegrade.constants import GROUPS, LEVELS, CONDITION_SPECS, level_title
 from spinegrade.data.dicom import Stack, main_stack
 from spinegrade.offsets import PointOffsets
 
@@ -75,13 +75,13 @@ def locate_foramina(study_id: int, canal: dict[str, np.ndarray], stacks: dict[st
                 point = offsets.target(condition, level, canal[level]) if level in canal else None
                 hit = nearest_slice(stack, point) if point is not None else None
                 if hit is not None:
-                    window = side_window(stack, hit[0], canal[level], REGISTRY[condition].side) if head else []
+                    window = side_window(stack, hit[0], canal[level], CONDITION_SPECS[condition].side) if head else []
                     starts[(condition, level)] = (hit, window)
         scored = sorted({j for _, window in starts.values() for j in window})
         probability, points = head.score(stack, scored) if scored else (None, None)
         limit = head.threshold if threshold is None and head is not None else threshold
         for (condition, level), ((k, x, y), window) in starts.items():
-            source, score = "localised" if head is None else "localised, unsure: the offset's slice", np.nan
+            source, score = "located" if head is None else "located, unsure: the offset's slice", np.nan
             if window:
                 at = [scored.index(j) for j in window]
                 values = np.nan_to_num(probability[at, LEVELS.index(level)], nan=-1.0)
@@ -89,7 +89,7 @@ def locate_foramina(study_id: int, canal: dict[str, np.ndarray], stacks: dict[st
                 score = float(probability[best, LEVELS.index(level)])
                 bx, by = points[best, LEVELS.index(level)]
                 if score >= limit and stack.slices[scored[best]].shows(bx, by):
-                    k, x, y, source = scored[best], float(bx), float(by), "localised"
+                    k, x, y, source = scored[best], float(bx), float(by), "located"
             found.setdefault((condition, level), []).append(
                 [study_id, condition, level, series, stack.slices[k].instance_number, x, y, source, score])
     for condition in GROUPS[GROUP].conditions:

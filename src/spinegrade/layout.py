@@ -123,10 +123,10 @@ class RunLayout:
     def oof_file(self, name: str, group: str, fold: int, existing: bool = True) -> Path:
         return self.oof_dir(name, group, existing) / f"fold{fold}.csv"
 
-    def localised_oof_file(self, name: str, group: str) -> Path:
+    def located_oof_file(self, name: str, group: str) -> Path:
         return self.oof / "localised" / group / f"{name}.csv"
 
-    def localizer_dir(self, group: str, existing: bool = True) -> Path:
+    def locator_dir(self, group: str, existing: bool = True) -> Path:
         """``trained_models/localizer/<group>/``, or a pre-group run's ``trained_models/localizer/`` (spinal)."""
         new = self.trained_models / LOCALIZER_NAME / group
         old = self.trained_models / LOCALIZER_NAME
@@ -136,11 +136,11 @@ class RunLayout:
 
     def locator_report(self, group: str) -> Path:
         """The group's locator judged out of fold (``locator_report.py``), kept with the locator."""
-        return self.localizer_dir(group, existing=False) / "oof_report.json"
+        return self.locator_dir(group, existing=False) / "oof_report.json"
 
     def locator_oof(self, group: str) -> Path:
         """Every labelled point of the group and where its locator put it, out of fold."""
-        return self.localizer_dir(group, existing=False) / "oof_points.csv"
+        return self.locator_dir(group, existing=False) / "oof_points.csv"
 
     # --- what is there --------------------------------------------------------------------------
     def backbones(self) -> list[str]:

@@ -6,7 +6,7 @@ names its locator in the registry (``constants.GROUPS[group].locator``); the imp
 ``locators.py``. Every locator does the same four things, as timm's models fill one model API:
 
 - **train** on a run's folds (``Locator.train``), writing its files under
-  ``OUTPUT/trained_models/localizer/<group>/`` (``RunLayout.localizer_dir``), the marker last;
+  ``OUTPUT/trained_models/localizer/<group>/`` (``RunLayout.locator_dir``), the marker last;
 - **load** the models of every fold, or of one fold for out-of-fold use (the constructor);
 - **locate** one :class:`~spinegrade.study.Study` (``Locator.locate``), returning a :class:`LocatedStudy`;
 - say whether it is **finished** and which **files** a Kaggle kernel must carry.
@@ -25,13 +25,13 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-from spinegrade.config import LocalizerConfig
+from spinegrade.config import LocatorConfig
 from spinegrade.data.dicom import Slice, Stack
 from spinegrade.errors import SpinegradeError
 from spinegrade.offsets import find_instance
 from spinegrade.study import Study
 
-# ``source``: "localised" (the image decided), or "localised, unsure: ..." (a slice locator's presence was
+# ``source``: "located" (the image decided), or "located, unsure: ..." (a slice locator's presence was
 # under its threshold, so the geometric choice placed it); ``score``: that presence (NaN: none read).
 LOCATION_COLUMNS = ["study_id", "condition", "level", "series", "instance_number", "x", "y", "source", "score"]
 
@@ -92,7 +92,7 @@ class Locator:
         self.group, self.root, self.threshold = group, Path(root), threshold
 
     @classmethod
-    def train(cls, group: str, config: LocalizerConfig, data_dir: Path, folds_path: Path, output_dir: Path,
+    def train(cls, group: str, config: LocatorConfig, data_dir: Path, folds_path: Path, output_dir: Path,
               device: str | None, resume: bool, force: bool, head: bool) -> dict | None:
         """Train on every fold of the run; return a slice locator's choice still to be completed by
         the out-of-fold report (its threshold), or None when there is nothing to choose."""

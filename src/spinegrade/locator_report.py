@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from spinegrade.constants import GROUPS, REGISTRY
+from spinegrade.constants import GROUPS, CONDITION_SPECS
 from spinegrade.data.dicom import Stack
 from spinegrade.data.folds import write_csv_atomic
 from spinegrade.data.index import build_index
@@ -92,7 +92,7 @@ def with_threshold(by_head: pd.DataFrame, by_geometry: pd.DataFrame, threshold: 
     key = ["study_id", "condition", "level", "series", "instance_labelled"]
     geometry = by_geometry.set_index(key)
     head = by_head.set_index(key).reindex(geometry.index)
-    take = (head["score"].fillna(-1.0) >= threshold) & (head["source"] == "localised")
+    take = (head["score"].fillna(-1.0) >= threshold) & (head["source"] == "located")
     out = geometry.copy()
     out.loc[take] = head.loc[take, out.columns]
     return out.reset_index()
@@ -106,7 +106,7 @@ def write_locator_report(frame: pd.DataFrame, output_dir: Path, group: str, **ex
     report = {"points": len(frame), **extra}
     if not frame.empty:
         report.update(_summary(frame))
-        report["per_level_side"] = {f"{REGISTRY[condition].side or 'midline'} {level}": _summary(part)
+        report["per_level_side"] = {f"{CONDITION_SPECS[condition].side or 'midline'} {level}": _summary(part)
                                     for (condition, level), part in frame.groupby(["condition", "level"])}
         log.info(f"{group} locator out of fold over {len(frame)} labelled points: located {report['located']:.1%}; "
                  f"slice within one of the labelled {report['slice_within_one']:.1%} (exact {report['slice_exact']:.1%}); "
@@ -122,4 +122,4 @@ def _summary(frame: pd.DataFrame) -> dict:
     return {"points": len(frame), "located": float(frame["located"].mean()),
             "slice_within_one": float((offset.abs() <= 1).mean()), "slice_exact": float((offset == 0).mean()),
             "median_mm": float(frame["error_mm"].median()), "p90_mm": float(frame["error_mm"].quantile(0.9)),
-            "image_decided": float((frame["source"] == "localised").mean() if frame["score"].notna().any() else 0.0)}
+            "image_decided": float((frame["source"] == "located").mean() if frame["score"].notna().any() else 0.0)}

@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import pandas as pd
 
-from spinegrade.config import LocalizerConfig
+from spinegrade.config import LocatorConfig
 from spinegrade.constants import GROUPS, LEVELS
 from spinegrade.data.dicom import DicomReadError, Stack, main_stack
 from spinegrade.errors import SpinegradeError
@@ -79,9 +79,9 @@ class LevelsLocator(Locator):
 
     @classmethod
     def train(cls, group, config, data_dir, folds_path, output_dir, device, resume, force, head):
-        from spinegrade.slice_locator_training import train_localizer
+        from spinegrade.slice_locator_training import train_slice_locator
 
-        return train_localizer(config, data_dir, folds_path, output_dir, device=device, resume=resume, force=force,
+        return train_slice_locator(config, data_dir, folds_path, output_dir, device=device, resume=resume, force=force,
                                group=group)
 
     @classmethod
@@ -93,34 +93,34 @@ class LevelsLocator(Locator):
         return _slice_head_files(root)
 
     def locate(self, study: Study, start: LocatedStudy | None) -> LocatedStudy:
-        kind = GROUPS[self.group].series
+        kind = GROUPS[self.group].series_kind
         series = study.of_kind(kind)[:1]  # the first (a scanner folder: the largest)
         stacks, problem = series[0].read() if series else ([], f"no {kind} series listed")
         return locate_levels(study.study_id, main_stack(stacks), series[0].key if series else "", self.group,
                              self.ensemble, problem, self.threshold)
 
 
-def locate_levels(study_id: int, stack: Stack | None, series: str, group: str, localizer: SliceLocator,
+def locate_levels(study_id: int, stack: Stack | None, series: str, group: str, slice_locator: SliceLocator,
                   problem: str | None = None, threshold: float | None = None) -> LocatedStudy:
     """Each level's spinal canal slice of the series' main ``stack`` and its point there (``threshold``:
     the presence a slice needs, default the one chosen out of fold)."""
     started = time.perf_counter()
     if stack is None or len(stack) == 0:
-        return LocatedStudy(study_id, {}, None, problem or f"no readable {GROUPS[group].series} slice")
+        return LocatedStudy(study_id, {}, None, problem or f"no readable {GROUPS[group].series_kind} slice")
     while True:  # a slice whose pixels cannot be decoded leaves the stack, and the choice is made again
         try:
-            located = localizer.locate(stack, threshold)
+            located = slice_locator.locate(stack, threshold)
             break
         except DicomReadError:
-            stack.slices.pop(localizer.choose_slice(stack))
+            stack.slices.pop(slice_locator.choose_slice(stack))
             if not stack.slices:
-                return LocatedStudy(study_id, {}, None, problem or f"no decodable {GROUPS[group].series} slice")
+                return LocatedStudy(study_id, {}, None, problem or f"no decodable {GROUPS[group].series_kind} slice")
     chosen = set(int(k) for k in located.slice_index)
     for i, s in enumerate(stack.slices):  # keep memory flat over hundreds of studies
         if i not in chosen:
             s.pixels = None
     rows = [[study_id, condition, level, series, stack.slices[int(k)].instance_number, float(x), float(y),
-             "localised" if sure or not localizer.presence else "localised, unsure: the middle slice", float(score)]
+             "located" if sure or not slice_locator.presence else "located, unsure: the middle slice", float(score)]
             for condition in GROUPS[group].conditions
             for level, k, (x, y), sure, score in zip(LEVELS, located.slice_index, located.points, located.sure,
                                                      located.score)]
@@ -148,14 +148,14 @@ class OffsetsLocator(Locator):
 
     @classmethod
     def train(cls, group, config, data_dir, folds_path, output_dir, device, resume, force, head):
-        from spinegrade.slice_locator_training import train_localizer
+        from spinegrade.slice_locator_training import train_slice_locator
         from spinegrade.offsets import train_offsets
 
         train_offsets(data_dir, folds_path, output_dir, group)
         if head:
-            return train_localizer(config, data_dir, folds_path, output_dir, device=device, resume=resume,
+            return train_slice_locator(config, data_dir, folds_path, output_dir, device=device, resume=resume,
                                    force=force, group=group)
-        root = RunLayout(output_dir).localizer_dir(group, existing=False)
+        root = RunLayout(output_dir).locator_dir(group, existing=False)
         (root / SLICE_MARKER).unlink(missing_ok=True)  # the offsets alone: an earlier head must not be read back
         for fold in root.glob("fold*"):
             shutil.rmtree(fold)
@@ -171,7 +171,7 @@ class OffsetsLocator(Locator):
         return [Path(OFFSETS_MARKER), *(_slice_head_files(root) if (root / SLICE_MARKER).is_file() else [])]
 
     def locate(self, study: Study, start: LocatedStudy | None) -> LocatedStudy:
-        study_id, description = study.study_id, GROUPS[self.group].series
+        study_id, description = study.study_id, GROUPS[self.group].series_kind
         stacks, problems = {}, []
         for series in study.of_kind(description):
             try:
@@ -240,7 +240,7 @@ def locator_class(group: str) -> type[Locator] | None:
 def locator_trained(output_dir: Path, group: str) -> bool:
     """Whether the group's locator (and every locator it starts from) has finished training in this run."""
     cls = locator_class(group)
-    return (cls is not None and cls.finished(RunLayout(output_dir).localizer_dir(group))
+    return (cls is not None and cls.finished(RunLayout(output_dir).locator_dir(group))
             and (cls.anchor is None or locator_trained(output_dir, cls.anchor)))
 
 
@@ -284,7 +284,7 @@ def locate_studies(studies: list[Study], output_dir: Path, group: str, device, f
         anchors = locate_studies(studies, output_dir, cls.anchor, device, folds)
     start = {st.study_id: st for st in anchors or []}
     by_id = {s.study_id: s for s in studies}
-    root = RunLayout(output_dir).localizer_dir(group)
+    root = RunLayout(output_dir).locator_dir(group)
     located: list[LocatedStudy] = []
     started = time.perf_counter()
     progress = Progress(len(studies), "located")
@@ -296,7 +296,7 @@ def locate_studies(studies: list[Study], output_dir: Path, group: str, device, f
             try:
                 st = locator.locate(study, start.get(study_id))
             except Exception as exc:  # one bad study must never stop the run: it gets the prior
-                series = study.of_kind(GROUPS[group].series)
+                series = study.of_kind(GROUPS[group].series_kind)
                 st = LocatedStudy(study_id, {}, None, f"{series[0].key if series else f'study {study_id}'}: "
                                                       f"{type(exc).__name__}: {exc}")
             st.seconds = time.perf_counter() - t0
@@ -350,7 +350,7 @@ def report_locator(output_dir: str | Path, data_dir: str | Path, group: str, fol
     return write_locator_report(with_threshold(by_head, by_geometry, threshold), output_dir, group, threshold=threshold)
 
 
-def train_locator(group: str, config: LocalizerConfig, data_dir: str | Path, folds_path: str | Path,
+def train_locator(group: str, config: LocatorConfig, data_dir: str | Path, folds_path: str | Path,
                   output_dir: str | Path, device: str | None = None, resume: bool = False, force: bool = False,
                   head: bool = True) -> dict | None:
     """Train ``group``'s locator on every fold and write its out-of-fold report (returned). A group

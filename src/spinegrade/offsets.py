@@ -2,7 +2,7 @@
 read beside the canal (``sagittal_foramina`` in ``foramina.py``, ``axial_subarticular`` in
 ``subarticular.py``).
 
-Each level's spinal canal point, found on the Sagittal T2/STIR by the level localiser, is carried
+Each level's spinal canal point, found on the Sagittal T2/STIR by the level locator, is carried
 into patient space (``Slice.pixel_to_patient``). A foramen or a lateral recess lies at an offset
 from it: mostly along the patient's x axis (+x is the patient's left), a little forward or back
 and up. The offset is learned per condition (so per side) and level from the training folds'
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from spinegrade.constants import GROUPS, REGISTRY, level_title
+from spinegrade.constants import GROUPS, CONDITION_SPECS, level_title
 from spinegrade.data.dicom import DicomReadError, Stack, read_slice
 from spinegrade.data.folds import read_folds
 from spinegrade.data.index import build_index
@@ -88,16 +88,16 @@ def train_offsets(data_dir: str | Path, folds_path: str | Path, output_dir: str 
     remember_folds(layout, Path(folds_path))
     offsets = labelled_offsets(data_dir, group).merge(read_folds(folds_path), on="study_id")
     if offsets.empty:
-        raise SpinegradeError(f"{data_dir}: no study has both a labelled {group} point ({GROUPS[group].series}) and "
+        raise SpinegradeError(f"{data_dir}: no study has both a labelled {group} point ({GROUPS[group].series_kind}) and "
                               "a labelled spinal canal point (Sagittal T2/STIR) at one level: nothing to learn the "
                               "offsets from")
     info = {"all": _medians(offsets), "per_fold": {}, "studies": int(offsets["study_id"].nunique())}
     for fold in sorted(offsets["fold"].unique()):
         info["per_fold"][str(int(fold))] = _medians(offsets[offsets["fold"] != fold])
     for condition, per_level in info["all"].items():
-        log.info(f"{group} offsets, {REGISTRY[condition].side}: " + ", ".join(
+        log.info(f"{group} offsets, {CONDITION_SPECS[condition].side}: " + ", ".join(
             f"{level_title(lv)} x {v[0]:+.1f} y {v[1]:+.1f} z {v[2]:+.1f} mm" for lv, v in per_level.items()))
-    folder = layout.localizer_dir(group, existing=False)
+    folder = layout.locator_dir(group, existing=False)
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(folder / MARKER, json.dumps(info, indent=1))
     return info

@@ -173,7 +173,7 @@ def grade_split(studies: list[Study], output_dir: Path, blends: dict[str, Blend]
             log.info(f"{group}: no model grades it; its rows get the training prior of each condition and level")
             continue
         if spec.locator is None or not locator_trained(output_dir, group):
-            log.warning(f"{group}: no trained locator places its points ({RunLayout(output_dir).localizer_dir(group)}: "
+            log.warning(f"{group}: no trained locator places its points ({RunLayout(output_dir).locator_dir(group)}: "
                         "run `spinegrade train-localizer`); its rows get the training prior")
             continue
         located = locate_with_anchors(studies, output_dir, group, device, located_by_group)

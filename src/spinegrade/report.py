@@ -65,7 +65,7 @@ def _example_figure(layout: RunLayout, name: str, group: str, oof: pd.DataFrame,
     """A few held-out images per true grade with the model's probabilities: the most and least confident."""
     from spinegrade.data.dicom import read_slice
     from spinegrade.data.index import build_index
-    from spinegrade.constants import REGISTRY
+    from spinegrade.constants import CONDITION_SPECS
     from spinegrade.data.preprocess import PreprocessSettings, prepare_image, side_turn, turn
     from spinegrade.errors import SpinegradeError
 
@@ -91,7 +91,7 @@ def _example_figure(layout: RunLayout, name: str, group: str, oof: pd.DataFrame,
             except SpinegradeError:
                 continue
             image = prepare_image(s.pixels, s.pixel_spacing, r.x, r.y, settings)
-            side = REGISTRY[r.condition].side
+            side = CONDITION_SPECS[r.condition].side
             images.append(turn(image, *side_turn(s, side)) if settings.turn_by_side and side else image)  # as trained
             probs = " ".join(f"{p:.2f}" for p in (r.normal_mild, r.moderate, r.severe))
             captions.append(f"{r.study_id} {level_title(r.level)}\ntrue {SEVERITIES[grade]}\nN/M/S {probs}")
@@ -124,7 +124,7 @@ def write_report(layout: RunLayout, summary: pd.DataFrame, competition: pd.DataF
         if rows.empty:
             continue
         spec = GROUPS[group]
-        parts.append(f"<h2>{html.escape(group)}: {html.escape(', '.join(spec.conditions))} on {html.escape(spec.series)}</h2>")
+        parts.append(f"<h2>{html.escape(group)}: {html.escape(', '.join(spec.conditions))} on {html.escape(spec.series_kind)}</h2>")
         shown = rows.dropna(axis=1, how="all")
         prior_name = priors_name(priors)
         models = shown[shown["name"] != prior_name]

@@ -1,5 +1,5 @@
 """
-One kind of model serves the sagittal groups: a :class:`~spinegrade.models.localizer.LevelLocalizer`
+One kind of model serves the sagittal groups: a :class:`~spinegrade.models.slice_locator_net.SliceLocatorNet`
 reads one whole slice, with its two neighbours as the other input channels (so it can tell whether the
 structure is fuller on a neighbour), and gives, per level, a heatmap (its soft-argmax is the point) and
 a presence score (the heatmap's log-mean-exp: whether this slice is the level's own). Scored over a
@@ -33,13 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spinegrade.constants import GROUPS, LEVELS, REGISTRY
+from spinegrade.constants import GROUPS, LEVELS, CONDITION_SPECS
 from spinegrade.data.dicom import DicomReadError, Slice, Stack, load_pixels
 from spinegrade.data.preprocess import SquareView
 from spinegrade.device import autocast, select_device
 from spinegrade.errors import SpinegradeError
 from spinegrade.models.classifier import load_state
-from spinegrade.models.localizer import LevelLocalizer, LocalizerSpec, presence_logits, soft_argmax
+from spinegrade.models.slice_locator_net import SliceLocatorNet, SliceLocatorSpec, presence_logits, soft_argmax
 
 MARKER = "slice_choice.json"  # written last by a slice locator's training
 SEARCH_SLICES = 3  # the spinal window: this many slices either side of the middle one
@@ -55,7 +55,7 @@ def point_names(group: str) -> tuple[str, ...]:
     """What a group's slice locator finds on a slice, one heatmap each: the levels on a sagittal
     slice; on an axial slice (one level) the patient's sides, in the group's condition order."""
     if reads_axial(group):
-        return tuple(REGISTRY[c].side for c in GROUPS[group].conditions)
+        return tuple(CONDITION_SPECS[c].side for c in GROUPS[group].conditions)
     return tuple(LEVELS)
 
 
@@ -108,41 +108,41 @@ class SliceLocator:
     """Every fold's slice locator of a group, averaged: the same models whatever study comes."""
 
     def __init__(self, root: str | Path, device=None, folds: list[int] | None = None, choice: dict | None = None):
-        """``root``: the locator's folder (``RunLayout.localizer_dir``); ``folds`` restricts the ensemble
+        """``root``: the locator's folder (``RunLayout.locator_dir``); ``folds`` restricts the ensemble
         to those fold models (for out-of-fold use); ``choice``: what ``slice_choice.json`` holds, when
         it is not written yet (the out-of-fold report that chooses the threshold)."""
         root = Path(root)
         found = sorted(p.parent for p in root.glob("fold*/best.safetensors"))
         folders = [f for f in found if folds is None or int(f.name.removeprefix("fold")) in folds]
         if not folders:
-            raise SpinegradeError(f"{root}: no trained localiser (run `spinegrade train-localizer` / `make train-localizer`)")
+            raise SpinegradeError(f"{root}: no trained locator (run `spinegrade train-localizer` / `make train-localizer`)")
         self.device = select_device(device)
         self.models, self.size, fields, presence, slices, turned_ = [], None, set(), set(), set(), set()
         for folder in folders:
             spec = json.loads((folder / "localizer.json").read_text())
-            model = LevelLocalizer(LocalizerSpec(spec["backbone"], spec.get("channels", 64),
+            model = SliceLocatorNet(SliceLocatorSpec(spec["backbone"], spec.get("channels", 64),
                                                  num_points=spec.get("num_points", len(LEVELS)),
                                                  feature_levels=spec.get("feature_levels", 3)))
             load_state(model, folder / "best.safetensors")
             self.models.append(model.to(self.device).eval())
             self.size = int(spec["image_size"])
-            fields.add(spec.get("field_mm"))  # absent: a localiser that saw each slice squashed
+            fields.add(spec.get("field_mm"))  # absent: a locator that saw each slice squashed
             presence.add(bool(spec.get("presence", False)))  # absent: one slice per study, no presence
             slices.add(int(spec.get("slices", 1)))  # absent: the slice alone
             turned_.add(bool(spec.get("turned", False)))  # absent: slices read as stored
         if len(fields) > 1:
-            raise SpinegradeError(f"{root}: fold localisers were trained on different fields ({sorted(map(str, fields))} mm); "
-                                  "train the localiser again")
+            raise SpinegradeError(f"{root}: fold locators were trained on different fields ({sorted(map(str, fields))} mm); "
+                                  "train the locator again")
         self.field_mm = fields.pop()
         self.presence = all(presence)
         if len(slices) > 1:
-            raise SpinegradeError(f"{root}: fold localisers read different numbers of slices; train the localiser again")
+            raise SpinegradeError(f"{root}: fold locators read different numbers of slices; train the locator again")
         self.context = (slices.pop() - 1) // 2
         self.turned = all(turned_)
         if choice is None:
             marker = root / MARKER
             if not marker.is_file():
-                raise SpinegradeError(f"{root}: the localiser's training did not finish (no {MARKER})")
+                raise SpinegradeError(f"{root}: the locator's training did not finish (no {MARKER})")
             choice = json.loads(marker.read_text())
         self.offset = choice.get("offset_from_middle", 0)
         if folds is not None and len(folds) == 1:  # out of fold: the offset those training folds gave

@@ -27,8 +27,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from spinegrade.config import LocalizerConfig
-from spinegrade.constants import GROUPS, REGISTRY, level_title
+from spinegrade.config import LocatorConfig
+from spinegrade.constants import GROUPS, CONDITION_SPECS, level_title
 from spinegrade.data.dicom import MIN_IMAGE_SIDE, DicomReadError, Stack, load_pixels, main_stack, read_series
 from spinegrade.data.folds import read_folds
 from spinegrade.data.index import build_index
@@ -41,7 +41,7 @@ from spinegrade.fold_loop import EpochSampler, FoldFolder, SeededDataset, fit, p
 from spinegrade.layout import RunLayout, remember_folds
 from spinegrade.logs import get_logger
 from spinegrade.models.classifier import input_statistics, load_pretrained, save_state
-from spinegrade.models.localizer import LevelLocalizer, LocalizerSpec, heatmap_loss, presence_loss, presence_logits, soft_argmax
+from spinegrade.models.slice_locator_net import SliceLocatorNet, SliceLocatorSpec, heatmap_loss, presence_loss, presence_logits, soft_argmax
 from spinegrade.offsets import find_instance
 from spinegrade.slice_locator import (
     CONTEXT,
@@ -57,7 +57,7 @@ from spinegrade.slice_locator import (
 
 log = get_logger(__name__)
 
-FIELD_PERCENTILE = 95  # of the training slices' longer sides: the localiser's field (prepare_slice_data)
+FIELD_PERCENTILE = 95  # of the training slices' longer sides: the locator's field (prepare_slice_data)
 NEGATIVE_GAPS = (1, 2, 3)  # negatives: slices this many away from a labelled slice
 NEGATIVE_SHARE = 0.5  # of training draws, a negative in place of the labelled slice
 
@@ -113,7 +113,7 @@ def _prepare_series(job: tuple) -> dict | str:
         if found is None:
             skipped.append(f"study {study_id}: labelled slice {instance} not readable in {series_dir}")
             continue
-        name = REGISTRY[condition].side if axial else level
+        name = CONDITION_SPECS[condition].side if axial else level
         by_stack.setdefault(found[0], []).append((name, found[1], x, y))
     slices = []
     for n, labelled_points in sorted(by_stack.items()):
@@ -138,7 +138,7 @@ def _render_stack(study_id: int, series_dir: str, stack_number: int, stack: Stac
     for k in sorted(rendered):
         s = stack.slices[k]
         if min(s.shape) < MIN_IMAGE_SIDE:
-            skipped.append(f"study {study_id}: {s.path}: image of {s.shape} pixels is too small to localise on")
+            skipped.append(f"study {study_id}: {s.path}: image of {s.shape} pixels is too small to locate on")
             continue
         try:
             pixels = load_pixels(s)
@@ -236,7 +236,7 @@ def prepare_slice_data(targets: pd.DataFrame, size: int, group: str = "spinal") 
                 continue
             u, v = (float(np.squeeze(c)) for c in view.to_unit(np.array([x]), np.array([y])))
             if not (0 <= u <= 1 and 0 <= v <= 1):
-                log.info(f"skipped point: study {r.study_id} {title} lies outside the localiser's "
+                log.info(f"skipped point: study {r.study_id} {title} lies outside the locator's "
                          f"{field_mm:.0f} mm field (its slice is {r.rows * r.row_spacing:.0f} x "
                          f"{r.cols * r.col_spacing:.0f} mm)")
                 continue
@@ -324,7 +324,7 @@ def _errors_mm(pred: np.ndarray, data: SliceData, rows: np.ndarray, size: int) -
     return np.hypot(dx, dy)
 
 
-def localizer_step(model: LevelLocalizer, batch: dict, device: torch.device, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def slice_locator_step(model: SliceLocatorNet, batch: dict, device: torch.device, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The loss on a batch of slices (soft-argmax L1 in input pixels and heatmap cross-entropy over the
     labelled points, presence cross-entropy over the levels whose presence is known); also the L1 and
     the heatmap logits, for the log and the held-out figures."""
@@ -341,8 +341,8 @@ def localizer_step(model: LevelLocalizer, batch: dict, device: torch.device, siz
     return loss, l1, logits
 
 
-def _identity(config: LocalizerConfig, field_mm: float | None, group: str) -> dict:
-    """The settings that make a localiser fold's result what it is (not the worker count)."""
+def _identity(config: LocatorConfig, field_mm: float | None, group: str) -> dict:
+    """The settings that make a locator fold's result what it is (not the worker count)."""
     return plain({**{k: v for k, v in config.to_dict().items() if k != "num_workers"}, "field_mm": field_mm,
                   "group": group, "presence": True, "negative_gaps": list(NEGATIVE_GAPS), "slices": 2 * CONTEXT + 1,
                   **_turned(group)})
@@ -353,13 +353,13 @@ def _turned(group: str) -> dict:
     return {"turned": True} if reads_axial(group) else {}
 
 
-def train_localizer_fold(config: LocalizerConfig, data: SliceData, fold: int, output_dir: Path, device: torch.device,
+def train_slice_locator_fold(config: LocatorConfig, data: SliceData, fold: int, output_dir: Path, device: torch.device,
                          group: str = "spinal", resume: bool = False, force: bool = False) -> None:
     """Train one fold on the other folds' slices through the shared fold loop (resume, ``done.json``,
     AMP on a GPU, the ring loader). The best epoch is the one with the lowest held-out loss, on the held-out
     studies' labelled slices and their nearest neighbours."""
-    out = RunLayout(output_dir).localizer_dir(group, existing=False) / f"fold{fold}"
-    folder = FoldFolder(out, _identity(config, data.field_mm, group), f"{group} localiser fold {fold}")
+    out = RunLayout(output_dir).locator_dir(group, existing=False) / f"fold{fold}"
+    folder = FoldFolder(out, _identity(config, data.field_mm, group), f"{group} locator fold {fold}")
     folds = data.meta["fold"].to_numpy()
     train_anchors = np.flatnonzero(folds[data.anchors] != fold)
     # held out: the labelled slices and their nearest neighbours (the hardest negatives), a third of the samples
@@ -371,8 +371,8 @@ def train_localizer_fold(config: LocalizerConfig, data: SliceData, fold: int, ou
     if info is not None:
         return
     seed_everything(config.seed)
-    spec = LocalizerSpec(config.backbone, num_points=len(point_names(group)))
-    model = LevelLocalizer(spec)
+    spec = SliceLocatorSpec(config.backbone, num_points=len(point_names(group)))
+    model = SliceLocatorNet(spec)
     log.info(load_pretrained(model, config.pretrained, config.weights))
     mean, std = input_statistics(model.backbone)
     model.to(device)
@@ -399,7 +399,7 @@ def train_localizer_fold(config: LocalizerConfig, data: SliceData, fold: int, ou
         losses, preds, rows, correct, counted = [], [], [], 0, 0
         with torch.inference_mode():
             for batch in val_loader:
-                loss, _, logits = localizer_step(model, batch, device, config.image_size)
+                loss, _, logits = slice_locator_step(model, batch, device, config.image_size)
                 losses.append((float(loss), len(batch["image"])))
                 preds.append(soft_argmax(logits).float().cpu().numpy())
                 rows.append(batch["index"].numpy().copy())
@@ -421,7 +421,7 @@ def train_localizer_fold(config: LocalizerConfig, data: SliceData, fold: int, ou
         sampler.set_epoch(epoch)
         total, seen = None, 0
         for batch in train_loader:
-            loss, l1, _ = localizer_step(model, batch, device, config.image_size)
+            loss, l1, _ = slice_locator_step(model, batch, device, config.image_size)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -437,7 +437,7 @@ def train_localizer_fold(config: LocalizerConfig, data: SliceData, fold: int, ou
         save_state(model, out / "best.safetensors")
 
     def describe(row: dict) -> str:
-        return (f"{group} localiser fold {fold}: train L1 {row['train_l1_pixels']:.2f} px, held-out loss "
+        return (f"{group} locator fold {fold}: train L1 {row['train_l1_pixels']:.2f} px, held-out loss "
                 f"{row['val_loss']:.3f}, point median {row['val_median_mm']:.2f} mm, presence right "
                 f"{row['val_presence_accuracy']:.1%}")
 
@@ -457,7 +457,7 @@ def middle_offsets(data: SliceData, folds: list[int]) -> dict:
             "offset_counts": {int(k): int(v) for k, v in offsets.value_counts().sort_index().items()}}
 
 
-def train_localizer(config: LocalizerConfig, data_dir: str | Path, folds_path: str | Path, output_dir: str | Path,
+def train_slice_locator(config: LocatorConfig, data_dir: str | Path, folds_path: str | Path, output_dir: str | Path,
                     device: str | None = None, resume: bool = False, force: bool = False, group: str = "spinal") -> dict:
     """Train the group's slice locator on every fold; return what ``slice_choice.json`` will hold
     (without the threshold, which the out-of-fold report chooses: ``locators.report_locator``). A
@@ -467,25 +467,25 @@ def train_localizer(config: LocalizerConfig, data_dir: str | Path, folds_path: s
     remember_folds(layout, Path(folds_path))
     targets = slice_targets(Path(data_dir), group).merge(read_folds(folds_path), on="study_id")
     if targets.empty:
-        raise SpinegradeError(f"{data_dir}: no study with labelled {group} points ({GROUPS[group].series}) to train "
-                              "its localiser on")
+        raise SpinegradeError(f"{data_dir}: no study with labelled {group} points ({GROUPS[group].series_kind}) to train "
+                              "its locator on")
     data = prepare_slice_data(targets, config.image_size, group)
     if data.meta.empty:
         raise SpinegradeError(f"{data_dir}: none of the labelled {group} slices could be read")
     data.meta = data.meta.merge(targets.drop_duplicates("study_id")[["study_id", "fold"]], on="study_id", how="left")
-    log.info(f"{group} localiser: {len(data.anchors)} labelled slices and {len(data.meta) - len(data.anchors)} "
+    log.info(f"{group} locator: {len(data.anchors)} labelled slices and {len(data.meta) - len(data.anchors)} "
              f"negatives from {data.meta['study_id'].nunique()} studies")
     device_ = select_device(device)
     folds = sorted(int(f) for f in data.meta["fold"].unique())
     for fold in folds:
-        train_localizer_fold(config, data, fold, output_dir, device_, group=group, resume=resume, force=force)
+        train_slice_locator_fold(config, data, fold, output_dir, device_, group=group, resume=resume, force=force)
     # the middle slice's offset is the spinal window's start and fallback; the foramina start from their offsets
     return middle_offsets(data, folds) if GROUPS[group].locator == "sagittal_levels" else {}
 
 
 def write_slice_choice(output_dir: Path, group: str, choice: dict) -> None:
     """Written last: its presence marks the group's slice locator finished."""
-    write_text_atomic(RunLayout(output_dir).localizer_dir(group, existing=False) / MARKER, json.dumps(choice, indent=1))
+    write_text_atomic(RunLayout(output_dir).locator_dir(group, existing=False) / MARKER, json.dumps(choice, indent=1))
 
 
 # --- inference ----------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from spinegrade.constants import (
     CONDITION_GROUP,
     GROUPS,
     PROBABILITY_COLUMNS,
-    REGISTRY,
+    CONDITION_SPECS,
     SEVERITIES,
     level_title,
     parse_row_id,
@@ -105,8 +105,8 @@ def _result(study_dir: Path, study: Study, notes: list[str], grades: SplitGrades
         elif st is not None and st.problem:
             source = f"prior: {st.problem}"
         else:
-            source = f"prior: no {GROUPS[group].series} slice reaches this level"
-        targets.append({"row_id": r.row_id, "condition": condition, "group": group, "side": REGISTRY[condition].side,
+            source = f"prior: no {GROUPS[group].series_kind} slice reaches this level"
+        targets.append({"row_id": r.row_id, "condition": condition, "group": group, "side": CONDITION_SPECS[condition].side,
                         "level": level_title(level), "grade": SEVERITIES[int(probs.argmax())],
                         "probabilities": dict(zip(PROBABILITY_COLUMNS, map(float, probs))), "source": source,
                         "points": points})
@@ -131,7 +131,7 @@ def _slice_figures(grades: SplitGrades, result: dict, study: Study) -> dict[str,
             marks = []
             for h in rows.itertuples():
                 t = by_target[(h.condition, level_title(h.level))]
-                side = {"left": "L ", "right": "R "}.get(REGISTRY[h.condition].side or "", "")
+                side = {"left": "L ", "right": "R "}.get(CONDITION_SPECS[h.condition].side or "", "")
                 marks.append((h.x, h.y, f"{side}{t['level']} {t['grade']} {max(t['probabilities'].values()):.2f}",
                               GRADE_COLOURS[t["grade"]]))
             number, f = next((k, f) for k, f in enumerate(study.series, start=1) if f.key == series)
@@ -193,7 +193,7 @@ def _html(result: dict, figures: dict[str, list[tuple[str, str]]]) -> str:
     for group, spec in GROUPS.items():
         model = result["models"].get(group)
         used = ", ".join(f"{n} {w:.2f}" for n, w in model["backbones"].items()) if model else "none (prior)"
-        parts.append(f"<h2>{group} ({html.escape(spec.series)})</h2><p>models: {html.escape(used)}</p>")
+        parts.append(f"<h2>{group} ({html.escape(spec.series_kind)})</h2><p>models: {html.escape(used)}</p>")
         parts.append("<table><tr><th>target</th><th>level</th><th>grade</th>"
                      + "".join(f"<th>{c}</th>" for c in PROBABILITY_COLUMNS) + "<th>from</th></tr>")
         for t in (t for t in result["targets"] if t["group"] == group):

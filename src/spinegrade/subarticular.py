@@ -6,7 +6,7 @@ The real axial data is the competition's worst: a study may have two to four Axi
 series may hold several stacks at different angles (a block per disc), a stack may not reach every
 level, and rows may run either way. So every stack of every axial series is read (grouped by
 ImageOrientationPatient, ``data.dicom.group_into_stacks``) and each level's spinal canal point,
-found by the level localiser on the Sagittal T2/STIR, is projected along each stack's own normal:
+found by the level locator on the Sagittal T2/STIR, is projected along each stack's own normal:
 
 - per stack, the nearest slice, if it lies within half the distance from that level's canal point
   to the neighbouring level's (farther, it shows another level or none);
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spinegrade.constants import GROUPS, LEVELS, REGISTRY, level_title
+from spinegrade.constants import GROUPS, LEVELS, CONDITION_SPECS, level_title
 from spinegrade.data.dicom import Stack
 from spinegrade.offsets import PointOffsets
 
@@ -88,7 +88,7 @@ def locate_subarticular(study_id: int, canal: dict[str, np.ndarray], stacks: dic
     ``slice_locator.SliceLocator``), None for the offsets alone; ``threshold``: its presence threshold
     (default: the one chosen out of fold)."""
     limit = head.threshold if threshold is None and head is not None else threshold
-    sides = [REGISTRY[c].side for c in GROUPS[GROUP].conditions]  # the head's heatmaps, in this order
+    sides = [CONDITION_SPECS[c].side for c in GROUPS[GROUP].conditions]  # the head's heatmaps, in this order
     rows, outside = [], []
     for level in LEVELS:
         found = False
@@ -110,14 +110,14 @@ def locate_subarticular(study_id: int, canal: dict[str, np.ndarray], stacks: dic
                     continue
                 s = stack.slices[k]
                 x, y, _ = s.patient_to_pixel(target)
-                source, score = "localised" if head is None else "localised, unsure: the offset's slice", np.nan
+                source, score = "located" if head is None else "located, unsure: the offset's slice", np.nan
                 if window:
-                    side = sides.index(REGISTRY[condition].side)
+                    side = sides.index(CONDITION_SPECS[condition].side)
                     best = int(np.nan_to_num(probability[:, side], nan=-1.0).argmax())
                     score = float(probability[best, side])
                     bx, by = points[best, side]
                     if score >= limit and stack.slices[window[best]].shows(bx, by):
-                        s, x, y, source = stack.slices[window[best]], float(bx), float(by), "localised"
+                        s, x, y, source = stack.slices[window[best]], float(bx), float(by), "located"
                 if s.shows(x, y):
                     rows.append([study_id, condition, level, series, s.instance_number, float(x), float(y), source,
                                  score])

@@ -86,7 +86,7 @@ def flip_applied(result: dict) -> bool:
 
 @dataclass(frozen=True)
 class Jitter:
-    """Localisation errors simulated in training: the point moves by a Gaussian of ``point_sd``
+    """Location errors simulated in training: the point moves by a Gaussian of ``point_sd``
     output pixels (clipped to the cached margin) and, with ``slice_probability``, the image comes
     from a neighbouring slice."""
 

@@ -20,7 +20,7 @@ import pandas as pd
 
 from spinegrade.constants import (
     CONDITION_FROM_TITLE,
-    CONDITION_SERIES,
+    CONDITION_SERIES_KIND,
     CONDITIONS,
     LABEL_COLUMNS,
     LEVEL_FROM_TITLE,
@@ -338,7 +338,7 @@ def build_index(data_dir: str | Path, split: str = "train", check_images: bool =
     expected = {(r.study_id, r.series_description): r.series_id
                 for r in series.drop_duplicates(["study_id", "series_description"]).itertuples()}
     descriptions = dict(zip(series["series_id"], series["series_description"]))
-    table["expected_description"] = table["condition"].map(CONDITION_SERIES)
+    table["expected_description"] = table["condition"].map(CONDITION_SERIES_KIND)
     fallback = [expected.get((s, d), np.nan) for s, d in zip(table["study_id"], table["expected_description"])]
     table["series_id"] = table["series_id"].fillna(pd.Series(fallback, index=table.index))
     table["series_description"] = table["series_id"].map(descriptions)

@@ -3,7 +3,7 @@
 Training never touches DICOM: every sample's image (the whole slice, its shape kept, or a crop of fixed
 physical size around the labelled point) is computed once and stored in one memory-mapped array
 per cache key. Each sample keeps its neighbouring slices too, and a crop keeps a margin around
-it, so that training can shift the point and the slice the way a localiser's errors would
+it, so that training can shift the point and the slice the way a locator's errors would
 without decoding anything again. The key covers everything that changes the bytes (condition group, input mode, image
 size, crop size, the samples and their points, the preprocessing version), so folds and backbones
 sharing those settings share the cache, and a changed setting can never read a stale one. A cache
@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from spinegrade.constants import CONDITION_GROUP, GROUPS, LEVELS, REGISTRY
+from spinegrade.constants import CONDITION_GROUP, GROUPS, LEVELS, CONDITION_SPECS
 from spinegrade.data.dicom import MIN_IMAGE_SIDE, Slice, Stack, load_pixels, read_series
 from spinegrade.errors import DicomReadError, SpinegradeError
 from spinegrade.logs import get_logger
@@ -133,8 +133,8 @@ class SquareView:
     The square shows ``field_mm`` (by default the longer side of the slice's content) centred on
     the slice's content: the slice is resized to that scale along both axes, black around it, cut
     where it is larger. So the anatomy keeps its shape whatever the slice's matrix, aspect ratio or
-    pixel spacing, and with a fixed ``field_mm`` (the localiser's) its size too. Squashing each
-    slice into the square instead moved a localiser's points by 11 mm (median) when the same slices
+    pixel spacing, and with a fixed ``field_mm`` (the locator's) its size too. Squashing each
+    slice into the square instead moved a locator's points by 11 mm (median) when the same slices
     were padded to 4:3 on one side. The content is the slice less its padding (:func:`content_box`),
     so black bands added on one side do not push the anatomy off-centre. Fields may be numpy arrays
     (one view per row of a table).
@@ -164,7 +164,7 @@ class SquareView:
 
     @classmethod
     def squashed(cls, shape: tuple[int, int], size: int) -> "SquareView":
-        """The whole slice resized to the square whatever its shape: how localisers trained before
+        """The whole slice resized to the square whatever its shape: how locators trained before
         ``field_mm`` existed saw every slice, kept so that they still see what they learnt on."""
         return cls(shape[0], shape[1], size, size, 0, 0, size)
 
@@ -316,7 +316,7 @@ def prepare_stack(stack: Stack, index: int, x: float, y: float, settings: Prepro
     if index in windowed and windowed[index] is None:  # found undecodable as another sample's neighbour
         raise DicomReadError(stack.slices[index].path, "cannot decode pixel data (named above as a neighbouring slice)")
     point = stack.slices[index].pixel_to_patient(x, y)
-    side = REGISTRY[condition].side if condition else None
+    side = CONDITION_SPECS[condition].side if condition else None
     out = []
     for k in neighbour_indices(stack, index, settings.neighbours, side):
         if k not in windowed:

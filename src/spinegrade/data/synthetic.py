@@ -38,7 +38,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, RLELossless, gen
 
 from spinegrade.constants import (
     AXIAL_T2,
-    CONDITION_SERIES,
+    CONDITION_SERIES_KIND,
     CONDITIONS,
     LABEL_COLUMNS,
     LEVELS,
@@ -654,10 +654,10 @@ def make_study(images_dir: Path | None, study_id: int, index: int, split: str, s
                 labels[column] = ""  # the axial stack does not reach this level
                 continue
             labels[column] = SEVERITIES[anatomy.grades[condition][k]]
-            if CONDITION_SERIES[condition] not in located:  # a missing series: graded, but no point to show
+            if CONDITION_SERIES_KIND[condition] not in located:  # a missing series: graded, but no point to show
                 rng.normal(0, 0.8, 2)  # the draw the point would have taken
                 continue
-            series_id, geometry, instance_numbers = located[CONDITION_SERIES[condition]]
+            series_id, geometry, instance_numbers = located[CONDITION_SERIES_KIND[condition]]
             if "subarticular" in condition:  # labelled on one of the axial series that image the level
                 imaging = [a for a, levels in zip(axial_series, [first_levels, axial_levels[split_at or 0:]])
                            if level in levels]

@@ -45,7 +45,7 @@ KERNEL_SCRIPT = '''"""{name}: spinegrade offline inference for {competition}.
 
 Built by `spinegrade kernel` on {built}. Installs spinegrade and the packages it brings (pinned
 versions, replacing the image's own) from the {code} dataset with no index and no network, then
-localises and grades every test study with the blend in the {models} dataset and writes
+locates and grades every test study with the blend in the {models} dataset and writes
 /kaggle/working/submission.csv. KAGGLE_INPUT and KAGGLE_WORKING point it at other folders for a local run.
 If the code cannot even be installed, it still writes a valid submission (1/3 everywhere) and says why.
 """
@@ -178,10 +178,10 @@ def copy_models(output_dir: Path, target: Path, folds_per_model: int | None = No
         info[group] = {"backbones": used, "weights": dict(zip(blend.backbones, map(float, blend.weights))),
                        "mode": blend.mode, "folds": folds}
     for group in needed_locators([g for g in blends if GROUPS[g].locator is not None]):
-        root = source.localizer_dir(group)
+        root = source.locator_dir(group)
         if not locator_trained(output_dir, group):
             raise SpinegradeError(f"{root}: no finished {group} locator to bundle (run `make train-localizer`)")
-        into = dest.localizer_dir(group, existing=False)
+        into = dest.locator_dir(group, existing=False)
         for file in locator_files(root, group):
             (into / file).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(root / file, into / file)

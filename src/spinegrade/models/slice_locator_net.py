@@ -1,4 +1,4 @@
-"""The level localiser network: where are the five disc levels on a sagittal slice?
+"""The level locator network: where are the five disc levels on a sagittal slice?
 
 A timm backbone's last four feature maps (strides 4 to 32, through timm's uniform
 ``forward_intermediates``) are projected, brought to stride 4 and summed, and one heatmap per level
@@ -25,7 +25,7 @@ from spinegrade.models.classifier import create_backbone, input_statistics, norm
 
 
 @dataclass
-class LocalizerSpec:
+class SliceLocatorSpec:
     backbone: str = "efficientnet_lite0"
     channels: int = 64
     num_points: int = len(LEVELS)
@@ -37,8 +37,8 @@ class LocalizerSpec:
         return asdict(self)
 
 
-class LevelLocalizer(nn.Module):
-    def __init__(self, spec: LocalizerSpec):
+class SliceLocatorNet(nn.Module):
+    def __init__(self, spec: SliceLocatorSpec):
         super().__init__()
         self.spec = spec
         self.backbone = create_backbone(spec.backbone)
