@@ -191,16 +191,16 @@ def run_evaluation(output_dir: str | Path, folds_path: str | Path | None = None,
             log.info(f"{name} {group}: folds {missing} have no OOF predictions yet; left out (train them to include it)")
         if not names:
             continue
-        located = _located(layout, group, data_dir, names)
+        at_locators = _located(layout, group, data_dir, names)
         prior_metrics = None
         for name in names:
             oof = read_oof(layout, name, group)
             full.setdefault(name, []).append(oof)
             metrics = evaluate_predictions(oof)
-            if name in located and not located[name].empty:
-                metrics["score_located"] = competition_score(parsed(located[name]))["score"]
-                located.setdefault(f"{name}, located", []).append(parsed(located[name]))
-                write_csv_atomic(located[name], layout.located_oof_file(name, group))
+            if name in at_locators and not at_locators[name].empty:
+                metrics["score_located"] = competition_score(parsed(at_locators[name]))["score"]
+                located.setdefault(f"{name}, located", []).append(parsed(at_locators[name]))
+                write_csv_atomic(at_locators[name], layout.located_oof_file(name, group))
             if prior_metrics is None:
                 prior_oof = prior_predictions(oof)
                 prior_metrics = evaluate_predictions(prior_oof)
