@@ -38,7 +38,8 @@ from spinegrade.data.loader import batch_loader
 from spinegrade.data.preprocess import PreprocessSettings, build_cache
 from spinegrade.models.classifier import LevelClassifier, ModelSpec, apply_freezing, freeze_norm_statistics
 from spinegrade.device import select_device
-from spinegrade.train import EpochSampler, EpochTally, SeededDataset, compiled, train_step
+from spinegrade.engine import compiled
+from spinegrade.train import EpochSampler, EpochTally, SeededDataset, train_step
 
 METHOD = ("vit", "swin", "beit", "efficientnet", "resnet152", "convnext")
 LOADERS = ("ring", "dataloader")

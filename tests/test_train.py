@@ -13,6 +13,7 @@ from spinegrade.constants import parse_row_id
 from spinegrade.data.folds import make_folds, write_csv_atomic
 from spinegrade.data.index import build_index
 from spinegrade.data.synthetic import SynthSettings, write_dataset
+from spinegrade.errors import SpinegradeError
 from spinegrade.layout import RunLayout
 from spinegrade.metrics import competition_score
 from spinegrade.train import train_fold
@@ -102,10 +103,29 @@ def test_resume_continues_and_matches_an_uninterrupted_run(train_data, tmp_path,
     assert abs(straight.best_score - resumed.best_score) < 1e-4
 
 
+def test_the_engine_s_schedule_and_fold_seeds_are_settings_of_a_grading_model_too(train_data, tmp_path):
+    """The slice locators' defaults (a one-cycle learning rate, one sample stream per fold) given to a
+    grading model: its rate warms up and anneals within the run, and the fold's draws change."""
+    data, folds_path = train_data
+    settings = {**SMALL, "backbone": "resnet18", "pretrained": False, "name": "tiny", "num_epochs": 3}
+    constant = train_fold(load_config("resnet18", settings), data, folds_path, tmp_path / "constant", 1)
+    cycled = train_fold(load_config("resnet18", {**settings, "lr_schedule": "onecycle"}), data, folds_path,
+                        tmp_path / "onecycle", 1)
+    per_fold = train_fold(load_config("resnet18", {**settings, "fold_seeds": True}), data, folds_path,
+                          tmp_path / "per_fold", 1)
+    flat = pd.read_csv(fold_dir(tmp_path / "constant", "tiny", 1) / "metrics.csv")
+    annealed = pd.read_csv(fold_dir(tmp_path / "onecycle", "tiny", 1) / "metrics.csv")
+    assert (flat["learning_rate"] == SMALL["learning_rate"]).all()
+    rates = annealed["learning_rate"].to_list()  # past its peak (15 % of the steps) after the first epoch
+    assert SMALL["learning_rate"] > rates[0] > rates[1] > rates[2] and rates[2] < 1e-5
+    assert cycled.best_score != constant.best_score and per_fold.best_score != constant.best_score
+    with pytest.raises(SpinegradeError, match="lr_schedule must be one of constant, onecycle"):
+        load_config("resnet18", {**settings, "lr_schedule": "cosine"})
+
+
 def test_divergence_stops_with_a_clear_message(train_data, tmp_path):
     import torch
 
-    from spinegrade.errors import SpinegradeError
     from spinegrade.models.classifier import create_backbone
 
     weights = tmp_path / "nan.pth"

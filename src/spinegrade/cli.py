@@ -92,6 +92,8 @@ TRAIN_OVERRIDES: list[tuple[str, type, str]] = [
     ("slices", int, "the labelled slice and its neighbours as input channels: 1, 3 or 5 (the group's default)"),
     ("flip_probability", float, "how often training flips an image horizontally (0.5; 0 for the turned recess crops)"),
     ("test_time_flip", str, "grade as the mean over the image and its mirror: true/false (the group's default)"),
+    ("lr_schedule", str, "the learning rate's schedule: constant (the method's) or onecycle"),
+    ("fold_seeds", str, "each fold's sample order and augmentation from seed + fold: true/false (false)"),
     ("backbone", str, "timm model name, overriding the config's"),
 ]
 
@@ -137,14 +139,18 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_train_locators(args: argparse.Namespace) -> None:
-    from spinegrade.config import LocatorConfig, parse_bool
+    from spinegrade.config import LR_SCHEDULES, LocatorConfig, parse_bool
 
     config = LocatorConfig()
-    for name in ("backbone", "image_size", "batch_size", "num_epochs", "learning_rate", "seed", "num_workers", "weights"):
+    for name in ("backbone", "image_size", "batch_size", "num_epochs", "learning_rate", "seed", "num_workers", "weights",
+                 "lr_schedule", "compile"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
-    if args.pretrained is not None:
-        config.pretrained = parse_bool(args.pretrained)
+    for name in ("pretrained", "fold_seeds"):
+        if getattr(args, name) is not None:
+            setattr(config, name, parse_bool(getattr(args, name)))
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise SpinegradeError(f"--lr_schedule {config.lr_schedule}: use one of {', '.join(LR_SCHEDULES)}")
     from spinegrade.locators import locator_trained, train_locator
 
     for group in trained_groups(args.conditions):
@@ -304,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "locator (for comparison)")
     for name, kind in (("backbone", str), ("image_size", int), ("batch_size", int), ("num_epochs", int),
                        ("learning_rate", float), ("seed", int), ("num_workers", int), ("weights", str),
-                       ("pretrained", str)):
+                       ("pretrained", str), ("lr_schedule", str), ("fold_seeds", str), ("compile", str)):
         p.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, type=kind, default=None)
     p.set_defaults(func=cmd_train_locators)
 

@@ -91,6 +91,10 @@ class TrainConfig:
     # "aot_eager", "inductor", "cudagraphs"). Speed only: results are the same, so it is not part of a
     # fold's identity.
     compile: str = "off"
+    # The learning rate's schedule (engine.SCHEDULES): the published method's constant rate.
+    lr_schedule: str = "constant"
+    # Each fold's sample order and augmentation from seed + fold (True) or from seed (False).
+    fold_seeds: bool = False
     group: str = "spinal"  # the condition group (constants.GROUPS) this model grades
     extra: dict = field(default_factory=dict)  # unknown YAML keys, kept so nothing is silently lost
 
@@ -114,13 +118,18 @@ class LocatorConfig:
     weight_decay: float = 1e-4
     seed: int = 42
     num_workers: int = 0
+    # What the engine does for every model kind (engine.py); the locators' own defaults.
+    lr_schedule: str = "onecycle"
+    fold_seeds: bool = True
+    compile: str = "off"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+LR_SCHEDULES = ("constant", "onecycle")  # engine.make_schedule
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_BOOL_FIELDS = {"pretrained", "freeze_backbone", "test_time_flip"}
+_BOOL_FIELDS = {"pretrained", "freeze_backbone", "test_time_flip", "fold_seeds"}
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -226,6 +235,8 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None, conf
     if config.test_time_flip and (config.flip_probability <= 0 or not flip_keeps_grade(group, config.input)):
         raise SpinegradeError(f"{path}: test_time_flip needs a model trained with flips that keep the grade "
                               f"({group}: flip_probability {config.flip_probability}, input {config.input})")
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise SpinegradeError(f"{path}: lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {config.lr_schedule!r}")
     if len(config.hidden_sizes) != 2:
         raise SpinegradeError(f"{path}: hidden_sizes must be two numbers, got {list(config.hidden_sizes)}")
     return config

@@ -97,7 +97,8 @@ def continues(saved: dict | None, wanted: dict) -> bool:
     """Whether a run saved with ``saved`` settings may be continued as one with ``wanted``: the same
     settings, or the same with more epochs (fewer would mix a longer run's weights into a shorter one)."""
     saved = dict(saved or {})
-    if saved.get("num_epochs", math.inf) <= wanted["num_epochs"]:
+    # A one-cycle schedule is laid over the whole run: a longer run anneals differently from the first step.
+    if saved.get("num_epochs", math.inf) <= wanted["num_epochs"] and saved.get("lr_schedule") != "onecycle":
         saved["num_epochs"] = wanted["num_epochs"]
     return saved == wanted
 
@@ -209,7 +210,7 @@ def fit(folder: FoldFolder, num_epochs: int, seed: int, model: nn.Module, optimi
     for epoch in range(progress.start_epoch, num_epochs):
         torch.manual_seed(seed * 1000 + epoch)  # dropout and the like: the same stream on a resumed run
         row, score = one_epoch(epoch)
-        row = {"epoch": epoch, **row}
+        row = {"epoch": epoch, **row, "learning_rate": optimizer.param_groups[0]["lr"]}  # at the epoch's end
         progress.history.append(row)
         if not math.isfinite(score):
             raise SpinegradeError(f"{folder.label}: training diverged at epoch {epoch + 1} (held-out score {score}); "

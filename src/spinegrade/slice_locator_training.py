@@ -17,6 +17,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +35,10 @@ from spinegrade.data.folds import read_folds
 from spinegrade.data.index import build_index
 from spinegrade.data.loader import batch_loader
 from spinegrade.data.preprocess import SquareView
+from spinegrade.device import autocast, select_device
+from spinegrade.engine import compiled, fold_seed, make_schedule, predict, train_one_epoch
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_text_atomic
-from spinegrade.device import autocast, select_device
 from spinegrade.fold_loop import EpochSampler, FoldFolder, SeededDataset, fit, plain, seed_everything
 from spinegrade.layout import RunLayout, remember_folds
 from spinegrade.logs import get_logger
@@ -324,15 +326,17 @@ def _errors_mm(pred: np.ndarray, data: SliceData, rows: np.ndarray, size: int) -
     return np.hypot(dx, dy)
 
 
-def slice_locator_step(model: SliceLocatorNet, batch: dict, device: torch.device, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def slice_locator_step(heatmaps: Callable[[torch.Tensor], torch.Tensor], batch: dict, device: torch.device,
+                       size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The loss on a batch of slices (soft-argmax L1 in input pixels and heatmap cross-entropy over the
     labelled points, presence cross-entropy over the levels whose presence is known); also the L1 and
-    the heatmap logits, for the log and the held-out figures."""
+    the heatmap logits, for the log and the held-out figures. ``heatmaps``: the model's
+    ``SliceLocatorNet.heatmaps``, or its compiled form."""
     image = batch["image"].to(device, non_blocking=True)
     target = batch["points"].to(device, non_blocking=True)
     known = batch["known"].to(device, non_blocking=True)
     with autocast(device):
-        logits = model.heatmaps(image)
+        logits = heatmaps(image)
     pred = soft_argmax(logits)
     mask = known.unsqueeze(-1).float()
     l1 = (torch.abs(pred - target) * mask).sum() / mask.sum().clamp_min(1) * size
@@ -342,8 +346,8 @@ def slice_locator_step(model: SliceLocatorNet, batch: dict, device: torch.device
 
 
 def _identity(config: LocatorConfig, field_mm: float | None, group: str) -> dict:
-    """The settings that make a locator fold's result what it is (not the worker count)."""
-    return plain({**{k: v for k, v in config.to_dict().items() if k != "num_workers"}, "field_mm": field_mm,
+    """The settings that make a locator fold's result what it is (worker count and compilation do not)."""
+    return plain({**{k: v for k, v in config.to_dict().items() if k not in ("num_workers", "compile")}, "field_mm": field_mm,
                   "group": group, "presence": True, "negative_gaps": list(NEGATIVE_GAPS), "slices": 2 * CONTEXT + 1,
                   **_turned(group)})
 
@@ -359,7 +363,8 @@ def train_slice_locator_fold(config: LocatorConfig, data: SliceData, fold: int, 
     AMP on a GPU, the ring loader). The best epoch is the one with the lowest held-out loss, on the held-out
     studies' labelled slices and their nearest neighbours."""
     out = RunLayout(output_dir).locator_dir(group, existing=False) / f"fold{fold}"
-    folder = FoldFolder(out, _identity(config, data.field_mm, group), f"{group} locator fold {fold}")
+    folder = FoldFolder(out, _identity(config, data.field_mm, group), f"{group} locator fold {fold}",
+                        defaults=plain(LocatorConfig().to_dict()))
     folds = data.meta["fold"].to_numpy()
     train_anchors = np.flatnonzero(folds[data.anchors] != fold)
     # held out: the labelled slices and their nearest neighbours (the hardest negatives), a third of the samples
@@ -376,9 +381,10 @@ def train_slice_locator_fold(config: LocatorConfig, data: SliceData, fold: int, 
     log.info(load_pretrained(model, config.pretrained, config.weights))
     mean, std = input_statistics(model.backbone)
     model.to(device)
-    train_set = SeededDataset(SliceDataset(data, train_anchors, train=True), config.seed + fold)
+    seed = fold_seed(config.seed, fold, config.fold_seeds)
+    train_set = SeededDataset(SliceDataset(data, train_anchors, train=True), seed)
     val_set = SliceDataset(data, None, train=False)
-    sampler = EpochSampler(len(train_set), config.seed + fold, shuffle=True)
+    sampler = EpochSampler(len(train_set), seed, shuffle=True)
     loader_args = dict(image_shape=(2 * CONTEXT + 1, config.image_size, config.image_size),
                        workers=max(0, int(config.num_workers)), pin_memory=device.type == "cuda", seed=config.seed,
                        fields=slice_fields(spec.num_points))
@@ -386,26 +392,26 @@ def train_slice_locator_fold(config: LocatorConfig, data: SliceData, fold: int, 
                                 **loader_args)
     val_loader = batch_loader(val_set, config.batch_size * 2, [int(i) for i in val_rows], **loader_args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate, pct_start=0.15,
-                                                   total_steps=max(1, config.num_epochs * len(train_loader)))
+    schedule = make_schedule(config.lr_schedule, optimizer, config.learning_rate, config.num_epochs * len(train_loader))
+    heatmaps = compiled(model.heatmaps, config.compile)  # what training calls; evaluation uses the model itself
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "localizer.json", json.dumps({**spec.to_dict(), **config.to_dict(), "mean": list(mean),
                                                           "std": list(std), "field_mm": data.field_mm, "fold": fold,
                                                           "group": group, "presence": True,
                                                           "slices": 2 * CONTEXT + 1, **_turned(group)}, indent=1))
 
+    def held_out(batch: dict) -> tuple:
+        loss, _, logits = slice_locator_step(model.heatmaps, batch, device, config.image_size)
+        known = batch["presence_known"].numpy()
+        said = (presence_logits(logits).float().cpu().numpy() > 0) == (batch["presence"].numpy() > 0.5)
+        return (float(loss), len(batch["image"]), soft_argmax(logits).float().cpu().numpy(),
+                batch["index"].numpy().copy(), int((said & known).sum()), int(known.sum()))
+
     def evaluate() -> dict:
-        model.eval()
-        losses, preds, rows, correct, counted = [], [], [], 0, 0
-        with torch.inference_mode():
-            for batch in val_loader:
-                loss, _, logits = slice_locator_step(model, batch, device, config.image_size)
-                losses.append((float(loss), len(batch["image"])))
-                preds.append(soft_argmax(logits).float().cpu().numpy())
-                rows.append(batch["index"].numpy().copy())
-                known = batch["presence_known"].numpy()
-                said = (presence_logits(logits).float().cpu().numpy() > 0) == (batch["presence"].numpy() > 0.5)
-                correct, counted = correct + int((said & known).sum()), counted + int(known.sum())
+        outputs = predict(model, val_loader, held_out)
+        losses = [(o[0], o[1]) for o in outputs]
+        preds, rows = [o[2] for o in outputs], [o[3] for o in outputs]
+        correct, counted = sum(o[4] for o in outputs), sum(o[5] for o in outputs)
         if not rows:
             return {"val_loss": math.inf, "val_median_mm": math.inf, "val_presence_accuracy": math.nan}
         errors = _errors_mm(np.concatenate(preds), data, np.concatenate(rows), config.image_size)
@@ -415,20 +421,22 @@ def train_slice_locator_fold(config: LocatorConfig, data: SliceData, fold: int, 
                 "val_p90_mm": float(np.percentile(finite, 90)) if len(finite) else math.inf,
                 "val_presence_accuracy": correct / counted if counted else math.nan}
 
+    def step(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, l1, _ = slice_locator_step(heatmaps, batch, device, config.image_size)
+        return loss, l1
+
     def one_epoch(epoch: int) -> tuple[dict, float]:
         started = time.perf_counter()
-        model.train()
         sampler.set_epoch(epoch)
-        total, seen = None, 0
-        for batch in train_loader:
-            loss, l1, _ = slice_locator_step(model, batch, device, config.image_size)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+        tally = {"l1": None, "seen": 0}
+
+        def keep(batch: dict, loss: torch.Tensor, l1: torch.Tensor) -> None:
             n = len(batch["image"])
-            total = l1.detach() * n if total is None else total + l1.detach() * n  # on the device: no wait per step
-            seen += n
+            tally["l1"] = l1.detach() * n if tally["l1"] is None else tally["l1"] + l1.detach() * n  # on the device
+            tally["seen"] += n
+
+        train_one_epoch(model, train_loader, optimizer, step, schedule, keep)
+        total, seen = tally["l1"], tally["seen"]
         row = {"train_l1_pixels": float(total) / max(seen, 1) if seen else math.nan, **evaluate(),
                "seconds": time.perf_counter() - started}
         return row, row["val_loss"] if math.isfinite(row["train_l1_pixels"]) else math.nan

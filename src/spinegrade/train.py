@@ -32,10 +32,11 @@ from spinegrade.data.folds import read_folds, write_csv_atomic
 from spinegrade.data.index import build_index
 from spinegrade.data.loader import batch_loader
 from spinegrade.data.preprocess import PreprocessSettings, build_cache
+from spinegrade.device import autocast, select_device
 from spinegrade.distributed import SINGLE, World, start, stop, world_from_environment
+from spinegrade.engine import compiled, fold_seed, make_schedule, optimise, predict, train_one_epoch
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_text_atomic
-from spinegrade.device import autocast, select_device
 from spinegrade.fold_loop import EpochSampler, FoldFolder, SeededDataset, fit, plain, seed_everything
 from spinegrade.layout import RunLayout, remember_folds
 from spinegrade.logs import get_logger
@@ -102,15 +103,14 @@ def predict_probabilities(model: nn.Module, loader: DataLoader, device: torch.de
                           world: World = SINGLE, flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities (with ``flip``, averaged over the horizontal mirror) and the sample indices
     they belong to (under DDP, gathered from every process's shard, each sample once, in index order)."""
-    model.eval()
-    probs, indices = [], []
-    with torch.inference_mode():
-        for batch in loader:
-            image = batch["image"].to(device, non_blocking=True)
-            with autocast(device):
-                probs.append(grade_probabilities(model, image, batch["level"].to(device, non_blocking=True), flip))
-                # on the device: no wait per batch
-            indices.append(batch["index"].numpy().copy())  # not a view: it would hold the batch's pinned block
+    def step(batch: dict) -> tuple[torch.Tensor, np.ndarray]:
+        image = batch["image"].to(device, non_blocking=True)
+        with autocast(device):  # probabilities stay on the device: no wait per batch
+            probs = grade_probabilities(model, image, batch["level"].to(device, non_blocking=True), flip)
+        return probs, batch["index"].numpy().copy()  # not a view: it would hold the batch's pinned block
+
+    outputs = predict(model, loader, step)
+    probs, indices = [p for p, _ in outputs], [i for _, i in outputs]
     shards = world.gather((torch.cat(probs).cpu().numpy(), np.concatenate(indices)))
     probs_all, indices_all = np.concatenate([p for p, _ in shards]), np.concatenate([i for _, i in shards])
     indices_all, first = np.unique(indices_all, return_index=True)  # padding repeats a few samples
@@ -197,18 +197,20 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
     flipped = mirrored_targets(table, labels, config.input)
     jitter = Jitter(point_sd=config.point_jitter_mm / (config.crop_mm / config.image_size) if config.input == "crop" else 0.0,
                     slice_probability=config.neighbour_slice_probability)
+    seed = fold_seed(config.seed, fold, config.fold_seeds)
     train_set = SeededDataset(LevelDataset(cache.images, levels, targets, build_transform(
         True, config.flip_probability, config.rotation_degrees), train_idx, flipped,
-        image_size=config.image_size, jitter=jitter, slices=config.slices), config.seed)
+        image_size=config.image_size, jitter=jitter, slices=config.slices), seed)
     val_set = LevelDataset(cache.images, levels, targets, build_transform(False), val_idx, image_size=config.image_size,
                            slices=config.slices)
-    train_sampler = EpochSampler(len(train_set), config.seed, shuffle=True, world=world)
+    train_sampler = EpochSampler(len(train_set), seed, shuffle=True, world=world)
     workers = max(0, int(config.num_workers))
     loader_args = dict(image_shape=(config.slices, config.image_size, config.image_size), workers=workers,
                        pin_memory=device_.type == "cuda", seed=config.seed)
     train_loader = batch_loader(train_set, batch_size, train_sampler, drop_last=len(train_sampler) > batch_size,
                                 **loader_args)
     val_loader = batch_loader(val_set, batch_size * 2, world.shard(list(range(len(val_set)))), **loader_args)
+    schedule = make_schedule(config.lr_schedule, optimizer, config.learning_rate, config.num_epochs * len(train_loader))
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -225,7 +227,8 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
     def one_epoch(epoch: int) -> tuple[dict, float]:
         started = time.perf_counter()
         train_loss, train_accuracy, train_competition = train_epoch(
-            net, model, train_loader, train_sampler, criterion, optimizer, device_, epoch, config, table, world, main)
+            net, model, train_loader, train_sampler, criterion, optimizer, device_, epoch, config, table, world, main,
+            schedule)
         held, probs, scores, val_loss = evaluate_epoch(model, val_loader, device_, table, weights, world,
                                                        flip=config.test_time_flip)
         held_out.update(held=held, probs=probs)
@@ -245,7 +248,7 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
                 f"{row['seconds']:.1f}s")
 
     progress = fit(folder, config.num_epochs, config.seed, model, optimizer, one_epoch, on_best, describe, device_,
-                   resume=resume, world=world, say=say)
+                   schedule=schedule, resume=resume, world=world, say=say)
     best_epoch, best_score = progress.best_epoch, progress.best_score
     if main:
         folder.finish(progress, prior_score=prior_score, epochs=config.num_epochs)
@@ -257,15 +260,15 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
 
 def train_epoch(net: nn.Module, model: nn.Module, loader, sampler: EpochSampler, criterion: nn.Module,
                 optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, config: TrainConfig,
-                table: pd.DataFrame, world: World = SINGLE, show: bool = True) -> tuple[float, float, float]:
-    """One pass over the training folds: (mean loss, accuracy, competition loss of the batches trained on,
-    augmented as they were), each over every process's shard."""
-    model.train()
-    freeze_norm_statistics(model)
+                table: pd.DataFrame, world: World = SINGLE, show: bool = True,
+                schedule=None) -> tuple[float, float, float]:
+    """One pass over the training folds (the engine's, with the grading step): (mean loss, accuracy,
+    competition loss of the batches trained on, augmented as they were), each over every process's shard."""
     sampler.set_epoch(epoch)
     tally = EpochTally()
-    for batch in _progress(loader, f"epoch {epoch + 1}/{config.num_epochs}", show):
-        tally.add(*train_step(net, batch, criterion, optimizer, device), batch["index"])
+    train_one_epoch(model, _progress(loader, f"epoch {epoch + 1}/{config.num_epochs}", show), optimizer,
+                    lambda batch: grade_step(net, batch, criterion, device), schedule,
+                    keep=lambda batch, loss, kept: tally.add(loss, *kept, batch["index"]), prepare=freeze_norm_statistics)
     total_loss, correct, seen, train_probs, train_seen = tally.totals()
     total_loss, correct, seen = (sum(v) for v in zip(*world.gather((total_loss, correct, seen))))
     trained = world.gather((train_probs, train_seen))
@@ -358,34 +361,26 @@ class EpochTally:
         return float(self.loss_sum), int(self.correct), self.seen, [probabilities], [np.concatenate(self.indices)]
 
 
-def train_step(net: nn.Module, batch: dict, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimisation step: (loss, logits, target). On a GPU: non-blocking copies of uint8 images
-    from pinned memory, normalised and made channels-last on the GPU, bf16 autocast (loss in float32)."""
+def grade_step(net: nn.Module, batch: dict, criterion: nn.Module,
+               device: torch.device) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The grading model's training step, for the engine: (loss, (logits, target)). On a GPU: non-blocking
+    copies of uint8 images from pinned memory, normalised and made channels-last on the GPU, bf16
+    autocast (loss in float32)."""
     image = batch["image"].to(device, non_blocking=True)
     level = batch["level"].to(device, non_blocking=True)
     target = batch["target"].to(device, non_blocking=True)
     with autocast(device):
         logits = net(image, level)
         loss = criterion(logits.float(), target)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    return loss, (logits, target)
+
+
+def train_step(net: nn.Module, batch: dict, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One whole optimisation step outside an epoch (the speed benchmarks): (loss, logits, target)."""
+    loss, (logits, target) = grade_step(net, batch, criterion, device)
+    optimise(loss, optimizer)
     return loss, logits, target
-
-
-def compiled(net: nn.Module, mode: str) -> nn.Module:
-    """``torch.compile`` when asked: the first steps are slower (compilation), the rest faster on a GPU."""
-    mode = str(mode).lower()
-    if mode in ("off", "false", "no", "0", "none", ""):
-        return net
-    backend = "inductor" if mode in ("on", "true", "yes", "1") else mode
-    from torch._dynamo import list_backends
-
-    if backend not in list_backends(exclude_tags=()):
-        raise SpinegradeError(f"--compile {mode}: unknown backend; use off, on, or one of {', '.join(list_backends())}")
-    log.info(f"torch.compile with the {backend} backend (the first steps include compilation)")
-    return torch.compile(net, backend=backend)
 
 
 def _quiet(*_args) -> None:
