@@ -117,7 +117,7 @@ def test_the_engine_s_schedule_and_fold_seeds_are_settings_of_a_grading_model_to
     annealed = pd.read_csv(fold_dir(tmp_path / "onecycle", "tiny", 1) / "metrics.csv")
     assert (flat["learning_rate"] == SMALL["learning_rate"]).all()
     rates = annealed["learning_rate"].to_list()  # past its peak (15 % of the steps) after the first epoch
-    assert SMALL["learning_rate"] > rates[0] > rates[1] > rates[2] and rates[2] < 1e-5
+    assert SMALL["learning_rate"] > rates[0] > rates[1] > rates[2] and rates[2] < 0.05 * SMALL["learning_rate"]
     assert cycled.best_score != constant.best_score and per_fold.best_score != constant.best_score
     with pytest.raises(SpinegradeError, match="lr_schedule must be one of constant, onecycle"):
         load_config("resnet18", {**settings, "lr_schedule": "cosine"})
