@@ -48,8 +48,8 @@ def main() -> None:
     parser.add_argument("--test-studies", type=int, default=8)
     parser.add_argument("--image-size", type=int, nargs=2, default=(192, 288))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--localizer-image-size", type=int, default=64)
-    parser.add_argument("--localizer-epochs", type=int, default=12)
+    parser.add_argument("--locator-image-size", type=int, default=64)
+    parser.add_argument("--locator-epochs", type=int, default=12)
     args = parser.parse_args()
     straight = args.scratch / "straight" / args.data_dir.name
     if not (straight / "train.csv").is_file():
@@ -62,7 +62,7 @@ def main() -> None:
         target = models / backbone
         if not target.exists():
             target.symlink_to((RunLayout(args.output_dir).trained_models / backbone).resolve(), target_is_directory=True)
-    config = LocatorConfig(image_size=args.localizer_image_size, num_epochs=args.localizer_epochs, batch_size=4)
+    config = LocatorConfig(image_size=args.locator_image_size, num_epochs=args.locator_epochs, batch_size=4)
     result = {"benchmark": "locator_transfer", "trained_on": "straight spines", "groups": {}}
     for group in GROUPS:
         train_locator(group, config, straight, args.folds, run, device="cpu", resume=True)

@@ -46,8 +46,8 @@ def main() -> None:
         load = sum(float(l.split(" loaded in ")[1].split(" s")[0]) for l in model_lines)
         fixed.append(load)
         totals.append((elapsed - load) / studies)
-        # One line per located group ("spinal: located 5 of 5 studies (0.12 s per study: ...)", "foraminal: located ...").
-        summaries = [l for l in lines if (": located " in l or ": located " in l) and " s per study" in l]
+        # One line per located group ("spinal: located 5 of 5 studies (0.12 s per study: ...)").
+        summaries = [l for l in lines if ": located " in l and " s per study" in l]
         assert summaries, "predict_split logged no locating summary"
         locate.append(sum(float(l.split("(")[1].split(" s per")[0]) for l in summaries))
         grade.append(sum(float(l.split(" studies in ")[1].split(" s")[0]) for l in model_lines) / studies)

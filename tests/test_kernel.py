@@ -164,3 +164,23 @@ def test_kernel_without_its_code_dataset_still_writes_a_valid_submission(built, 
     assert result.returncode == 0 and "is not attached" in result.stdout
     frame = pd.read_csv(tmp_path / "working" / "submission.csv")
     assert len(frame) == 5 * 25 and np.allclose(frame[list(PROBABILITY_COLUMNS)].to_numpy(), 1 / 3)
+
+
+def test_the_project_wheel_holds_exactly_the_package_s_modules(tmp_path):
+    """A module left in the checkout's build/ folder by an older version (setuptools never deletes
+    from it) must not ship in the kernel's wheel."""
+    import zipfile
+
+    from spinegrade.kernel.wheels import PROJECT_ROOT, build_project_wheel
+
+    stale = PROJECT_ROOT / "build" / "lib" / "spinegrade" / "removed_long_ago.py"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text("raise ImportError('an old module')\n")
+    try:
+        wheel = build_project_wheel(tmp_path)
+    finally:
+        stale.unlink()
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}
+    package = PROJECT_ROOT / "src"
+    expected = {str(p.relative_to(package)) for p in (package / "spinegrade").rglob("*.py")}
+    assert shipped == expected

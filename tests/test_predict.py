@@ -20,7 +20,7 @@ from spinegrade.submit import check_submission, predict_split
 from spinegrade.study_page import predict_study
 
 
-def test_localiser_puts_points_within_a_few_millimetres(trained_run):
+def test_the_canal_locator_puts_points_within_a_few_millimetres(trained_run):
     report = trained_run["locator_report"]
     assert report["slice_within_one"] >= 0.9
     # 20 training studies per fold and a few seconds of training: a disc is about 9 mm high and a
@@ -41,7 +41,7 @@ def _score_against_answers(submission: pd.DataFrame, answers) -> dict:
     frame["column"] = frame["condition"] + "_" + frame["level"]
     frame = frame.merge(truth, on=["study_id", "column"])
     frame["severity"] = frame["label"].map(SEVERITY_INDEX).fillna(-1).astype(int)
-    return competition_score(frame)  # every group's term (independent of predict.score_submission)
+    return competition_score(frame)  # every group's term (independent of submit.score_submission)
 
 
 def test_test_split_submission_is_complete_valid_and_beats_the_prior(trained_run, tmp_path, logged):

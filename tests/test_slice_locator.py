@@ -176,7 +176,7 @@ def test_a_hot_pixel_on_a_flat_slice_is_not_content():
     assert (view.width, view.height) == (64, 64)  # the whole slice, not a 1-pixel field blown up
 
 
-def test_localisers_from_before_field_mm_still_see_the_squashed_slice():
+def test_slice_locators_from_before_field_mm_still_see_the_squashed_slice():
     view = SquareView.squashed((300, 400), 64)
     u, v = np.array([0.0, 0.5, 1.0]), np.array([0.25, 0.5, 0.75])
     np.testing.assert_allclose(view.to_pixels(u, v), (u * 400 - 0.5, v * 300 - 0.5))  # the old mapping

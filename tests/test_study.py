@@ -40,3 +40,25 @@ def test_a_split_study_and_its_files_off_a_scanner_are_graded_alike(trained_run,
     a, b = by_split.sort_values(key).reset_index(drop=True), by_scanner.sort_values(key).reset_index(drop=True)
     pd.testing.assert_frame_equal(a[key], b[key])
     assert (a[list(PROBABILITY_COLUMNS)] - b[list(PROBABILITY_COLUMNS)]).abs().to_numpy().max() < 1e-6
+
+
+def test_a_model_that_outputs_nan_grades_nothing_and_its_targets_get_the_prior(trained_run):
+    from spinegrade.locators import locate_split
+    from spinegrade.predict import grade_studies, load_fold_models
+    from spinegrade.submit import submission_frame, training_priors
+
+    cpu = torch.device("cpu")
+    located = locate_split(trained_run["data"], "test", trained_run["out"], "spinal", cpu)[:1]
+    models = load_fold_models(trained_run["out"], "efficientnet_lite0", "spinal", cpu)
+    assert len(grade_studies(located, models, cpu)) == 5  # the five levels, as trained
+    with torch.no_grad():
+        for m in models:
+            next(m.model.head.parameters()).fill_(float("nan"))
+    graded = grade_studies(located, models, cpu)
+    assert graded.empty and graded["study_id"].dtype == "int64"
+    prior = submission_frame([located[0].study_id], graded.assign(group="spinal", backbone="efficientnet_lite0"),
+                             blends_for(trained_run["out"], ["efficientnet_lite0"]),
+                             training_priors(trained_run["data"], trained_run["out"]))
+    baseline = submission_frame([located[0].study_id], graded.iloc[:0].assign(group="spinal", backbone="x"), {},
+                                training_priors(trained_run["data"], trained_run["out"]))
+    pd.testing.assert_frame_equal(prior, baseline)

@@ -298,7 +298,7 @@ def format_scores(name: str, group: str, scores: dict[str, float]) -> str:
 
 
 def located_oof(output_dir: str | Path, data_dir: str | Path, folds_path: str | Path | None, backbones: list[str],
-                  group: str = "spinal", device: str | None = None) -> dict[str, pd.DataFrame]:
+                group: str = "spinal", device: str | None = None) -> dict[str, pd.DataFrame]:
     """Out-of-fold predictions of one group without coordinates: each training study located by the
     fold's locator and graded by the fold models that never saw it. Beside the OOF predictions at the
     labelled points, this shows what locating costs."""

@@ -12,7 +12,7 @@ names its locator in the registry (``constants.GROUPS[group].locator``); the imp
 - say whether it is **finished** and which **files** a Kaggle kernel must carry.
 
 Reporting out of fold, and locating a whole split, are the same loop for every locator
-(``locators.locate_split``, ``locators.report_locator``). A locator that starts from another group's
+(``locators.locate_studies``, ``locators.report_locator``). A locator that starts from another group's
 points (the foramina and recesses start from the spinal canal) names that group in ``anchor``.
 """
 

@@ -89,7 +89,8 @@ def model_inputs(study: LocatedStudy, settings: PreprocessSettings) -> np.ndarra
 def grade_studies(studies: list[LocatedStudy], models: list[FoldModel], device: torch.device) -> pd.DataFrame:
     """One row per located (study, condition, level): study_id, condition, level and the probabilities,
     averaged over the fold models, and over the series where a level was located on several. A
-    study whose images cannot be made gets a problem and no rows (the prior)."""
+    study whose images cannot be made gets a problem and no rows (the prior), as does a level whose
+    probabilities are not finite."""
     usable = [s for s in studies if s.locations is not None]
     prepared: dict[PreprocessSettings, dict[int, np.ndarray]] = {}
     failed: set[int] = set()  # its locations stay: another group may start from them
@@ -106,7 +107,7 @@ def grade_studies(studies: list[LocatedStudy], models: list[FoldModel], device: 
     usable = [s for s in usable if s.study_id not in failed]
     columns = ["study_id", "condition", "level", *PROBABILITY_COLUMNS]
     if not usable:
-        return pd.DataFrame(columns=columns)
+        return empty_grades(columns)
     by_settings = {settings: np.concatenate([per_study[st.study_id] for st in usable])
                    for settings, per_study in prepared.items()}
     level_index = {lv: i for i, lv in enumerate(LEVELS)}
@@ -127,10 +128,18 @@ def grade_studies(studies: list[LocatedStudy], models: list[FoldModel], device: 
         for condition, in_condition in part.groupby("condition", sort=False):
             for level in LEVELS:  # the mean over the series that have the level
                 at = in_condition.index[in_condition["level"] == level].to_numpy()
-                if len(at):
-                    rows.append([st.study_id, condition, level, *total[k + at].mean(axis=0)])
+                p = total[k + at].mean(axis=0) if len(at) else None
+                if p is not None and np.isfinite(p).all():
+                    rows.append([st.study_id, condition, level, *p])
         k += len(part)
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows, columns=columns) if rows else empty_grades(columns)
+
+
+def empty_grades(columns: list[str]) -> pd.DataFrame:
+    """No grades, with the columns' types (ids integer, probabilities float), so that concatenating
+    it keeps a numeric table."""
+    kinds = {"study_id": "int64", **{c: "float64" for c in PROBABILITY_COLUMNS}}
+    return pd.DataFrame({c: pd.Series(dtype=kinds.get(c, "object")) for c in columns})
 
 
 @dataclass
@@ -163,7 +172,7 @@ def locate_with_anchors(studies: list[Study], output_dir: Path, group: str, devi
 def grade_split(studies: list[Study], output_dir: Path, blends: dict[str, Blend], device: torch.device) -> SplitGrades:
     """Locate and grade every study for each group a blend covers; a group without a model or a
     study without its series is named in the log and left to the prior."""
-    result = SplitGrades([s.study_id for s in studies], {}, pd.DataFrame(columns=GRADE_COLUMNS), blends)
+    result = SplitGrades([s.study_id for s in studies], {}, empty_grades(GRADE_COLUMNS), blends)
     located_by_group: dict[str, list[LocatedStudy]] = {}  # each group located once (the spinal points start others)
     frames = []
     for group, spec in GROUPS.items():
@@ -185,7 +194,8 @@ def grade_split(studies: list[Study], output_dir: Path, blends: dict[str, Blend]
             loaded = time.perf_counter() - t0
             t0 = time.perf_counter()
             graded = grade_studies(located, models, device)
-            frames.append(graded.assign(group=group, backbone=name)[GRADE_COLUMNS])
+            if not graded.empty:
+                frames.append(graded.assign(group=group, backbone=name)[GRADE_COLUMNS])
             graded_ids |= set(graded["study_id"])
             log.info(f"{name} {group}: {len(models)} fold models loaded in {loaded:.2f} s, graded "
                      f"{graded['study_id'].nunique()} studies in {time.perf_counter() - t0:.2f} s")

@@ -1,4 +1,5 @@
-"""
+"""Find each level (or side) where this patient has it, from the images: the slice and the point.
+
 One kind of model serves the sagittal groups: a :class:`~spinegrade.models.slice_locator_net.SliceLocatorNet`
 reads one whole slice, with its two neighbours as the other input channels (so it can tell whether the
 structure is fuller on a neighbour), and gives, per level, a heatmap (its soft-argmax is the point) and
@@ -103,6 +104,7 @@ class LocatedLevels:
     points: np.ndarray  # (5, 2)
     score: np.ndarray  # (5,) presence probability of the chosen slice (NaN: no presence head)
     sure: np.ndarray  # (5,) bool
+
 
 class SliceLocator:
     """Every fold's slice locator of a group, averaged: the same models whatever study comes."""

@@ -494,6 +494,3 @@ def train_slice_locator(config: LocatorConfig, data_dir: str | Path, folds_path:
 def write_slice_choice(output_dir: Path, group: str, choice: dict) -> None:
     """Written last: its presence marks the group's slice locator finished."""
     write_text_atomic(RunLayout(output_dir).locator_dir(group, existing=False) / MARKER, json.dumps(choice, indent=1))
-
-
-# --- inference ----------------------------------------------------------------------------------

@@ -106,11 +106,6 @@ def split_studies(data_dir: str | Path, split: str) -> list[Study]:
     return [Study(study, series[study]) for study in sorted(series)]
 
 
-def listed_studies(data_dir: str | Path, split: str) -> list[int]:
-    """Every study listed for ``split`` in its series descriptions, sorted."""
-    return [s.study_id for s in split_studies(data_dir, split)]
-
-
 # --- a folder straight off a scanner ---------------------------------------------------------------
 
 def kind_from_description(description: str) -> str | None:

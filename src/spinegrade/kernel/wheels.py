@@ -45,13 +45,22 @@ def wheels_for(folder: Path, name: str, version: str) -> list[Path]:
 
 def build_project_wheel(dest: Path) -> Path:
     """The spinegrade wheel, built by pip from pyproject.toml (source checkout), or packed from the
-    installed copy when there is no source tree (spinegrade itself installed from a wheel)."""
+    installed copy when there is no source tree (spinegrade itself installed from a wheel).
+
+    Built from a fresh copy of the sources: setuptools reuses the checkout's ``build/`` folder and
+    never deletes from it, so a module removed from ``src/`` would otherwise still ship."""
     dest.mkdir(parents=True, exist_ok=True)
     version = metadata.version("spinegrade")
     if (PROJECT_ROOT / "pyproject.toml").is_file():
         with tempfile.TemporaryDirectory() as tmp:
+            source = Path(tmp) / "source"
+            shutil.copytree(PROJECT_ROOT / "src", source / "src", symlinks=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            shutil.copytree(PROJECT_ROOT / "configs", source / "configs")  # src/spinegrade/configs links here
+            for name in ("pyproject.toml", "README.md"):
+                shutil.copy(PROJECT_ROOT / name, source / name)
             result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-index",
-                                     "--no-build-isolation", "--wheel-dir", tmp, str(PROJECT_ROOT)],
+                                     "--no-build-isolation", "--wheel-dir", tmp, str(source)],
                                     capture_output=True, text=True)
             built = list(Path(tmp).glob("spinegrade-*.whl"))
             if result.returncode != 0 or not built:
