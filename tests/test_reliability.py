@@ -11,9 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from curves import scalars
 from spinegrade.data.folds import make_folds, write_csv_atomic
 from spinegrade.data.index import build_index
 from spinegrade.layout import RunLayout
@@ -78,6 +80,8 @@ def test_sigkill_mid_training_then_resume_reaches_the_uninterrupted_result(small
     assert list(b["epoch"]) == [0, 1, 2]
     cols = ["train_loss", "val_loss", "val_accuracy", "val_competition"]
     pd.testing.assert_frame_equal(a[cols], b[cols], atol=1e-4, rtol=1e-4)
+    curve = scalars(metrics.parent)["val/competition"]  # each epoch once, as metrics.csv has it
+    assert [s for s, _ in curve] == [0, 1, 2] and np.allclose([v for _, v in curve], b["val_competition"], rtol=1e-6)
     oof_a = pd.read_csv(tmp_path / "straight" / "oof" / "killable" / "spinal" / "fold0.csv")
     oof_b = pd.read_csv(out / "oof" / "killable" / "spinal" / "fold0.csv")
     pd.testing.assert_frame_equal(oof_a, oof_b, atol=1e-4, rtol=1e-4)

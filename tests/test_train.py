@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from curves import scalars
 from spinegrade.cli import main
 from spinegrade.config import load_config
 from spinegrade.constants import parse_row_id
@@ -121,6 +123,36 @@ def test_the_engine_s_schedule_and_fold_seeds_are_settings_of_a_grading_model_to
     assert cycled.best_score != constant.best_score and per_fold.best_score != constant.best_score
     with pytest.raises(SpinegradeError, match="lr_schedule must be one of constant, onecycle"):
         load_config("resnet18", {**settings, "lr_schedule": "cosine"})
+
+
+def test_every_fold_writes_tensorboard_curves_equal_to_its_metrics(train_data, tmp_path):
+    data, folds_path = train_data
+    settings = {**SMALL, "backbone": "resnet18", "pretrained": False, "name": "tiny", "num_epochs": 2}
+    train_fold(load_config("resnet18", settings), data, folds_path, tmp_path, 0)
+    folder = fold_dir(tmp_path, "tiny", 0)
+    metrics, curves = pd.read_csv(folder / "metrics.csv"), scalars(folder)
+    for column, tag in (("train_loss", "train/loss"), ("val_loss", "val/loss"), ("val_competition", "val/competition"),
+                        ("val_accuracy", "val/accuracy"), ("train_accuracy", "train/accuracy"),
+                        ("learning_rate", "learning_rate")):
+        assert [s for s, _ in curves[tag]] == [0, 1], tag
+        assert np.allclose([v for _, v in curves[tag]], metrics[column], rtol=1e-6), tag  # float32 in the events
+
+
+def test_a_resumed_fold_s_curves_hold_each_epoch_once(tmp_path):
+    """An epoch logged, then killed before its checkpoint, runs again on resume: its first values go."""
+    from spinegrade.fold_loop import FoldCurves
+
+    first = FoldCurves(tmp_path, start_epoch=0)
+    for epoch in range(3):
+        first.add(epoch, {"epoch": epoch, "val_loss": 10.0 + epoch})
+    first.close()
+    again = FoldCurves(tmp_path, start_epoch=1)  # the checkpoint held epoch 0 only
+    for epoch in (1, 2):
+        again.add(epoch, {"epoch": epoch, "val_loss": 20.0 + epoch})
+    again.close()
+    assert scalars(tmp_path)["val/loss"] == [(0, 10.0), (1, 21.0), (2, 22.0)]
+    FoldCurves(tmp_path, start_epoch=0).close()  # a fold started over keeps none of its old curves
+    assert "val/loss" not in scalars(tmp_path)
 
 
 def test_divergence_stops_with_a_clear_message(train_data, tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import random
 from collections.abc import Callable
@@ -207,6 +208,21 @@ def fit(folder: FoldFolder, num_epochs: int, seed: int, model: nn.Module, optimi
         folder.done.unlink(missing_ok=True)  # from here on the fold is unfinished until a new done.json lands
         folder.out.mkdir(parents=True, exist_ok=True)
     progress = folder.restore(model, optimizer, schedule, device, say) if resume else FoldProgress()
+    curves = FoldCurves(folder.out, progress.start_epoch) if main else None
+    try:
+        _epochs(folder, num_epochs, seed, model, optimizer, one_epoch, on_best, describe, schedule, progress, curves,
+                main, say)
+    finally:
+        if curves is not None:
+            curves.close()
+    if progress.best_epoch < 0:
+        raise SpinegradeError(f"{folder.label}: no epoch was run (num_epochs={num_epochs})")
+    return progress
+
+
+def _epochs(folder: FoldFolder, num_epochs: int, seed: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+            one_epoch, on_best, describe, schedule, progress: FoldProgress, curves: FoldCurves | None, main: bool,
+            say) -> None:
     for epoch in range(progress.start_epoch, num_epochs):
         torch.manual_seed(seed * 1000 + epoch)  # dropout and the like: the same stream on a resumed run
         row, score = one_epoch(epoch)
@@ -219,10 +235,40 @@ def fit(folder: FoldFolder, num_epochs: int, seed: int, model: nn.Module, optimi
         if improved:
             progress.best_score, progress.best_epoch = score, epoch
         if main:
+            # the curves first: a kill before the checkpoint repeats this epoch, and the resumed run purges it
+            curves.add(epoch, row)
             if improved:
                 on_best(epoch)
             folder.save(progress, epoch, model, optimizer, schedule)
         say(f"epoch {epoch + 1}/{num_epochs}: {describe(row)}{' (best)' if improved else ''}")
-    if progress.best_epoch < 0:
-        raise SpinegradeError(f"{folder.label}: no epoch was run (num_epochs={num_epochs})")
-    return progress
+
+
+class FoldCurves:
+    """The fold's epochs as TensorBoard scalars, beside ``metrics.csv`` in the fold's folder (every
+    numeric column, ``train_loss`` as ``train/loss``), so that ``tensorboard --logdir OUTPUT/trained_models``
+    compares backbones, groups and folds. A fold started over drops its old curves; a resumed one
+    purges the epochs it runs again (``purge_step``), so a killed epoch never shows twice."""
+
+    def __init__(self, out: Path, start_epoch: int):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise SpinegradeError("training curves need the tensorboard package: pip install tensorboard") from None
+        if start_epoch == 0:
+            for old in out.glob("events.out.tfevents.*"):
+                old.unlink()
+        self.writer = SummaryWriter(str(out), purge_step=start_epoch or None)
+
+    @staticmethod
+    def tag(column: str) -> str:
+        split, _, rest = column.partition("_")
+        return f"{split}/{rest}" if split in ("train", "val") and rest else column
+
+    def add(self, epoch: int, row: dict) -> None:
+        for column, value in row.items():
+            if column != "epoch" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+                self.writer.add_scalar(self.tag(column), float(value), epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

@@ -166,6 +166,10 @@ def scanner_study(study_dir: str | Path) -> tuple[Study, list[str]]:
         key = header.series_uid or header.series_description or "(no series id)"
         by_series.setdefault(key, []).append(path)
         first.setdefault(key, header)
+    studies = sorted({h.study_uid for h in first.values() if h.study_uid})
+    if len(studies) > 1:
+        raise SpinegradeError(f"{study_dir}: holds {len(studies)} studies (StudyInstanceUID {', '.join(studies)}); "
+                              "give one study's folder")
     found, notes = [], []
     for key, files in by_series.items():
         s = first[key]

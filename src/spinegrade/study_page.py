@@ -10,6 +10,8 @@ Written to ``OUT`` (``STUDY_DIR-spinegrade`` by default):
 - ``grades.json``: all 25 targets, each with its grade, probabilities, where it comes from (the
   model, or the prior and why), and every point it was read at (series, instance, pixel, patient mm);
   the series found and how; the models used per group.
+- ``grades-sr.dcm``: the same grades as a DICOM Structured Report (``structured_report.py``), in the
+  study of the source images, for a PACS or a DICOM viewer.
 - ``study.html``, self-contained (images inline): per group, each graded slice with every located
   point marked and labelled with its grade and probability, so a reader checks at a glance that the
   levels and sides are right.
@@ -42,6 +44,7 @@ from spinegrade.logs import get_logger
 from spinegrade.blend import blends_for
 from spinegrade.device import select_device
 from spinegrade.predict import SplitGrades, grade_split
+from spinegrade.structured_report import write_structured_report
 from spinegrade.study import Study, scanner_study
 from spinegrade.submit import submission_frame, training_priors
 
@@ -67,16 +70,19 @@ def predict_study(study_dir: str | Path, output_dir: str | Path, backbones: list
     submission = submission_frame([study.study_id], grades.grades, grades.blends, training_priors(None, output_dir))
     result = _result(study_dir, study, notes, grades, submission)
     pages = _slice_figures(grades, result, study)
+    sources = {(s.series_uid, s.instance_number): s.path for located in grades.located.values() for st in located
+               if st.locations is not None for s in (st.slice_of(r) for r in st.locations.itertuples())}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out_dir / "grades.json", json.dumps(result, indent=1))
         write_text_atomic(out_dir / "study.html", _html(result, pages))
+        write_structured_report(result["targets"], sources, result["models"], out_dir / "grades-sr.dcm")
     except OSError as exc:
         raise SpinegradeError(f"{out_dir}: cannot write the results there ({exc}); choose another with --out") from None
     for t in result["targets"]:
         log.info(f"{t['condition']:34s} {t['level']}: {t['grade']:12s} "
                  + "  ".join(f"{c} {t['probabilities'][c]:.2f}" for c in PROBABILITY_COLUMNS) + f"  ({t['source']})")
-    log.info(f"written: {out_dir / 'grades.json'}, {out_dir / 'study.html'}")
+    log.info(f"written: {out_dir / 'grades.json'}, {out_dir / 'study.html'}, {out_dir / 'grades-sr.dcm'}")
     return result
 
 

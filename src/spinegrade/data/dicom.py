@@ -40,6 +40,7 @@ class Slice:
     shape: tuple[int, int]  # (rows, columns)
     series_description: str = ""
     series_uid: str = ""
+    study_uid: str = ""
     pixels: np.ndarray | None = field(default=None, repr=False)  # float32, rescaled, MONOCHROME2
     # False when ImagePositionPatient or ImageOrientationPatient is missing and a default stands in: such a
     # slice can be ordered, but it says nothing of the patient's sides.
@@ -189,6 +190,7 @@ def read_slice(path: str | Path, with_pixels: bool = True) -> Slice:
         shape=(int(rows), int(cols)),
         series_description=str(ds.get("SeriesDescription", "")),
         series_uid=str(ds.get("SeriesInstanceUID", "")),
+        study_uid=str(ds.get("StudyInstanceUID", "")),
         pixels=pixels,
         repetition_time=_float_or_none(ds, "RepetitionTime"),
         echo_time=_float_or_none(ds, "EchoTime"),
