@@ -55,7 +55,7 @@ GRADE_COLOURS = {"Normal/Mild": "#4caf50", "Moderate": "#ff9800", "Severe": "#f4
 
 def predict_study(study_dir: str | Path, output_dir: str | Path, backbones: list[str] | None = None,
                   out_dir: str | Path | None = None, device: str | None = None) -> dict:
-    """Grade all 25 targets of one study folder; write ``grades.json`` and ``study.html``."""
+    """Grade all 25 targets of one study folder; write ``grades.json``, ``study.html`` and ``grades-sr.dcm``."""
     study_dir, output_dir = Path(study_dir).resolve(), Path(output_dir)
     if not study_dir.is_dir():
         raise SpinegradeError(f"{study_dir}: not a folder")
