@@ -210,37 +210,30 @@ def fit(folder: FoldFolder, num_epochs: int, seed: int, model: nn.Module, optimi
     progress = folder.restore(model, optimizer, schedule, device, say) if resume else FoldProgress()
     curves = FoldCurves(folder.out, progress.start_epoch) if main else None
     try:
-        _epochs(folder, num_epochs, seed, model, optimizer, one_epoch, on_best, describe, schedule, progress, curves,
-                main, say)
+        for epoch in range(progress.start_epoch, num_epochs):
+            torch.manual_seed(seed * 1000 + epoch)  # dropout and the like: the same stream on a resumed run
+            row, score = one_epoch(epoch)
+            row = {"epoch": epoch, **row, "learning_rate": optimizer.param_groups[0]["lr"]}  # at the epoch's end
+            progress.history.append(row)
+            if not math.isfinite(score):
+                raise SpinegradeError(f"{folder.label}: training diverged at epoch {epoch + 1} (held-out score "
+                                      f"{score}); lower --learning_rate")
+            improved = score < progress.best_score
+            if improved:
+                progress.best_score, progress.best_epoch = score, epoch
+            if main:
+                # the curves first: a kill before the checkpoint repeats this epoch, and the resumed run purges it
+                curves.add(epoch, row)
+                if improved:
+                    on_best(epoch)
+                folder.save(progress, epoch, model, optimizer, schedule)
+            say(f"epoch {epoch + 1}/{num_epochs}: {describe(row)}{' (best)' if improved else ''}")
     finally:
         if curves is not None:
             curves.close()
     if progress.best_epoch < 0:
         raise SpinegradeError(f"{folder.label}: no epoch was run (num_epochs={num_epochs})")
     return progress
-
-
-def _epochs(folder: FoldFolder, num_epochs: int, seed: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-            one_epoch, on_best, describe, schedule, progress: FoldProgress, curves: FoldCurves | None, main: bool,
-            say) -> None:
-    for epoch in range(progress.start_epoch, num_epochs):
-        torch.manual_seed(seed * 1000 + epoch)  # dropout and the like: the same stream on a resumed run
-        row, score = one_epoch(epoch)
-        row = {"epoch": epoch, **row, "learning_rate": optimizer.param_groups[0]["lr"]}  # at the epoch's end
-        progress.history.append(row)
-        if not math.isfinite(score):
-            raise SpinegradeError(f"{folder.label}: training diverged at epoch {epoch + 1} (held-out score {score}); "
-                                  "lower --learning_rate")
-        improved = score < progress.best_score
-        if improved:
-            progress.best_score, progress.best_epoch = score, epoch
-        if main:
-            # the curves first: a kill before the checkpoint repeats this epoch, and the resumed run purges it
-            curves.add(epoch, row)
-            if improved:
-                on_best(epoch)
-            folder.save(progress, epoch, model, optimizer, schedule)
-        say(f"epoch {epoch + 1}/{num_epochs}: {describe(row)}{' (best)' if improved else ''}")
 
 
 class FoldCurves:

@@ -23,7 +23,7 @@ from spinegrade.constants import (
     parse_row_id,
     row_id,
 )
-from spinegrade.data.index import read_csv_checked
+from spinegrade.data.index import build_index, read_csv_checked
 from spinegrade.device import select_device
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_csv_atomic, write_text_atomic
@@ -39,8 +39,6 @@ log = get_logger(__name__)
 def training_priors(data_dir: Path | None, output_dir: Path) -> pd.DataFrame:
     """Weight-scaled prior per (condition, level): from train.csv when at hand, else as saved at training."""
     if data_dir is not None and (Path(data_dir) / "train.csv").is_file():
-        from spinegrade.data.index import build_index
-
         return prior_table(build_index(data_dir, check_images=False).table)
     saved = RunLayout(output_dir).priors
     if saved.is_file():
