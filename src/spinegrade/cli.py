@@ -167,11 +167,14 @@ def cmd_predict(args: argparse.Namespace) -> None:
     if args.study_dir is not None:
         from spinegrade.study_page import predict_study
 
-        predict_study(args.study_dir, args.output_dir, args.backbones, out_dir=args.out, device=args.device)
+        predict_study(args.study_dir, args.output_dir, args.backbones, out_dir=args.out, device=args.device,
+                      evidence=not args.no_evidence)
         return
     from spinegrade.submit import predict_split
 
-    predict_split(args.data_dir, args.split, args.output_dir, args.backbones, out=args.out, device=args.device)
+    reports = RunLayout(args.output_dir).structured_reports(args.split) if args.sr else None
+    predict_split(args.data_dir, args.split, args.output_dir, args.backbones, out=args.out, device=args.device,
+                  structured_reports=reports)
 
 
 def cmd_blend(args: argparse.Namespace) -> None:
@@ -323,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbones", nargs="+", default=None, help="default: every trained backbone")
     p.add_argument("--out", type=Path, default=None,
                    help="submission CSV (split) or output folder (study); default under OUTPUT/ or beside the study")
+    p.add_argument("--sr", action="store_true",
+                   help="a split: also one DICOM Structured Report per study, OUTPUT/predictions/<split>_sr/<study_id>.dcm "
+                        "(a study folder always gets its grades-sr.dcm)")
+    p.add_argument("--no-evidence", "--no_evidence", dest="no_evidence", action="store_true",
+                   help="a study folder: leave out the evidence maps (Grad-CAM per graded crop, on by default)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_predict)
 

@@ -11,6 +11,7 @@
       oof/localised/<group>/<name>.csv        out-of-fold predictions at the locators' points
       results/  plots/  report.html           evaluation
       submissions/  predictions/  kernels/    prediction and the Kaggle kernel
+      predictions/<split>_sr/<study_id>.dcm   a split's structured reports (predict --sr)
       cache/                                  decoded images, keyed by preprocessing
 
 Runs written before condition groups existed kept one group, spinal canal stenosis, one level up
@@ -66,6 +67,10 @@ class RunLayout:
     @property
     def predictions(self) -> Path:
         return self.root / "predictions"
+
+    def structured_reports(self, split: str) -> Path:
+        """Where ``predict --split SPLIT --sr`` writes one DICOM Structured Report per study."""
+        return self.predictions / f"{split}_sr"
 
     @property
     def kernels(self) -> Path:

@@ -40,6 +40,11 @@ SCHEME = "99SPINEGRADE"
 SR_SERIES_NUMBER = 9901
 
 
+def require_highdicom() -> None:
+    """Refuse, in one line naming the package, a report asked for where highdicom is not installed."""
+    _hd()
+
+
 def _hd():
     try:
         import highdicom

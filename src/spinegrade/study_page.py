@@ -23,26 +23,34 @@ import base64
 import html
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from spinegrade.blend import blends_for
 from spinegrade.constants import (
-    CONDITION_GROUP,
+    CONDITION_SPECS,
     GROUPS,
     PROBABILITY_COLUMNS,
-    CONDITION_SPECS,
-    SEVERITIES,
     level_title,
-    parse_row_id,
 )
 from spinegrade.data.dicom import Slice, load_pixels
-from spinegrade.errors import SpinegradeError
-from spinegrade.files import write_text_atomic
-from spinegrade.logs import get_logger
-from spinegrade.blend import blends_for
 from spinegrade.device import select_device
+from spinegrade.errors import SpinegradeError
+from spinegrade.evidence import (
+    EVIDENCE_DIR,
+    EvidenceMap,
+    file_name,
+    overlay,
+    png_bytes,
+    require_grad_cam,
+    study_evidence,
+)
+from spinegrade.files import write_text_atomic
+from spinegrade.findings import models_used, source_files, study_targets
+from spinegrade.logs import get_logger
 from spinegrade.predict import SplitGrades, grade_split
 from spinegrade.structured_report import write_structured_report
 from spinegrade.study import Study, scanner_study
@@ -54,11 +62,14 @@ GRADE_COLOURS = {"Normal/Mild": "#4caf50", "Moderate": "#ff9800", "Severe": "#f4
 
 
 def predict_study(study_dir: str | Path, output_dir: str | Path, backbones: list[str] | None = None,
-                  out_dir: str | Path | None = None, device: str | None = None) -> dict:
-    """Grade all 25 targets of one study folder; write ``grades.json``, ``study.html`` and ``grades-sr.dcm``."""
+                  out_dir: str | Path | None = None, device: str | None = None, evidence: bool = True) -> dict:
+    """Grade all 25 targets of one study folder; write ``grades.json``, ``study.html``, ``grades-sr.dcm``
+    and, with ``evidence``, a map per graded crop under ``evidence/`` (``evidence.py``)."""
     study_dir, output_dir = Path(study_dir).resolve(), Path(output_dir)
     if not study_dir.is_dir():
         raise SpinegradeError(f"{study_dir}: not a folder")
+    if evidence:
+        require_grad_cam()
     out_dir = Path(out_dir) if out_dir else study_dir.parent / f"{study_dir.name}-spinegrade"
     study, notes = scanner_study(study_dir)
     for f in study.series:
@@ -66,62 +77,65 @@ def predict_study(study_dir: str | Path, output_dir: str | Path, backbones: list
     for note in notes:
         log.info(note)
     blends = blends_for(output_dir, backbones)
-    grades = grade_split([study], output_dir, blends, select_device(device))
+    torch_device = select_device(device)
+    grades = grade_split([study], output_dir, blends, torch_device)
     submission = submission_frame([study.study_id], grades.grades, grades.blends, training_priors(None, output_dir))
     result = _result(study_dir, study, notes, grades, submission)
     pages = _slice_figures(grades, result, study)
-    sources = {(s.series_uid, s.instance_number): s.path for located in grades.located.values() for st in located
-               if st.locations is not None for s in (st.slice_of(r) for r in st.locations.itertuples())}
+    maps: dict[str, list[EvidenceMap]] = {}
+    if evidence:
+        t0 = time.perf_counter()
+        maps = study_evidence(grades, result["targets"], study.study_id, output_dir, torch_device)
+        result["evidence"] = {"method": "Grad-CAM of the grade given, at the backbone's last feature map",
+                              "seconds": round(time.perf_counter() - t0, 3),
+                              "groups": {g: {"backbone": m[0].backbone, "folds": m[0].folds} for g, m in maps.items() if m}}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        figures = _write_evidence(maps, result["targets"], out_dir)
         write_text_atomic(out_dir / "grades.json", json.dumps(result, indent=1))
-        write_text_atomic(out_dir / "study.html", _html(result, pages))
-        write_structured_report(result["targets"], sources, result["models"], out_dir / "grades-sr.dcm")
+        write_text_atomic(out_dir / "study.html", _html(result, pages, figures))
+        write_structured_report(result["targets"], source_files(study, grades), result["models"], out_dir / "grades-sr.dcm")
     except OSError as exc:
         raise SpinegradeError(f"{out_dir}: cannot write the results there ({exc}); choose another with --out") from None
     for t in result["targets"]:
         log.info(f"{t['condition']:34s} {t['level']}: {t['grade']:12s} "
                  + "  ".join(f"{c} {t['probabilities'][c]:.2f}" for c in PROBABILITY_COLUMNS) + f"  ({t['source']})")
-    log.info(f"written: {out_dir / 'grades.json'}, {out_dir / 'study.html'}, {out_dir / 'grades-sr.dcm'}")
+    written = ["grades.json", "study.html", "grades-sr.dcm"] + ([f"{EVIDENCE_DIR}/ ({sum(map(len, maps.values()))} maps, "
+                                                                 f"{result['evidence']['seconds']:.1f} s)"] if evidence else [])
+    log.info(f"written to {out_dir}: {', '.join(written)}")
     return result
 
 
+def _write_evidence(maps: dict[str, list[EvidenceMap]], targets: list[dict], out_dir: Path) -> dict[str, list[tuple[str, str]]]:
+    """Each map as a PNG under ``OUT/evidence/``, named in its target's ``evidence`` list (the folder
+    emptied first: a rerun leaves no stale map); group -> [(caption, PNG as base64)] for the page."""
+    folder = out_dir / EVIDENCE_DIR
+    if folder.is_dir():
+        for old in folder.glob("*.png"):
+            old.unlink()
+    by_target = {(t["condition"], t["level"]): t for t in targets}
+    for t in targets:
+        t["evidence"] = []
+    figures: dict[str, list[tuple[str, str]]] = {}
+    taken: set[str] = set()
+    for group, group_maps in maps.items():
+        for m in group_maps:
+            png = png_bytes(overlay(m))
+            name = file_name(m, taken)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(png)
+            by_target[(m.condition, m.level)]["evidence"].append(f"{EVIDENCE_DIR}/{name}")
+            side = {"left": "L ", "right": "R "}.get(CONDITION_SPECS[m.condition].side or "", "")
+            figures.setdefault(group, []).append((f"{side}{m.level}: {m.grade} (instance {m.instance_number})",
+                                                  base64.b64encode(png).decode()))
+    return figures
+
+
 def _result(study_dir: Path, study: Study, notes: list[str], grades: SplitGrades, submission: pd.DataFrame) -> dict:
-    located = {group: next((st for st in studies if st.study_id == study.study_id), None)
-               for group, studies in grades.located.items()}
-    by_key = {f.key: f for f in study.series}
-    targets = []
-    for r in submission.itertuples(index=False):
-        _, condition, level = parse_row_id(r.row_id)
-        group = CONDITION_GROUP[condition]
-        probs = np.array([getattr(r, c) for c in PROBABILITY_COLUMNS])
-        st = located.get(group)
-        points = []
-        if st is not None and st.locations is not None:
-            for h in st.locations[(st.locations["condition"] == condition) & (st.locations["level"] == level)].itertuples():
-                s = st.slice_of(h)
-                f = by_key[h.series]
-                points.append({"series": f.description, "series_uid": f.uid, "series_kind": f.kind,
-                               "instance": int(h.instance_number), "x": float(h.x), "y": float(h.y),
-                               "patient_mm": [round(float(v), 2) for v in s.pixel_to_patient(h.x, h.y)]})
-        if grades.graded(group, study.study_id, condition, level):
-            source = "model"
-        elif group not in grades.located:
-            source = "prior: no model grades this group"
-        elif st is not None and st.problem:
-            source = f"prior: {st.problem}"
-        else:
-            source = f"prior: no {GROUPS[group].series_kind} slice reaches this level"
-        targets.append({"row_id": r.row_id, "condition": condition, "group": group, "side": CONDITION_SPECS[condition].side,
-                        "level": level_title(level), "grade": SEVERITIES[int(probs.argmax())],
-                        "probabilities": dict(zip(PROBABILITY_COLUMNS, map(float, probs))), "source": source,
-                        "points": points})
-    models = {group: {"backbones": dict(zip(b.backbones, map(float, b.weights))), "mode": b.mode,
-                      "locator": GROUPS[group].locator} for group, b in grades.blends.items()}
     return {"study_dir": str(study_dir),
             "series": [{"kind": f.kind, "description": f.description, "uid": f.uid, "files": len(f.files),
                         "found_by": f.found_by} for f in study.series],
-            "notes": notes, "models": models, "targets": targets}
+            "notes": notes, "models": models_used(grades.blends), "targets": study_targets(study, grades, submission)}
 
 
 def _slice_figures(grades: SplitGrades, result: dict, study: Study) -> dict[str, list[tuple[str, str]]]:
@@ -183,12 +197,12 @@ def _figure(s: Slice, marks: list[tuple[float, float, str, str]]) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _html(result: dict, figures: dict[str, list[tuple[str, str]]]) -> str:
+def _html(result: dict, figures: dict[str, list[tuple[str, str]]], evidence: dict[str, list[tuple[str, str]]]) -> str:
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>spinegrade: one study</title><style>",
              "body{font-family:sans-serif;margin:1.5em;background:#fafafa} table{border-collapse:collapse;margin:.5em 0}",
              "td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px} figure{display:inline-block;margin:4px}",
              "p.help{color:#555;font-size:13px}",
-             "figcaption{font-size:12px;text-align:center} img{max-width:600px}</style></head><body>",
+             "figcaption{font-size:12px;text-align:center} img{max-width:600px} figure.evidence img{width:192px}</style></head><body>",
              f"<h1>{html.escape(result['study_dir'])}</h1><p>Series found: "
              + "; ".join(html.escape(f"{s['kind']} ({s['description'] or 'no description'}, {s['files']} files, by "
                                      f"{s['found_by']})") for s in result["series"]) + "</p>"]
@@ -211,5 +225,14 @@ def _html(result: dict, figures: dict[str, list[tuple[str, str]]]) -> str:
         for caption, png in figures.get(group, []):
             parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{png}'>"
                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        if evidence.get(group):
+            how = result["evidence"]["groups"][group]
+            turned = "; turned so that the side's lateral is on the right" if spec.turn_by_side else ""
+            parts.append(f"<h3>Evidence</h3><p class='help'>Where the model found each grade: a Grad-CAM map of the grade "
+                         f"given (red: most), on what the model saw (its crop, centred on the located point{turned}), from {html.escape(how['backbone'])}, the blend's "
+                         f"heaviest backbone, averaged over its {how['folds']} folds.</p>")
+            for caption, png in evidence[group]:
+                parts.append(f"<figure class='evidence'><img alt='{html.escape(caption)}' src='data:image/png;base64,{png}'>"
+                             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     parts.append("</body></html>")
     return "\n".join(parts)

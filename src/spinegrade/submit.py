@@ -30,8 +30,8 @@ from spinegrade.files import write_csv_atomic, write_text_atomic
 from spinegrade.layout import RunLayout
 from spinegrade.logs import get_logger
 from spinegrade.metrics import competition_score, prior_for, prior_table
-from spinegrade.predict import grade_split
-from spinegrade.study import split_studies
+from spinegrade.predict import SplitGrades, grade_split
+from spinegrade.study import Study, split_studies
 
 log = get_logger(__name__)
 
@@ -108,18 +108,24 @@ def write_submission(frame: pd.DataFrame, path: Path, sample: pd.DataFrame | Non
 
 def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, backbones: list[str] | None = None,
                   blends: dict[str, Blend] | None = None, out: str | Path | None = None, device: str | None = None,
-                  predictions_dir: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                  predictions_dir: str | Path | None = None,
+                  structured_reports: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Predict every study of ``split``; write per-backbone predictions and a submission (each group's
-    blend of its backbones, or their plain mean without one).
+    blend of its backbones, or their plain mean without one); with ``structured_reports`` (a folder),
+    also one DICOM Structured Report per study there, ``<study_id>.dcm`` (``structured_report.py``).
 
     ``output_dir`` (where ``trained_models/`` is) is only read when ``out`` and ``predictions_dir``
     are given, so the models may sit on a read-only mount (a Kaggle dataset).
     Returns (per-backbone predictions, submission)."""
     data_dir, output_dir = Path(data_dir), Path(output_dir)
+    if structured_reports is not None:
+        from spinegrade.structured_report import require_highdicom
+
+        require_highdicom()  # before minutes of grading, not after
     layout = RunLayout(output_dir)
     predictions_dir = Path(predictions_dir) if predictions_dir else layout.predictions
-    grades = grade_split(split_studies(data_dir, split), output_dir, blends or blends_for(output_dir, backbones),
-                         select_device(device))
+    studies = split_studies(data_dir, split)
+    grades = grade_split(studies, output_dir, blends or blends_for(output_dir, backbones), select_device(device))
     g = grades.grades
     per_backbone = pd.DataFrame({"row_id": [row_id(s, c, lv) for s, c, lv in zip(g["study_id"], g["condition"], g["level"])],
                                  "backbone": g["backbone"].to_numpy(),
@@ -132,7 +138,29 @@ def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, back
     write_submission(submission, out, sample)
     log.info(f"{len(submission)} rows for {len(grades.studies)} studies written to {out} "
              f"(per backbone: {predictions_dir / f'{split}_per_backbone.csv'})")
+    if structured_reports is not None:
+        write_split_reports(studies, grades, submission, Path(structured_reports))
     return per_backbone, submission
+
+
+def write_split_reports(studies: list[Study], grades: SplitGrades, submission: pd.DataFrame, folder: Path) -> list[Path]:
+    """One structured report per study, ``folder/<study_id>.dcm``; a study whose report cannot be made
+    (no readable source file to place it in its study) is named in the log and the others are written."""
+    from spinegrade.findings import models_used, source_files, study_targets
+    from spinegrade.structured_report import write_structured_report
+
+    models, written = models_used(grades.blends), []
+    for study in studies:
+        path = folder / f"{study.study_id}.dcm"
+        try:
+            written.append(write_structured_report(study_targets(study, grades, submission),
+                                                   source_files(study, grades), models, path))
+        except SpinegradeError as exc:
+            log.warning(f"study {study.study_id}: no structured report ({exc})")
+        except OSError as exc:
+            raise SpinegradeError(f"{path}: cannot write the structured report there ({exc})") from None
+    log.info(f"{len(written)} structured reports of {len(studies)} studies written to {folder}")
+    return written
 
 
 def score_submission(submission: pd.DataFrame | str | Path, labels_csv: str | Path) -> dict[str, float]:
