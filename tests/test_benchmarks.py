@@ -38,6 +38,16 @@ def test_predict_speed_benchmark_runs(trained_run):
     assert abs(figures["projected_minutes_for_studies"]["500"] - (load + 500 * per_study) / 60) < 1e-9
 
 
+def test_study_page_speed_benchmark_runs(trained_run):
+    figures = _run("study_page_speed.py", "--data-dir", str(trained_run["data"]), "--output-dir", str(trained_run["out"]),
+                   "--studies", "1", "--repeats", "1")
+    assert figures["benchmark"] == "study_page_speed" and figures["studies"] == 1
+    # what the README quotes: both medians, the maps' own time within the page's, the ratio of the two
+    plain, with_maps = figures["seconds_per_study_without_maps_median"], figures["seconds_per_study_with_maps_median"]
+    assert 0 < figures["maps_seconds_per_study_median"] < with_maps and figures["maps_per_study"] >= 20
+    assert abs(figures["with_over_without"] - with_maps / plain) < 1e-9
+
+
 def test_kernel_speed_benchmark_runs(trained_run, own_run):
     from spinegrade.blend import run_blend
 

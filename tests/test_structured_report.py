@@ -103,3 +103,29 @@ def test_a_folder_holding_two_studies_is_refused_with_their_uids(trained_run, tm
     with pytest.raises(SpinegradeError, match="holds 2 studies") as refused:
         predict_study(folder, trained_run["out"], out_dir=tmp_path / "result")
     assert all(uid in str(refused.value) for uid in uids)
+
+
+def test_a_split_gets_one_report_per_study_in_its_own_study(trained_run, tmp_path):
+    """``predict --split test --sr``: a report per study, in that study (its StudyInstanceUID), with its
+    own 25 targets and points on its own instances."""
+    import highdicom as hd
+
+    from spinegrade.submit import predict_split
+
+    folder = tmp_path / "sr"
+    _, submission = predict_split(trained_run["data"], "test", trained_run["out"], out=tmp_path / "s.csv",
+                                  predictions_dir=tmp_path, device="cpu", structured_reports=folder)
+    studies = sorted(int(p.name) for p in (trained_run["data"] / "test_images").iterdir())
+    assert sorted(int(p.stem) for p in folder.glob("*.dcm")) == studies
+    for study in studies:
+        sources = {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(f, stop_before_pixels=True) for f in
+                                                   (trained_run["data"] / "test_images" / str(study)).rglob("*.dcm"))}
+        sr = hd.sr.srread(folder / f"{study}.dcm")
+        assert sr.StudyInstanceUID == next(iter(sources.values())).StudyInstanceUID
+        content = sr.content
+        groups = [*content.get_planar_roi_measurement_groups(), *content.get_image_measurement_groups()]
+        assert sorted(g.tracking_identifier for g in groups) == sorted(
+            submission.loc[submission["row_id"].str.startswith(f"{study}_"), "row_id"])
+        for g in content.get_planar_roi_measurement_groups():
+            uid = g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            assert uid in sources

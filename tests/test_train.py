@@ -155,6 +155,28 @@ def test_a_resumed_fold_s_curves_hold_each_epoch_once(tmp_path):
     assert "val/loss" not in scalars(tmp_path)
 
 
+def test_wandb_gets_every_epoch_and_a_resumed_fold_continues_its_run(train_data, tmp_path, monkeypatch):
+    """--wandb, offline (no account, no network): each epoch's values reach the fold's W&B run file,
+    and a fold continued to more epochs continues the same run."""
+    pytest.importorskip("wandb", reason="the wandb package is not installed (pip install wandb)")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    data, folds_path = train_data
+    settings = {**SMALL, "backbone": "resnet18", "pretrained": False, "name": "tiny", "wandb": True}
+    train_fold(load_config("resnet18", {**settings, "num_epochs": 1}), data, folds_path, tmp_path, 0)
+    folder = fold_dir(tmp_path, "tiny", 0)
+    run_id = (folder / "wandb-run-id").read_text().strip()
+    train_fold(load_config("resnet18", {**settings, "num_epochs": 2}), data, folds_path, tmp_path, 0, resume=True)
+    assert (folder / "wandb-run-id").read_text().strip() == run_id
+    runs = sorted((folder / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(runs) == 2  # the first epoch's run, then the same run continued
+    logged = b"".join(r.read_bytes() for r in runs)
+    metrics = pd.read_csv(folder / "metrics.csv", float_precision="round_trip")
+    assert len(metrics) == 2 and b"val/loss" in logged and b"learning_rate" in logged
+    for value in [*metrics["val_loss"], *metrics["val_competition"], *metrics["train_loss"]]:
+        assert json.dumps(float(value)).encode() in logged
+
+
 def test_divergence_stops_with_a_clear_message(train_data, tmp_path):
     import torch
 

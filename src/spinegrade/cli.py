@@ -111,9 +111,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     from spinegrade.data.folds import read_folds
 
     overrides = {name: getattr(args, name) for name, _, _ in TRAIN_OVERRIDES}
+    overrides["wandb"] = args.wandb
     groups = trained_groups(args.conditions)
     # fail early on any bad name or setting, for every (backbone, group)
     configs = [load_config(name, overrides, group=group) for name in args.models for group in groups]
+    if any(c.wandb for c in configs):
+        from spinegrade.fold_loop import require_wandb
+
+        require_wandb()  # now, not after the data is cached
     from spinegrade.distributed import check_request, launch, world_from_environment  # heavy: settings are good
 
     check_request(args.devices, args.num_nodes, args.strategy)
@@ -146,6 +151,11 @@ def cmd_train_locators(args: argparse.Namespace) -> None:
                  "lr_schedule", "compile"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
+    config.wandb = bool(args.wandb)
+    if config.wandb:
+        from spinegrade.fold_loop import require_wandb
+
+        require_wandb()
     for name in ("pretrained", "fold_seeds"):
         if getattr(args, name) is not None:
             setattr(config, name, parse_bool(getattr(args, name)))
@@ -296,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="auto", help="auto or ddp (torch.distributed; gloo on CPU, NCCL on GPU)")
     for name, kind, help_text in TRAIN_OVERRIDES:
         p.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help_text)
+    p.add_argument("--wandb", action="store_const", const=True, default=None,
+                   help="also log each fold's curves to Weights & Biases (needs the wandb package; WANDB_MODE=offline keeps them local)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("train-localizer", help="train each condition group's locator fold by fold; out-of-fold report")
@@ -315,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("learning_rate", float), ("seed", int), ("num_workers", int), ("weights", str),
                        ("pretrained", str), ("lr_schedule", str), ("fold_seeds", str), ("compile", str)):
         p.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, type=kind, default=None)
+    p.add_argument("--wandb", action="store_true", help="also log each fold's curves to Weights & Biases (needs the wandb package; WANDB_MODE=offline keeps them local)")
     p.set_defaults(func=cmd_train_locators)
 
     p = sub.add_parser("predict", help="grade a split (locate, then every fold model) or one study folder")

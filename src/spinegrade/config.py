@@ -95,6 +95,8 @@ class TrainConfig:
     lr_schedule: str = "constant"
     # Each fold's sample order and augmentation from seed + fold (True) or from seed (False).
     fold_seeds: bool = False
+    # Also log each epoch's curves to Weights & Biases (the wandb package; off by default, never needed).
+    wandb: bool = False
     group: str = "spinal"  # the condition group (constants.GROUPS) this model grades
     extra: dict = field(default_factory=dict)  # unknown YAML keys, kept so nothing is silently lost
 
@@ -122,6 +124,7 @@ class LocatorConfig:
     lr_schedule: str = "onecycle"
     fold_seeds: bool = True
     compile: str = "off"
+    wandb: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -129,7 +132,10 @@ class LocatorConfig:
 
 LR_SCHEDULES = ("constant", "onecycle")  # engine.make_schedule
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_BOOL_FIELDS = {"pretrained", "freeze_backbone", "test_time_flip", "fold_seeds"}
+_BOOL_FIELDS = {"pretrained", "freeze_backbone", "test_time_flip", "fold_seeds", "wandb"}
+# Settings of how a run goes, not of what it learns: left out of a fold's identity, so changing them
+# never retrains a finished fold.
+RUN_ONLY = ("num_workers", "compile", "wandb")
 
 
 def _coerce(key: str, value: Any) -> Any:

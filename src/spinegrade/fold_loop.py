@@ -199,16 +199,18 @@ class FoldFolder:
 
 def fit(folder: FoldFolder, num_epochs: int, seed: int, model: nn.Module, optimizer: torch.optim.Optimizer,
         one_epoch: Callable[[int], tuple[dict, float]], on_best: Callable[[int], None], describe: Callable[[dict], str],
-        device: torch.device, schedule=None, resume: bool = False, world: World = SINGLE, say=log.info) -> FoldProgress:
+        device: torch.device, schedule=None, resume: bool = False, world: World = SINGLE, say=log.info,
+        wandb_run: dict | None = None) -> FoldProgress:
     """Epochs from where the fold stands to ``num_epochs``. ``one_epoch(epoch)`` trains and evaluates
     and returns (metrics row, score); ``on_best(epoch)`` keeps what the best epoch leaves (called
-    on the main process only); ``describe(row)`` is the epoch's log line. Only the main process writes."""
+    on the main process only); ``describe(row)`` is the epoch's log line; ``wandb_run`` (name, group,
+    config), when given, also sends the curves to Weights & Biases. Only the main process writes."""
     main = world.is_main
     if main:
         folder.done.unlink(missing_ok=True)  # from here on the fold is unfinished until a new done.json lands
         folder.out.mkdir(parents=True, exist_ok=True)
     progress = folder.restore(model, optimizer, schedule, device, say) if resume else FoldProgress()
-    curves = FoldCurves(folder.out, progress.start_epoch) if main else None
+    curves = FoldCurves(folder.out, progress.start_epoch, wandb_run) if main else None
     try:
         for epoch in range(progress.start_epoch, num_epochs):
             torch.manual_seed(seed * 1000 + epoch)  # dropout and the like: the same stream on a resumed run
@@ -240,9 +242,15 @@ class FoldCurves:
     """The fold's epochs as TensorBoard scalars, beside ``metrics.csv`` in the fold's folder (every
     numeric column, ``train_loss`` as ``train/loss``), so that ``tensorboard --logdir OUTPUT/trained_models``
     compares backbones, groups and folds. A fold started over drops its old curves; a resumed one
-    purges the epochs it runs again (``purge_step``), so a killed epoch never shows twice."""
+    purges the epochs it runs again (``purge_step``), so a killed epoch never shows twice.
 
-    def __init__(self, out: Path, start_epoch: int):
+    With ``wandb_run`` (name, group, config), the same scalars also go to a Weights & Biases run (its
+    files under the fold's ``wandb/``; ``WANDB_PROJECT``, default "spinegrade"; ``WANDB_MODE=offline``
+    keeps them local for ``wandb sync``). A resumed fold continues its W&B run (its id is kept in the
+    fold's ``wandb-run-id``), where an epoch killed before its checkpoint keeps the values first sent:
+    W&B does not rewrite a run's history."""
+
+    def __init__(self, out: Path, start_epoch: int, wandb_run: dict | None = None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -251,6 +259,7 @@ class FoldCurves:
             for old in out.glob("events.out.tfevents.*"):
                 old.unlink()
         self.writer = SummaryWriter(str(out), purge_step=start_epoch or None)
+        self.wandb = start_wandb_run(out, start_epoch, **wandb_run) if wandb_run else None
 
     @staticmethod
     def tag(column: str) -> str:
@@ -258,10 +267,41 @@ class FoldCurves:
         return f"{split}/{rest}" if split in ("train", "val") and rest else column
 
     def add(self, epoch: int, row: dict) -> None:
-        for column, value in row.items():
-            if column != "epoch" and isinstance(value, numbers.Real) and not isinstance(value, bool):
-                self.writer.add_scalar(self.tag(column), float(value), epoch)
+        scalars = {self.tag(column): float(value) for column, value in row.items()
+                   if column != "epoch" and isinstance(value, numbers.Real) and not isinstance(value, bool)}
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, epoch)
         self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=epoch)
 
     def close(self) -> None:
         self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def require_wandb():
+    """The wandb module, or a one-line error naming the package (asked for with ``--wandb``)."""
+    try:
+        import wandb
+    except ImportError:
+        raise SpinegradeError("--wandb needs the wandb package: pip install wandb (or leave out --wandb; "
+                              "TensorBoard curves are always written)") from None
+    return wandb
+
+
+def start_wandb_run(out: Path, start_epoch: int, name: str, group: str, config: dict):
+    """A W&B run for one fold: a new one for a fold started from its first epoch, else the fold's
+    earlier run continued (its id in ``out/wandb-run-id``)."""
+    wandb = require_wandb()
+    id_file = out / "wandb-run-id"
+    run_id = id_file.read_text().strip() if start_epoch > 0 and id_file.is_file() else wandb.util.generate_id()
+    id_file.write_text(run_id + "\n")
+    try:
+        return wandb.init(project=os.environ.get("WANDB_PROJECT", "spinegrade"), name=name, group=group,
+                          config=config, dir=str(out), id=run_id, resume="allow")
+    except Exception as exc:  # not logged in, no network in online mode, a bad setting: the user's to fix
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SpinegradeError(f"{name}: W&B could not start a run ({detail}); run `wandb login`, or set "
+                              "WANDB_MODE=offline to keep the run local") from None

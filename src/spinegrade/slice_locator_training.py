@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from spinegrade.config import LocatorConfig
+from spinegrade.config import RUN_ONLY, LocatorConfig
 from spinegrade.constants import GROUPS, CONDITION_SPECS, level_title
 from spinegrade.data.dicom import MIN_IMAGE_SIDE, DicomReadError, Stack, load_pixels, main_stack, read_series
 from spinegrade.data.folds import read_folds
@@ -347,7 +347,7 @@ def slice_locator_step(heatmaps: Callable[[torch.Tensor], torch.Tensor], batch: 
 
 def _identity(config: LocatorConfig, field_mm: float | None, group: str) -> dict:
     """The settings that make a locator fold's result what it is (worker count and compilation do not)."""
-    return plain({**{k: v for k, v in config.to_dict().items() if k not in ("num_workers", "compile")}, "field_mm": field_mm,
+    return plain({**{k: v for k, v in config.to_dict().items() if k not in RUN_ONLY}, "field_mm": field_mm,
                   "group": group, "presence": True, "negative_gaps": list(NEGATIVE_GAPS), "slices": 2 * CONTEXT + 1,
                   **_turned(group)})
 
@@ -450,7 +450,9 @@ def train_slice_locator_fold(config: LocatorConfig, data: SliceData, fold: int, 
                 f"{row['val_presence_accuracy']:.1%}")
 
     progress = fit(folder, config.num_epochs, config.seed, model, optimizer, one_epoch, on_best, describe, device,
-                   schedule=schedule, resume=resume)
+                   schedule=schedule, resume=resume,
+                   wandb_run={"name": f"locator-{group}-fold{fold}", "group": f"locator-{group}", "config": config.to_dict()}
+                   if config.wandb else None)
     folder.finish(progress, epochs=config.num_epochs)
 
 

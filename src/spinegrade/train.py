@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from spinegrade.config import TrainConfig, save_config
+from spinegrade.config import RUN_ONLY, TrainConfig, save_config
 from spinegrade.constants import GROUPS, PROBABILITY_COLUMNS, SEVERITIES, SEVERITY_WEIGHTS, row_id
 from spinegrade.data.dataset import Jitter, LevelDataset, build_transform, mirrored_targets
 from spinegrade.data.folds import read_folds, write_csv_atomic
@@ -248,7 +248,9 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
                 f"{row['seconds']:.1f}s")
 
     progress = fit(folder, config.num_epochs, config.seed, model, optimizer, one_epoch, on_best, describe, device_,
-                   schedule=schedule, resume=resume, world=world, say=say)
+                   schedule=schedule, resume=resume, world=world, say=say,
+                   wandb_run={"name": f"{name}-{group}-fold{fold}", "group": f"{name}-{group}", "config": config.to_dict()}
+                   if config.wandb else None)
     best_epoch, best_score = progress.best_epoch, progress.best_score
     if main:
         folder.finish(progress, prior_score=prior_score, epochs=config.num_epochs)
@@ -318,7 +320,7 @@ def finished_folds(output_dir: Path, configs: list[TrainConfig], folds: list[int
 
 def _identity(config: TrainConfig) -> dict:
     """The settings that make a fold's result what it is (worker count and compilation do not)."""
-    return plain({k: v for k, v in config.to_dict().items() if k not in ("num_workers", "compile")})
+    return plain({k: v for k, v in config.to_dict().items() if k not in RUN_ONLY})
 
 
 def write_oof(samples: pd.DataFrame, probs: np.ndarray, path: Path, fold: int) -> None:
