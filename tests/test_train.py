@@ -171,7 +171,7 @@ def test_wandb_gets_every_epoch_and_a_resumed_fold_continues_its_run(train_data,
     runs = sorted((folder / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(runs) == 2  # the first epoch's run, then the same run continued
     logged = b"".join(r.read_bytes() for r in runs)
-    metrics = pd.read_csv(folder / "metrics.csv", float_precision="round_trip")
+    metrics = pd.read_csv(folder / "metrics.csv")
     assert len(metrics) == 2 and b"val/loss" in logged and b"learning_rate" in logged
     for value in [*metrics["val_loss"], *metrics["val_competition"], *metrics["train_loss"]]:
         assert json.dumps(float(value)).encode() in logged

@@ -23,6 +23,7 @@ import math
 import numbers
 import os
 import random
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -296,7 +297,7 @@ def start_wandb_run(out: Path, start_epoch: int, name: str, group: str, config: 
     earlier run continued (its id in ``out/wandb-run-id``)."""
     wandb = require_wandb()
     id_file = out / "wandb-run-id"
-    run_id = id_file.read_text().strip() if start_epoch > 0 and id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if start_epoch > 0 and id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id + "\n")
     try:
         return wandb.init(project=os.environ.get("WANDB_PROJECT", "spinegrade"), name=name, group=group,
