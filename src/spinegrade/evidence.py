@@ -34,8 +34,11 @@ from spinegrade.constants import LEVELS, SEVERITIES, level_title
 from spinegrade.errors import SpinegradeError
 from spinegrade.findings import located_in
 from spinegrade.locating import LocatedStudy
+from spinegrade.logs import get_logger
 from spinegrade.models.classifier import LevelClassifier
 from spinegrade.predict import SplitGrades, load_fold_models, model_inputs
+
+log = get_logger(__name__)
 
 CAM_BATCH = 16  # crops per backward pass
 EVIDENCE_DIR = "evidence"  # the maps' PNGs, in a study's output folder
@@ -209,10 +212,15 @@ def file_name(evidence: EvidenceMap, taken: set[str]) -> str:
 def study_evidence(grades: SplitGrades, targets: list[dict], study_id: int, output_dir: Path,
                    device: torch.device) -> dict[str, list[EvidenceMap]]:
     """Group -> the evidence maps of every crop a model graded in that group for one study (``targets``:
-    :func:`findings.study_targets`'s; a target given the prior has no map)."""
+    :func:`findings.study_targets`'s; a target given the prior has no map). A group whose maps cannot
+    be made is named in the log and left without them."""
     graded = {(t["condition"], t["level"]): t["grade"] for t in targets if t["source"] == "model"}
     out = {}
     for group, located in located_in(grades, study_id).items():
-        if located is not None and group in grades.blends:
+        if located is None or group not in grades.blends:
+            continue
+        try:
             out[group] = evidence_maps(located, output_dir, group, grades.blends[group], graded, device)
+        except SpinegradeError as exc:  # an unreadable slice, a missing model: the grades stand; only this group's maps are lost
+            log.warning(f"study {study_id}: no evidence maps for the {group} group ({exc})")
     return out
