@@ -132,6 +132,13 @@ def test_one_study_folder_gets_all_25_targets_each_where_it_was_read(trained_run
             assert lx > rx + 5, (group, level)
     page = (tmp_path / "result" / "study.html").read_text()
     assert page.count("data:image/png;base64,") >= 3 and "subarticular" in page and "L4/L5" in page
+    # one evidence map per graded crop: on the page, and as a PNG named in its target
+    crops = sum(len(t["points"]) for t in saved["targets"] if t["source"] == "model")
+    pngs = sorted((tmp_path / "result" / "evidence").glob("*.png"))
+    assert page.count("<figure class='evidence'>") == len(pngs) == crops >= 25
+    assert sorted(p for t in saved["targets"] for p in t["evidence"]) == sorted(f"evidence/{p.name}" for p in pngs)
+    assert all(len(t["evidence"]) == len(t["points"]) for t in saved["targets"] if t["source"] == "model")
+    assert set(saved["evidence"]["groups"]) == {"spinal", "foraminal", "subarticular"} and saved["evidence"]["seconds"] > 0
     with pytest.raises(SpinegradeError, match="no Sagittal T1, Sagittal T2/STIR or Axial T2 series"):
         predict_study(tmp_path / "result", trained_run["out"])
 
