@@ -9,7 +9,8 @@
 #   make train-all                               every backbone of the method (BACKBONES), every fold
 #   make evaluate                                OOF metrics, plots and report.html for every trained backbone
 #   make train-localizer                         each group's locator (make train runs it; a finished one is kept)
-#   make predict                                 locate and grade the test split: a submission
+#   make predict [PREDICT_FLAGS=--sr]            locate and grade the test split: a submission (--sr: and a
+#                                                DICOM Structured Report per study)
 #   make blend                                   OOF-tuned blend weights of every trained backbone
 #   make submission                              the blend on the test split: submissions/submission.csv
 #   make kernel                                  the offline Kaggle kernel of the blend, with its datasets: kernels/
@@ -30,6 +31,7 @@ BACKBONE ?= convnext
 FOLD ?= 0
 BACKBONES ?= vit swin beit efficientnet resnet152 convnext
 TRAIN_FLAGS ?=
+PREDICT_FLAGS ?=
 # Extra pytest arguments for make test, e.g. PYTEST_ARGS=--random-order (the suite in a shuffled order).
 PYTEST_ARGS ?=
 # Condition groups to train (spinal foraminal subarticular); empty: every group that has a locator.
@@ -119,7 +121,7 @@ train-localizer: install
 
 
 predict: install
-	$(SPINEGRADE) predict --data-dir $(DATA_DIR) --split test --output-dir $(OUTPUT_DIR)
+	$(SPINEGRADE) predict --data-dir $(DATA_DIR) --split test --output-dir $(OUTPUT_DIR) $(PREDICT_FLAGS)
 
 blend: install
 	$(SPINEGRADE) blend --output-dir $(OUTPUT_DIR) --folds $(FOLDS)
