@@ -13,7 +13,7 @@ import torch
 from spinegrade.constants import CONDITION_SPECS, GROUPS, condition_title, level_title
 from spinegrade.data.dicom import read_slice
 from spinegrade.data.preprocess import prepare_image, side_turn, turn
-from spinegrade.evidence import SingleInput, class_activation_maps, study_evidence
+from spinegrade.evidence import SingleInput, channels_first, class_activation_maps, study_evidence, target_layer
 from spinegrade.models.classifier import LevelClassifier, ModelSpec
 
 
@@ -31,6 +31,15 @@ def test_a_map_for_every_kind_of_backbone_on_the_classifiers_own_output(backbone
     wrapper.level = levels
     with torch.no_grad():
         assert torch.equal(wrapper(images), model(images, levels))
+    # the map is read channels first, on the backbone's own grid: 7 x 7 cells (stride 32) or 14 x 14 patches
+    seen = []
+    hook = target_layer(wrapper).register_forward_hook(lambda module, inputs, output: seen.append(output))
+    with torch.no_grad():
+        wrapper(images)
+    hook.remove()
+    grid = channels_first(model.backbone)(seen[0])
+    assert grid.shape[:2] == (2, model.backbone.num_features), grid.shape
+    assert tuple(grid.shape[2:]) in {(7, 7), (14, 14)}, grid.shape
     maps = class_activation_maps(model, images, levels, [0, 2])
     assert maps.shape == (2, 224, 224) and np.isfinite(maps).all()
     assert maps.min() >= 0 and maps.max() <= 1 and all(m.max() - m.min() > 0.5 for m in maps)

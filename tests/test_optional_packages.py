@@ -39,4 +39,6 @@ def test_an_output_without_its_package_is_one_line_naming_it(synth_dataset, tmp_
     said = [line for line in (done.stdout + done.stderr).splitlines() if "error" in line]
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert len(said) == 1 and f"the {package} package: pip install {package}" in said[0], said
-    assert not (out / "trained_models").exists() and not (out / "predictions").exists()  # nothing was done first
+    # nothing was done first: no model trained, no prediction, no study page beside the study
+    assert not (out / "trained_models").exists() and not (out / "predictions").exists()
+    assert not (study.parent / f"{study.name}-spinegrade").exists()

@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="auto", help="auto or ddp (torch.distributed; gloo on CPU, NCCL on GPU)")
     for name, kind, help_text in TRAIN_OVERRIDES:
         p.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help_text)
-    p.add_argument("--wandb", action="store_const", const=True, default=None,
+    p.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
                    help="also log each fold's curves to Weights & Biases (needs the wandb package; WANDB_MODE=offline keeps them local)")
     p.set_defaults(func=cmd_train)
 
@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("learning_rate", float), ("seed", int), ("num_workers", int), ("weights", str),
                        ("pretrained", str), ("lr_schedule", str), ("fold_seeds", str), ("compile", str)):
         p.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, type=kind, default=None)
-    p.add_argument("--wandb", action="store_true", help="also log each fold's curves to Weights & Biases (needs the wandb package; WANDB_MODE=offline keeps them local)")
+    p.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False, help="also log each fold's curves to Weights & Biases (needs the wandb package; WANDB_MODE=offline keeps them local)")
     p.set_defaults(func=cmd_train_locators)
 
     p = sub.add_parser("predict", help="grade a split (locate, then every fold model) or one study folder")

@@ -16,7 +16,7 @@ feature map's patch tokens do not reach the class token, so their gradient is ze
 own documentation does.
 
 Run for ``spinegrade predict STUDY_DIR`` (on by default there), never for a split or in a kernel: it
-costs a backward pass per crop and fold.
+sends every crop forward and backward through every fold.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from spinegrade.blend import Blend
-from spinegrade.constants import LEVELS, SEVERITIES, level_title
+from spinegrade.constants import CONDITION_SPECS, LEVELS, SEVERITIES, level_title
 from spinegrade.errors import SpinegradeError
 from spinegrade.findings import located_in
 from spinegrade.locating import LocatedStudy
@@ -58,6 +58,8 @@ class EvidenceMap:
     grade: str
     backbone: str
     folds: int
+    whole_slice: bool = False  # the model grades whole slices (its config's ``input: full``), not crops
+    turned: bool = False  # the crop was turned for its side (``PreprocessSettings.turn_by_side``)
 
 
 def require_grad_cam() -> None:
@@ -128,16 +130,21 @@ def class_activation_maps(model: LevelClassifier, images: torch.Tensor, levels: 
 
     wrapper = SingleInput(model).eval()
     out = []
-    with torch.enable_grad(), GradCAM(model=wrapper, target_layers=[target_layer(wrapper)],
-                                      reshape_transform=channels_first(model.backbone)) as cam:
-        for start in range(0, len(images), CAM_BATCH):
-            batch = images[start:start + CAM_BATCH]
-            wrapper.level = levels[start:start + CAM_BATCH]
-            targets = [ClassifierOutputTarget(int(c)) for c in classes[start:start + CAM_BATCH]]
-            maps = cam(input_tensor=batch, targets=targets)
-            if flip:
-                maps = (maps + cam(input_tensor=batch.flip(-1), targets=targets)[..., ::-1]) / 2
-            out.append(np.asarray(maps, dtype=np.float32))
+    # Not grad-cam's context manager: its exit prints and swallows an IndexError, which would leave
+    # fewer maps than crops; the hooks are released here whatever happens.
+    cam = GradCAM(model=wrapper, target_layers=[target_layer(wrapper)], reshape_transform=channels_first(model.backbone))
+    try:
+        with torch.enable_grad():
+            for start in range(0, len(images), CAM_BATCH):
+                batch = images[start:start + CAM_BATCH]
+                wrapper.level = levels[start:start + CAM_BATCH]
+                targets = [ClassifierOutputTarget(int(c)) for c in classes[start:start + CAM_BATCH]]
+                maps = cam(input_tensor=batch, targets=targets)
+                if flip:
+                    maps = (maps + cam(input_tensor=batch.flip(-1), targets=targets)[..., ::-1]) / 2
+                out.append(np.asarray(maps, dtype=np.float32))
+    finally:
+        cam.activations_and_grads.release()
     return np.concatenate(out) if out else np.zeros((0, *images.shape[-2:]), np.float32)
 
 
@@ -170,7 +177,8 @@ def evidence_maps(located: LocatedStudy, output_dir: Path, group: str, blend: Bl
     heat = sum(class_activation_maps(m.model, images, levels, classes, m.test_time_flip) for m in models) / len(models)
     centre = inputs.shape[1] // 2
     return [EvidenceMap(r.condition, t, r.series, int(r.instance_number), inputs[i, centre], heat[i],
-                        grades[(r.condition, t)], name, len(models))
+                        grades[(r.condition, t)], name, len(models), settings.input == "full",
+                        settings.turn_by_side and CONDITION_SPECS[r.condition].side is not None)
             for i, (r, t) in enumerate(zip(rows.itertuples(), titles))]
 
 

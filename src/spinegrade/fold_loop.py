@@ -212,6 +212,7 @@ def fit(folder: FoldFolder, num_epochs: int, seed: int, model: nn.Module, optimi
         folder.out.mkdir(parents=True, exist_ok=True)
     progress = folder.restore(model, optimizer, schedule, device, say) if resume else FoldProgress()
     curves = FoldCurves(folder.out, progress.start_epoch, wandb_run) if main else None
+    finished = False
     try:
         for epoch in range(progress.start_epoch, num_epochs):
             torch.manual_seed(seed * 1000 + epoch)  # dropout and the like: the same stream on a resumed run
@@ -231,9 +232,10 @@ def fit(folder: FoldFolder, num_epochs: int, seed: int, model: nn.Module, optimi
                     on_best(epoch)
                 folder.save(progress, epoch, model, optimizer, schedule)
             say(f"epoch {epoch + 1}/{num_epochs}: {describe(row)}{' (best)' if improved else ''}")
+        finished = True
     finally:
         if curves is not None:
-            curves.close()
+            curves.close(failed=not finished)  # a W&B run stopped by an error or a kill shows as failed
     if progress.best_epoch < 0:
         raise SpinegradeError(f"{folder.label}: no epoch was run (num_epochs={num_epochs})")
     return progress
@@ -247,20 +249,26 @@ class FoldCurves:
 
     With ``wandb_run`` (name, group, config), the same scalars also go to a Weights & Biases run (its
     files under the fold's ``wandb/``; ``WANDB_PROJECT``, default "spinegrade"; ``WANDB_MODE=offline``
-    keeps them local for ``wandb sync``). A resumed fold continues its W&B run (its id is kept in the
-    fold's ``wandb-run-id``), where an epoch killed before its checkpoint keeps the values first sent:
-    W&B does not rewrite a run's history."""
+    keeps them local for ``wandb sync``). Online, a resumed fold continues its W&B run (its id is kept in
+    the fold's ``wandb-run-id``), where an epoch killed before its checkpoint keeps the values first
+    sent: W&B does not rewrite a run's history. Offline, W&B cannot resume a run: each resumed stretch is
+    its own offline folder under the same id, synced separately."""
 
     def __init__(self, out: Path, start_epoch: int, wandb_run: dict | None = None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise SpinegradeError("training curves need the tensorboard package: pip install tensorboard") from None
-        if start_epoch == 0:
+        if start_epoch == 0:  # a fold started over: no curve, and no W&B run, of its earlier training goes on
             for old in out.glob("events.out.tfevents.*"):
                 old.unlink()
+            (out / WANDB_RUN_ID).unlink(missing_ok=True)
         self.writer = SummaryWriter(str(out), purge_step=start_epoch or None)
-        self.wandb = start_wandb_run(out, start_epoch, **wandb_run) if wandb_run else None
+        try:
+            self.wandb = start_wandb_run(out, start_epoch, **wandb_run) if wandb_run else None
+        except BaseException:
+            self.writer.close()
+            raise
 
     @staticmethod
     def tag(column: str) -> str:
@@ -276,10 +284,13 @@ class FoldCurves:
         if self.wandb is not None:
             self.wandb.log(scalars, step=epoch)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=1 if failed else 0)
+
+
+WANDB_RUN_ID = "wandb-run-id"  # in a fold's folder: the W&B run its resumed epochs continue
 
 
 def require_wandb():
@@ -296,7 +307,7 @@ def start_wandb_run(out: Path, start_epoch: int, name: str, group: str, config: 
     """A W&B run for one fold: a new one for a fold started from its first epoch, else the fold's
     earlier run continued (its id in ``out/wandb-run-id``)."""
     wandb = require_wandb()
-    id_file = out / "wandb-run-id"
+    id_file = out / WANDB_RUN_ID
     run_id = id_file.read_text().strip() if start_epoch > 0 and id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id + "\n")
     try:

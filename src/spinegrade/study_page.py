@@ -49,7 +49,7 @@ from spinegrade.evidence import (
     study_evidence,
 )
 from spinegrade.files import write_text_atomic
-from spinegrade.findings import models_used, source_files, study_targets
+from spinegrade.findings import located_in, models_used, source_files, study_targets
 from spinegrade.logs import get_logger
 from spinegrade.predict import SplitGrades, grade_split
 from spinegrade.structured_report import write_structured_report
@@ -88,7 +88,8 @@ def predict_study(study_dir: str | Path, output_dir: str | Path, backbones: list
         maps = study_evidence(grades, result["targets"], study.study_id, output_dir, torch_device)
         result["evidence"] = {"method": "Grad-CAM of the grade given, at the backbone's last feature map",
                               "seconds": round(time.perf_counter() - t0, 3),
-                              "groups": {g: {"backbone": m[0].backbone, "folds": m[0].folds} for g, m in maps.items() if m}}
+                              "groups": {g: {"backbone": m[0].backbone, "folds": m[0].folds, "whole_slice": m[0].whole_slice,
+                                             "turned": any(x.turned for x in m)} for g, m in maps.items() if m}}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         figures = _write_evidence(maps, result["targets"], out_dir)
@@ -125,8 +126,7 @@ def _write_evidence(maps: dict[str, list[EvidenceMap]], targets: list[dict], out
             folder.mkdir(parents=True, exist_ok=True)
             (folder / name).write_bytes(png)
             by_target[(m.condition, m.level)]["evidence"].append(f"{EVIDENCE_DIR}/{name}")
-            side = {"left": "L ", "right": "R "}.get(CONDITION_SPECS[m.condition].side or "", "")
-            figures.setdefault(group, []).append((f"{side}{m.level}: {m.grade} (instance {m.instance_number})",
+            figures.setdefault(group, []).append((f"{side_prefix(m.condition)}{m.level}: {m.grade} (instance {m.instance_number})",
                                                   base64.b64encode(png).decode()))
     return figures
 
@@ -138,12 +138,16 @@ def _result(study_dir: Path, study: Study, notes: list[str], grades: SplitGrades
             "notes": notes, "models": models_used(grades.blends), "targets": study_targets(study, grades, submission)}
 
 
+def side_prefix(condition: str) -> str:
+    """"L " or "R " for a sided condition (the patient's side), "" for the canal: how labels name a side."""
+    return {"left": "L ", "right": "R "}.get(CONDITION_SPECS[condition].side or "", "")
+
+
 def _slice_figures(grades: SplitGrades, result: dict, study: Study) -> dict[str, list[tuple[str, str]]]:
     """group -> [(caption, PNG as base64)]: each slice a group was read on, its points marked."""
     by_target = {(t["condition"], t["level"]): t for t in result["targets"]}
     out: dict[str, list[tuple[str, str]]] = {}
-    for group, studies in grades.located.items():
-        st = next((s for s in studies if s.study_id == study.study_id), None)
+    for group, st in located_in(grades, study.study_id).items():
         if st is None or st.locations is None:
             continue
         for (series, instance), rows in st.locations.groupby(["series", "instance_number"], sort=False):
@@ -151,8 +155,7 @@ def _slice_figures(grades: SplitGrades, result: dict, study: Study) -> dict[str,
             marks = []
             for h in rows.itertuples():
                 t = by_target[(h.condition, level_title(h.level))]
-                side = {"left": "L ", "right": "R "}.get(CONDITION_SPECS[h.condition].side or "", "")
-                marks.append((h.x, h.y, f"{side}{t['level']} {t['grade']} {max(t['probabilities'].values()):.2f}",
+                marks.append((h.x, h.y, f"{side_prefix(h.condition)}{t['level']} {t['grade']} {max(t['probabilities'].values()):.2f}",
                               GRADE_COLOURS[t["grade"]]))
             number, f = next((k, f) for k, f in enumerate(study.series, start=1) if f.key == series)
             # several series may share a description
@@ -227,10 +230,11 @@ def _html(result: dict, figures: dict[str, list[tuple[str, str]]], evidence: dic
                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")
         if evidence.get(group):
             how = result["evidence"]["groups"][group]
-            turned = "; turned so that the side's lateral is on the right" if spec.turn_by_side else ""
+            saw = ("the whole slice" if how["whole_slice"] else "its crop, centred on the located point"
+                   + ("; turned so that the side's lateral is on the right" if how["turned"] else ""))
             parts.append(f"<h3>Evidence</h3><p class='help'>Where the model found each grade: a Grad-CAM map of the grade "
-                         f"given (red: most), on what the model saw (its crop, centred on the located point{turned}), from {html.escape(how['backbone'])}, the blend's "
-                         f"heaviest backbone, averaged over its {how['folds']} folds.</p>")
+                         f"given (red: most), on what the model saw ({saw}), from {html.escape(how['backbone'])}, the "
+                         f"blend's heaviest backbone, averaged over its {how['folds']} folds.</p>")
             for caption, png in evidence[group]:
                 parts.append(f"<figure class='evidence'><img alt='{html.escape(caption)}' src='data:image/png;base64,{png}'>"
                              f"<figcaption>{html.escape(caption)}</figcaption></figure>")

@@ -144,21 +144,26 @@ def predict_split(data_dir: str | Path, split: str, output_dir: str | Path, back
 
 
 def write_split_reports(studies: list[Study], grades: SplitGrades, submission: pd.DataFrame, folder: Path) -> list[Path]:
-    """One structured report per study, ``folder/<study_id>.dcm``; a study whose report cannot be made
-    (no readable source file to place it in its study) is named in the log and the others are written."""
+    """One structured report per study, ``folder/<study_id>.dcm`` (the folder's earlier reports removed
+    first, so none is left from another run); a study whose report cannot be made (no readable source
+    file to place it in its study, a header the report cannot copy) is named in the log and the others
+    are written."""
     from spinegrade.findings import models_used, source_files, study_targets
     from spinegrade.structured_report import write_structured_report
 
     models, written = models_used(grades.blends), []
+    if folder.is_dir():
+        for old in folder.glob("*.dcm"):
+            old.unlink()
     for study in studies:
         path = folder / f"{study.study_id}.dcm"
         try:
             written.append(write_structured_report(study_targets(study, grades, submission),
                                                    source_files(study, grades), models, path))
-        except SpinegradeError as exc:
-            log.warning(f"study {study.study_id}: no structured report ({exc})")
-        except OSError as exc:
+        except OSError as exc:  # the folder, not the study: every other report would fail the same way
             raise SpinegradeError(f"{path}: cannot write the structured report there ({exc})") from None
+        except Exception as exc:  # a damaged source header, or one highdicom refuses: this study only
+            log.warning(f"study {study.study_id}: no structured report ({type(exc).__name__}: {exc})")
     log.info(f"{len(written)} structured reports of {len(studies)} studies written to {folder}")
     return written
 
