@@ -12,6 +12,7 @@ from spinegrade.models.classifier import (
     ModelSpec,
     apply_freezing,
     bundled_weights,
+    grade_probabilities,
     input_statistics,
     load_backbone_weights,
     load_pretrained,
@@ -36,6 +37,21 @@ def test_contract_feature_size_output_shape_and_level_matters(backbone):
         same_image_other_level = model(image[:1].repeat(2, 1, 1, 1), torch.tensor([0, 4]))
     assert not torch.allclose(same_image_other_level[0], same_image_other_level[1])
     assert input_statistics(model.backbone) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def test_the_mirror_graded_in_one_batch_is_the_mean_of_each_image_and_its_own_mirror():
+    """With ``flip``, images and mirrors share one forward pass; each row must still average its own image
+    with its own mirror (not a neighbour's), and an asymmetric image must give a different pair."""
+    torch.manual_seed(0)
+    model = LevelClassifier(ModelSpec("resnet18", level_embeddings=256)).eval()
+    image, level = torch.randn(3, 3, 64, 64), torch.tensor([0, 2, 4])
+    with torch.no_grad():
+        plain = torch.softmax(model(image, level), dim=1)
+        mirrored = torch.softmax(model(image.flip(-1), level), dim=1)
+        both = grade_probabilities(model, image, level, flip=True)
+        assert torch.allclose(grade_probabilities(model, image, level), plain, atol=1e-6)
+    assert torch.allclose(both, (plain + mirrored) / 2, atol=1e-5)
+    assert not torch.allclose(plain, mirrored, atol=1e-3)
 
 
 def test_freezing_exact_counts():

@@ -99,11 +99,13 @@ class LevelClassifier(nn.Module):
 def grade_probabilities(model: nn.Module, image: torch.Tensor, level: torch.Tensor, flip: bool = False) -> torch.Tensor:
     """Softmax probabilities (float32) of a batch; with ``flip``, their mean over the images and their
     horizontal mirrors: a test-time augmentation for a model whose training flips kept the grade
-    (``TrainConfig.test_time_flip``), so held-out folds and prediction grade the same way."""
-    probs = torch.softmax(model(image, level).float(), dim=1)
-    if flip:
-        probs = (probs + torch.softmax(model(image.flip(-1), level).float(), dim=1)) / 2
-    return probs
+    (``TrainConfig.test_time_flip``), so held-out folds and prediction grade the same way. The images and
+    their mirrors go through the model as one batch: one set of kernel launches, which is what a small batch
+    costs on a GPU (the model is in eval mode, so each image's output does not depend on its batch)."""
+    if not flip:
+        return torch.softmax(model(image, level).float(), dim=1)
+    both = torch.softmax(model(torch.cat([image, image.flip(-1)]), torch.cat([level, level])).float(), dim=1)
+    return (both[:len(image)] + both[len(image):]) / 2
 
 
 def normalise_input(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
