@@ -115,12 +115,12 @@ def grade_studies(studies: list[LocatedStudy], models: list[FoldModel], device: 
     total = np.zeros((len(levels), 3))
     for m in models:
         batch = torch.from_numpy(by_settings[m.settings])  # uint8 grey (rows, slices, H, W): the model normalises
-        probs = []
+        probs = []  # kept on the device until the model's last batch: no wait per batch
         with torch.inference_mode(), autocast(device):
             for start in range(0, len(batch), 64):
                 probs.append(grade_probabilities(m.model, batch[start:start + 64].to(device),
-                                                 levels[start:start + 64].to(device), m.test_time_flip).cpu().numpy())
-        total += np.concatenate(probs)
+                                                 levels[start:start + 64].to(device), m.test_time_flip))
+        total += torch.cat(probs).cpu().numpy()
     total /= len(models)
     rows, k = [], 0
     for st in usable:
