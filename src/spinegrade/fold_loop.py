@@ -311,8 +311,12 @@ def start_wandb_run(out: Path, start_epoch: int, name: str, group: str, config: 
     run_id = id_file.read_text().strip() if start_epoch > 0 and id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id + "\n")
     try:
-        return wandb.init(project=os.environ.get("WANDB_PROJECT", "spinegrade"), name=name, group=group,
-                          config=config, dir=str(out), id=run_id, resume="allow")
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "spinegrade"), name=name, group=group,
+                         config=config, dir=str(out), id=run_id, resume="allow")
+        # a resumed run takes the server's saved config over the one passed: a fold resumed with more
+        # epochs must show the settings it now trains with
+        run.config.update(config, allow_val_change=True)
+        return run
     except Exception as exc:  # not logged in, no network in online mode, a bad setting: the user's to fix
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SpinegradeError(f"{name}: W&B could not start a run ({detail}); run `wandb login`, or set "
