@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 from spinegrade.constants import LABEL_COLUMNS, PROBABILITY_COLUMNS
 from spinegrade.data.dicom import read_slice
+from spinegrade.data.grade_model import GRADE_CUTS, TARGETS, grade_spearman, marginals, study_grades
 from spinegrade.data.index import build_index
 from spinegrade.data.label_geometry import dataset_label_geometry, label_geometry
 from spinegrade.data.synthetic import SynthSettings, coordinate_frames, label_records, sample_anatomy, write_dataset
@@ -81,19 +83,23 @@ def _canal_width_mm(image: np.ndarray, x: float, y: float, spacing: float) -> fl
     return (right - left + 1) * spacing
 
 
-def test_spinal_grade_can_be_read_from_canal_width(synth_dataset):
+def test_spinal_narrowing_can_be_read_from_canal_width(synth_dataset):
+    """The pixels show the image's narrowing (the answers folder's), not the reader's label: the canal's
+    width separates the image's normal levels from its stenotic ones."""
     index = build_index(synth_dataset)
     rows = index.usable("spinal_canal_stenosis")
-    widths, grades = [], []
+    answers = pd.read_csv(synth_dataset.parent / f"{synth_dataset.name}-answers" / "train_grades.csv")
+    image = {(r.study_id, r.level): r.image_narrowing for r in answers.itertuples()}
+    widths, narrowing = [], []
     for row in rows.itertuples():
         s = read_slice(row.image_path)
         widths.append(_canal_width_mm(s.pixels, row.x, row.y, s.pixel_spacing[1]))
-        grades.append(row.severity)
-    widths, grades = np.array(widths), np.array(grades)
-    assert (grades > 0).sum() >= 3, "the fixture needs some moderate or severe levels"
-    # Narrower canal, worse grade: the width alone separates normal from stenotic levels.
-    assert roc_auc_score(grades > 0, -widths) > 0.9
-    assert widths[grades == 0].mean() > widths[grades > 0].mean() + 3
+        narrowing.append(image[(row.study_id, row.level)])
+    widths, narrowing = np.array(widths), np.array(narrowing)
+    stenotic = narrowing > GRADE_CUTS[0]
+    assert stenotic.sum() >= 3, "the fixture needs some moderate or severe levels"
+    assert spearmanr(widths, narrowing)[0] < -0.5  # a coarse measure (pixels of 1.1 to 1.6 mm), but it follows
+    assert widths[~stenotic].mean() > widths[stenotic].mean() + 3
 
 
 def test_grade_balance_close_to_the_real_data():
@@ -103,6 +109,70 @@ def test_grade_balance_close_to_the_real_data():
     assert abs(shares[0] - 0.878) < 0.02 and abs(shares[1] - 0.075) < 0.015 and abs(shares[2] - 0.048) < 0.012
     severe_per_level = (spinal == 2).mean(axis=0)
     assert severe_per_level.argmax() == 3  # worst at L4/L5
+
+
+def _simulated(studies: int, seed: int = 0):
+    rng, rater = np.random.default_rng(seed), np.random.default_rng(seed + 1)
+    return [study_grades(rng, rater) for _ in range(studies)]
+
+
+def test_grades_are_drawn_jointly_as_the_real_ones_correlate():
+    """Every pair of the 25 targets correlates (Spearman, labels as written, wrong ones included) within
+    0.1 of the real train.csv, and each level keeps its grade frequencies."""
+    real = json.loads(REAL_GEOMETRY.read_text())["grade_spearman"]
+    assert tuple(real["targets"]) == TARGETS
+    drawn = _simulated(10000)
+    labels = pd.DataFrame(np.stack([g.labels for g in drawn]), columns=list(TARGETS))
+    gap = np.abs(grade_spearman(labels) - np.array(real["spearman"], dtype=float))[np.triu_indices(25, 1)]
+    assert np.nanmax(gap) < 0.1, np.nanmax(gap)
+    named = {t: i for i, t in enumerate(TARGETS)}
+    same_level = grade_spearman(labels)[named["spinal_canal_stenosis_l4_l5"], named["left_subarticular_stenosis_l4_l5"]]
+    assert same_level > 0.4  # the pairs the issue names are far from independent
+    for grades in (np.stack([g.drawn for g in drawn]), labels.to_numpy()):
+        shares = np.stack([(grades == k).mean(axis=0) for k in range(3)], axis=1)
+        assert np.abs(shares - marginals()).max() < 0.03
+
+
+def test_wrong_labels_are_about_two_percent_of_three_kinds():
+    drawn = _simulated(4000, seed=3)
+    wrong = np.array([w for g in drawn for w in g.wrong])
+    changed = np.concatenate([g.labels != g.drawn for g in drawn])
+    assert 0.015 < (wrong != "").mean() < 0.025
+    assert (changed == (wrong != "")).all()  # every wrong label changed its grade, and only those changed
+    kinds = pd.Series(wrong[wrong != ""]).value_counts(normalize=True)
+    assert set(kinds.index) == {"grade", "side", "level"} and kinds.min() > 0.1, kinds
+    for g in drawn:  # a side swap exchanges the two sides' grades at one level
+        for t in np.flatnonzero(np.array(g.wrong) == "side"):
+            condition = TARGETS[t][: -len("_l1_l2")]
+            other = condition.replace("left", "right") if "left" in condition else condition.replace("right", "left")
+            partner = TARGETS.index(other + TARGETS[t][-len("_l1_l2"):])
+            assert g.labels[t] == g.drawn[partner] and g.labels[partner] == g.drawn[t]
+
+
+def test_clean_twin_has_the_same_studies_and_joint_grades(tmp_path):
+    """``clean_grades``: the same studies, points and drawn grades; the image shows the graded narrowing and
+    every label is the drawn grade. The noisy set lists each wrong label in the answers folder."""
+    noisy, clean = (label_records(SynthSettings(studies=40, test_studies=0, seed=5, clean_grades=c)) for c in (False, True))
+    assert [r.coordinates for r in noisy] == [r.coordinates for r in clean]
+    for a, b in zip(noisy, clean):
+        assert [x[4] for x in a.answers] == [x[4] for x in b.answers]  # the drawn grades
+        assert all(x[2] == x[3] and x[6] == x[4] and not x[7] for x in b.answers)  # clean: image = graded, no wrong
+    strayed = np.array([x[2] - x[3] for r in noisy for x in r.answers])
+    assert 0.04 < strayed.std() < 0.2  # the rater's spread, all families together
+    assert sum(bool(x[7]) for r in noisy for x in r.answers) > 0
+
+
+def test_answers_folder_holds_every_labels_image_and_wrong_labels(synth_dataset):
+    answers = synth_dataset.parent / f"{synth_dataset.name}-answers"
+    for split, labels_csv in (("train", synth_dataset / "train.csv"), ("test", answers / "test.csv")):
+        grades = pd.read_csv(answers / f"{split}_grades.csv", keep_default_na=False)
+        wide = pd.read_csv(labels_csv, keep_default_na=False).set_index("study_id")
+        assert len(grades) == int((wide != "").to_numpy().sum())  # every labelled cell, once
+        for r in grades.itertuples():
+            assert wide.loc[r.study_id, f"{r.condition}_{r.level}"] == r.label
+        assert ((grades["label"] != grades["drawn_grade"]) == (grades["wrong_label"] != "")).all()
+    listed = pd.read_csv(answers / "wrong_labels.csv")
+    assert set(listed.columns) == {"split", "study_id", "condition", "level", "kind", "drawn_grade", "label"}
 
 
 def _unexpected(problems) -> list:

@@ -30,7 +30,8 @@ def cmd_synth(args: argparse.Namespace) -> None:
     from spinegrade.data.synthetic import SynthSettings, write_dataset
 
     settings = SynthSettings(studies=args.studies, test_studies=args.test_studies, seed=args.seed,
-                             image_size=tuple(args.image_size), workers=args.workers, straight=args.straight)
+                             image_size=tuple(args.image_size), workers=args.workers, straight=args.straight,
+                             clean_grades=args.clean_grades)
     info = write_dataset(args.dir, settings, answers_dir=args.answers_dir)
     print(f"wrote {info['train_studies']} training and {info['test_studies']} test studies to {info['data_dir']}")
     print(f"test labels (for scoring only) in {info['answers_dir']}")
@@ -268,8 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="processes (0: one per core)")
     p.add_argument("--straight", action="store_true",
                    help="spines straight and centred (no offset, lean, curve or rotation); otherwise the same studies")
+    p.add_argument("--clean-grades", action="store_true",
+                   help="no rater noise and no wrong labels (every image shows its graded narrowing); otherwise "
+                        "the same studies and joint grades")
     p.add_argument("--answers-dir", type=Path, default=None,
-                   help="where the test split's true labels go (default: <dir>-answers, beside dir)")
+                   help="where the test split's labels and every label's image narrowing go (default: <dir>-answers)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("index", help="read the CSVs into a tidy table and print the data report")

@@ -18,9 +18,10 @@ stack layout. A few studies have no Sagittal T1 (``T1_MISSING``: graded, without
 a second one (``T1_SECOND``, unlabelled), drawn from a stream of their own so that the rest of each
 study is what the seed gave before. The Axial T2 has the real data's layouts, from a stream of
 their own too: rows running from the patient's left to the right (``AXIAL_ROWS_REVERSED``: the
-patient's left on the image's left), and a second axial series (``AXIAL_SECOND``) that takes over the lower levels, one
-level imaged in both. Left and right are graded independently, so their grades differ
-as often as chance makes them. The same seed gives the same bytes.
+patient's left on the image's left), and a second axial series (``AXIAL_SECOND``) that takes over the
+lower levels, one level imaged in both. The 25 grades are drawn jointly, as correlated as the real ones,
+and read by a noisy reader who sometimes writes a wrong label (``grade_model``); the answers folder keeps
+what each image shows beside what its label says. The same seed gives the same bytes.
 """
 
 from __future__ import annotations
@@ -51,20 +52,7 @@ from spinegrade.constants import (
     level_title,
     row_id,
 )
-
-# Grade frequencies per condition and level, close to the real training set's (spinal canal
-# stenosis about 88/7/5 %, worst at L4/L5; foramina worst low; subarticular worst at L4/L5).
-GRADE_PRIORS: dict[str, tuple[tuple[float, float, float], ...]] = {
-    "spinal_canal_stenosis": ((0.955, 0.034, 0.011), (0.897, 0.076, 0.027), (0.822, 0.117, 0.061),
-                              (0.751, 0.120, 0.129), (0.965, 0.025, 0.010)),
-    "neural_foraminal_narrowing": ((0.964, 0.032, 0.004), (0.910, 0.086, 0.004), (0.770, 0.209, 0.021),
-                                   (0.612, 0.320, 0.068), (0.641, 0.258, 0.101)),
-    "subarticular_stenosis": ((0.930, 0.056, 0.014), (0.827, 0.132, 0.041), (0.670, 0.231, 0.099),
-                              (0.451, 0.316, 0.233), (0.714, 0.205, 0.081)),
-}
-# How much a grade narrows its structure (fraction of the normal size removed), drawn uniformly;
-# neighbouring grades nearly touch, so the boundary cases are hard, as readers find them.
-NARROWING = ((0.0, 0.28), (0.32, 0.60), (0.56, 0.88))
+from spinegrade.data.grade_model import TARGETS, StudyGrades, image_grade, study_grades
 
 # Tissue intensities (arbitrary units, 1 = CSF on T2) per contrast.
 TISSUES = {
@@ -114,6 +102,9 @@ class SynthSettings:
     # Spines straight and centred in the stacks (no offset, lean, curve or rotation); the same seed
     # otherwise gives the same studies, so a curved set and its straight twin can be compared.
     straight: bool = False
+    # No rater noise and no wrong labels (grade_model): every image shows its graded narrowing and every
+    # label is right; the same studies and the same joint grades as the noisy set of the same seed.
+    clean_grades: bool = False
 
 
 @dataclass
@@ -129,8 +120,9 @@ class Anatomy:
     body_rx: float = 22.0  # left-right half-width
     canal_ap: float = 7.5  # canal antero-posterior radius
     canal_lr: float = 11.0  # canal left-right radius
-    grades: dict[str, np.ndarray] = field(default_factory=dict)  # condition -> grade per level
-    narrowing: dict[str, np.ndarray] = field(default_factory=dict)  # condition -> fraction per level
+    grades: dict[str, np.ndarray] = field(default_factory=dict)  # condition -> label per level (train.csv's)
+    narrowing: dict[str, np.ndarray] = field(default_factory=dict)  # condition -> the image's fraction per level
+    drawn: StudyGrades | None = None  # the joint grades, the rater's noise and wrong labels behind both
     # Posture (``sample_posture``; the defaults give a straight spine centred at x = 0). The phantom is
     # built in the spine's own frame; ``to_spine`` and ``from_spine`` carry points between it and patient space.
     offset_x: float = 0.0  # lateral offset of the whole spine, mm
@@ -241,12 +233,11 @@ class Anatomy:
         return self.from_spine(point)
 
 
-def _prior(condition: str, level_index: int) -> tuple[float, float, float]:
-    key = condition.replace("left_", "").replace("right_", "")
-    return GRADE_PRIORS[key][level_index]
-
-
-def sample_anatomy(rng: np.random.Generator) -> Anatomy:
+def sample_anatomy(rng: np.random.Generator, rater: np.random.Generator | None = None,
+                   clean: bool = False) -> Anatomy:
+    """A study's phantom: its sizes and joint grades from ``rng``, its reader's noise and wrong labels from
+    ``rater`` (a stream of its own; None: a child stream of ``rng``'s seed, drawing nothing from ``rng``).
+    ``clean``: the image shows the graded narrowing and every label is right."""
     anatomy = Anatomy(
         body_height=rng.uniform(25, 31, len(BODIES)),
         disc_height=np.concatenate([rng.uniform(7, 11, len(DISC_LEVELS) - 1), [rng.uniform(6, 8)]]) * 1.0,
@@ -256,10 +247,11 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
         canal_ap=rng.uniform(6.5, 8.5),
         canal_lr=rng.uniform(10, 12.5),
     )
+    grades = study_grades(rng, rater if rater is not None else rng.spawn(1)[0], clean=clean)
+    anatomy.drawn = grades
     for condition in CONDITIONS:
-        grades = np.array([rng.choice(3, p=_prior(condition, i)) for i in range(len(LEVELS))])
-        anatomy.grades[condition] = grades
-        anatomy.narrowing[condition] = np.array([rng.uniform(*NARROWING[g]) for g in grades])
+        anatomy.grades[condition] = grades.labels_of(condition)
+        anatomy.narrowing[condition] = grades.narrowing_of(condition)
     return anatomy
 
 
@@ -385,7 +377,9 @@ def render(anatomy: Anatomy, points: np.ndarray, contrast: str, edge: float = 0.
     for i, (zc, h) in enumerate(zip(anatomy.disc_z, anatomy.disc_height)):
         centre = (0, float(anatomy.spine_y(np.array(zc))), zc)
         paint_shape(centre, (anatomy.body_rx, anatomy.body_ry, h / 2), 4, t["annulus"], h / 2)
-        degenerate = i < len(LEVELS) and anatomy.grades["spinal_canal_stenosis"][LEVELS.index(DISC_LEVELS[i])] == 2
+        # a severely narrowed canal's disc has lost its water (what the image shows, not what was graded)
+        degenerate = i < len(LEVELS) and image_grade(
+            anatomy.narrowing["spinal_canal_stenosis"][LEVELS.index(DISC_LEVELS[i])]) == 2
         paint_shape(centre, (anatomy.body_rx * 0.6, anatomy.body_ry * 0.6, h / 3), 2,
                     t["nucleus_degenerate" if degenerate else "nucleus"], h / 3)
     # Spinal canal: a ligament/epidural envelope, then CSF narrowed by the three canal conditions.
@@ -573,6 +567,8 @@ class StudyRecord:
     series: list[tuple[int, str]]  # (series_id, description)
     labels: dict[str, str]  # train.csv column -> grade string ("" when unlabelled)
     coordinates: list[tuple[int, int, str, str, float, float]]  # series, instance, condition, level, x, y
+    # per target: (condition, level, image narrowing, graded narrowing, drawn grade, image grade, label, wrong kind)
+    answers: list[tuple] = field(default_factory=list)
 
 
 def _study_rng(seed: int, index: int, split: str) -> np.random.Generator:
@@ -584,7 +580,8 @@ def make_study(images_dir: Path | None, study_id: int, index: int, split: str, s
     """Render and write one study's three series; return its labels and coordinates. ``images_dir``
     None: the same labels and coordinates, no image rendered or written (``label_records``)."""
     rng = _study_rng(settings.seed, index, split)
-    anatomy = sample_anatomy(rng)
+    # The reader's noise and wrong labels draw from a stream of their own: a clean twin differs in them only.
+    anatomy = sample_anatomy(rng, _study_rng(settings.seed, index, f"{split}:rater"), settings.clean_grades)
     # The posture and the recess labels' series draw from a stream of their own, as the quirks below.
     posture = _study_rng(settings.seed, index, f"{split}:posture")
     sample_posture(anatomy, posture, settings.straight)
@@ -668,7 +665,21 @@ def make_study(images_dir: Path | None, study_id: int, index: int, split: str, s
                 (series_id, instance_numbers[i], condition_title(condition), level_title(level),
                  round(px + jitter[0], 4), round(py + jitter[1], 4))
             )
-    return StudyRecord(study_id, series, labels, coordinates)
+    return StudyRecord(study_id, series, labels, coordinates, _answers(anatomy.drawn, labels))
+
+
+def _answers(grades: StudyGrades, labels: dict[str, str]) -> list[tuple]:
+    """What the reader and the image say of every labelled target (the answers folder's grades files)."""
+    rows = []
+    truth = image_grade(grades.image_narrowing)
+    for t, column in enumerate(TARGETS):
+        if not labels.get(column):
+            continue  # unlabelled: the stack does not reach the level
+        condition, level = column[: -len(LEVELS[0]) - 1], column[-len(LEVELS[0]):]
+        rows.append((condition, level, round(float(grades.image_narrowing[t]), 4),
+                     round(float(grades.graded_narrowing[t]), 4), SEVERITIES[grades.drawn[t]],
+                     SEVERITIES[truth[t]], labels[column], grades.wrong[t]))
+    return rows
 
 
 def _study_ids(rng: np.random.Generator, n: int) -> list[int]:
@@ -744,6 +755,15 @@ def write_dataset(data_dir: str | Path, settings: SynthSettings, answers_dir: st
     for name, recs in (("train", train), ("test", test)):
         _write_csv(data_dir / f"{name}_series_descriptions.csv", series_header,
                    ([r.study_id, sid, desc] for r in recs for sid, desc in r.series))
+    grade_header = ["study_id", "condition", "level", "image_narrowing", "graded_narrowing", "drawn_grade",
+                    "image_grade", "label", "wrong_label"]
+    for name, recs in (("train", train), ("test", test)):
+        _write_csv(answers_dir / f"{name}_grades.csv", grade_header,
+                   ([r.study_id, *a] for r in recs for a in r.answers))
+    _write_csv(answers_dir / "wrong_labels.csv",
+               ["split", "study_id", "condition", "level", "kind", "drawn_grade", "label"],
+               ([name, r.study_id, a[0], a[1], a[7], a[4], a[6]]
+                for name, recs in (("train", train), ("test", test)) for r in recs for a in r.answers if a[7]))
     sample_rows = sorted(row_id(r.study_id, c, lv) for r in test for c in CONDITIONS for lv in LEVELS)
     _write_csv(data_dir / "sample_submission.csv", ["row_id", *PROBABILITY_COLUMNS],
                ([rid, 1 / 3, 1 / 3, 1 / 3] for rid in sample_rows))
