@@ -49,7 +49,7 @@ NARROWING = ((0.0, 0.28), (0.32, 0.60), (0.56, 0.88))
 # The narrowing at which a reader who saw it exactly would call the next grade (between the bands).
 GRADE_CUTS = (0.30, 0.58)
 # The image's narrowing is the graded one plus a normal error of this sd, per condition family.
-RATER_SPREAD = {"spinal": 0.04, "foraminal": 0.10, "subarticular": 0.11}
+RATER_SPREAD = {"spinal": 0.06, "foraminal": 0.105, "subarticular": 0.11}
 NARROWING_RANGE = (0.0, 0.92)  # the image's narrowing is kept within this
 WRONG_LABEL_SHARE = 0.02
 # Kinds of wrong label and their shares: a grade off (one or two steps), left and right swapped at a

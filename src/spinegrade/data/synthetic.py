@@ -699,6 +699,23 @@ def label_records(settings: SynthSettings, split: str = "train") -> list[StudyRe
     return [make_study(None, sid, i, split, settings) for i, sid in enumerate(sorted(ids[i] for i in chosen))]
 
 
+def grade_records(settings: SynthSettings, split: str = "train") -> list[tuple[int, StudyGrades]]:
+    """(study_id, grades) of every study of ``split``: the very grades ``write_dataset`` would draw (the
+    first draws of each study's stream, and its rater stream), without geometry or images: thousands of
+    studies a second, for calibrating the rater's noise. Every target is listed, the few cells a short
+    axial stack leaves unlabelled included."""
+    rng = np.random.default_rng(settings.seed)
+    ids = _study_ids(rng, settings.studies + settings.test_studies)
+    order = rng.permutation(len(ids))
+    chosen = order[: settings.studies] if split == "train" else order[settings.studies:]
+    out = []
+    for index, study_id in enumerate(sorted(ids[i] for i in chosen)):
+        anatomy = sample_anatomy(_study_rng(settings.seed, index, split),
+                                 _study_rng(settings.seed, index, f"{split}:rater"), settings.clean_grades)
+        out.append((study_id, anatomy.drawn))
+    return out
+
+
 def coordinate_frames(records: list[StudyRecord]) -> tuple:
     """(coordinates, series descriptions) of ``records`` as the CSV files hold them (pandas frames)."""
     import pandas as pd
