@@ -100,3 +100,27 @@ def test_fixed_rows_score_is_the_metric_on_every_group_and_any_severe():
     frame2 = frame.copy()
     frame2[["normal_mild", "moderate", "severe"]] = other
     assert abs(FixedRowsScore(frame)(other) - competition_score(frame2)["score"]) < 1e-12
+
+
+def test_study_bootstrap_brackets_the_figure_and_narrows_with_more_studies():
+    from spinegrade.metrics import study_bootstrap
+
+    rng = np.random.default_rng(0)
+
+    def frame(studies: int) -> pd.DataFrame:
+        rows = []
+        for s in range(studies):
+            for level in range(5):
+                y = int(rng.choice(3, p=[0.8, 0.12, 0.08]))
+                p = np.full(3, 0.15)
+                p[y] += 0.55 if rng.random() < 0.7 else 0.0
+                rows.append({"study_id": s, "condition": "spinal_canal_stenosis", "severity": y,
+                             **dict(zip(("normal_mild", "moderate", "severe"), p / p.sum()))})
+        return pd.DataFrame(rows)
+
+    small, large = frame(20), frame(400)
+    for data in (small, large):
+        point, interval = competition_score(data), study_bootstrap(data, resamples=300)
+        assert all(interval[t][0] <= point[t] <= interval[t][1] for t in point), (point, interval)
+    width = {n: study_bootstrap(d, resamples=300)["spinal"] for n, d in (("small", small), ("large", large))}
+    assert width["large"][1] - width["large"][0] < 0.5 * (width["small"][1] - width["small"][0])

@@ -105,6 +105,38 @@ def test_resume_continues_and_matches_an_uninterrupted_run(train_data, tmp_path,
     assert abs(straight.best_score - resumed.best_score) < 1e-4
 
 
+def test_a_fold_keeps_its_last_epoch_and_records_the_held_out_best_as_optimistic(train_data, tmp_path):
+    """By default the held-out fold chooses nothing: the OOF rows and weights are the last epoch's. The
+    held-out best is recorded beside them; ``epoch_choice: held_out_best`` keeps it instead, and a fold
+    finished before the setting existed reads as kept that way, so it is trained again, never passed off
+    as an honest estimate."""
+    data, folds_path = train_data
+    settings = {**SMALL, "backbone": "resnet18", "pretrained": False, "name": "tiny", "num_epochs": 3}
+    last = train_fold(load_config("resnet18", settings), data, folds_path, tmp_path / "last", 1)
+    metrics = pd.read_csv(fold_dir(tmp_path / "last", "tiny", 1) / "metrics.csv")
+    done = json.loads((fold_dir(tmp_path / "last", "tiny", 1) / "done.json").read_text())
+    assert done["kept_epoch"] == last.kept_epoch == 2
+    assert done["kept_score"] == pytest.approx(metrics["val_competition"].iloc[-1])
+    assert done["best_score"] == pytest.approx(metrics["val_competition"].min()) <= done["kept_score"]
+    oof = pd.read_csv(oof_path(tmp_path / "last", "tiny", 1))
+    frame = oof.assign(study_id=[parse_row_id(r)[0] for r in oof["row_id"]],
+                       condition=[parse_row_id(r)[1] for r in oof["row_id"]],
+                       severity=oof["label"].map({"Normal/Mild": 0, "Moderate": 1, "Severe": 2}))
+    assert competition_score(frame)["score"] == pytest.approx(done["kept_score"], abs=1e-4)  # the last epoch's rows
+    best = train_fold(load_config("resnet18", {**settings, "epoch_choice": "held_out_best"}), data, folds_path,
+                      tmp_path / "best", 1)
+    assert best.kept_epoch == best.best_epoch == int(metrics["val_competition"].idxmin())
+    # a done.json without the setting: trained before it existed, with the held-out best
+    legacy = fold_dir(tmp_path / "best", "tiny", 1) / "done.json"
+    info = json.loads(legacy.read_text())
+    info["config"].pop("epoch_choice")
+    legacy.write_text(json.dumps(info))
+    assert train_fold(load_config("resnet18", {**settings, "epoch_choice": "held_out_best"}), data, folds_path,
+                      tmp_path / "best", 1).skipped
+    with pytest.raises(SpinegradeError, match="epoch_choice must be one of last, held_out_best"):
+        load_config("resnet18", {**settings, "epoch_choice": "best"})
+
+
 def test_the_engine_s_schedule_and_fold_seeds_are_settings_of_a_grading_model_too(train_data, tmp_path):
     """The slice locators' defaults (a one-cycle learning rate, one sample stream per fold) given to a
     grading model: its rate warms up and anneals within the run, and the fold's draws change."""

@@ -134,20 +134,24 @@ def aligned_oof(layout: RunLayout, backbones: list[str], group: str) -> tuple[pd
 
 
 def nested_loss(frame: pd.DataFrame, per_backbone: list[np.ndarray], backbones: list[str], mode: str,
-                fit_temperature: bool) -> tuple[float, np.ndarray]:
-    """Loss on each fold of weights fitted on the other folds; returns the pooled loss and the predictions."""
+                fit_temperature: bool) -> tuple[float, np.ndarray, dict[int, Blend]]:
+    """Loss on each fold of weights fitted on the other folds; returns the pooled loss, the predictions
+    and each held-out fold's blend (what the located OOF rows of that fold are mixed with)."""
     out = np.zeros_like(per_backbone[0])
     folds = frame["fold"].to_numpy()
+    per_fold = {}
     for fold in np.unique(folds):
         train = folds != fold
         blend = fit_blend(frame[train], [p[train] for p in per_backbone], backbones, mode, fit_temperature)
         out[~train] = blend.combine([p[~train] for p in per_backbone])
-    return _loss(frame, out), out
+        per_fold[int(fold)] = blend
+    return _loss(frame, out), out, per_fold
 
 
-def run_blend(output_dir: str | Path, folds_path: str | Path | None = None, temperature: bool = False) -> dict[str, BlendReport]:
+def run_blend(output_dir: str | Path, folds_path: str | Path | None = None, temperature: bool = True) -> dict[str, BlendReport]:
     """Blend, per condition group, every backbone with OOF predictions of that group on every fold;
-    write ``oof/blend.json`` and the nested blended OOF in ``oof/blend/<group>/``."""
+    write ``oof/blend.json`` and the nested blended OOF in ``oof/blend/<group>/``. ``temperature``: also
+    fit one temperature per group (calibration; nested like the weights)."""
     layout = RunLayout(output_dir)
     folds = sorted(read_folds(run_folds(layout, folds_path))["fold"].unique().tolist())
     reports: dict[str, BlendReport] = {}
@@ -175,9 +179,9 @@ def blend_group(layout: RunLayout, group: str, names: list[str], folds: list[int
     candidates = {}
     for mode in ("probability", "log"):
         blend = fit_blend(frame, per_backbone, names, mode, temperature)
-        nested, nested_probs = nested_loss(frame, per_backbone, names, mode, temperature)
+        nested, nested_probs, per_fold = nested_loss(frame, per_backbone, names, mode, temperature)
         candidates[mode] = {"blend": blend, "in_sample": _loss(frame, blend.combine(per_backbone)), "nested": nested,
-                            "nested_probs": nested_probs}
+                            "nested_probs": nested_probs, "per_fold": per_fold}
     mode = min(candidates, key=lambda m: candidates[m]["nested"])
     chosen = candidates[mode]
     blend = chosen["blend"]
@@ -202,7 +206,8 @@ def blend_group(layout: RunLayout, group: str, names: list[str], folds: list[int
                       + ", ".join(f"({m} {c['nested']:.4f})" for m, c in report.candidates.items()),
                       "temperature_fitted": temperature, "backbone_oof_loss": losses,
                       "blend_oof_loss_in_sample": report.in_sample, "blend_oof_loss_nested": report.nested,
-                      "near_zero_weight": near_zero, "rows": len(frame), "candidates": report.candidates}
+                      "near_zero_weight": near_zero, "rows": len(frame), "candidates": report.candidates,
+                      "nested_blends": {str(k): b.to_dict() for k, b in chosen["per_fold"].items()}}
     return report
 
 
@@ -226,6 +231,13 @@ def load_blends(output_dir: str | Path) -> dict[str, Blend]:
     info = json.loads(path.read_text())
     groups = info["groups"] if "groups" in info else {LEGACY_GROUP: info}
     return {g: Blend.from_dict(d) for g, d in groups.items()}
+
+
+def nested_blends(output_dir: str | Path, group: str) -> dict[int, Blend]:
+    """Each fold's blend fitted on the other folds (``blend.json``'s ``nested_blends``); empty for a blend
+    written before they were kept."""
+    info = blend_info(output_dir).get(group, {})
+    return {int(k): Blend.from_dict(d) for k, d in info.get("nested_blends", {}).items()}
 
 
 def blend_info(output_dir: str | Path) -> dict[str, dict]:

@@ -85,7 +85,8 @@ TRAIN_OVERRIDES: list[tuple[str, type, str]] = [
     ("pretrained", str, "start from ImageNet weights: true/false (true)"),
     ("weights", str, "local backbone weights file (safetensors or .pth)"),
     ("seed", int, "random seed (42)"),
-    ("class_weights", str, "inverse_frequency, competition (1/2/4) or none"),
+    ("class_weights", str, "competition (1/2/4, the default), inverse_frequency or none"),
+    ("epoch_choice", str, "the epoch a fold keeps: last (a fixed schedule: an honest OOF) or held_out_best (optimistic)"),
     ("num_workers", int, "data loader worker processes"),
     ("compile", str, "torch.compile the model: off, on, or a backend (eager, aot_eager, inductor)"),
     ("point_jitter_mm", float, "training shift of the point, standard deviation in mm (3)"),
@@ -145,11 +146,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_train_locators(args: argparse.Namespace) -> None:
-    from spinegrade.config import LR_SCHEDULES, LocatorConfig, parse_bool
+    from spinegrade.config import EPOCH_CHOICES, LR_SCHEDULES, LocatorConfig, parse_bool
 
     config = LocatorConfig()
     for name in ("backbone", "image_size", "batch_size", "num_epochs", "learning_rate", "seed", "num_workers", "weights",
-                 "lr_schedule", "compile"):
+                 "lr_schedule", "compile", "epoch_choice"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     config.wandb = bool(args.wandb)
@@ -162,6 +163,8 @@ def cmd_train_locators(args: argparse.Namespace) -> None:
             setattr(config, name, parse_bool(getattr(args, name)))
     if config.lr_schedule not in LR_SCHEDULES:
         raise SpinegradeError(f"--lr_schedule {config.lr_schedule}: use one of {', '.join(LR_SCHEDULES)}")
+    if config.epoch_choice not in EPOCH_CHOICES:
+        raise SpinegradeError(f"--epoch_choice {config.epoch_choice}: use one of {', '.join(EPOCH_CHOICES)}")
     from spinegrade.locators import locator_trained, train_locator
 
     for group in trained_groups(args.conditions):
@@ -201,11 +204,15 @@ def cmd_submit(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from spinegrade.submit import score_submission
+    from spinegrade.metrics import competition_score, study_bootstrap
+    from spinegrade.submit import score_submission, scored_rows
 
-    scores = score_submission(args.submission, args.labels)
-    lines = [f"{args.submission} against {args.labels}:",
-             "  submission   " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items())]
+    rows = scored_rows(args.submission, args.labels)
+    scores, interval = competition_score(rows), study_bootstrap(rows)
+    lines = [f"{args.submission} against {args.labels} ({rows['study_id'].nunique()} studies; 90 % study-bootstrap "
+             "interval in brackets):",
+             "  submission   " + "  ".join(f"{k} {v:.4f} [{interval[k][0]:.3f}, {interval[k][1]:.3f}]"
+                                          for k, v in scores.items())]
     if args.data_dir is not None:
         import pandas as pd
 
@@ -329,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "locator (for comparison)")
     for name, kind in (("backbone", str), ("image_size", int), ("batch_size", int), ("num_epochs", int),
                        ("learning_rate", float), ("seed", int), ("num_workers", int), ("weights", str),
-                       ("pretrained", str), ("lr_schedule", str), ("fold_seeds", str), ("compile", str)):
+                       ("pretrained", str), ("lr_schedule", str), ("fold_seeds", str), ("compile", str),
+                       ("epoch_choice", str)):
         p.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, type=kind, default=None)
     p.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False, help="also log each fold's curves to Weights & Biases (needs the wandb package; WANDB_MODE=offline keeps them local)")
     p.set_defaults(func=cmd_train_locators)
@@ -354,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("blend", help="blend weights tuned on OOF loss per group, with a nested estimate; oof/blend.json")
     p.add_argument("--output-dir", "--output_dir", type=Path, default=Path("."))
     p.add_argument("--folds", type=Path, default=None, help="default: the copy the run made at training (OUTPUT/folds.csv)")
-    p.add_argument("--temperature", action="store_true", help="also fit one temperature for the blend")
+    p.add_argument("--temperature", action=argparse.BooleanOptionalAction, default=True,
+                   help="also fit one temperature per group, nested like the weights (default; --no-temperature: none)")
     p.set_defaults(func=cmd_blend)
 
     p = sub.add_parser("submit", help="predict the test split with the blend; submissions/ and a manifest")

@@ -73,7 +73,9 @@ class TrainConfig:
     num_epochs: int = 30
     learning_rate: float = 1e-4
     weight_decay: float = 0.02
-    class_weights: str = "inverse_frequency"  # or "competition" (1/2/4) or "none"
+    # The loss's class weights: "competition" (1/2/4, the metric's own, what the top teams trained with),
+    # "inverse_frequency" or "none".
+    class_weights: str = "competition"
     rotation_degrees: float = 15.0
     flip_probability: float = 0.5
     # Training on what a locator gives: the point moved by a Gaussian of this many millimetres
@@ -95,6 +97,10 @@ class TrainConfig:
     lr_schedule: str = "constant"
     # Each fold's sample order and augmentation from seed + fold (True) or from seed (False).
     fold_seeds: bool = False
+    # Which epoch a fold keeps (EPOCH_CHOICES): "last", a fixed schedule, so the held-out fold chooses
+    # nothing and its predictions are an out-of-fold estimate; or "held_out_best", the epoch that scores
+    # best on the held-out fold (an optimistic figure, chosen on the rows it scores).
+    epoch_choice: str = "last"
     # Also log each epoch's curves to Weights & Biases (the wandb package; off by default, never needed).
     wandb: bool = False
     group: str = "spinal"  # the condition group (constants.GROUPS) this model grades
@@ -124,6 +130,7 @@ class LocatorConfig:
     lr_schedule: str = "onecycle"
     fold_seeds: bool = True
     compile: str = "off"
+    epoch_choice: str = "last"  # as TrainConfig's
     wandb: bool = False
 
     def to_dict(self) -> dict:
@@ -131,6 +138,10 @@ class LocatorConfig:
 
 
 LR_SCHEDULES = ("constant", "onecycle")  # engine.make_schedule
+EPOCH_CHOICES = ("last", "held_out_best")  # fold_loop.fit
+# Settings whose default changed: a fold saved before a setting existed was trained with this value, so
+# it reads as saved with it (and is trained again under the new default, never passed off as one).
+FORMER_DEFAULTS = {"epoch_choice": "held_out_best"}
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _BOOL_FIELDS = {"pretrained", "freeze_backbone", "test_time_flip", "fold_seeds", "wandb"}
 # Settings of how a run goes, not of what it learns: left out of a fold's identity, so changing them
@@ -243,6 +254,8 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None, conf
                               f"({group}: flip_probability {config.flip_probability}, input {config.input})")
     if config.lr_schedule not in LR_SCHEDULES:
         raise SpinegradeError(f"{path}: lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {config.lr_schedule!r}")
+    if config.epoch_choice not in EPOCH_CHOICES:
+        raise SpinegradeError(f"{path}: epoch_choice must be one of {', '.join(EPOCH_CHOICES)}, got {config.epoch_choice!r}")
     if len(config.hidden_sizes) != 2:
         raise SpinegradeError(f"{path}: hidden_sizes must be two numbers, got {list(config.hidden_sizes)}")
     return config

@@ -19,12 +19,13 @@ import pandas as pd
 import yaml
 
 from spinegrade import plots
-from spinegrade.blend import blend_info, load_blends
+from spinegrade.blend import blend_info, load_blends, nested_blends
 from spinegrade.constants import GROUPS, LEVELS, PROBABILITY_COLUMNS, SEVERITIES, row_id
 from spinegrade.data.folds import read_folds, write_csv_atomic
 from spinegrade.data.index import build_index
 from spinegrade.device import select_device
 from spinegrade.errors import SpinegradeError
+from spinegrade.label_noise import suspect_labels
 from spinegrade.files import write_text_atomic
 from spinegrade.layout import BLEND_NAME, RunLayout, run_folds
 from spinegrade.locators import locate_split, locator_trained
@@ -231,7 +232,10 @@ def run_evaluation(output_dir: str | Path, folds_path: str | Path | None = None,
     competition = pd.concat([competition_table(full), competition_table(located)], ignore_index=True)
     write_csv_atomic(competition, layout.results / "competition.csv")
     comparison = plots.compare_backbones(summary, layout.plots / "backbones_comparison.png")
-    report = write_report(layout, summary, competition, reports, priors, comparison, data_dir=data_dir)
+    suspects = suspect_labels(layout, folds)
+    write_csv_atomic(suspects, layout.results / "suspect_labels.csv")
+    report = write_report(layout, summary, competition, reports, priors, comparison, data_dir=data_dir,
+                          suspects=suspects)
     log.info(f"report: {report}")
     return summary
 
@@ -259,11 +263,23 @@ def _located(layout: RunLayout, group: str, data_dir, names: list[str]) -> dict[
     blends = load_blends(layout.root) if layout.blend_json.is_file() else {}
     blend = blends.get(group)
     if BLEND_NAME in names and blend is not None and all(n in out for n in blend.backbones):
+        # each fold mixed with the weights fitted on the other folds, as the blend's own OOF rows are
+        # (a blend saved before those were kept: its weights fitted on every fold, said so in the log)
+        per_fold = nested_blends(layout.root, group)
+        if not per_fold:
+            log.info(f"{group}: blend.json keeps no per-fold blends (written by an older version): the located "
+                     "blend row uses weights fitted on every fold; run `spinegrade blend` again for a nested one")
         frames = [out[n].set_index("row_id") for n in blend.backbones]  # the blend's members, mixed the same way
         common = sorted(set.intersection(*(set(f.index) for f in frames)))
-        mixed = blend.combine([f.loc[common, list(PROBABILITY_COLUMNS)].to_numpy() for f in frames])
         merged = frames[0].loc[common, ["label", "fold"]].reset_index()
-        merged[list(PROBABILITY_COLUMNS)] = mixed
+        probs = np.zeros((len(common), len(PROBABILITY_COLUMNS)))
+        for fold in merged["fold"].unique():
+            rows = (merged["fold"] == fold).to_numpy()
+            mixing = per_fold.get(int(fold), blend)
+            members = [f.loc[common].loc[rows, list(PROBABILITY_COLUMNS)].to_numpy()
+                       for f in (frames[blend.backbones.index(n)] for n in mixing.backbones)]
+            probs[rows] = mixing.combine(members)
+        merged[list(PROBABILITY_COLUMNS)] = probs
         out[BLEND_NAME] = merged[["row_id", *PROBABILITY_COLUMNS, "label", "fold"]]
     return out
 

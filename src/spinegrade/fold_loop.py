@@ -3,8 +3,9 @@
 
 What a fold folder holds and how it lives is the same for both: ``last.pt`` after every epoch
 (model, optimiser, learning-rate schedule and progress; tensors and plain values only, loaded with
-``weights_only=True``), ``metrics.csv`` (one row per epoch), the best epoch's weights
-(``best.safetensors``, written by the caller's ``on_best``), and ``done.json`` once finished. A
+``weights_only=True``), ``metrics.csv`` (one row per epoch), the kept epoch's weights
+(``best.safetensors``, written by the caller's ``on_best``: the last epoch by default, see :func:`fit`),
+and ``done.json`` once finished. A
 fold killed at any instant resumes with ``resume=True`` where it stopped and ends where an
 uninterrupted run ends: the epoch's sample order comes from (seed, epoch) (:class:`EpochSampler`),
 each sample's augmentation from (seed, epoch, sample) (:class:`SeededDataset`) and dropout from
@@ -12,7 +13,7 @@ each sample's augmentation from (seed, epoch, sample) (:class:`SeededDataset`) a
 settings is never trained again.
 
 What differs between models is one epoch (a function of the epoch number that trains, evaluates
-and returns the epoch's metrics row and its score, lower is better) and what the best epoch
+and returns the epoch's metrics row and its score, lower is better) and what the kept epoch
 leaves (``on_best``).
 """
 
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import Sampler
 
+from spinegrade.config import EPOCH_CHOICES
 from spinegrade.data.folds import write_csv_atomic
 from spinegrade.distributed import SINGLE, World
 from spinegrade.errors import SpinegradeError
@@ -112,12 +114,16 @@ def plain(settings: dict) -> dict:
 
 @dataclass
 class FoldProgress:
-    """Where a fold stands: the next epoch to run, the best so far, one metrics row per epoch run."""
+    """Where a fold stands: the next epoch to run, the epoch kept so far (``kept_*``: whose weights and
+    held-out predictions the fold leaves), the held-out best so far (``best_*``: an optimistic figure,
+    chosen on the fold it scores), one metrics row per epoch run."""
 
     start_epoch: int = 0
     best_score: float = math.inf
     best_epoch: int = -1
     history: list[dict] = field(default_factory=list)
+    kept_score: float = math.inf
+    kept_epoch: int = -1
 
 
 @dataclass
@@ -178,7 +184,9 @@ class FoldFolder:
         history = []
         if (self.out / "metrics.csv").is_file():
             history = pd.read_csv(self.out / "metrics.csv").query("epoch < @start").to_dict("records")
-        progress = FoldProgress(start, float(state["best_score"]), int(state["best_epoch"]), history)
+        progress = FoldProgress(start, float(state["best_score"]), int(state["best_epoch"]), history,
+                                float(state.get("kept_score", state["best_score"])),
+                                int(state.get("kept_epoch", state["best_epoch"])))
         say(f"resumed after epoch {start - 1} (best so far: epoch {progress.best_epoch}, loss {progress.best_score:.4f})")
         return progress
 
@@ -187,25 +195,34 @@ class FoldFolder:
         write_csv_atomic(pd.DataFrame(progress.history), self.out / "metrics.csv")
         state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "schedule": schedule.state_dict() if schedule is not None else None,
-                 "best_score": progress.best_score, "best_epoch": progress.best_epoch, "config": self.identity}
+                 "best_score": progress.best_score, "best_epoch": progress.best_epoch,
+                 "kept_score": progress.kept_score, "kept_epoch": progress.kept_epoch, "config": self.identity}
         tmp = self.last.with_name(f".{self.last.name}.tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.last)
 
     def finish(self, progress: FoldProgress, **extra) -> None:
         """Written last: its presence marks a finished fold."""
-        write_text_atomic(self.done, json.dumps({"best_epoch": progress.best_epoch, "best_score": progress.best_score,
+        write_text_atomic(self.done, json.dumps({"kept_epoch": progress.kept_epoch, "kept_score": progress.kept_score,
+                                                 "best_epoch": progress.best_epoch, "best_score": progress.best_score,
                                                  **extra, "config": self.identity}, indent=1))
 
 
 def fit(folder: FoldFolder, num_epochs: int, seed: int, model: nn.Module, optimizer: torch.optim.Optimizer,
         one_epoch: Callable[[int], tuple[dict, float]], on_best: Callable[[int], None], describe: Callable[[dict], str],
         device: torch.device, schedule=None, resume: bool = False, world: World = SINGLE, say=log.info,
-        wandb_run: dict | None = None) -> FoldProgress:
+        wandb_run: dict | None = None, epoch_choice: str = "last") -> FoldProgress:
     """Epochs from where the fold stands to ``num_epochs``. ``one_epoch(epoch)`` trains and evaluates
-    and returns (metrics row, score); ``on_best(epoch)`` keeps what the best epoch leaves (called
-    on the main process only); ``describe(row)`` is the epoch's log line; ``wandb_run`` (name, group,
-    config), when given, also sends the curves to Weights & Biases. Only the main process writes."""
+    and returns (metrics row, held-out score); ``on_best(epoch)`` keeps what the kept epoch leaves
+    (called on the main process only); ``describe(row)`` is the epoch's log line; ``wandb_run`` (name,
+    group, config), when given, also sends the curves to Weights & Biases. Only the main process writes.
+
+    ``epoch_choice`` (``EPOCH_CHOICES``): which epoch the fold keeps. ``last``, a fixed schedule: the
+    held-out fold chooses nothing, so its score is an out-of-fold estimate. ``held_out_best``: the epoch
+    that scores best on the held-out fold, whose score is then optimistic (chosen on the rows it
+    scores). Either way the held-out best is tracked and recorded beside the kept epoch."""
+    if epoch_choice not in EPOCH_CHOICES:
+        raise SpinegradeError(f"epoch_choice must be one of {', '.join(EPOCH_CHOICES)}, got {epoch_choice!r}")
     main = world.is_main
     if main:
         folder.done.unlink(missing_ok=True)  # from here on the fold is unfinished until a new done.json lands
@@ -225,18 +242,21 @@ def fit(folder: FoldFolder, num_epochs: int, seed: int, model: nn.Module, optimi
             improved = score < progress.best_score
             if improved:
                 progress.best_score, progress.best_epoch = score, epoch
+            kept = improved if epoch_choice == "held_out_best" else True
+            if kept:
+                progress.kept_score, progress.kept_epoch = score, epoch
             if main:
                 # the curves first: a kill before the checkpoint repeats this epoch, and the resumed run purges it
                 curves.add(epoch, row)
-                if improved:
+                if kept:
                     on_best(epoch)
                 folder.save(progress, epoch, model, optimizer, schedule)
-            say(f"epoch {epoch + 1}/{num_epochs}: {describe(row)}{' (best)' if improved else ''}")
+            say(f"epoch {epoch + 1}/{num_epochs}: {describe(row)}{' (held-out best)' if improved else ''}")
         finished = True
     finally:
         if curves is not None:
             curves.close(failed=not finished)  # a W&B run stopped by an error or a kill shows as failed
-    if progress.best_epoch < 0:
+    if progress.kept_epoch < 0:
         raise SpinegradeError(f"{folder.label}: no epoch was run (num_epochs={num_epochs})")
     return progress
 

@@ -68,22 +68,40 @@ def compare_with_labels(located: pd.DataFrame, stacks: dict[tuple[int, str], lis
 
 
 def choose_threshold(by_head: pd.DataFrame, by_geometry: pd.DataFrame) -> float:
-    """The presence threshold that puts most labelled points within one slice of theirs (then most on
-    it), taking the head's choice where its presence reaches the threshold and the geometric one
-    elsewhere. ``by_head`` and ``by_geometry``: :func:`compare_with_labels` of the same studies located
-    with every presence accepted and with none. Of equally good thresholds the lowest (the image
-    decides), but never under ``FLOOR``: below it the head itself says the slice is more likely not
-    the level's own (a slice that shows nothing falls back on geometry)."""
+    """The presence threshold that puts most labelled points on their own slice (then most within one),
+    taking the head's choice where its presence reaches the threshold and the geometric one elsewhere.
+    ``by_head`` and ``by_geometry``: :func:`compare_with_labels` of the same studies located with every
+    presence accepted and with none. The exact slice, not the share within one, because the geometric
+    choice already puts nearly every point within one slice on a straight spine: judged within one, the
+    image would be switched off exactly where it can place the slice right more often. Of equally good
+    thresholds the lowest (the image decides), but never under ``FLOOR``: below it the head itself says
+    the slice is more likely not the level's own (a slice that shows nothing falls back on geometry)."""
     key = ["study_id", "condition", "level", "series", "instance_labelled"]
     both = by_head.merge(by_geometry, on=key, suffixes=("_head", "_geometry"))
     if both.empty:
         return FLOOR
-    good = {side: (both[f"slice_offset_{side}"].abs() <= 1).to_numpy() + 1e-3 * (both[f"slice_offset_{side}"] == 0).to_numpy()
+    good = {side: (both[f"slice_offset_{side}"] == 0).to_numpy() + 1e-3 * (both[f"slice_offset_{side}"].abs() <= 1).to_numpy()
             for side in ("head", "geometry")}
     score = both["score_head"].to_numpy(dtype=float)
     candidates = np.unique(np.concatenate([[FLOOR, NEVER], score[np.isfinite(score) & (score >= FLOOR)]]))
     gains = [float(np.where(np.nan_to_num(score, nan=-1.0) >= t, good["head"], good["geometry"]).sum()) for t in candidates]
     return float(candidates[int(np.argmax(gains))])
+
+
+def nested_thresholds(by_head: pd.DataFrame, by_geometry: pd.DataFrame,
+                      folds: pd.Series) -> tuple[pd.DataFrame, dict[int, float]]:
+    """The out-of-fold report's rows with each fold located at the threshold chosen on the other folds
+    (``folds``: study_id -> fold), so the figure chooses nothing on the studies it scores; and those
+    thresholds. (Prediction uses the threshold chosen on every fold.)"""
+    fold_of = lambda frame: frame["study_id"].map(folds).to_numpy()  # noqa: E731
+    head_folds, geometry_folds = fold_of(by_head), fold_of(by_geometry)
+    parts, chosen = [], {}
+    for fold in sorted(set(geometry_folds[~pd.isna(geometry_folds)].astype(int))):
+        threshold = choose_threshold(by_head[head_folds != fold], by_geometry[geometry_folds != fold])
+        chosen[fold] = threshold
+        parts.append(with_threshold(by_head[head_folds == fold], by_geometry[geometry_folds == fold], threshold))
+    frame = pd.concat(parts, ignore_index=True) if parts else with_threshold(by_head, by_geometry, FLOOR)
+    return frame, chosen
 
 
 def with_threshold(by_head: pd.DataFrame, by_geometry: pd.DataFrame, threshold: float) -> pd.DataFrame:
@@ -105,8 +123,8 @@ def write_locator_report(frame: pd.DataFrame, output_dir: Path, group: str, **ex
     write_csv_atomic(frame, layout.locator_oof(group))
     report = {"points": len(frame), **extra}
     if not frame.empty:
-        report.update(_summary(frame))
-        report["per_level_side"] = {f"{CONDITION_SPECS[condition].side or 'midline'} {level}": _summary(part)
+        report.update(summarise(frame))
+        report["per_level_side"] = {f"{CONDITION_SPECS[condition].side or 'midline'} {level}": summarise(part)
                                     for (condition, level), part in frame.groupby(["condition", "level"])}
         log.info(f"{group} locator out of fold over {len(frame)} labelled points: located {report['located']:.1%}; "
                  f"slice within one of the labelled {report['slice_within_one']:.1%} (exact {report['slice_exact']:.1%}); "
@@ -116,7 +134,7 @@ def write_locator_report(frame: pd.DataFrame, output_dir: Path, group: str, **ex
     return report
 
 
-def _summary(frame: pd.DataFrame) -> dict:
+def summarise(frame: pd.DataFrame) -> dict:
     """Shares over every labelled point (an unlocated one counts as missed); errors over located ones."""
     offset = frame["slice_offset"]
     return {"points": len(frame), "located": float(frame["located"].mean()),

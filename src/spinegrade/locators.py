@@ -321,12 +321,22 @@ def report_locator(output_dir: str | Path, data_dir: str | Path, group: str, fol
 
     ``choice``: a slice locator just trained (what its ``slice_choice.json`` will hold, less the
     threshold). Its presence threshold is chosen first, on these out-of-fold studies
-    (``locator_report.choose_threshold``), then ``slice_choice.json`` is written, marking it finished."""
+    (``locator_report.choose_threshold``), then ``slice_choice.json`` is written, marking it finished. The
+    report's figures locate each fold at the threshold chosen on the other folds
+    (``locator_report.nested_thresholds``), so they choose nothing on the studies they score."""
     from spinegrade.data.folds import read_folds
     from spinegrade.device import select_device
     from spinegrade.layout import run_folds
     from spinegrade.slice_locator_training import write_slice_choice
-    from spinegrade.locator_report import NEVER, choose_threshold, compare_with_labels, with_threshold, write_locator_report
+    from spinegrade.locator_report import (
+        NEVER,
+        choose_threshold,
+        compare_with_labels,
+        nested_thresholds,
+        summarise,
+        with_threshold,
+        write_locator_report,
+    )
 
     output_dir, data_dir = Path(output_dir), Path(data_dir)
     folds = read_folds(run_folds(RunLayout(output_dir), folds_path)).set_index("study_id")["fold"]
@@ -346,8 +356,14 @@ def report_locator(output_dir: str | Path, data_dir: str | Path, group: str, fol
     by_head, by_geometry = compared(0.0, choice), compared(NEVER, choice)
     threshold = choose_threshold(by_head, by_geometry)
     write_slice_choice(output_dir, group, {**choice, "threshold": threshold})
-    log.info(f"{group}: presence threshold {threshold:.3f}, chosen out of fold")
-    return write_locator_report(with_threshold(by_head, by_geometry, threshold), output_dir, group, threshold=threshold)
+    nested, per_fold = nested_thresholds(by_head, by_geometry, folds)
+    log.info(f"{group}: presence threshold {threshold:.3f}, chosen out of fold on every fold (per held-out fold, "
+             f"chosen on the others: {', '.join(f'{t:.3f}' for t in per_fold.values())})")
+    pooled = summarise(with_threshold(by_head, by_geometry, threshold))  # chosen on the rows it scores
+    optimistic = {k: pooled[k] for k in ("slice_within_one", "slice_exact", "median_mm", "image_decided")}
+    return write_locator_report(nested, output_dir, group, threshold=threshold,
+                                threshold_per_fold={str(k): v for k, v in per_fold.items()},
+                                optimistic_threshold_on_every_fold=optimistic)
 
 
 def train_locator(group: str, config: LocatorConfig, data_dir: str | Path, folds_path: str | Path,

@@ -115,6 +115,26 @@ class FixedRowsScore:
         return float(np.mean(terms)) if terms else float("nan")
 
 
+def study_bootstrap(frame: pd.DataFrame, resamples: int = 1000, level: float = 0.9,
+                    seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Each term's ``level`` interval over studies drawn with replacement (``frame`` as for
+    :func:`competition_score`): how far a figure on these studies could move on others like them. A
+    study drawn twice counts as two studies (the any_severe term groups by the draw, not the id)."""
+    rng = np.random.default_rng(seed)
+    studies = frame["study_id"].to_numpy()
+    ids, inverse = np.unique(studies, return_inverse=True)
+    rows_of = [np.flatnonzero(inverse == i) for i in range(len(ids))]
+    draws: dict[str, list[float]] = {}
+    for _ in range(resamples):
+        picked = rng.integers(len(ids), size=len(ids))
+        index = np.concatenate([rows_of[i] for i in picked])
+        sample = frame.iloc[index].assign(study_id=np.repeat(np.arange(len(picked)), [len(rows_of[i]) for i in picked]))
+        for term, value in competition_score(sample).items():
+            draws.setdefault(term, []).append(value)
+    tail = (1 - level) / 2 * 100
+    return {term: (float(np.nanpercentile(v, tail)), float(np.nanpercentile(v, 100 - tail))) for term, v in draws.items()}
+
+
 def weighted_prior(labels: np.ndarray, pseudo_count: float = 1.0) -> np.ndarray:
     """The weight-scaled class prior: p_k proportional to n_k * w_k, the best constant under this loss.
 

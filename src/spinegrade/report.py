@@ -101,9 +101,11 @@ def _example_figure(layout: RunLayout, name: str, group: str, oof: pd.DataFrame,
 
 
 def write_report(layout: RunLayout, summary: pd.DataFrame, competition: pd.DataFrame, backbones: list,
-                 priors: dict, comparison: Path, data_dir: str | Path | None = None) -> Path:
+                 priors: dict, comparison: Path, data_dir: str | Path | None = None,
+                 suspects: pd.DataFrame | None = None) -> Path:
     """``report.html``: the full competition score, then a section per condition group (its
-    backbones side by side, a card per backbone, the group's class prior), then the data report."""
+    backbones side by side, a card per backbone, the group's class prior), the suspect labels
+    (``label_noise``), then the data report."""
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>spinegrade: out-of-fold report</title>",
         f"<style>{CSS}</style></head><body>",
@@ -137,6 +139,8 @@ def write_report(layout: RunLayout, summary: pd.DataFrame, competition: pd.DataF
         terms = ", ".join(f"{t} {pm[t]:.4f}" for t in (group, spec.any_severe_term) if t and t in pm)
         parts.append(f"<p>Class prior: competition loss {pm['score']:.4f} ({terms}): the baseline every "
                      f"{html.escape(group)} model must beat.</p>")
+    if suspects is not None and len(suspects):
+        parts.append(_suspects_section(suspects, data_dir))
     if data_dir is not None and Path(data_dir).is_dir():
         from spinegrade.data.index import build_index, format_report
         from spinegrade.errors import SpinegradeError
@@ -148,6 +152,28 @@ def write_report(layout: RunLayout, summary: pd.DataFrame, competition: pd.DataF
     parts.append("</body></html>")
     write_text_atomic(layout.report, "\n".join(parts))
     return layout.report
+
+
+def _suspects_section(suspects: pd.DataFrame, data_dir, top: int = 10) -> str:
+    """The labels the out-of-fold predictions disagree with most, each linked to its study page (made by
+    ``spinegrade predict`` on the study's folder, beside it)."""
+    columns = ["rank", "study", "condition", "level", "label", "p_label", "predicted", "disagreement"]
+    body = []
+    for r in suspects.head(top).itertuples(index=False):
+        page = Path(data_dir or ".") / "train_images" / f"{r.study_id}-spinegrade" / "study.html"
+        href = page.resolve().as_uri()
+        cells = [str(r.rank), f"<a href='{html.escape(href)}'>{r.study_id}</a>", html.escape(r.condition),
+                 level_title(r.level), html.escape(r.label), f"{r.p_label:.3f}", html.escape(r.predicted),
+                 f"{r.disagreement:.3f}"]
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    table = ("<table><thead><tr>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr></thead><tbody>"
+             + "".join(body) + "</tbody></table>")
+    sources = "; ".join(f"{g}: {src}" for g, src in suspects.groupby("group")["source"].first().items())
+    return ("<h2>Suspect labels</h2><p class='muted'>Every training label ranked by how far the out-of-fold "
+            "predictions disagree with it, in the metric's terms (the label's weight 1/2/4 times minus the log of "
+            f"its probability); predictions: {html.escape(sources)}. The top {top} of {len(suspects)} below; all "
+            "in <code>results/suspect_labels.csv</code>. A study's page: <code>spinegrade predict "
+            "DATA_DIR/train_images/STUDY</code> writes it where the link points.</p>" + table)
 
 
 def priors_name(priors: dict) -> str:

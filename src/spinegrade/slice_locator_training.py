@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from spinegrade.config import RUN_ONLY, LocatorConfig
+from spinegrade.config import FORMER_DEFAULTS, RUN_ONLY, LocatorConfig
 from spinegrade.constants import GROUPS, CONDITION_SPECS, level_title
 from spinegrade.data.dicom import MIN_IMAGE_SIDE, DicomReadError, Stack, load_pixels, main_stack, read_series
 from spinegrade.data.folds import read_folds
@@ -360,11 +360,12 @@ def _turned(group: str) -> dict:
 def train_slice_locator_fold(config: LocatorConfig, data: SliceData, fold: int, output_dir: Path, device: torch.device,
                          group: str = "spinal", resume: bool = False, force: bool = False) -> None:
     """Train one fold on the other folds' slices through the shared fold loop (resume, ``done.json``,
-    AMP on a GPU, the ring loader). The best epoch is the one with the lowest held-out loss, on the held-out
-    studies' labelled slices and their nearest neighbours."""
+    AMP on a GPU, the ring loader). The fold keeps its last epoch (``epoch_choice``), so its out-of-fold
+    report chooses nothing on the studies it scores; the held-out loss (on the held-out studies' labelled
+    slices and their nearest neighbours) is recorded each epoch, its best as an optimistic figure."""
     out = RunLayout(output_dir).locator_dir(group, existing=False) / f"fold{fold}"
     folder = FoldFolder(out, _identity(config, data.field_mm, group), f"{group} locator fold {fold}",
-                        defaults=plain(LocatorConfig().to_dict()))
+                        defaults=plain({**LocatorConfig().to_dict(), **FORMER_DEFAULTS}))
     folds = data.meta["fold"].to_numpy()
     train_anchors = np.flatnonzero(folds[data.anchors] != fold)
     # held out: the labelled slices and their nearest neighbours (the hardest negatives), a third of the samples
@@ -452,7 +453,7 @@ def train_slice_locator_fold(config: LocatorConfig, data: SliceData, fold: int, 
     progress = fit(folder, config.num_epochs, config.seed, model, optimizer, one_epoch, on_best, describe, device,
                    schedule=schedule, resume=resume,
                    wandb_run={"name": f"locator-{group}-fold{fold}", "group": f"locator-{group}", "config": config.to_dict()}
-                   if config.wandb else None)
+                   if config.wandb else None, epoch_choice=config.epoch_choice)
     folder.finish(progress, epochs=config.num_epochs)
 
 

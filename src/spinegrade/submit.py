@@ -168,9 +168,9 @@ def write_split_reports(studies: list[Study], grades: SplitGrades, submission: p
     return written
 
 
-def score_submission(submission: pd.DataFrame | str | Path, labels_csv: str | Path) -> dict[str, float]:
-    """Competition terms of a submission against labels in train.csv's format (e.g. a synthetic
-    dataset's answers), over the conditions whose labels are given."""
+def scored_rows(submission: pd.DataFrame | str | Path, labels_csv: str | Path) -> pd.DataFrame:
+    """A submission's rows beside their labels (train.csv's format, e.g. a synthetic dataset's answers),
+    as :func:`metrics.competition_score` reads them; rows without a label are left out."""
     if not isinstance(submission, pd.DataFrame):
         submission = read_csv_checked(Path(submission), ["row_id", *PROBABILITY_COLUMNS])
     truth = read_csv_checked(Path(labels_csv), ["study_id", *LABEL_COLUMNS], dtypes={c: str for c in LABEL_COLUMNS})
@@ -180,7 +180,13 @@ def score_submission(submission: pd.DataFrame | str | Path, labels_csv: str | Pa
                               column=[f"{p[1]}_{p[2]}" for p in parsed])
     frame = frame.merge(truth, on=["study_id", "column"], how="inner")
     frame["severity"] = frame["label"].map(SEVERITY_INDEX).fillna(-1).astype(int)
-    return competition_score(frame)
+    return frame
+
+
+def score_submission(submission: pd.DataFrame | str | Path, labels_csv: str | Path) -> dict[str, float]:
+    """Competition terms of a submission against labels in train.csv's format, over the conditions whose
+    labels are given."""
+    return competition_score(scored_rows(submission, labels_csv))
 
 
 def prior_submission(row_ids, data_dir: Path | None, output_dir: Path) -> pd.DataFrame:

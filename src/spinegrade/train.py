@@ -1,5 +1,7 @@
-"""Train one backbone on one fold: train on the other folds, pick the best epoch on the held-out fold
-by the competition's weighted log loss, and write that epoch's held-out predictions (out-of-fold).
+"""Train one backbone on one fold: train on the other folds for a fixed number of epochs and write the
+last epoch's held-out predictions (out-of-fold: the held-out fold chose nothing). The epoch that
+scored best on the held-out fold (competition loss) is recorded beside it as an optimistic figure;
+``epoch_choice: held_out_best`` keeps that epoch instead, as earlier versions did.
 
 One model per (backbone, condition group): the samples are the labelled levels of the group's
 conditions (``constants.GROUPS``), on the series the group is read on. What a fold leaves in
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from spinegrade.config import RUN_ONLY, TrainConfig, save_config
+from spinegrade.config import FORMER_DEFAULTS, RUN_ONLY, TrainConfig, save_config
 from spinegrade.constants import GROUPS, PROBABILITY_COLUMNS, SEVERITIES, SEVERITY_WEIGHTS, row_id
 from spinegrade.data.dataset import Jitter, LevelDataset, build_transform, mirrored_targets
 from spinegrade.data.folds import read_folds, write_csv_atomic
@@ -65,6 +67,8 @@ class FoldResult:
     best_score: float
     prior_score: float
     oof_path: Path
+    kept_epoch: int = -1  # whose held-out predictions the OOF file holds (best_*: the held-out best, optimistic)
+    kept_score: float = float("nan")
     skipped: bool = False
 
 
@@ -135,11 +139,13 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
     name, group = config.name, config.group
     out = layout.fold_dir(name, group, fold, existing=False)
     oof_file = layout.oof_file(name, group, fold, existing=False)
-    folder = FoldFolder(out, _identity(config), f"{name} {group} fold {fold}", defaults=_identity(TrainConfig()))
+    folder = FoldFolder(out, _identity(config), f"{name} {group} fold {fold}",
+                        defaults={**_identity(TrainConfig()), **FORMER_DEFAULTS})
     info, resume = folder.finished(force, resume, say)
     if info is not None:
         return FoldResult(name, group, fold, info["best_epoch"], info["best_score"], info["prior_score"],
-                          oof_file, skipped=True)
+                          oof_file, info.get("kept_epoch", info["best_epoch"]), info.get("kept_score", info["best_score"]),
+                          skipped=True)
     world.barrier()  # every process has read done.json before it goes
     samples, labels = load_samples(config, data_dir, folds_path, say)
     if main:
@@ -250,14 +256,16 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
     progress = fit(folder, config.num_epochs, config.seed, model, optimizer, one_epoch, on_best, describe, device_,
                    schedule=schedule, resume=resume, world=world, say=say,
                    wandb_run={"name": f"{name}-{group}-fold{fold}", "group": f"{name}-{group}", "config": config.to_dict()}
-                   if config.wandb else None)
+                   if config.wandb else None, epoch_choice=config.epoch_choice)
     best_epoch, best_score = progress.best_epoch, progress.best_score
     if main:
         folder.finish(progress, prior_score=prior_score, epochs=config.num_epochs)
     world.barrier()  # no process moves to the next fold before this one is marked finished
-    say(f"{name} {group} fold {fold}: best epoch {best_epoch + 1}, held-out competition loss {best_score:.4f} "
-        f"(weight-scaled class prior {prior_score:.4f})")
-    return FoldResult(name, group, fold, best_epoch, best_score, prior_score, oof_file)
+    say(f"{name} {group} fold {fold}: kept epoch {progress.kept_epoch + 1} ({config.epoch_choice}), held-out "
+        f"competition loss {progress.kept_score:.4f} (weight-scaled class prior {prior_score:.4f}; the held-out "
+        f"best, epoch {best_epoch + 1}, {best_score:.4f}, is optimistic)")
+    return FoldResult(name, group, fold, best_epoch, best_score, prior_score, oof_file, progress.kept_epoch,
+                      progress.kept_score)
 
 
 def train_epoch(net: nn.Module, model: nn.Module, loader, sampler: EpochSampler, criterion: nn.Module,
