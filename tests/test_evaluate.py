@@ -14,6 +14,7 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss
 
 from spinegrade.constants import LEVELS, PROBABILITY_COLUMNS, SEVERITIES, row_id
 from spinegrade.data.folds import write_csv_atomic
+from spinegrade.blend import nested_blends, run_blend
 from spinegrade.evaluate import run_evaluation
 from spinegrade.layout import RunLayout
 from spinegrade.oof import complete_names
@@ -120,6 +121,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
 def test_end_to_end_column_grades_held_out_studies_at_the_locators_points(trained_run, own_run):
     out = own_run  # evaluation writes its results and report
+    run_blend(out, trained_run["folds"])  # the blend's located row too
     summary = run_evaluation(out, trained_run["folds"], data_dir=trained_run["data"])
     assert set(summary["group"]) == {"spinal", "foraminal", "subarticular"}  # the groups the run trained
     summary = summary.set_index(["name", "group"])
@@ -139,3 +141,22 @@ def test_end_to_end_column_grades_held_out_studies_at_the_locators_points(traine
         assert summary.loc[("efficientnet_lite0", group), "score_located"] < summary.loc[("class_prior", group), "score"]
     page = (out / "report.html").read_text()
     assert "score_located" in page
+    # the blend's located rows: each fold mixed with the weights fitted on the other folds, never on its own
+    located = {n: pd.read_csv(out / "oof" / "localised" / "spinal" / f"{n}.csv").set_index("row_id")
+               for n in ("efficientnet_lite0", "efficientnet_lite0_wide", "blend")}
+    per_fold = nested_blends(out, "spinal")
+    assert sorted(per_fold) == [0, 1, 2]
+    for fold, blend in per_fold.items():
+        rows = located["blend"].index[located["blend"]["fold"] == fold]
+        members = [located[n].loc[rows, list(PROBABILITY_COLUMNS)].to_numpy() for n in blend.backbones]
+        np.testing.assert_allclose(located["blend"].loc[rows, list(PROBABILITY_COLUMNS)].to_numpy(),
+                                   blend.combine(members), atol=1e-6)
+    # every training label ranked by how far its out-of-fold probabilities disagree with it
+    suspects = pd.read_csv(out / "results" / "suspect_labels.csv")
+    assert len(suspects) == sum(len(pd.concat([pd.read_csv(p) for p in (out / "oof" / "blend" / g).glob("fold*.csv")]))
+                                for g in ("spinal", "foraminal", "subarticular"))
+    assert suspects["disagreement"].is_monotonic_decreasing and list(suspects["rank"]) == list(range(1, len(suspects) + 1))
+    top = suspects.iloc[0]
+    weight = {"Normal/Mild": 1, "Moderate": 2, "Severe": 4}[top["label"]]
+    assert top["disagreement"] == pytest.approx(weight * -np.log(top["p_label"]), rel=1e-6)
+    assert "Suspect labels" in page and f"{top['study_id']}-spinegrade/study.html" in page
