@@ -6,8 +6,9 @@ labels, as ``make demo``'s), with ``--folds`` patient-grouped folds:
 1. every group's locator is trained once (the demo's settings) and shared by every grading run below;
 2. EfficientNet-Lite0 grades each group, once per class weighting (the metric's 1:2:4 and inverse
    frequency) and seed (``--seeds``), every fold keeping its last epoch; each run's OOF terms at the
-   labelled points are scored plain and calibrated (one temperature per group, nested over folds);
-3. the first run (1:2:4, first seed) is blended (with its temperature), evaluated end to end (each
+   labelled points are scored plain and calibrated (``blend --calibration full``: a temperature, a scale
+   per grade and the spinal group's study-level Severe factor, fitted on the other folds);
+3. the first run (1:2:4, first seed) is blended (calibrated), evaluated end to end (each
    training study located by its fold's locators) and submitted on the test split: each term's test
    score beside the out-of-fold estimate's 90 % study-bootstrap interval, at the labelled points and
    located, and each term's gap to the oracle (``benchmarks/oracle.py``'s reader of the image);
@@ -22,7 +23,6 @@ Everything is written under ``--root`` (outside the repository by default) and r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -56,16 +56,16 @@ def run(*args: str) -> None:
         raise SystemExit(f"spinegrade {' '.join(args)} exited {code}")
 
 
-def labelled_terms(out: Path, folds: list[int], temperature: bool) -> dict[str, float]:
-    """The run's OOF terms at the labelled points over every group, plain or with one temperature per
-    group fitted on the other folds (nested)."""
+def labelled_terms(out: Path, folds: list[int], calibrated: bool) -> dict[str, float]:
+    """The run's OOF terms at the labelled points over every group, plain or calibrated per group on the
+    other folds (nested)."""
     layout, frames = RunLayout(out), []
     for group in GROUPS:
         if not layout.finished_fold_dirs(BACKBONE, group):
             continue
         frame, per_backbone = aligned_oof(layout, [BACKBONE], group)
-        if temperature:
-            _, probs, _ = nested_loss(frame, per_backbone, [BACKBONE], "probability", True)
+        if calibrated:
+            _, probs, _ = nested_loss(frame, per_backbone, [BACKBONE], "probability", "full")
             frame = frame.assign(**{c: probs[:, k] for k, c in enumerate(PROBABILITY_COLUMNS)})
         frames.append(frame)
     return competition_score(pd.concat(frames, ignore_index=True))
@@ -114,8 +114,8 @@ def main() -> None:
                     str(folds_csv), "--output-dir", str(out), "--resume", "--class_weights", weights, "--seed",
                     str(seed), *flags)
             variants[f"{weights}, seed {seed}"] = {
-                "plain": labelled_terms(out, folds, temperature=False),
-                "calibrated": labelled_terms(out, folds, temperature=True)}
+                "plain": labelled_terms(out, folds, calibrated=False),
+                "calibrated": labelled_terms(out, folds, calibrated=True)}
     timings["grading"] = time.perf_counter() - started - sum(timings.values())
 
     main_run = root / f"competition-seed{args.seeds[0]}"

@@ -55,7 +55,7 @@ def test_informative_model_takes_the_weight_and_noise_is_named(oof_root):
     root, rng, labels, folds = oof_root
     _write_oof(root, "informative", labels, _model(rng, labels, 2.5), folds)
     _write_oof(root, "noise", labels, _model(rng, labels, 0.0), folds)
-    report = _blend(root)
+    report = _blend(root, calibration="none")  # the weights alone (a temperature can sharpen a little noise back in)
     weights = dict(zip(report.blend.backbones, report.blend.weights))
     assert weights["informative"] > 0.97 and report.near_zero == ["noise"]
     saved = json.loads((root / "oof" / "blend.json").read_text())
@@ -69,7 +69,7 @@ def test_two_equally_good_independent_models_blend_better_than_either(oof_root):
     root, rng, labels, folds = oof_root
     _write_oof(root, "a", labels, _model(rng, labels, 1.5), folds)
     _write_oof(root, "b", labels, _model(rng, labels, 1.5), folds)
-    report = _blend(root, temperature=True)
+    report = _blend(root, calibration="temperature")
     assert report.in_sample < min(report.backbone_losses.values())
     assert report.nested < min(report.backbone_losses.values())
     assert all(0.25 < w < 0.75 for w in report.blend.weights)
@@ -95,3 +95,31 @@ def test_fast_loss_equals_the_metric_and_mixing_modes():
     np.testing.assert_allclose(combine([a, b], np.array([1.0, 0.0]), "log"), a, rtol=1e-6)
     geometric = np.sqrt(a * b) / np.sqrt(a * b).sum(axis=1, keepdims=True)
     np.testing.assert_allclose(combine([a, b], np.array([0.5, 0.5]), "log"), geometric, rtol=1e-6)
+
+
+def test_calibration_fitted_nested_mends_a_model_that_shies_from_severe(oof_root):
+    """A model whose Severe probabilities are a third of what they should be: the full calibration (a
+    scale per grade, the study-level Severe factor), fitted on other folds, lowers the nested loss, and
+    the saved blend carries what it learned (the Severe scale well above one)."""
+    root, rng, labels, folds = oof_root
+    shy = _model(rng, labels, 2.0)
+    shy[:, 2] /= 3
+    shy /= shy.sum(axis=1, keepdims=True)
+    _write_oof(root, "shy", labels, shy, folds)
+    plain, full = _blend(root, calibration="none"), _blend(root, calibration="full")
+    assert full.nested < plain.nested - 0.02, (full.nested, plain.nested)
+    saved = json.loads((root / "oof" / "blend.json").read_text())["groups"]["spinal"]
+    assert saved["calibration"] == "full" and saved["class_scale"][2] > 1.5 * saved["class_scale"][0]
+    assert set(saved["nested_blends"]) == {"0", "1", "2", "3"}
+
+
+def test_the_severe_factor_moves_only_each_studys_highest_severe_row():
+    from spinegrade.blend import boost_highest_severe
+
+    p = np.array([[0.7, 0.2, 0.1], [0.5, 0.2, 0.3], [0.8, 0.1, 0.1], [0.6, 0.1, 0.3]])
+    studies = np.array([1, 1, 2, 2])
+    out = boost_highest_severe(p, studies, 1.5)
+    np.testing.assert_allclose(out[[0, 2]], p[[0, 2]])  # not the study's highest Severe: untouched
+    np.testing.assert_allclose(out[[1, 3], 2], [0.45, 0.45])
+    np.testing.assert_allclose(out.sum(axis=1), 1.0)
+    np.testing.assert_allclose(out[1, :2] / out[1, :2].sum(), p[1, :2] / p[1, :2].sum())  # the rest keeps its shape

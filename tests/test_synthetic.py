@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
-from sklearn.metrics import roc_auc_score
 
 from spinegrade.constants import LABEL_COLUMNS, PROBABILITY_COLUMNS
 from spinegrade.data.dicom import read_slice

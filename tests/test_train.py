@@ -137,6 +137,35 @@ def test_a_fold_keeps_its_last_epoch_and_records_the_held_out_best_as_optimistic
         load_config("resnet18", {**settings, "epoch_choice": "best"})
 
 
+def test_suspect_labels_leave_the_training_folds_only(train_data, tmp_path, logged):
+    """``suspect_labels``: the top share of a suspect-label list is left out of the training folds; the
+    held-out fold keeps every label; a rewritten list with other labels trains the fold again."""
+    data, folds_path = train_data
+    folds = pd.read_csv(folds_path).set_index("study_id")["fold"]
+    labels = pd.read_csv(data / "train.csv").melt(id_vars="study_id", var_name="column", value_name="label")
+    spinal = labels[labels["column"].str.startswith("spinal")].reset_index(drop=True)
+    ranked = pd.DataFrame({"rank": range(1, len(spinal) + 1), "study_id": spinal["study_id"],
+                           "condition": "spinal_canal_stenosis", "level": spinal["column"].str[-5:]})
+    path = tmp_path / "suspect_labels.csv"
+    ranked.to_csv(path, index=False)
+    share = 0.2
+    top = ranked.head(int(round(share * len(ranked))))
+    expected = int((top["study_id"].map(folds) != 0).sum())  # fold 0 held out: its suspects stay
+    settings = {**SMALL, "backbone": "resnet18", "pretrained": False, "name": "tiny", "num_epochs": 1,
+                "suspect_labels": str(path), "suspect_share": share}
+    before = len(logged())
+    train_fold(load_config("resnet18", settings), data, folds_path, tmp_path / "run", 0)
+    assert any(f"{expected} suspect training labels left out" in line for line in logged()[before:])
+    oof = pd.read_csv(oof_path(tmp_path / "run", "tiny", 0))
+    assert set(oof["row_id"].map(lambda r: parse_row_id(r)[0])) == set(folds[folds == 0].index)
+    held_out_suspects = {f"{s}_spinal_canal_stenosis_{lv}" for s, lv in zip(top["study_id"], top["level"])
+                         if folds[s] == 0}
+    assert held_out_suspects and held_out_suspects <= set(oof["row_id"])  # scored on every held-out label
+    assert train_fold(load_config("resnet18", settings), data, folds_path, tmp_path / "run", 0).skipped
+    ranked.iloc[::-1].assign(rank=ranked["rank"].to_numpy()).to_csv(path, index=False)  # other labels on top
+    assert not train_fold(load_config("resnet18", settings), data, folds_path, tmp_path / "run", 0).skipped
+
+
 def test_the_engine_s_schedule_and_fold_seeds_are_settings_of_a_grading_model_too(train_data, tmp_path):
     """The slice locators' defaults (a one-cycle learning rate, one sample stream per fold) given to a
     grading model: its rate warms up and anneals within the run, and the fold's draws change."""

@@ -2,8 +2,10 @@
 
 Weights are non-negative and sum to one (a softmax of free parameters, optimised with
 scipy). Two ways of mixing are tried: the weighted mean of probabilities, and the weighted mean of
-log-probabilities renormalised (a geometric mean, which rewards agreement); each may carry one
-temperature. Weights tuned and scored on the same predictions flatter themselves, so the choice
+log-probabilities renormalised (a geometric mean, which rewards agreement). Then, by default, the
+blend is calibrated: one temperature, a scale per grade, and for the spinal group a factor on each
+study's highest Severe probability, which is all the any_severe term reads (2nd place multiplied it by
+1.25); each fitted with the weights, nested like them. Weights tuned and scored on the same predictions flatter themselves, so the choice
 between them, and the figure reported for unseen studies, come from a nested estimate: for each
 fold, weights fitted on the other folds' OOF rows and scored on that fold's.
 
@@ -23,7 +25,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
-from spinegrade.constants import GROUPS, PROBABILITY_COLUMNS
+from spinegrade.constants import CONDITION_GROUP, GROUPS, PROBABILITY_COLUMNS
 from spinegrade.data.folds import read_folds, write_csv_atomic
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_text_atomic
@@ -37,25 +39,57 @@ NEAR_ZERO = 0.02  # a weight below this is reported as contributing nothing
 EPS = 1e-7
 
 
+CALIBRATIONS = ("none", "temperature", "full")
+
+
 @dataclass
 class Blend:
+    """How a group's backbones are mixed, then calibrated: one temperature; per-class scales (each grade's
+    probability multiplied, rows renormalised); for a group with an any_severe term, a study-level factor
+    on the highest Severe probability of each study (the any_severe term reads only that one)."""
+
     backbones: list[str]
     weights: np.ndarray
     mode: str = "probability"  # or "log"
     temperature: float = 1.0
+    class_scale: np.ndarray = field(default_factory=lambda: np.ones(3))
+    severe_factor: float = 1.0
 
-    def combine(self, probabilities: list[np.ndarray]) -> np.ndarray:
-        """Mix (rows, 3) probability arrays, one per backbone, in the order of ``backbones``."""
-        return combine(probabilities, self.weights, self.mode, self.temperature)
+    def combine(self, probabilities: list[np.ndarray], study_ids: np.ndarray | None = None) -> np.ndarray:
+        """Mix (rows, 3) probability arrays, one per backbone, in the order of ``backbones``, and calibrate
+        (the study-level factor only where ``study_ids`` says which rows are one study's)."""
+        return self.calibrate(combine(probabilities, self.weights, self.mode, self.temperature), study_ids)
+
+    def calibrate(self, probabilities: np.ndarray, study_ids: np.ndarray | None = None) -> np.ndarray:
+        p = np.asarray(probabilities, dtype=float) * np.asarray(self.class_scale, dtype=float)
+        p = p / p.sum(axis=1, keepdims=True)
+        if self.severe_factor != 1.0 and study_ids is not None and len(p):
+            p = boost_highest_severe(p, np.asarray(study_ids), self.severe_factor)
+        return p
 
     def to_dict(self) -> dict:
         return {"backbones": self.backbones, "weights": [float(w) for w in self.weights], "mode": self.mode,
-                "temperature": float(self.temperature)}
+                "temperature": float(self.temperature), "class_scale": [float(c) for c in self.class_scale],
+                "severe_factor": float(self.severe_factor)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Blend":
         return cls(list(d["backbones"]), np.asarray(d["weights"], dtype=float), d.get("mode", "probability"),
-                   float(d.get("temperature", 1.0)))
+                   float(d.get("temperature", 1.0)), np.asarray(d.get("class_scale", [1.0, 1.0, 1.0]), dtype=float),
+                   float(d.get("severe_factor", 1.0)))
+
+
+def boost_highest_severe(probabilities: np.ndarray, study_ids: np.ndarray, factor: float) -> np.ndarray:
+    """Each study's row with the highest Severe probability, that probability multiplied by ``factor``
+    (capped so the row stays a distribution) and the row renormalised; every other row as it was."""
+    p = probabilities.copy()
+    order = np.lexsort((-p[:, 2], study_ids))
+    first = order[np.r_[True, study_ids[order][1:] != study_ids[order][:-1]]]
+    severe = np.minimum(p[first, 2] * factor, 1 - 1e-6)
+    rest = p[first, :2].sum(axis=1, keepdims=True)
+    p[first, :2] = p[first, :2] / np.maximum(rest, 1e-12) * (1 - severe)[:, None]
+    p[first, 2] = severe
+    return p
 
 
 def combine(probabilities: list[np.ndarray], weights: np.ndarray, mode: str, temperature: float = 1.0) -> np.ndarray:
@@ -87,27 +121,36 @@ def _loss(frame: pd.DataFrame, probs: np.ndarray) -> float:
 
 
 def fit_blend(frame: pd.DataFrame, per_backbone: list[np.ndarray], backbones: list[str], mode: str,
-              fit_temperature: bool) -> Blend:
-    """Weights (and temperature) minimising the competition loss of the blended rows of ``frame``."""
+              calibration: str | bool = "full") -> Blend:
+    """Weights, and the ``calibration`` (``CALIBRATIONS``: none; one temperature; "full": the temperature,
+    per-class scales and, where the rows carry an any_severe term, the study-level Severe factor)
+    minimising the competition loss of the blended rows of ``frame`` (its any_severe term included)."""
+    calibration = {True: "temperature", False: "none"}.get(calibration, calibration)
+    if calibration not in CALIBRATIONS:
+        raise SpinegradeError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
     n = len(backbones)
     loss = FixedRowsScore(frame)
+    studies = frame["study_id"].to_numpy()
+    severe_term = any(GROUPS[CONDITION_GROUP[c]].any_severe_term for c in frame["condition"].unique())
+    extra = {"none": 0, "temperature": 1, "full": 3 + int(severe_term)}[calibration]
 
-    def unpack(x):
-        return _softmax(x[:n]), (float(np.exp(x[n])) if fit_temperature else 1.0)
+    def unpack(x) -> Blend:
+        t = float(np.exp(x[n])) if extra else 1.0
+        scale = np.exp(np.r_[0.0, x[n + 1:n + 3]]) if extra >= 3 else np.ones(3)
+        factor = float(np.exp(x[n + 3])) if extra == 4 else 1.0
+        return Blend(backbones, _softmax(x[:n]), mode, t, scale, factor)
 
     def objective(x):
-        w, t = unpack(x)
-        return loss(combine(per_backbone, w, mode, t))
+        return loss(unpack(x).combine(per_backbone, studies))
 
     best = None
     starts = [np.zeros(n)] + [np.eye(n)[i] * 3 for i in range(n)] if n > 1 else [np.zeros(n)]
     for start in starts:
-        x0 = np.concatenate([start, [0.0]]) if fit_temperature else start
-        result = minimize(objective, x0, method="Powell", options={"xtol": 1e-4, "ftol": 1e-7, "maxiter": 4000})
+        result = minimize(objective, np.concatenate([start, np.zeros(extra)]), method="Powell",
+                          options={"xtol": 1e-4, "ftol": 1e-7, "maxiter": 4000})
         if best is None or result.fun < best.fun:
             best = result
-    w, t = unpack(best.x)
-    return Blend(backbones, w, mode, t)
+    return unpack(best.x)
 
 
 @dataclass
@@ -134,7 +177,7 @@ def aligned_oof(layout: RunLayout, backbones: list[str], group: str) -> tuple[pd
 
 
 def nested_loss(frame: pd.DataFrame, per_backbone: list[np.ndarray], backbones: list[str], mode: str,
-                fit_temperature: bool) -> tuple[float, np.ndarray, dict[int, Blend]]:
+                calibration: str | bool) -> tuple[float, np.ndarray, dict[int, Blend]]:
     """Loss on each fold of weights fitted on the other folds; returns the pooled loss, the predictions
     and each held-out fold's blend (what the located OOF rows of that fold are mixed with)."""
     out = np.zeros_like(per_backbone[0])
@@ -142,16 +185,17 @@ def nested_loss(frame: pd.DataFrame, per_backbone: list[np.ndarray], backbones: 
     per_fold = {}
     for fold in np.unique(folds):
         train = folds != fold
-        blend = fit_blend(frame[train], [p[train] for p in per_backbone], backbones, mode, fit_temperature)
-        out[~train] = blend.combine([p[~train] for p in per_backbone])
+        blend = fit_blend(frame[train], [p[train] for p in per_backbone], backbones, mode, calibration)
+        out[~train] = blend.combine([p[~train] for p in per_backbone], frame["study_id"].to_numpy()[~train])
         per_fold[int(fold)] = blend
     return _loss(frame, out), out, per_fold
 
 
-def run_blend(output_dir: str | Path, folds_path: str | Path | None = None, temperature: bool = True) -> dict[str, BlendReport]:
+def run_blend(output_dir: str | Path, folds_path: str | Path | None = None,
+              calibration: str = "full") -> dict[str, BlendReport]:
     """Blend, per condition group, every backbone with OOF predictions of that group on every fold;
-    write ``oof/blend.json`` and the nested blended OOF in ``oof/blend/<group>/``. ``temperature``: also
-    fit one temperature per group (calibration; nested like the weights)."""
+    write ``oof/blend.json`` and the nested blended OOF in ``oof/blend/<group>/``. ``calibration``
+    (``CALIBRATIONS``): what is fitted beside the weights, nested like them (:func:`fit_blend`)."""
     layout = RunLayout(output_dir)
     folds = sorted(read_folds(run_folds(layout, folds_path))["fold"].unique().tolist())
     reports: dict[str, BlendReport] = {}
@@ -162,7 +206,7 @@ def run_blend(output_dir: str | Path, folds_path: str | Path | None = None, temp
             if name != BLEND_NAME:
                 log.info(f"{name} {group}: folds {missing} missing; left out of the {group} blend")
         if names:
-            reports[group] = blend_group(layout, group, names, folds, temperature)
+            reports[group] = blend_group(layout, group, names, folds, calibration)
     if not reports:
         raise SpinegradeError(f"{layout.oof}: no backbone has OOF predictions for every fold {folds} of any group")
     payload = {"groups": {g: r.payload for g, r in reports.items()}, "folds": folds}
@@ -172,15 +216,16 @@ def run_blend(output_dir: str | Path, folds_path: str | Path | None = None, temp
     return reports
 
 
-def blend_group(layout: RunLayout, group: str, names: list[str], folds: list[int], temperature: bool) -> BlendReport:
+def blend_group(layout: RunLayout, group: str, names: list[str], folds: list[int], calibration: str) -> BlendReport:
     """The blend of one group: both mixing modes fitted, the one with the lower nested loss kept."""
     frame, per_backbone = aligned_oof(layout, names, group)
+    studies = frame["study_id"].to_numpy()
     losses = {name: _loss(frame, p) for name, p in zip(names, per_backbone)}
     candidates = {}
     for mode in ("probability", "log"):
-        blend = fit_blend(frame, per_backbone, names, mode, temperature)
-        nested, nested_probs, per_fold = nested_loss(frame, per_backbone, names, mode, temperature)
-        candidates[mode] = {"blend": blend, "in_sample": _loss(frame, blend.combine(per_backbone)), "nested": nested,
+        blend = fit_blend(frame, per_backbone, names, mode, calibration)
+        nested, nested_probs, per_fold = nested_loss(frame, per_backbone, names, mode, calibration)
+        candidates[mode] = {"blend": blend, "in_sample": _loss(frame, blend.combine(per_backbone, studies)), "nested": nested,
                             "nested_probs": nested_probs, "per_fold": per_fold}
     mode = min(candidates, key=lambda m: candidates[m]["nested"])
     chosen = candidates[mode]
@@ -189,7 +234,7 @@ def blend_group(layout: RunLayout, group: str, names: list[str], folds: list[int
     near_zero = [n for n, w in zip(names, blend.weights) if w < NEAR_ZERO]
     snapped = np.where(blend.weights < NEAR_ZERO, 0.0, blend.weights)
     blend.weights = snapped / snapped.sum()
-    chosen["in_sample"] = _loss(frame, blend.combine(per_backbone))
+    chosen["in_sample"] = _loss(frame, blend.combine(per_backbone, studies))
     report = BlendReport(group, blend, losses, chosen["in_sample"], chosen["nested"],
                          {m: {"in_sample": c["in_sample"], "nested": c["nested"], **c["blend"].to_dict()}
                           for m, c in candidates.items()}, near_zero, len(frame))
@@ -204,7 +249,7 @@ def blend_group(layout: RunLayout, group: str, names: list[str], folds: list[int
         write_csv_atomic(out, layout.oof_file(BLEND_NAME, group, fold, existing=False))
     report.payload = {**blend.to_dict(), "why": f"{mode} mixing had the lower nested loss "
                       + ", ".join(f"({m} {c['nested']:.4f})" for m, c in report.candidates.items()),
-                      "temperature_fitted": temperature, "backbone_oof_loss": losses,
+                      "calibration": calibration, "backbone_oof_loss": losses,
                       "blend_oof_loss_in_sample": report.in_sample, "blend_oof_loss_nested": report.nested,
                       "near_zero_weight": near_zero, "rows": len(frame), "candidates": report.candidates,
                       "nested_blends": {str(k): b.to_dict() for k, b in chosen["per_fold"].items()}}
@@ -277,7 +322,8 @@ def blends_for(output_dir: Path, backbones: list[str] | None) -> dict[str, Blend
         keep = [(n, w) for n, w in zip(blend.backbones, blend.weights) if n in backbones and w > 0]
         if keep:
             w = np.array([w for _, w in keep])
-            out[group] = Blend([n for n, _ in keep], w / w.sum(), blend.mode, blend.temperature)
+            out[group] = Blend([n for n, _ in keep], w / w.sum(), blend.mode, blend.temperature, blend.class_scale,
+                               blend.severe_factor)
     for group, blend in mean_blends(output_dir, backbones).items():
         out.setdefault(group, blend)  # a group the blend never had: the named backbones' mean
     return out

@@ -87,6 +87,9 @@ TRAIN_OVERRIDES: list[tuple[str, type, str]] = [
     ("seed", int, "random seed (42)"),
     ("class_weights", str, "competition (1/2/4, the default), inverse_frequency or none"),
     ("epoch_choice", str, "the epoch a fold keeps: last (a fixed schedule: an honest OOF) or held_out_best (optimistic)"),
+    ("suspect_labels", str, "a suspect-label list (results/suspect_labels.csv of an evaluation): its top share of "
+                            "labels left out of the training folds"),
+    ("suspect_share", float, "the share of the suspect-label list left out (0.05)"),
     ("num_workers", int, "data loader worker processes"),
     ("compile", str, "torch.compile the model: off, on, or a backend (eager, aot_eager, inductor)"),
     ("point_jitter_mm", float, "training shift of the point, standard deviation in mm (3)"),
@@ -194,7 +197,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_blend(args: argparse.Namespace) -> None:
     from spinegrade.blend import run_blend
 
-    run_blend(args.output_dir, args.folds, temperature=args.temperature)
+    run_blend(args.output_dir, args.folds, calibration=args.calibration)
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
@@ -362,8 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("blend", help="blend weights tuned on OOF loss per group, with a nested estimate; oof/blend.json")
     p.add_argument("--output-dir", "--output_dir", type=Path, default=Path("."))
     p.add_argument("--folds", type=Path, default=None, help="default: the copy the run made at training (OUTPUT/folds.csv)")
-    p.add_argument("--temperature", action=argparse.BooleanOptionalAction, default=True,
-                   help="also fit one temperature per group, nested like the weights (default; --no-temperature: none)")
+    p.add_argument("--calibration", choices=["none", "temperature", "full"], default="full",
+                   help="fitted beside the weights, nested like them: full (default: a temperature, a scale per grade, "
+                        "and the spinal group's factor on each study's highest Severe probability), temperature, none")
+    p.add_argument("--temperature", dest="calibration", action="store_const", const="temperature",
+                   help="the same as --calibration temperature")
     p.set_defaults(func=cmd_blend)
 
     p = sub.add_parser("submit", help="predict the test split with the blend; submissions/ and a manifest")

@@ -101,6 +101,11 @@ class TrainConfig:
     # nothing and its predictions are an out-of-fold estimate; or "held_out_best", the epoch that scores
     # best on the held-out fold (an optimistic figure, chosen on the rows it scores).
     epoch_choice: str = "last"
+    # A suspect-label list (an evaluation's results/suspect_labels.csv) whose top ``suspect_share`` of
+    # labels are left out of the training folds (never out of the held-out fold, which is scored on every
+    # label); "" keeps every label.
+    suspect_labels: str = ""
+    suspect_share: float = 0.05
     # Also log each epoch's curves to Weights & Biases (the wandb package; off by default, never needed).
     wandb: bool = False
     group: str = "spinal"  # the condition group (constants.GROUPS) this model grades
@@ -256,6 +261,8 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None, conf
         raise SpinegradeError(f"{path}: lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {config.lr_schedule!r}")
     if config.epoch_choice not in EPOCH_CHOICES:
         raise SpinegradeError(f"{path}: epoch_choice must be one of {', '.join(EPOCH_CHOICES)}, got {config.epoch_choice!r}")
+    if not 0 < config.suspect_share < 1:
+        raise SpinegradeError(f"{path}: suspect_share must be between 0 and 1, got {config.suspect_share}")
     if len(config.hidden_sizes) != 2:
         raise SpinegradeError(f"{path}: hidden_sizes must be two numbers, got {list(config.hidden_sizes)}")
     return config

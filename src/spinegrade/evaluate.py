@@ -20,7 +20,7 @@ import yaml
 
 from spinegrade import plots
 from spinegrade.blend import blend_info, load_blends, nested_blends
-from spinegrade.constants import GROUPS, LEVELS, PROBABILITY_COLUMNS, SEVERITIES, row_id
+from spinegrade.constants import GROUPS, LEVELS, PROBABILITY_COLUMNS, SEVERITIES, parse_row_id, row_id
 from spinegrade.data.folds import read_folds, write_csv_atomic
 from spinegrade.data.index import build_index
 from spinegrade.device import select_device
@@ -278,7 +278,8 @@ def _located(layout: RunLayout, group: str, data_dir, names: list[str]) -> dict[
             mixing = per_fold.get(int(fold), blend)
             members = [f.loc[common].loc[rows, list(PROBABILITY_COLUMNS)].to_numpy()
                        for f in (frames[blend.backbones.index(n)] for n in mixing.backbones)]
-            probs[rows] = mixing.combine(members)
+            studies = [parse_row_id(r)[0] for r in merged.loc[rows, "row_id"]]
+            probs[rows] = mixing.combine(members, np.asarray(studies))
         merged[list(PROBABILITY_COLUMNS)] = probs
         out[BLEND_NAME] = merged[["row_id", *PROBABILITY_COLUMNS, "label", "fold"]]
     return out

@@ -12,6 +12,8 @@ the group's backbones' OOF rows. ``evaluate`` writes ``results/suspect_labels.cs
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -68,6 +70,15 @@ def suspect_labels(layout: RunLayout, folds: list[int]) -> pd.DataFrame:
     ranked["rank"] = np.arange(1, len(ranked) + 1)
     ranked["group"] = ranked["condition"].map(CONDITION_GROUP)
     return ranked[SUSPECT_COLUMNS].reset_index(drop=True)
+
+
+def dropped_labels(path: str | Path, share: float) -> set[tuple[int, str, str]]:
+    """(study_id, condition, level) of the top ``share`` of a suspect-label list (``suspect_labels.csv``)."""
+    from spinegrade.data.index import read_csv_checked
+
+    ranked = read_csv_checked(Path(path), ["rank", "study_id", "condition", "level"]).sort_values("rank")
+    top = ranked.head(int(round(share * len(ranked))))
+    return set(zip(top["study_id"].astype(int), top["condition"], top["level"]))
 
 
 def recall_of(ranked: pd.DataFrame, wrong: pd.DataFrame, share: float = 0.05) -> dict:

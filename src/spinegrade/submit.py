@@ -69,6 +69,8 @@ def submission_frame(study_ids: list[int], grades: pd.DataFrame, blends: dict[st
             used = np.array(pattern)
             probs[rows] = combine(list(per_name[used][:, rows]), weight[used] / weight[used].sum(), blend.mode,
                                   blend.temperature)
+        graded = present.any(axis=0)  # calibrated together: the Severe factor compares a study's levels
+        probs[graded] = blend.calibrate(probs[graded], targets["study_id"].to_numpy()[graded])
     ids = [row_id(s, c, lv) for s, c, lv in zip(targets["study_id"], targets["condition"], targets["level"])]
     return pd.DataFrame({"row_id": ids, **{c: probs[:, k] for k, c in enumerate(PROBABILITY_COLUMNS)}})
 

@@ -15,6 +15,7 @@ The out-of-fold predictions go to ``OUTPUT/oof/<name>/<group>/fold<k>.csv``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -40,6 +41,7 @@ from spinegrade.engine import compiled, fold_seed, make_schedule, optimise, pred
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_text_atomic
 from spinegrade.fold_loop import EpochSampler, FoldFolder, SeededDataset, fit, plain, seed_everything
+from spinegrade.label_noise import dropped_labels
 from spinegrade.layout import RunLayout, remember_folds
 from spinegrade.logs import get_logger
 from spinegrade.metrics import class_prior, competition_score, prior_table
@@ -162,6 +164,13 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
     table = cache.samples
     train_idx = np.flatnonzero(table["fold"].to_numpy() != fold)
     val_idx = np.flatnonzero(table["fold"].to_numpy() == fold)
+    if config.suspect_labels:  # left out of the training folds only: the held-out fold is scored on every label
+        drop = dropped_labels(config.suspect_labels, config.suspect_share)
+        keys = list(zip(table["study_id"].astype(int), table["condition"], table["level"]))
+        suspect = np.array([keys[i] in drop for i in train_idx], dtype=bool)
+        train_idx = train_idx[~suspect]
+        say(f"{name} {group} fold {fold}: {int(suspect.sum())} suspect training labels left out (the top "
+            f"{config.suspect_share:.0%} of {config.suspect_labels})")
     targets = table["severity"].to_numpy()
     say(f"{name} {group} fold {fold}: {len(train_idx)} training samples, {len(val_idx)} held out")
     if len(train_idx) == 0 or len(val_idx) == 0:
@@ -327,8 +336,13 @@ def finished_folds(output_dir: Path, configs: list[TrainConfig], folds: list[int
 
 
 def _identity(config: TrainConfig) -> dict:
-    """The settings that make a fold's result what it is (worker count and compilation do not)."""
-    return plain({k: v for k, v in config.to_dict().items() if k not in RUN_ONLY})
+    """The settings that make a fold's result what it is (worker count and compilation do not); with a
+    suspect-label list, which labels it leaves out (the list's file may be rewritten by a new evaluation)."""
+    identity = plain({k: v for k, v in config.to_dict().items() if k not in RUN_ONLY})
+    if config.suspect_labels:
+        dropped = sorted(f"{s}_{c}_{lv}" for s, c, lv in dropped_labels(config.suspect_labels, config.suspect_share))
+        identity["suspect_digest"] = hashlib.sha256("\n".join(dropped).encode()).hexdigest()[:16]
+    return identity
 
 
 def write_oof(samples: pd.DataFrame, probs: np.ndarray, path: Path, fold: int) -> None:
