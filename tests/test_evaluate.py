@@ -77,7 +77,9 @@ def test_summary_matches_an_independent_recomputation(tmp_path):
     assert counts.sum() == 24 * 5
     ovr = pd.read_csv(tmp_path / "results" / "good_spinal_confusion_one_vs_rest.csv")
     assert (ovr[["tn", "fp", "fn", "tp"]].sum(axis=1) == 120).all()
-    for figure in ("training_curves", "confusion_matrix", "reliability", "per_level"):
+    severe = pd.DataFrame(metrics["severe_reliability"])  # the Severe probability against the Severe share
+    assert severe["count"].sum() == 24 * 5
+    for figure in ("training_curves", "confusion_matrix", "reliability", "per_level", "severe_reliability"):
         if figure != "training_curves":  # no metrics.csv in a fabricated run
             assert (tmp_path / "plots" / f"good_spinal_{figure}.png").stat().st_size > 5000
     assert (tmp_path / "plots" / "backbones_comparison.png").is_file()

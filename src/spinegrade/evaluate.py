@@ -35,6 +35,7 @@ from spinegrade.metrics import (
     classification_metrics,
     competition_score,
     reliability_table,
+    severe_reliability_table,
     weighted_log_loss,
 )
 from spinegrade.oof import complete_names, parsed, read_oof
@@ -87,6 +88,7 @@ def evaluate_predictions(oof: pd.DataFrame) -> dict:
         metrics[f"{k}_fold_std"] = float(np.nanstd(values))
     metrics["per_level"] = per_level_table(oof).to_dict("records")
     metrics["reliability"] = reliability_table(labels, _probs(oof)).to_dict("records")
+    metrics["severe_reliability"] = severe_reliability_table(labels, _probs(oof)).to_dict("records")
     return metrics
 
 
@@ -149,6 +151,9 @@ def _figures(name: str, metrics: dict, plots_dir: Path, histories: dict[int, pd.
         "reliability": plots.reliability(pd.DataFrame(metrics["reliability"]), f"{name}: reliability (ECE {metrics['ece']:.3f})",
                                          plots_dir / f"{name}_reliability.png"),
         "per_level": plots.per_level(pd.DataFrame(metrics["per_level"]), f"{name}: per level", plots_dir / f"{name}_per_level.png"),
+        "severe_reliability": plots.reliability(pd.DataFrame(metrics["severe_reliability"]), f"{name}: Severe, calibration",
+                                                plots_dir / f"{name}_severe_reliability.png",
+                                                xlabel="predicted Severe probability", ylabel="share labelled Severe"),
     }
     if histories:
         figures["curves"] = plots.training_curves(histories, f"{name}: training curves per fold",

@@ -203,6 +203,22 @@ def reliability_table(labels: np.ndarray, probabilities: np.ndarray, bins: int =
     return pd.DataFrame(rows)
 
 
+def severe_reliability_table(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> pd.DataFrame:
+    """Per bin of the Severe probability: its mean, how often the label is Severe, and the count: whether
+    a Severe probability means what it says (what the any_severe term and the weight of 4 punish)."""
+    p = normalise(probabilities)[:, 2]
+    severe = (np.asarray(labels) == 2).astype(float)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        in_bin = which == b
+        rows.append({"bin_low": edges[b], "bin_high": edges[b + 1], "count": int(in_bin.sum()),
+                     "confidence": float(p[in_bin].mean()) if in_bin.any() else float("nan"),
+                     "accuracy": float(severe[in_bin].mean()) if in_bin.any() else float("nan")})
+    return pd.DataFrame(rows)
+
+
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict:
     """Accuracy, balanced accuracy, precision/recall/F1 per grade and averaged, one-vs-rest ROC AUC per
     grade, ECE and the confusion matrix, for labelled rows (grade >= 0)."""

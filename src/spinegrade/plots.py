@@ -77,15 +77,16 @@ def one_vs_rest(matrices: dict[str, np.ndarray], title: str, path: Path) -> Path
     return _save(fig, path)
 
 
-def reliability(table: pd.DataFrame, title: str, path: Path) -> Path:
+def reliability(table: pd.DataFrame, title: str, path: Path, xlabel: str = "confidence (top probability)",
+                ylabel: str = "accuracy") -> Path:
     fig, ax = plt.subplots(figsize=(4.6, 4))
     ax.plot([0, 1], [0, 1], ":", color="grey")
     shown = table[table["count"] > 0]
     ax.plot(shown["confidence"], shown["accuracy"], "o-")
     for r in shown.itertuples():
         ax.annotate(str(r.count), (r.confidence, r.accuracy), fontsize=7, xytext=(3, -9), textcoords="offset points")
-    ax.set_xlabel("confidence (top probability)")
-    ax.set_ylabel("accuracy")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_title(title, fontsize=10)

@@ -202,6 +202,11 @@ def _card(layout: RunLayout, b, data_dir) -> str:
         parts.append(_img(b.figures["curves"], "training curves"))
     parts.append("<div class='grid'>" + _img(b.figures["confusion"], "confusion matrix")
                  + _img(b.figures["reliability"], "reliability diagram") + "</div>")
+    if "severe_reliability" in b.figures:
+        parts.append("<div class='grid'>" + _img(b.figures["severe_reliability"], "Severe reliability diagram")
+                     + "<p class='muted'>Severe, calibration: per bin of the predicted Severe probability, the share "
+                       "of those levels labelled Severe (on the diagonal: a Severe probability means what it says; "
+                       "the metric weighs a Severe level 4 and the any_severe term reads the highest one).</p></div>")
     parts.append(_img(b.figures["one_vs_rest"], "one-vs-rest confusion matrices"))
     parts.append(_img(b.figures["per_level"], "per level"))
     if data_dir is not None and Path(data_dir).is_dir():
