@@ -67,7 +67,7 @@ def test_ddp_with_two_processes_matches_one_process(trained_run, tmp_path):
     two = _train(data, folds, tmp_path / "two" / "out", "--devices", "2", "--strategy", "ddp")
     # The command logs on stderr.
     assert "DDP: 2 processes, 8 samples each per step (cpu)" in two.stderr
-    assert two.stderr.count("ddp_check spinal fold 1: best epoch") == 1  # rank 0 alone logs
+    assert two.stderr.count("ddp_check spinal fold 1: kept epoch") == 1  # rank 0 alone logs
     a = pd.read_csv(fold_dir(tmp_path / "one" / "out", "ddp_check", 1) / "metrics.csv")
     b = pd.read_csv(fold_dir(tmp_path / "two" / "out", "ddp_check", 1) / "metrics.csv")
     cols = ["train_loss", "val_loss", "val_accuracy", "val_competition"]

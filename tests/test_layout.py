@@ -18,8 +18,8 @@ LEGACY = Path(__file__).parent / "fixtures" / "run-v0.1"
 
 @pytest.fixture(scope="module")
 def legacy(tmp_path_factory):
-    """A copy of the old run beside the synthetic data it was trained on (same seed, spines straight and
-    centred as the generator drew them then)."""
+    """A copy of the old run beside synthetic data of the seed it was trained on (spines straight and
+    centred, as the generator drew them then; the grades are today's draws: see the fixture's README)."""
     root = tmp_path_factory.mktemp("legacy")
     write_dataset(root / "data", SynthSettings(studies=8, test_studies=2, seed=3, image_size=(64, 80), straight=True))
     shutil.copytree(LEGACY, root / "run")
