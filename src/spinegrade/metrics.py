@@ -187,11 +187,8 @@ def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bi
     return float(total)
 
 
-def reliability_table(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> pd.DataFrame:
-    """Per confidence bin: mean confidence, accuracy and count (the reliability diagram's data)."""
-    p = normalise(probabilities)
-    confidence = p.max(axis=1)
-    correct = (p.argmax(axis=1) == np.asarray(labels)).astype(float)
+def _binned(confidence: np.ndarray, hit: np.ndarray, bins: int) -> pd.DataFrame:
+    """Per equal-width bin of ``confidence``: its range, count, mean confidence and the share of ``hit``."""
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
     rows = []
@@ -199,24 +196,21 @@ def reliability_table(labels: np.ndarray, probabilities: np.ndarray, bins: int =
         in_bin = which == b
         rows.append({"bin_low": edges[b], "bin_high": edges[b + 1], "count": int(in_bin.sum()),
                      "confidence": float(confidence[in_bin].mean()) if in_bin.any() else float("nan"),
-                     "accuracy": float(correct[in_bin].mean()) if in_bin.any() else float("nan")})
+                     "accuracy": float(hit[in_bin].mean()) if in_bin.any() else float("nan")})
     return pd.DataFrame(rows)
+
+
+def reliability_table(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> pd.DataFrame:
+    """Per confidence bin: mean confidence, accuracy and count (the reliability diagram's data)."""
+    p = normalise(probabilities)
+    return _binned(p.max(axis=1), (p.argmax(axis=1) == np.asarray(labels)).astype(float), bins)
 
 
 def severe_reliability_table(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> pd.DataFrame:
-    """Per bin of the Severe probability: its mean, how often the label is Severe, and the count: whether
-    a Severe probability means what it says (what the any_severe term and the weight of 4 punish)."""
-    p = normalise(probabilities)[:, 2]
-    severe = (np.asarray(labels) == 2).astype(float)
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
-    rows = []
-    for b in range(bins):
-        in_bin = which == b
-        rows.append({"bin_low": edges[b], "bin_high": edges[b + 1], "count": int(in_bin.sum()),
-                     "confidence": float(p[in_bin].mean()) if in_bin.any() else float("nan"),
-                     "accuracy": float(severe[in_bin].mean()) if in_bin.any() else float("nan")})
-    return pd.DataFrame(rows)
+    """Per bin of the Severe probability: its mean, how often the label is Severe ("accuracy"), and the
+    count: whether a Severe probability means what it says (what the any_severe term and the weight of 4
+    punish)."""
+    return _binned(normalise(probabilities)[:, 2], (np.asarray(labels) == 2).astype(float), bins)
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict:
