@@ -8,7 +8,7 @@ labels, as ``make demo``'s), with ``--folds`` patient-grouped folds:
    frequency) and seed (``--seeds``), every fold keeping its last epoch; each run's OOF terms at the
    labelled points are scored plain and calibrated (``blend --calibration full``: a temperature, a scale
    per grade and the spinal group's study-level Severe factor, fitted on the other folds);
-3. the first run (1:2:4, first seed) is blended (calibrated), evaluated end to end (each
+3. the first run (the first weighting, 1:2:4, and the first seed) is blended (calibrated), evaluated end to end (each
    training study located by its fold's locators) and submitted on the test split: each term's test
    score beside the out-of-fold estimate's 90 % study-bootstrap interval, at the labelled points and
    located, and each term's gap to the oracle (``benchmarks/oracle.py``'s reader of the image);
@@ -18,11 +18,13 @@ labels, as ``make demo``'s), with ``--folds`` patient-grouped folds:
 Everything is written under ``--root`` (outside the repository by default) and resumes where it stopped.
 
     python benchmarks/honest_figures.py [--root ../honest-run] [--studies 150 --test-studies 150]
+        [--seeds 42 43 44] [--weightings competition inverse_frequency] [--epochs N]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -71,8 +73,8 @@ def labelled_terms(out: Path, folds: list[int], calibrated: bool) -> dict[str, f
     return competition_score(pd.concat(frames, ignore_index=True))
 
 
-def with_interval(frame: pd.DataFrame) -> dict:
-    point, interval = competition_score(frame), study_bootstrap(frame)
+def with_interval(frame: pd.DataFrame, resamples: int) -> dict:
+    point, interval = competition_score(frame), study_bootstrap(frame, resamples)
     return {t: {"value": point[t], "interval": list(interval[t])} for t in point}
 
 
@@ -81,11 +83,19 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=ROOT.parent / "honest-run")
     parser.add_argument("--studies", type=int, default=150)
     parser.add_argument("--test-studies", type=int, default=150)
-    parser.add_argument("--image-size", type=int, nargs=2, default=(160, 224))
+    parser.add_argument("--image-size", type=int, nargs=2, default=(128, 192))
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--seed", type=int, default=5, help="the synthetic set's seed")
+    parser.add_argument("--weightings", nargs="+", default=["competition", "inverse_frequency"])
+    parser.add_argument("--epochs", type=int, default=None, help="every model's epochs (default: make demo's)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="study-bootstrap resamples")
+    parser.add_argument("--groups", nargs="+", default=list(GRADING), choices=list(GRADING),
+                        help="the condition groups measured (default: all three)")
     args = parser.parse_args()
+    grading = {g: [*f, *(["--num_epochs", str(args.epochs)] if args.epochs else [])] for g, f in GRADING.items()
+               if g in args.groups}
+    locating = [*LOCATING, *(["--num_epochs", str(args.epochs)] if args.epochs else [])]
     root = args.root
     data, folds_csv = root / "data", root / "folds.csv"
     answers = root / "data-answers"
@@ -98,18 +108,18 @@ def main() -> None:
     timings["data"] = time.perf_counter() - started
     locators = root / "locators"
     run("train-localizer", "--data-dir", str(data), "--folds", str(folds_csv), "--output-dir", str(locators),
-        "--resume", *LOCATING)
+        "--resume", "--conditions", *args.groups, *locating)
     timings["locators"] = time.perf_counter() - started - sum(timings.values())
 
     variants = {}
-    for weights in ("competition", "inverse_frequency"):
+    for weights in args.weightings:
         for seed in args.seeds:
             out = root / f"{weights}-seed{seed}"
             (out / "trained_models").mkdir(parents=True, exist_ok=True)
             shared = out / "trained_models" / "localizer"
             if not shared.exists():
                 os.symlink((locators / "trained_models" / "localizer").resolve(), shared)
-            for group, flags in GRADING.items():
+            for group, flags in grading.items():
                 run("train", "--models", BACKBONE, "--conditions", group, "--data-dir", str(data), "--folds",
                     str(folds_csv), "--output-dir", str(out), "--resume", "--class_weights", weights, "--seed",
                     str(seed), *flags)
@@ -118,7 +128,7 @@ def main() -> None:
                 "calibrated": labelled_terms(out, folds, calibrated=True)}
     timings["grading"] = time.perf_counter() - started - sum(timings.values())
 
-    main_run = root / f"competition-seed{args.seeds[0]}"
+    main_run = root / f"{args.weightings[0]}-seed{args.seeds[0]}"
     run("blend", "--output-dir", str(main_run), "--folds", str(folds_csv))
     run("evaluate", "--output-dir", str(main_run), "--folds", str(folds_csv), "--data-dir", str(data))
     run("submit", "--data-dir", str(data), "--output-dir", str(main_run), "--description", "honest-figures")
@@ -128,11 +138,19 @@ def main() -> None:
     located = pd.concat([parsed(pd.read_csv(layout.located_oof_file(BLEND_NAME, g))) for g in GROUPS
                          if layout.located_oof_file(BLEND_NAME, g).is_file()], ignore_index=True)
     test = scored_rows(layout.submissions / "submission.csv", answers / "test.csv")
-    estimates = {"oof_labelled": with_interval(labelled), "oof_located": with_interval(located),
-                 "test": with_interval(test)}
+    estimates = {"oof_labelled": with_interval(labelled, args.bootstrap),
+                 "oof_located": with_interval(located, args.bootstrap), "test": with_interval(test, args.bootstrap)}
     train_narrowing = oracle.read_narrowing(answers, "train")
     floor = {"oof": oracle.scores(oracle.oracle_oof(train_narrowing, read_folds(folds_csv)))["oracle"],
              "test": oracle.scores(oracle.fitted_on(train_narrowing, oracle.read_narrowing(answers, "test")))["oracle"]}
+    # the last epoch's held-out loss (what the OOF rows are) against the held-out best (chosen on the fold)
+    epochs = {}
+    for group in GROUPS:
+        done = [json.loads((d / "done.json").read_text()) for d in layout.finished_fold_dirs(BACKBONE, group)]
+        if done:
+            epochs[group] = {"kept_last": float(np.mean([d["kept_score"] for d in done])),
+                             "held_out_best": float(np.mean([d["best_score"] for d in done])),
+                             "best_epochs": [d["best_epoch"] + 1 for d in done], "epochs": done[0].get("epochs")}
     suspects = suspect_labels(layout, folds)
     wrong = pd.read_csv(answers / "wrong_labels.csv").query("split == 'train'")
     noise = recall_of(suspects, wrong, share=0.05)
@@ -154,12 +172,16 @@ def main() -> None:
     for name, v in variants.items():
         print(f"  {name:28s} " + "  ".join(f"{t} {v['plain'][t]:.3f}->{v['calibrated'][t]:.3f}" for t in TERMS
                                            if t in v["plain"]))
+    print("\nper fold, mean held-out loss of the kept (last) epoch against the held-out best (optimistic):")
+    for group, e in epochs.items():
+        print(f"  {group:13s} last {e['kept_last']:.3f}  best {e['held_out_best']:.3f}  (best at epochs {e['best_epochs']} "
+              f"of {e['epochs']})")
     print(f"\nsuspect labels, top 5 % ({noise['listed']} of {noise['labels']}): "
           + ", ".join(f"{k} {v['found']}/{v['wrong']}" for k, v in noise.items() if isinstance(v, dict))
           + f" (a random list: {noise['random_recall']:.0%} of each)")
     report({"benchmark": "honest_figures", "studies": args.studies, "test_studies": args.test_studies,
             "folds": args.folds, "image_size": list(args.image_size), "estimates": estimates, "oracle": floor,
-            "variants": variants, "suspect_labels": noise, "seconds": timings})
+            "variants": variants, "epochs": epochs, "suspect_labels": noise, "seconds": timings})
 
 
 if __name__ == "__main__":

@@ -168,3 +168,15 @@ def test_oracle_on_a_run_beats_the_prior_out_of_fold_and_on_test(trained_run):
     oof, test = figures["oof"], figures["test"]
     assert all(oof["oracle"][k] < oof["prior"][k] for k in oof["oracle"]), oof
     assert test["oracle"]["score"] < test["prior"]["score"], test  # 5 test studies: the score, not each term
+
+
+def test_honest_figures_benchmark_runs(tmp_path):
+    figures = _run("honest_figures.py", "--root", str(tmp_path / "run"), "--studies", "12", "--test-studies", "4",
+                   "--image-size", "64", "80", "--folds", "2", "--seeds", "42", "--weightings", "competition",
+                   "--epochs", "1", "--bootstrap", "50", "--groups", "spinal")
+    for part in ("oof_labelled", "oof_located", "test"):
+        value = figures["estimates"][part]["score"]
+        assert value["interval"][0] <= value["value"] <= value["interval"][1], (part, value)
+    assert set(figures["variants"]) == {"competition, seed 42"}
+    assert 0 <= figures["suspect_labels"]["all"]["found"] <= figures["suspect_labels"]["all"]["wrong"]
+    assert all(e["kept_last"] >= e["held_out_best"] for e in figures["epochs"].values())
