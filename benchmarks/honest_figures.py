@@ -6,9 +6,10 @@ labels, as ``make demo``'s), with ``--folds`` patient-grouped folds:
 1. every group's locator is trained once (the demo's settings) and shared by every grading run below;
 2. EfficientNet-Lite0 grades each group, once per class weighting (the metric's 1:2:4 and inverse
    frequency) and seed (``--seeds``), every fold keeping its last epoch; each run's OOF terms at the
-   labelled points are scored plain and calibrated (``blend --calibration full``: a temperature, a scale
-   per grade and the spinal group's study-level Severe factor, fitted on the other folds);
-3. the first run (the first weighting, 1:2:4, and the first seed) is blended (calibrated), evaluated end to end (each
+   labelled points are scored uncalibrated, with the full calibration (``blend --calibration full``: a
+   temperature, a scale per grade and the spinal group's study-level Severe factor, fitted on the other
+   folds) and with the default (``auto``: each fold's calibration chosen by an inner split of the others);
+3. the first run (the first weighting, 1:2:4, and the first seed) is blended (the default), evaluated end to end (each
    training study located by its fold's locators) and submitted on the test split: each term's test
    score beside the out-of-fold estimate's 90 % study-bootstrap interval, at the labelled points and
    located, and each term's gap to the oracle (``benchmarks/oracle.py``'s reader of the image);
@@ -34,7 +35,7 @@ import pandas as pd
 
 from common import report
 from spinegrade import oracle
-from spinegrade.blend import aligned_oof, nested_loss
+from spinegrade.blend import aligned_oof, nested_loss, recipes
 from spinegrade.cli import main as spinegrade
 from spinegrade.constants import GROUPS, PROBABILITY_COLUMNS
 from spinegrade.data.folds import read_folds
@@ -58,16 +59,16 @@ def run(*args: str) -> None:
         raise SystemExit(f"spinegrade {' '.join(args)} exited {code}")
 
 
-def labelled_terms(out: Path, folds: list[int], calibrated: bool) -> dict[str, float]:
-    """The run's OOF terms at the labelled points over every group, plain or calibrated per group on the
-    other folds (nested)."""
+def labelled_terms(out: Path, folds: list[int], calibration: str) -> dict[str, float]:
+    """The run's OOF terms at the labelled points over every group, each group's rows calibrated
+    (``calibration``, :data:`spinegrade.config.CALIBRATIONS`) per fold on the other folds (nested)."""
     layout, frames = RunLayout(out), []
     for group in GROUPS:
         if not layout.finished_fold_dirs(BACKBONE, group):
             continue
         frame, per_backbone = aligned_oof(layout, [BACKBONE], group)
-        if calibrated:
-            _, probs, _ = nested_loss(frame, per_backbone, [BACKBONE], "probability", "full")
+        if calibration != "none":
+            _, probs, _ = nested_loss(frame, per_backbone, [BACKBONE], recipes(1, calibration))
             frame = frame.assign(**{c: probs[:, k] for k, c in enumerate(PROBABILITY_COLUMNS)})
         frames.append(frame)
     return competition_score(pd.concat(frames, ignore_index=True))
@@ -124,8 +125,7 @@ def main() -> None:
                     str(folds_csv), "--output-dir", str(out), "--resume", "--class_weights", weights, "--seed",
                     str(seed), *flags)
             variants[f"{weights}, seed {seed}"] = {
-                "plain": labelled_terms(out, folds, calibrated=False),
-                "calibrated": labelled_terms(out, folds, calibrated=True)}
+                c: labelled_terms(out, folds, c) for c in ("none", "full", "auto")}
     timings["grading"] = time.perf_counter() - started - sum(timings.values())
 
     main_run = root / f"{args.weightings[0]}-seed{args.seeds[0]}"
@@ -168,10 +168,10 @@ def main() -> None:
         inside = lo <= estimates["test"][t]["value"] <= hi if t in estimates["test"] else False
         print(f"{t:20s}  {cells[0]:25s}  {cells[1]:25s}  {cells[2]:25s}  {str(inside):20s}  "
               f"{floor['oof'].get(t, np.nan):.3f} / {floor['test'].get(t, np.nan):.3f}")
-    print("\nlabelled-point OOF per class weighting and seed (plain -> calibrated):")
+    print("\nlabelled-point OOF per class weighting and seed (uncalibrated / full calibration / auto):")
     for name, v in variants.items():
-        print(f"  {name:28s} " + "  ".join(f"{t} {v['plain'][t]:.3f}->{v['calibrated'][t]:.3f}" for t in TERMS
-                                           if t in v["plain"]))
+        print(f"  {name:28s} " + "  ".join(f"{t} {v['none'][t]:.3f}/{v['full'][t]:.3f}/{v['auto'][t]:.3f}"
+                                           for t in TERMS if t in v["none"]))
     print("\nper fold, mean held-out loss of the kept (last) epoch against the held-out best (optimistic):")
     for group, e in epochs.items():
         print(f"  {group:13s} last {e['kept_last']:.3f}  best {e['held_out_best']:.3f}  (best at epochs {e['best_epochs']} "

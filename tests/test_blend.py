@@ -80,8 +80,11 @@ def test_nested_estimate_never_below_in_sample(oof_root):
     for name, signal in (("a", 1.0), ("b", 0.8), ("c", 0.5)):
         _write_oof(root, name, labels, _model(rng, labels, signal), folds)
     report = _blend(root)
-    for candidate in report.candidates.values():
-        assert candidate["nested"] >= candidate["in_sample"] - 1e-9
+    assert report.nested >= report.in_sample - 1e-9
+    chosen = f"{report.blend.mode}, {report.blend.calibration}"
+    assert len(report.candidates) == 6  # two modes, three calibrations
+    assert report.candidates[chosen]["held_out"] == min(c["held_out"] for c in report.candidates.values())
+    assert report.candidates[chosen]["held_out"] >= report.in_sample - 1e-9
 
 
 def test_fast_loss_equals_the_metric_and_mixing_modes():
@@ -111,6 +114,26 @@ def test_calibration_fitted_nested_mends_a_model_that_shies_from_severe(oof_root
     saved = json.loads((root / "oof" / "blend.json").read_text())["groups"]["spinal"]
     assert saved["calibration"] == "full" and saved["class_scale"][2] > 1.5 * saved["class_scale"][0]
     assert set(saved["nested_blends"]) == {"0", "1", "2", "3"}
+    # the default chooses for itself, each fold without its rows: here a calibration pays on unseen folds
+    auto = _blend(root)
+    assert auto.blend.calibration != "none" and auto.nested < plain.nested - 0.02, (auto.nested, plain.nested)
+    saved = json.loads((root / "oof" / "blend.json").read_text())["groups"]["spinal"]
+    chosen = [b["calibration"] for b in saved["nested_blends"].values()]
+    assert saved["calibration_asked"] == "auto" and chosen.count("none") <= 1, chosen
+
+
+def test_auto_calibration_leaves_alone_a_model_already_calibrated(oof_root):
+    """Labels drawn from known probabilities, and the model saying what minimises the metric's weighted
+    loss (those probabilities times 1:2:4, renormalised): nothing to mend, so a fitted calibration can
+    only follow noise; the default's nested loss is no worse than the full calibration's."""
+    root, rng, _, folds = oof_root
+    truth = rng.dirichlet([2, 1, 0.6], size=len(folds))
+    labels = np.array([rng.choice(3, p=p) for p in truth])
+    probs = truth * [1, 2, 4]
+    _write_oof(root, "calibrated", labels, probs / probs.sum(axis=1, keepdims=True), folds)
+    full, auto = _blend(root, calibration="full"), _blend(root)
+    saved = json.loads((root / "oof" / "blend.json").read_text())["groups"]["spinal"]
+    assert auto.nested <= full.nested + 1e-9
 
 
 def test_the_severe_factor_moves_only_each_studys_highest_severe_row():

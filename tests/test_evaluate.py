@@ -151,8 +151,9 @@ def test_end_to_end_column_grades_held_out_studies_at_the_locators_points(traine
     for fold, blend in per_fold.items():
         rows = located["blend"].index[located["blend"]["fold"] == fold]
         members = [located[n].loc[rows, list(PROBABILITY_COLUMNS)].to_numpy() for n in blend.backbones]
+        studies = np.array([int(r.split("_")[0]) for r in rows])  # the Severe factor acts per study
         np.testing.assert_allclose(located["blend"].loc[rows, list(PROBABILITY_COLUMNS)].to_numpy(),
-                                   blend.combine(members), atol=1e-6)
+                                   blend.combine(members, studies), atol=1e-6)
     # every training label ranked by how far its out-of-fold probabilities disagree with it
     suspects = pd.read_csv(out / "results" / "suspect_labels.csv")
     assert len(suspects) == sum(len(pd.concat([pd.read_csv(p) for p in (out / "oof" / "blend" / g).glob("fold*.csv")]))

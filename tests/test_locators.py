@@ -53,8 +53,9 @@ def test_each_level_of_a_curved_spine_is_found_on_its_own_canal_slice(trained_ru
         for k, level in enumerate(LEVELS):
             offsets.append(found.slice_index[k] - labelled[level])
         if abs(labelled["l1_l2"] - labelled["l5_s1"]) >= 2:  # the curve puts the ends two slices apart or more
-            spread_studies += 1
-            assert found.slice_index[0] != found.slice_index[-1], (study, labelled, found.slice_index)
+            spread_studies += 1  # each end found within one slice of its own (two ends one off each way may meet)
+            assert abs(found.slice_index[0] - labelled["l1_l2"]) <= 1 and abs(found.slice_index[-1] - labelled["l5_s1"]) <= 1, (
+                study, labelled, found.slice_index)
     assert spread_studies >= 1, "the fixture should hold a spine whose ends lie two slices apart"
     offsets = np.abs(offsets)
     # one slice for the whole study (the middle slice moved by the common offset) misses far more of them;
@@ -80,9 +81,11 @@ def test_foramina_that_move_across_the_levels_are_found_on_their_slices(trained_
     moved = frame.groupby(["study_id", "condition"])["instance_labelled"].transform(lambda s: s.max() - s.min()) >= 2
     assert moved.sum() >= 10, "the fixture should hold foramina two or more slices apart across the levels"
     found = (frame.loc[moved, "slice_offset"].abs() <= 1).mean()
-    # From canal points found per level, the offsets follow the curve too (all within one on this fixture
-    # since the canal's slice locator reads neighbours in anatomical order); the head must still find them.
-    assert found >= 0.8 and (by_offsets.loc[moved, "slice_offset"].abs() <= 1).mean() >= 0.8, found
+    # The offsets start from canal points found per level, so they follow the curve as far as the canal's
+    # locator does (from 56 % to all within one on this fixture, by the shared run's draw); the head reads
+    # the foramen itself, and must find them at least as often.
+    offsets = (by_offsets.loc[moved, "slice_offset"].abs() <= 1).mean()
+    assert found >= 0.8 and found >= offsets, (found, offsets)
     assert (frame["source"] == "located").mean() >= 0.8  # the image decided, not the offsets
     # each side's foramen on its own side of the canal (+x is the patient's left), from geometry alone
     canal = {(st.study_id, r.level): st.slice_of(r).pixel_to_patient(r.x, r.y)

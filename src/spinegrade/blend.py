@@ -2,12 +2,15 @@
 
 Weights are non-negative and sum to one (a softmax of free parameters, optimised with
 scipy). Two ways of mixing are tried: the weighted mean of probabilities, and the weighted mean of
-log-probabilities renormalised (a geometric mean, which rewards agreement). Then, by default, the
-blend is calibrated: one temperature, a scale per grade, and for the spinal group a factor on each
+log-probabilities renormalised (a geometric mean, which rewards agreement). Then the blend may be
+calibrated: one temperature, or that with a scale per grade and, for the spinal group, a factor on each
 study's highest Severe probability, which is all the any_severe term reads (2nd place multiplied it by
-1.25); each fitted with the weights, nested like them. Weights tuned and scored on the same predictions flatter themselves, so the choice
-between them, and the figure reported for unseen studies, come from a nested estimate: for each
-fold, weights fitted on the other folds' OOF rows and scored on that fold's.
+1.25). By default ("auto") the mode and the calibration are chosen by their leave-one-fold-out loss, so
+a calibration is kept only where it mends more on unseen folds than it costs.
+
+Weights tuned and scored on the same predictions flatter themselves, so the figure reported for unseen
+studies is nested: for each fold, the mode and calibration chosen by an inner split of the other folds,
+then fitted on them, and scored on that fold's rows.
 
 Each condition group is blended on its own OOF rows (the spinal group scored with
 any_severe_spinal): a backbone trained on one group only is left out of the others' blends.
@@ -25,6 +28,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
+from spinegrade.config import CALIBRATIONS
 from spinegrade.constants import CONDITION_GROUP, GROUPS, PROBABILITY_COLUMNS
 from spinegrade.data.folds import read_folds, write_csv_atomic
 from spinegrade.errors import SpinegradeError
@@ -39,7 +43,12 @@ NEAR_ZERO = 0.02  # a weight below this is reported as contributing nothing
 EPS = 1e-7
 
 
-CALIBRATIONS = ("none", "temperature", "full")
+# What a blend may fit beside its weights: nothing; one temperature; "full": the temperature, a scale per
+# grade and, where the rows carry an any_severe term, the study-level Severe factor. ``blend
+# --calibration`` also takes "auto" (the default), each fold's chosen by an inner split of the other
+# folds: on a small run's folds a fitted calibration follows which folds happened to be hard and can cost
+# more than it mends (docs/figures.md), so whether it is fitted is itself measured.
+FITTED = tuple(c for c in CALIBRATIONS if c != "auto")
 
 
 @dataclass
@@ -54,6 +63,7 @@ class Blend:
     temperature: float = 1.0
     class_scale: np.ndarray = field(default_factory=lambda: np.ones(3))
     severe_factor: float = 1.0
+    calibration: str = "none"  # which of FITTED these values were fitted as
 
     def combine(self, probabilities: list[np.ndarray], study_ids: np.ndarray | None = None) -> np.ndarray:
         """Mix (rows, 3) probability arrays, one per backbone, in the order of ``backbones``, and calibrate
@@ -70,13 +80,13 @@ class Blend:
     def to_dict(self) -> dict:
         return {"backbones": self.backbones, "weights": [float(w) for w in self.weights], "mode": self.mode,
                 "temperature": float(self.temperature), "class_scale": [float(c) for c in self.class_scale],
-                "severe_factor": float(self.severe_factor)}
+                "severe_factor": float(self.severe_factor), "calibration": self.calibration}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Blend":
         return cls(list(d["backbones"]), np.asarray(d["weights"], dtype=float), d.get("mode", "probability"),
                    float(d.get("temperature", 1.0)), np.asarray(d.get("class_scale", [1.0, 1.0, 1.0]), dtype=float),
-                   float(d.get("severe_factor", 1.0)))
+                   float(d.get("severe_factor", 1.0)), d.get("calibration", "none"))
 
 
 def boost_highest_severe(probabilities: np.ndarray, study_ids: np.ndarray, factor: float) -> np.ndarray:
@@ -121,13 +131,12 @@ def _loss(frame: pd.DataFrame, probs: np.ndarray) -> float:
 
 
 def fit_blend(frame: pd.DataFrame, per_backbone: list[np.ndarray], backbones: list[str], mode: str,
-              calibration: str | bool = "full") -> Blend:
-    """Weights, and the ``calibration`` (``CALIBRATIONS``: none; one temperature; "full": the temperature,
+              calibration: str = "full") -> Blend:
+    """Weights, and the ``calibration`` (``FITTED``: none; one temperature; "full": the temperature,
     per-class scales and, where the rows carry an any_severe term, the study-level Severe factor)
     minimising the competition loss of the blended rows of ``frame`` (its any_severe term included)."""
-    calibration = {True: "temperature", False: "none"}.get(calibration, calibration)
-    if calibration not in CALIBRATIONS:
-        raise SpinegradeError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
+    if calibration not in FITTED:
+        raise SpinegradeError(f"calibration must be one of {', '.join(FITTED)}, got {calibration!r}")
     n = len(backbones)
     loss = FixedRowsScore(frame)
     studies = frame["study_id"].to_numpy()
@@ -138,18 +147,26 @@ def fit_blend(frame: pd.DataFrame, per_backbone: list[np.ndarray], backbones: li
         t = float(np.exp(x[n])) if extra else 1.0
         scale = np.exp(np.r_[0.0, x[n + 1:n + 3]]) if extra >= 3 else np.ones(3)
         factor = float(np.exp(x[n + 3])) if extra == 4 else 1.0
-        return Blend(backbones, _softmax(x[:n]), mode, t, scale, factor)
+        return Blend(backbones, _softmax(x[:n]), mode, t, scale, factor, calibration)
 
     def objective(x):
         return loss(unpack(x).combine(per_backbone, studies))
 
+    # The weights' landscape can have several basins: several starts, uncalibrated (cheap). The calibration
+    # then starts from the best of them, once: a start per basin again cost four times as long (three
+    # backbones) for an in-sample loss lower by a few thousandths at most.
+    def weights_only(x):
+        return loss(combine(per_backbone, _softmax(x), mode))
+
     best = None
     starts = [np.zeros(n)] + [np.eye(n)[i] * 3 for i in range(n)] if n > 1 else [np.zeros(n)]
     for start in starts:
-        result = minimize(objective, np.concatenate([start, np.zeros(extra)]), method="Powell",
-                          options={"xtol": 1e-4, "ftol": 1e-7, "maxiter": 4000})
+        result = minimize(weights_only, start, method="Powell", options={"xtol": 1e-4, "ftol": 1e-7, "maxiter": 4000})
         if best is None or result.fun < best.fun:
             best = result
+    if extra:
+        best = minimize(objective, np.concatenate([best.x, np.zeros(extra)]), method="Powell",
+                        options={"xtol": 1e-4, "ftol": 1e-7, "maxiter": 4000})
     return unpack(best.x)
 
 
@@ -176,26 +193,66 @@ def aligned_oof(layout: RunLayout, backbones: list[str], group: str) -> tuple[pd
     return first, [frames[name].loc[common, list(PROBABILITY_COLUMNS)].to_numpy(dtype=float) for name in backbones]
 
 
-def nested_loss(frame: pd.DataFrame, per_backbone: list[np.ndarray], backbones: list[str], mode: str,
-                calibration: str | bool) -> tuple[float, np.ndarray, dict[int, Blend]]:
-    """Loss on each fold of weights fitted on the other folds; returns the pooled loss, the predictions
-    and each held-out fold's blend (what the located OOF rows of that fold are mixed with)."""
+def held_out(frame: pd.DataFrame, per_backbone: list[np.ndarray], backbones: list[str],
+             recipe: tuple[str, str]) -> tuple[np.ndarray, dict[int, Blend]]:
+    """Every row blended by ``recipe`` (mode, calibration) fitted on the other folds of ``frame``; each
+    fold's blend beside."""
     out = np.zeros_like(per_backbone[0])
-    folds = frame["fold"].to_numpy()
+    folds, studies = frame["fold"].to_numpy(), frame["study_id"].to_numpy()
     per_fold = {}
     for fold in np.unique(folds):
         train = folds != fold
-        blend = fit_blend(frame[train], [p[train] for p in per_backbone], backbones, mode, calibration)
-        out[~train] = blend.combine([p[~train] for p in per_backbone], frame["study_id"].to_numpy()[~train])
+        blend = fit_blend(frame[train], [p[train] for p in per_backbone], backbones, *recipe)
+        out[~train] = blend.combine([p[~train] for p in per_backbone], studies[~train])
+        per_fold[int(fold)] = blend
+    return out, per_fold
+
+
+def recipes(backbones: int, calibration: str) -> list[tuple[str, str]]:
+    """The (mode, calibration) pairs a blend chooses among, the simplest first. One backbone mixes the
+    same either way; ``"auto"`` tries every calibration, any other value only itself."""
+    modes = ("probability", "log") if backbones > 1 else ("probability",)
+    chosen = FITTED if calibration == "auto" else (calibration,)
+    return [(mode, c) for mode in modes for c in chosen]
+
+
+def choose_recipe(frame: pd.DataFrame, per_backbone: list[np.ndarray], backbones: list[str],
+                  candidates: list[tuple[str, str]]) -> tuple[tuple[str, str], dict[tuple[str, str], float]]:
+    """The candidate whose leave-one-fold-out loss on ``frame`` is lowest, and every candidate's loss.
+    On fewer than two folds nothing can be held out: the simplest candidate."""
+    if len(candidates) == 1 or frame["fold"].nunique() < 2:
+        return candidates[0], {}
+    losses = {c: _loss(frame, held_out(frame, per_backbone, backbones, c)[0]) for c in candidates}
+    return min(losses, key=losses.get), losses
+
+
+def nested_loss(frame: pd.DataFrame, per_backbone: list[np.ndarray], backbones: list[str],
+                candidates: list[tuple[str, str]]) -> tuple[float, np.ndarray, dict[int, Blend]]:
+    """Each fold blended by a recipe chosen (:func:`choose_recipe`, an inner split) and fitted on the other
+    folds alone; returns the pooled loss, the predictions and each held-out fold's blend (what the located
+    OOF rows of that fold are mixed with). Nothing in a fold's rows chooses its mode, its calibration or
+    its weights."""
+    out = np.zeros_like(per_backbone[0])
+    folds, studies = frame["fold"].to_numpy(), frame["study_id"].to_numpy()
+    per_fold = {}
+    for fold in np.unique(folds):
+        train = folds != fold
+        inner = [p[train] for p in per_backbone]
+        recipe, _ = choose_recipe(frame[train], inner, backbones, candidates)
+        blend = fit_blend(frame[train], inner, backbones, *recipe)
+        out[~train] = blend.combine([p[~train] for p in per_backbone], studies[~train])
         per_fold[int(fold)] = blend
     return _loss(frame, out), out, per_fold
 
 
 def run_blend(output_dir: str | Path, folds_path: str | Path | None = None,
-              calibration: str = "full") -> dict[str, BlendReport]:
+              calibration: str = "auto") -> dict[str, BlendReport]:
     """Blend, per condition group, every backbone with OOF predictions of that group on every fold;
     write ``oof/blend.json`` and the nested blended OOF in ``oof/blend/<group>/``. ``calibration``
-    (``CALIBRATIONS``): what is fitted beside the weights, nested like them (:func:`fit_blend`)."""
+    (``CALIBRATIONS``): what is fitted beside the weights (:func:`fit_blend`), or "auto", chosen like the
+    mixing mode."""
+    if calibration not in CALIBRATIONS:
+        raise SpinegradeError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
     layout = RunLayout(output_dir)
     folds = sorted(read_folds(run_folds(layout, folds_path))["fold"].unique().tolist())
     reports: dict[str, BlendReport] = {}
@@ -217,42 +274,39 @@ def run_blend(output_dir: str | Path, folds_path: str | Path | None = None,
 
 
 def blend_group(layout: RunLayout, group: str, names: list[str], folds: list[int], calibration: str) -> BlendReport:
-    """The blend of one group: both mixing modes fitted, the one with the lower nested loss kept."""
+    """The blend of one group. Each recipe (mixing mode and calibration, :func:`recipes`) is scored by its
+    leave-one-fold-out loss; the lowest is fitted on every fold and kept for prediction. The figure reported
+    for unseen studies is the nested one: each fold blended by the recipe an inner split of the other folds
+    chose, fitted on them."""
     frame, per_backbone = aligned_oof(layout, names, group)
     studies = frame["study_id"].to_numpy()
     losses = {name: _loss(frame, p) for name, p in zip(names, per_backbone)}
-    candidates = {}
-    for mode in ("probability", "log"):
-        blend = fit_blend(frame, per_backbone, names, mode, calibration)
-        nested, nested_probs, per_fold = nested_loss(frame, per_backbone, names, mode, calibration)
-        candidates[mode] = {"blend": blend, "in_sample": _loss(frame, blend.combine(per_backbone, studies)), "nested": nested,
-                            "nested_probs": nested_probs, "per_fold": per_fold}
-    mode = min(candidates, key=lambda m: candidates[m]["nested"])
-    chosen = candidates[mode]
-    blend = chosen["blend"]
+    candidates = recipes(len(names), calibration)
+    recipe, held = choose_recipe(frame, per_backbone, names, candidates)
+    nested, nested_probs, per_fold = nested_loss(frame, per_backbone, names, candidates)
+    blend = fit_blend(frame, per_backbone, names, *recipe)
     # A backbone that contributes nothing is dropped outright, so prediction never loads it.
     near_zero = [n for n, w in zip(names, blend.weights) if w < NEAR_ZERO]
     snapped = np.where(blend.weights < NEAR_ZERO, 0.0, blend.weights)
     blend.weights = snapped / snapped.sum()
-    chosen["in_sample"] = _loss(frame, blend.combine(per_backbone, studies))
-    report = BlendReport(group, blend, losses, chosen["in_sample"], chosen["nested"],
-                         {m: {"in_sample": c["in_sample"], "nested": c["nested"], **c["blend"].to_dict()}
-                          for m, c in candidates.items()}, near_zero, len(frame))
-    # The blend's OOF files hold the nested predictions (each fold blended with weights fitted on the
-    # others), so the evaluation scores the blend as honestly as it scores a backbone.
-    blended = chosen["nested_probs"]
+    in_sample = _loss(frame, blend.combine(per_backbone, studies))
+    report = BlendReport(group, blend, losses, in_sample, nested,
+                         {f"{m}, {c}": {"held_out": loss} for (m, c), loss in held.items()}, near_zero, len(frame))
+    # The blend's OOF files hold the nested predictions (each fold blended by a recipe chosen and fitted on
+    # the others), so the evaluation scores the blend as honestly as it scores a backbone.
     for fold in folds:
         rows = frame["fold"].to_numpy() == fold
         out = frame.loc[rows, ["row_id"]].copy()
-        out[list(PROBABILITY_COLUMNS)] = blended[rows]
+        out[list(PROBABILITY_COLUMNS)] = nested_probs[rows]
         out["label"], out["fold"] = frame.loc[rows, "label"].to_numpy(), fold
         write_csv_atomic(out, layout.oof_file(BLEND_NAME, group, fold, existing=False))
-    report.payload = {**blend.to_dict(), "why": f"{mode} mixing had the lower nested loss "
-                      + ", ".join(f"({m} {c['nested']:.4f})" for m, c in report.candidates.items()),
-                      "calibration": calibration, "backbone_oof_loss": losses,
-                      "blend_oof_loss_in_sample": report.in_sample, "blend_oof_loss_nested": report.nested,
+    why = (f"{recipe[0]} mixing, {recipe[1]} calibration: the lowest leave-one-fold-out loss ("
+           + ", ".join(f"{k} {v['held_out']:.4f}" for k, v in report.candidates.items()) + ")"
+           if held else f"{recipe[0]} mixing, {recipe[1]} calibration: the only recipe asked for")
+    report.payload = {**blend.to_dict(), "why": why, "calibration_asked": calibration, "backbone_oof_loss": losses,
+                      "blend_oof_loss_in_sample": in_sample, "blend_oof_loss_nested": nested,
                       "near_zero_weight": near_zero, "rows": len(frame), "candidates": report.candidates,
-                      "nested_blends": {str(k): b.to_dict() for k, b in chosen["per_fold"].items()}}
+                      "nested_blends": {str(k): b.to_dict() for k, b in per_fold.items()}}
     return report
 
 
@@ -262,9 +316,10 @@ def format_blend(report: BlendReport) -> str:
     for name, loss in report.backbone_losses.items():
         w = report.blend.weights[report.blend.backbones.index(name)]
         lines.append(f"  {name:24s} {loss:.4f}   weight {w:.3f}{'  (near zero: contributes nothing)' if name in report.near_zero else ''}")
-    lines.append(f"  {'blend (' + report.blend.mode + ')':24s} {report.in_sample:.4f}   tuned and scored on the same rows")
-    lines.append(f"  {'blend, nested over folds':24s} {report.nested:.4f}   weights fitted on other folds: "
-                 "the estimate for unseen studies")
+    recipe = f"{report.blend.mode}, {report.blend.calibration} calibration"
+    lines.append(f"  {'blend':24s} {report.in_sample:.4f}   {recipe}: tuned and scored on the same rows")
+    lines.append(f"  {'blend, nested over folds':24s} {report.nested:.4f}   recipe and weights chosen and fitted on "
+                 "other folds: the estimate for unseen studies")
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from spinegrade.config import CALIBRATIONS
 from spinegrade.constants import COMPETITION, GROUPS, check_groups
 from spinegrade.errors import SpinegradeError
 from spinegrade.layout import RunLayout
@@ -365,9 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("blend", help="blend weights tuned on OOF loss per group, with a nested estimate; oof/blend.json")
     p.add_argument("--output-dir", "--output_dir", type=Path, default=Path("."))
     p.add_argument("--folds", type=Path, default=None, help="default: the copy the run made at training (OUTPUT/folds.csv)")
-    p.add_argument("--calibration", choices=["none", "temperature", "full"], default="full",
-                   help="fitted beside the weights, nested like them: full (default: a temperature, a scale per grade, "
-                        "and the spinal group's factor on each study's highest Severe probability), temperature, none")
+    p.add_argument("--calibration", choices=list(CALIBRATIONS), default="auto",
+                   help="fitted beside the weights: none, temperature, full (a temperature, a scale per grade and the "
+                        "spinal group's factor on each study's highest Severe probability), or auto (default: the one "
+                        "with the lowest leave-one-fold-out loss, each fold's chosen without it)")
     p.add_argument("--temperature", dest="calibration", action="store_const", const="temperature",
                    help="the same as --calibration temperature")
     p.set_defaults(func=cmd_blend)

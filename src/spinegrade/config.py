@@ -144,6 +144,7 @@ class LocatorConfig:
 
 LR_SCHEDULES = ("constant", "onecycle")  # engine.make_schedule
 EPOCH_CHOICES = ("last", "held_out_best")  # fold_loop.fit
+CALIBRATIONS = ("auto", "none", "temperature", "full")  # blend.run_blend: "auto" chooses among the others
 # Settings whose default changed: a fold saved before a setting existed was trained with this value, so
 # it reads as saved with it (and is trained again under the new default, never passed off as one).
 FORMER_DEFAULTS = {"epoch_choice": "held_out_best"}
