@@ -56,7 +56,9 @@ def test_two_folds_write_oof_for_exactly_their_studies_and_beat_the_prior(train_
     out = tmp_path / "run"
     code = main(["train", "--models", "efficientnet_lite0", "--fold", "0", "1", "--data-dir", str(data),
                  "--folds", str(folds_path), "--output-dir", str(out), "--num_epochs", "5",
-                 "--image-size", "64", "--batch_size", "16", "--num-workers", "0", "--learning-rate", "1e-3"])
+                 "--image-size", "64", "--batch_size", "16", "--num-workers", "0", "--learning-rate", "1e-3",
+                 "--lr_schedule", "constant"])  # the rate this test's bound was set at: annealed over 5 epochs
+    # from 1e-3 on 20 studies, Lite0 stopped at 0.726 against the priors' 0.716 and 0.777
     assert code == 0
     paths = [oof_path(out, "efficientnet_lite0", k) for k in (0, 1)]
     assert paths[0] == out / "oof" / "efficientnet_lite0" / "spinal" / "fold0.csv"
@@ -76,12 +78,12 @@ def test_two_folds_write_oof_for_exactly_their_studies_and_beat_the_prior(train_
     assert len(metrics) == 5 and {"train_loss", "val_loss", "val_competition", "val_accuracy", "val_spinal",
                                   "val_any_severe_spinal"} <= set(metrics.columns)
     # A finished fold is not retrained unless asked.
-    again = train_fold(load_config("efficientnet_lite0", {**SMALL, "num_epochs": 5, "num_workers": 2}), data,
+    again = train_fold(load_config("efficientnet_lite0", {**SMALL, "num_epochs": 5, "num_workers": 2, "lr_schedule": "constant"}), data,
                        folds_path, out, 0)
     assert again.skipped and again.group == "spinal"
     # Other settings, or --force, train again; the stale done.json goes first.
     before = len(logged())
-    redo = train_fold(load_config("efficientnet_lite0", {**SMALL, "num_epochs": 1}), data, folds_path, out, 0)
+    redo = train_fold(load_config("efficientnet_lite0", {**SMALL, "num_epochs": 1, "lr_schedule": "constant"}), data, folds_path, out, 0)
     lines = logged()[before:]
     assert not redo.skipped and any("other settings" in line for line in lines)
 
