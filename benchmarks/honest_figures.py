@@ -59,7 +59,7 @@ def run(*args: str) -> None:
         raise SystemExit(f"spinegrade {' '.join(args)} exited {code}")
 
 
-def labelled_terms(out: Path, folds: list[int], calibration: str) -> dict[str, float]:
+def labelled_terms(out: Path, calibration: str) -> dict[str, float]:
     """The run's OOF terms at the labelled points over every group, each group's rows calibrated
     (``calibration``, :data:`spinegrade.config.CALIBRATIONS`) per fold on the other folds (nested)."""
     layout, frames = RunLayout(out), []
@@ -125,7 +125,7 @@ def main() -> None:
                     str(folds_csv), "--output-dir", str(out), "--resume", "--class_weights", weights, "--seed",
                     str(seed), *flags)
             variants[f"{weights}, seed {seed}"] = {
-                c: labelled_terms(out, folds, c) for c in ("none", "full", "auto")}
+                c: labelled_terms(out, c) for c in ("none", "full", "auto")}
     timings["grading"] = time.perf_counter() - started - sum(timings.values())
 
     main_run = root / f"{args.weightings[0]}-seed{args.seeds[0]}"

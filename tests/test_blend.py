@@ -132,7 +132,6 @@ def test_auto_calibration_leaves_alone_a_model_already_calibrated(oof_root):
     probs = truth * [1, 2, 4]
     _write_oof(root, "calibrated", labels, probs / probs.sum(axis=1, keepdims=True), folds)
     full, auto = _blend(root, calibration="full"), _blend(root)
-    saved = json.loads((root / "oof" / "blend.json").read_text())["groups"]["spinal"]
     assert auto.nested <= full.nested + 1e-9
 
 

@@ -158,16 +158,14 @@ def fit_blend(frame: pd.DataFrame, per_backbone: list[np.ndarray], backbones: li
     def weights_only(x):
         return loss(combine(per_backbone, _softmax(x), mode))
 
-    best = None
-    starts = [np.zeros(n)] + [np.eye(n)[i] * 3 for i in range(n)] if n > 1 else [np.zeros(n)]
-    for start in starts:
-        result = minimize(weights_only, start, method="Powell", options={"xtol": 1e-4, "ftol": 1e-7, "maxiter": 4000})
-        if best is None or result.fun < best.fun:
-            best = result
+    options = {"xtol": 1e-4, "ftol": 1e-7, "maxiter": 4000}
+    x = np.zeros(n)  # one backbone: its weight is 1 whatever x says
+    if n > 1:
+        starts = [np.zeros(n)] + [np.eye(n)[i] * 3 for i in range(n)]
+        x = min((minimize(weights_only, s, method="Powell", options=options) for s in starts), key=lambda r: r.fun).x
     if extra:
-        best = minimize(objective, np.concatenate([best.x, np.zeros(extra)]), method="Powell",
-                        options={"xtol": 1e-4, "ftol": 1e-7, "maxiter": 4000})
-    return unpack(best.x)
+        x = minimize(objective, np.concatenate([x, np.zeros(extra)]), method="Powell", options=options).x
+    return unpack(x)
 
 
 @dataclass
@@ -194,18 +192,15 @@ def aligned_oof(layout: RunLayout, backbones: list[str], group: str) -> tuple[pd
 
 
 def held_out(frame: pd.DataFrame, per_backbone: list[np.ndarray], backbones: list[str],
-             recipe: tuple[str, str]) -> tuple[np.ndarray, dict[int, Blend]]:
-    """Every row blended by ``recipe`` (mode, calibration) fitted on the other folds of ``frame``; each
-    fold's blend beside."""
+             recipe: tuple[str, str]) -> np.ndarray:
+    """Every row blended by ``recipe`` (mode, calibration) fitted on the other folds of ``frame``."""
     out = np.zeros_like(per_backbone[0])
     folds, studies = frame["fold"].to_numpy(), frame["study_id"].to_numpy()
-    per_fold = {}
     for fold in np.unique(folds):
         train = folds != fold
         blend = fit_blend(frame[train], [p[train] for p in per_backbone], backbones, *recipe)
         out[~train] = blend.combine([p[~train] for p in per_backbone], studies[~train])
-        per_fold[int(fold)] = blend
-    return out, per_fold
+    return out
 
 
 def recipes(backbones: int, calibration: str) -> list[tuple[str, str]]:
@@ -222,7 +217,7 @@ def choose_recipe(frame: pd.DataFrame, per_backbone: list[np.ndarray], backbones
     On fewer than two folds nothing can be held out: the simplest candidate."""
     if len(candidates) == 1 or frame["fold"].nunique() < 2:
         return candidates[0], {}
-    losses = {c: _loss(frame, held_out(frame, per_backbone, backbones, c)[0]) for c in candidates}
+    losses = {c: _loss(frame, held_out(frame, per_backbone, backbones, c)) for c in candidates}
     return min(losses, key=losses.get), losses
 
 
