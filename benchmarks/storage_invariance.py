@@ -2,7 +2,8 @@
 
 Rewrites every test-split DICOM file of DATA (`spinegrade.data.restore`) in several ways that keep
 the anatomy where it is in patient space: another aspect ratio, non-square pixels, MONOCHROME1 with
-signed rescaled values, 8 bits. Each variant is predicted with OUTPUT's models (the blend when
+signed rescaled values, 8 bits, and every slice turned 90 degrees in plane, transposed or
+mirrored (ImageOrientationPatient following). Each variant is predicted with OUTPUT's models (the blend when
 there is one) and compared with the files as stored: how far the locator's points moved (mm, in
 patient space; median and 90th percentile), the largest change in any probability, and the spinal
 score when the answers are known (a synthetic set's `<data>-answers/test.csv`). Figures describe
@@ -35,6 +36,9 @@ VARIANTS = {
     "pixels 1.33x taller": Storage(row_scale=0.75),
     "MONOCHROME1, signed, rescaled": Storage(monochrome1=True, rescale=(0.5, 1024.0)),
     "8 bits": Storage(bits=8),
+    "turned 90 degrees": Storage(in_plane="turned"),
+    "transposed": Storage(in_plane="transposed"),
+    "mirrored": Storage(in_plane="mirrored"),
 }
 
 

@@ -12,7 +12,7 @@ import torch
 
 from spinegrade.constants import CONDITION_SPECS, GROUPS, condition_title, level_title
 from spinegrade.data.dicom import read_slice
-from spinegrade.data.preprocess import prepare_image, side_turn, turn
+from spinegrade.data.preprocess import canonical_turn, prepare_image, turn
 from spinegrade.evidence import SingleInput, channels_first, class_activation_maps, study_evidence, target_layer
 from spinegrade.models.classifier import LevelClassifier, ModelSpec
 
@@ -90,8 +90,7 @@ def _structure_in_crop(located, row, settings, labelled) -> np.ndarray | None:
     reach = np.sqrt(STRUCTURE_MM ** 2 - distance ** 2)
     mask = prepare_image((mm <= reach).astype(np.float32), s.pixel_spacing, row.x, row.y, settings, limits=(0.0, 1.0))
     side = CONDITION_SPECS[row.condition].side
-    if settings.turn_by_side and side:
-        mask = turn(mask, *side_turn(s, side))
+    mask = turn(mask, *canonical_turn(s, side if settings.turn_by_side else None))
     return mask > 127
 
 

@@ -1,13 +1,12 @@
-"""The run layout: every stage's paths from one object, and runs written before condition groups
-(tests/fixtures/run-v0.1, made by that version) still predict the same submission and build a kernel."""
+"""The run layout: every stage's paths from one object; a run written before condition groups
+(tests/fixtures/run-v0.1, made by that version) is still read in its layout, and its models, which say
+nothing of the inputs they were fed, are refused by prediction and by the kernel's build."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 
 from spinegrade.data.synthetic import SynthSettings, write_dataset
@@ -37,29 +36,28 @@ def test_layout_reads_an_old_run_as_the_spinal_group(legacy):
     assert [p.name for p in layout.finished_fold_dirs("tiny", "spinal")] == ["fold0", "fold1"]
 
 
-def test_an_old_run_predicts_the_submission_it_predicted_then(legacy, tmp_path):
+def test_an_old_run_is_refused_by_prediction_naming_its_fold_and_why(legacy, tmp_path):
+    """Its models say nothing of the inputs they were fed (saved before ``preprocess_version`` and
+    ``locator_input_version`` were recorded), and this code turns and orders slices otherwise: refused
+    in one line, never graded without a word."""
+    import subprocess
+    import sys
+
     from spinegrade.blend import load_blends
-    from spinegrade.submit import predict_split
 
-    assert list(load_blends(legacy / "run")) == ["spinal"]  # blend.json without `groups`
-    predict_split(legacy / "data", "test", legacy / "run", out=tmp_path / "s.csv", predictions_dir=tmp_path)
-    submission = pd.read_csv(tmp_path / "s.csv")  # as written: in sample_submission.csv's order
-    expected = pd.read_csv(LEGACY / "expected_test_submission.csv")
-    assert list(submission["row_id"]) == list(expected["row_id"])
-    # 5e-5: prediction now makes its crops as training's cache does, through the point's patient-space
-    # position (a round trip of ~1e-13 pixels, which can move OpenCV's fixed-point interpolation by a step),
-    # and the generator's foramina and recesses sit where the real labels put them, which touches a few
-    # pixels at the rim of the canal slice's crop.
-    np.testing.assert_allclose(submission.iloc[:, 1:].to_numpy(), expected.iloc[:, 1:].to_numpy(), atol=5e-5)
-    spinal = submission["row_id"].str.contains("spinal_canal")
-    assert spinal.sum() == 10  # 2 studies x 5 levels came from the old models, not the prior
+    assert list(load_blends(legacy / "run")) == ["spinal"]  # blend.json without `groups` is still read
+    result = subprocess.run([sys.executable, "-m", "spinegrade.cli", "predict", "--data-dir", str(legacy / "data"),
+                             "--split", "test", "--output-dir", str(legacy / "run"), "--out", str(tmp_path / "s.csv")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "saved before its inputs' version" in result.stderr and "train it again" in result.stderr
+    assert "fold0" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "s.csv").exists()
 
 
-def test_an_old_run_builds_a_kernel_in_todays_layout(legacy, tmp_path):
+def test_an_old_run_builds_no_kernel(legacy, tmp_path):
+    from spinegrade.errors import SpinegradeError
     from spinegrade.kernel.build import build_kernel
 
-    build = build_kernel(legacy / "run", tmp_path / "kernels", username="tester", offline=True)
-    models = RunLayout(build.models_dir)
-    assert sorted(p.name for p in models.finished_fold_dirs("tiny", "spinal")) == ["fold0", "fold1"]
-    assert (models.trained_models / "tiny" / "spinal" / "fold0" / "best.safetensors").is_file()
-    assert (models.trained_models / "localizer" / "spinal" / "slice_choice.json").is_file()
+    with pytest.raises(SpinegradeError, match=r"tiny.fold0: saved before its inputs' version \(preprocess_version\)"):
+        build_kernel(legacy / "run", tmp_path / "kernels", username="tester", offline=True)

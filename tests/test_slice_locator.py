@@ -11,7 +11,7 @@ import pydicom
 
 from spinegrade.data.dicom import main_stack, read_series
 from spinegrade.data.preprocess import PreprocessSettings, SquareView, content_box, prepare_image, window_limits
-from spinegrade.data.restore import Storage, restore
+from spinegrade.data.restore import IN_PLANE, Storage, restore
 from spinegrade.layout import RunLayout
 from spinegrade.slice_locator import SliceLocator
 
@@ -129,12 +129,15 @@ def test_restored_files_keep_the_anatomy_in_patient_space(tmp_path):
     original = read_slice(write_mr(tmp_path / "a.dcm", pixels, instance=1, position=(3.0, -20.0, 40.0)))
     bright = original.pixel_to_patient(7, 25)
     for storage in (Storage(pad_columns=(0.25, 0.1)), Storage(row_scale=0.5), Storage(monochrome1=True, rescale=(0.5, 1024.0)),
-                    Storage(bits=8), Storage(pad_columns=(0.2, 0.2), row_scale=2.0, monochrome1=True)):
+                    Storage(bits=8), Storage(pad_columns=(0.2, 0.2), row_scale=2.0, monochrome1=True),
+                    *(Storage(in_plane=how) for how in IN_PLANE), Storage(in_plane="turned", row_scale=0.5)):
         s = read_slice(restore(original.path, tmp_path / "b.dcm", storage))
         row, col = np.unravel_index(np.argmax(s.pixels), s.pixels.shape)
         moved = np.linalg.norm(s.pixel_to_patient(col, row) - bright)
         assert moved <= max(s.pixel_spacing) / 2 + 1e-6, (storage, moved)
-        if storage.row_scale == 1.0:
+        if storage.in_plane in ("turned", "transposed"):
+            assert s.shape[1] == round(40 * storage.row_scale)  # really stored another way round
+        elif storage.row_scale == 1.0:
             assert s.shape[0] == 40 and (s.pixels == s.pixels.max()).sum() == 1  # still one bright pixel
         if storage.rescale is not None:
             assert pydicom.dcmread(tmp_path / "b.dcm").pixel_array.min() < 0  # really signed values on disk

@@ -133,21 +133,48 @@ def test_rows_running_the_other_way_give_the_same_points_and_the_same_crops_per_
     ((0, -1, 0), (-1, 0, 0), (True, True, True), (True, True, False)),  # turned the other way
     ((1, 0, 0), (0, -1, 0), (False, True, False), (False, True, True)),  # upside down: the back at the top
 ])
-def test_side_turn_puts_each_sides_lateral_edge_right_and_the_back_down(across, down, left, right):
+def test_canonical_turn_puts_each_sides_lateral_edge_right_and_the_back_down(across, down, left, right):
     """Absolute, from the geometry alone: after the turn, a step right in the crop goes lateral (+x for the
     patient's left, -x for the right) and a step down goes posterior (+y)."""
     from spinegrade.data.dicom import Slice
-    from spinegrade.data.preprocess import side_turn, turn
+    from spinegrade.data.preprocess import canonical_turn, turn
 
     s = Slice(Path("x.dcm"), 1, np.zeros(3), np.array([*across, *down], dtype=float), (1.0, 1.0), (4, 4))
-    assert side_turn(s, "left") == left and side_turn(s, "right") == right
+    assert canonical_turn(s, "left") == left and canonical_turn(s, "right") == right
+    assert canonical_turn(s) == left  # read for no side: the patient's left to the right
     # A 4x4 image whose pixel (r, c) holds its patient point: after the turn, check the directions.
     rows, cols = np.mgrid[0:4, 0:4]
     patient = rows[..., None] * np.array(down) + cols[..., None] * np.array(across)  # (4, 4, 3)
     for side, lateral in (("left", 1), ("right", -1)):
-        turned = np.stack([turn(patient[..., a].astype(float), *side_turn(s, side)) for a in range(3)], axis=-1)
+        turned = np.stack([turn(patient[..., a].astype(float), *canonical_turn(s, side)) for a in range(3)], axis=-1)
         assert (np.diff(turned[..., 0], axis=1) == lateral).all()  # rightwards: lateral
         assert (np.diff(turned[..., 1], axis=0) == 1).all()  # downwards: posterior
+
+
+@pytest.mark.parametrize("across, down", [
+    ((0, 1, 0), (0, 0, -1)),  # as the competition's sagittal series are stored
+    ((0, 0, -1), (0, 1, 0)),  # transposed
+    ((0, 0, 1), (0, 1, 0)),  # turned 90 degrees
+    ((0, -1, 0), (0, 0, -1)),  # mirrored
+    ((0, -1, 0), (0, 0, 1)),  # upside down
+])
+def test_canonical_turn_shows_a_sagittal_slice_back_right_and_feet_down_and_maps_points_back(across, down):
+    from spinegrade.data.dicom import Slice
+    from spinegrade.data.preprocess import canonical_turn, turn, turn_point, unturn_point
+
+    shape = (4, 6)
+    s = Slice(Path("x.dcm"), 1, np.zeros(3), np.array([*across, *down], dtype=float), (1.0, 1.0), shape)
+    how = canonical_turn(s)
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
+    patient = rows[..., None] * np.array(down) + cols[..., None] * np.array(across)
+    turned = np.stack([turn(patient[..., a].astype(float), *how) for a in range(3)], axis=-1)
+    assert (np.diff(turned[..., 1], axis=1) == 1).all()  # rightwards: posterior
+    assert (np.diff(turned[..., 2], axis=0) == -1).all()  # downwards: towards the feet
+    for x, y in ((0, 0), (5, 1), (2.5, 3)):  # a stored point lands on the same patient point once turned, and back
+        tx, ty = turn_point(x, y, how, shape)
+        expected = y * np.array(down) + x * np.array(across)
+        np.testing.assert_allclose(turned[int(round(ty)), int(round(tx))], expected, atol=0.51 * 2)
+        np.testing.assert_allclose(unturn_point(tx, ty, how, shape), (x, y))
 
 
 def _split_axial(series_dir: Path, new_id: int) -> Path:

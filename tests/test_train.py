@@ -331,3 +331,51 @@ def test_a_fold_finished_before_a_setting_existed_reads_as_trained_with_its_defa
                                      "num_epochs": 1, "slices": 3})
     folder = FoldFolder(done.parent, _identity(three), "tiny", defaults=_identity(TrainConfig()))
     assert folder.finished(force=False, resume=True)[0] is None
+
+
+def test_a_fold_knows_its_inputs_and_labels(train_data, tmp_path, logged):
+    """A fold records the version of the images it was fed and a digest of its labels: a corrected label
+    trains it again; one saved before these were recorded is refused by training (never retrained without
+    a word) and by prediction, as is one fed another version of the images."""
+    import shutil
+
+    from spinegrade.data.preprocess import PREPROCESS_VERSION
+    from spinegrade.predict import load_fold_models
+
+    data, folds_path = train_data
+    config = load_config("resnet18", {**SMALL, "backbone": "resnet18", "pretrained": False, "name": "tiny",
+                                      "num_epochs": 1})
+    train_fold(config, data, folds_path, tmp_path, 0)
+    folder = fold_dir(tmp_path, "tiny", 0)
+    spec = json.loads((folder / "model.json").read_text())
+    assert spec["preprocess_version"] == PREPROCESS_VERSION and len(spec["labels_digest"]) == 16
+    assert load_fold_models(tmp_path, "tiny", "spinal", "cpu")[0].fold == 0
+    # a foraminal label corrected: the spinal fold's labels are the same, it stays finished
+    corrected = tmp_path / "corrected"
+    shutil.copytree(data, corrected, symlinks=True)
+    labels = pd.read_csv(corrected / "train.csv")
+    column = "left_neural_foraminal_narrowing_l4_l5"
+    labels.loc[0, column] = "Severe" if labels.loc[0, column] != "Severe" else "Moderate"
+    labels.to_csv(corrected / "train.csv", index=False)
+    assert train_fold(config, corrected, folds_path, tmp_path, 0).skipped
+    # a spinal one: trained again, and the log says why
+    labels.loc[0, "spinal_canal_stenosis_l4_l5"] = "Severe" if labels.loc[0, "spinal_canal_stenosis_l4_l5"] != "Severe" else "Moderate"
+    labels.to_csv(corrected / "train.csv", index=False)
+    before = len(logged())
+    assert not train_fold(config, corrected, folds_path, tmp_path, 0).skipped
+    assert any("other settings (labels_digest)" in line for line in logged()[before:])
+    # another version of the images: prediction refuses it, naming the fold
+    spec = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps({**spec, "preprocess_version": PREPROCESS_VERSION - 1}))
+    with pytest.raises(SpinegradeError, match=rf"fold0: trained on inputs of preprocess_version {PREPROCESS_VERSION - 1}"):
+        load_fold_models(tmp_path, "tiny", "spinal", "cpu")
+    # saved before the inputs were recorded: training refuses it, and so does prediction
+    del spec["preprocess_version"]
+    (folder / "model.json").write_text(json.dumps(spec))
+    info = json.loads((folder / "done.json").read_text())
+    del info["config"]["preprocess_version"], info["config"]["labels_digest"]
+    (folder / "done.json").write_text(json.dumps(info))
+    with pytest.raises(SpinegradeError, match="saved before preprocess_version and labels_digest were recorded.*--force"):
+        train_fold(config, corrected, folds_path, tmp_path, 0)
+    with pytest.raises(SpinegradeError, match="fold0: saved before its inputs' version"):
+        load_fold_models(tmp_path, "tiny", "spinal", "cpu")

@@ -19,6 +19,7 @@ leaves (``on_best``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import numbers
@@ -107,6 +108,15 @@ def continues(saved: dict | None, wanted: dict) -> bool:
     return saved == wanted
 
 
+def labels_digest(*tables: pd.DataFrame) -> str:
+    """A short digest of what a fold learns from (its labels, points and folds: the tables' rows, in
+    any order), part of its identity: a corrected label file trains the folds it touches again."""
+    digest = hashlib.sha256()
+    for table in tables:
+        digest.update(table.astype(str).sort_values(list(table.columns)).to_csv(index=False).encode())
+    return digest.hexdigest()[:16]
+
+
 def plain(settings: dict) -> dict:
     """Settings as JSON would give them back (tuples as lists), so saved and wanted compare equal."""
     return json.loads(json.dumps(settings))
@@ -136,6 +146,9 @@ class FoldFolder:
     # Each setting's default: a fold saved before a setting existed trained with its default, so it reads
     # as saved with it (a run finished before ``slices`` existed is still finished, not retrained).
     defaults: dict = field(default_factory=dict)
+    # Settings with no default (the inputs' version, the labels' digest): a fold saved without them is
+    # refused, never retrained without a word (on real data a fold is GPU-hours).
+    required: tuple[str, ...] = ()
 
     def saved_settings(self, saved: dict | None) -> dict:
         """``saved`` with the settings added since it was written filled in with their defaults."""
@@ -157,11 +170,16 @@ class FoldFolder:
             return None, resume and not force
         info = json.loads(self.done.read_text())
         saved = self.saved_settings(info.get("config"))
+        missing = [k for k in self.required if k not in saved]
+        if missing:
+            raise SpinegradeError(f"{self.out}: {self.label} was saved before {' and '.join(missing)} were recorded, so "
+                                  "this code cannot tell what it was trained on; train it again with --force")
         if saved == self.identity:
             say(f"{self.label}: already trained (best epoch {info['best_epoch'] + 1}, "
                 f"loss {info['best_score']:.4f}); use --force to retrain")
             return info, resume
-        say(f"{self.label}: trained before with other settings; training again")
+        changed = sorted(k for k in self.identity.keys() | saved.keys() if saved.get(k) != self.identity.get(k))
+        say(f"{self.label}: trained before with other settings ({', '.join(changed)}); training again")
         return None, resume and continues(saved, self.identity)
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, device: torch.device,

@@ -28,7 +28,7 @@ import torch
 
 from spinegrade.blend import Blend
 from spinegrade.constants import GROUPS, LEVELS, PROBABILITY_COLUMNS
-from spinegrade.data.preprocess import PreprocessSettings, centre_view, prepare_stack
+from spinegrade.data.preprocess import PREPROCESS_VERSION, PreprocessSettings, centre_view, prepare_stack, refuse_other_inputs
 from spinegrade.device import autocast
 from spinegrade.errors import SpinegradeError
 from spinegrade.layout import RunLayout
@@ -55,7 +55,8 @@ class FoldModel:
 
 def load_fold_models(output_dir: Path, name: str, group: str, device: torch.device) -> list[FoldModel]:
     """Every finished fold model of one backbone on one group, rebuilt from its model.json and weights
-    alone (a fold still training, or killed, has no done.json and is left out)."""
+    alone (a fold still training, or killed, has no done.json and is left out). A fold trained on
+    inputs this code no longer makes (``preprocess_version``) is refused, naming it."""
     layout = RunLayout(output_dir)
     folders = layout.finished_fold_dirs(name, group)
     if not folders:
@@ -63,6 +64,7 @@ def load_fold_models(output_dir: Path, name: str, group: str, device: torch.devi
     models = []
     for folder in folders:
         spec = json.loads((folder / "model.json").read_text())
+        refuse_other_inputs(spec, "preprocess_version", PREPROCESS_VERSION, folder)
         model = LevelClassifier(ModelSpec.from_dict(spec))
         load_state(model, folder / "best.safetensors")
         models.append(FoldModel(name, group, int(spec["fold"]), model.to(device).eval(), PreprocessSettings.from_model(spec),

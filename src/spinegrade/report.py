@@ -66,7 +66,7 @@ def _example_figure(layout: RunLayout, name: str, group: str, oof: pd.DataFrame,
     from spinegrade.data.dicom import read_slice
     from spinegrade.data.index import build_index
     from spinegrade.constants import CONDITION_SPECS
-    from spinegrade.data.preprocess import PreprocessSettings, prepare_image, side_turn, turn
+    from spinegrade.data.preprocess import PreprocessSettings, canonical_turn, prepare_image, turn
     from spinegrade.errors import SpinegradeError
 
     model_files = sorted(layout.model_dir(name, group).glob("fold*/model.json"))
@@ -92,7 +92,7 @@ def _example_figure(layout: RunLayout, name: str, group: str, oof: pd.DataFrame,
                 continue
             image = prepare_image(s.pixels, s.pixel_spacing, r.x, r.y, settings)
             side = CONDITION_SPECS[r.condition].side
-            images.append(turn(image, *side_turn(s, side)) if settings.turn_by_side and side else image)  # as trained
+            images.append(turn(image, *canonical_turn(s, side if settings.turn_by_side else None)))  # as trained
             probs = " ".join(f"{p:.2f}" for p in (r.normal_mild, r.moderate, r.severe))
             captions.append(f"{r.study_id} {level_title(r.level)}\ntrue {SEVERITIES[grade]}\nN/M/S {probs}")
     if not images:

@@ -13,10 +13,14 @@ centre, moves the slices with it.
 - foraminal (``sagittal_foramina``): each foramen on Sagittal T1 (``foramina.py``): the slices of its
   own side (from geometry) around the point at the learned offset from the canal (``offsets.py``).
 - subarticular (``axial_subarticular``): both lateral recesses on Axial T2 (``subarticular.py``). An
-  axial slice shows one level, so its heatmaps are the patient's sides, not the levels: each slice is
-  first turned to one orientation from its geometry (the patient's left to the image's right, posterior
-  down), so a heatmap means one side whichever way the series was stored. The window: the slices
-  around the one nearest the level's canal point, along the stack's own normal.
+  axial slice shows one level, so its heatmaps are the patient's sides, not the levels. The window: the
+  slices around the one nearest the level's canal point, along the stack's own normal.
+
+Every slice a locator reads is first turned to its plane's one orientation from its geometry
+(``preprocess.canonical_turn``: on an axial slice the patient's left to the image's right, posterior
+down), and its neighbours are its channels in one anatomical order (``preprocess.neighbour_indices``),
+the same two rules the graders' crops follow: a heatmap means one side, and a channel one neighbour,
+whichever way a series was stored (turned, transposed, mirrored, running either way).
 
 A level whose best presence is under the threshold chosen out of fold is *unsure*: it falls back on
 the geometric choice (the middle slice; the offset), and its located row's ``source`` says so.
@@ -35,8 +39,18 @@ import numpy as np
 import torch
 
 from spinegrade.constants import GROUPS, LEVELS, CONDITION_SPECS
-from spinegrade.data.dicom import DicomReadError, Slice, Stack, load_pixels
-from spinegrade.data.preprocess import SquareView
+from spinegrade.data.dicom import DicomReadError, Stack, load_pixels
+from spinegrade.data.preprocess import (
+    LOCATOR_INPUT_VERSION,
+    SquareView,
+    anatomical_position,
+    canonical_turn,
+    neighbour_indices,
+    refuse_other_inputs,
+    turn,
+    turned_spacing,
+    unturn_point,
+)
 from spinegrade.device import autocast, select_device
 from spinegrade.errors import SpinegradeError
 from spinegrade.models.classifier import load_state
@@ -60,35 +74,34 @@ def point_names(group: str) -> tuple[str, ...]:
     return tuple(LEVELS)
 
 
-def canonical_flips(s: Slice) -> tuple[bool, bool]:
-    """(flip columns, flip rows) that turn an axial slice to one orientation: the patient's left (+x)
-    to the image's right, posterior (+y) down. From ImageOrientationPatient alone, so a series stored
-    either way reaches the model the same way (and each side's heatmap keeps its side)."""
-    return bool(s.row_direction[0] < 0), bool(s.column_direction[1] < 0)
-
-
-def runs_backwards(stack: Stack) -> bool:
-    """Whether the stack's slices, in its order (along its normal), run against the patient axis the
-    normal is nearest (towards the patient's right, front or feet). The neighbours given as input
-    channels are then read in reverse, so the channels run one anatomical way (left, back, head last)
-    whichever way a series was stored: the same anatomy reaches the model as the same input."""
-    normal = stack.normal
-    return bool(normal[int(np.argmax(np.abs(normal)))] < 0)
-
-
-def turned(pixels: np.ndarray, flips: tuple[bool, bool]) -> np.ndarray:
-    """``pixels`` with :func:`canonical_flips`' flips applied."""
-    if flips[0]:
-        pixels = pixels[:, ::-1]
-    if flips[1]:
-        pixels = pixels[::-1, :]
-    return np.ascontiguousarray(pixels)
-
-
-def turn_point(x, y, flips: tuple[bool, bool], shape: tuple[int, int]):
-    """A pixel point mapped through :func:`turned` (its own inverse: the same call maps it back)."""
-    rows, cols = shape
-    return (cols - 1 - x if flips[0] else x), (rows - 1 - y if flips[1] else y)
+def locator_inputs(stack: Stack, indices: list[int], size: int, field_mm: float | None,
+                   context: int = CONTEXT) -> tuple[np.ndarray, list[SquareView | None]]:
+    """What a locator reads for each slice of ``indices``: (len, 2 * context + 1, size, size) uint8, the
+    slice between its neighbours (``neighbour_indices``' order), each turned to its plane's one
+    orientation (``canonical_turn``) and rendered in its square view of ``field_mm``; and each slice's
+    view (None, and black channels, where it cannot be decoded: an undecodable neighbour is replaced
+    by the slice itself). Only these slices are decoded."""
+    rendered: dict[int, tuple[np.ndarray, SquareView] | None] = {}
+    around = {k: neighbour_indices(stack, k, context) for k in indices}
+    for k in sorted({j for js in around.values() for j in js}):
+        s = stack.slices[k]
+        how = canonical_turn(s)
+        try:
+            pixels = turn(load_pixels(s), *how)
+        except DicomReadError:
+            rendered[k] = None
+            continue
+        view = (SquareView.fitted(pixels, turned_spacing(s.pixel_spacing, how), size, field_mm)
+                if field_mm else SquareView.squashed(pixels.shape, size))
+        rendered[k] = (view.render(pixels), view)
+    blank = np.zeros((size, size), np.uint8)
+    images, views = [], []
+    for k in indices:
+        own = rendered[k]
+        views.append(own[1] if own else None)
+        channels = [rendered.get(j) or own for j in around[k]]
+        images.append(np.stack([c[0] if c else blank for c in channels]))
+    return np.ascontiguousarray(np.stack(images)), views
 
 
 def middle_index(n: int) -> int:
@@ -119,9 +132,10 @@ class SliceLocator:
         if not folders:
             raise SpinegradeError(f"{root}: no trained locator (run `spinegrade train-localizer` / `make train-localizer`)")
         self.device = select_device(device)
-        self.models, self.size, fields, presence, slices, turned_ = [], None, set(), set(), set(), set()
+        self.models, self.size, fields, presence, slices = [], None, set(), set(), set()
         for folder in folders:
             spec = json.loads((folder / "localizer.json").read_text())
+            refuse_other_inputs(spec, "locator_input_version", LOCATOR_INPUT_VERSION, folder)
             model = SliceLocatorNet(SliceLocatorSpec(spec["backbone"], spec.get("channels", 64),
                                                  num_points=spec.get("num_points", len(LEVELS)),
                                                  feature_levels=spec.get("feature_levels", 3)))
@@ -131,7 +145,6 @@ class SliceLocator:
             fields.add(spec.get("field_mm"))  # absent: a locator that saw each slice squashed
             presence.add(bool(spec.get("presence", False)))  # absent: one slice per study, no presence
             slices.add(int(spec.get("slices", 1)))  # absent: the slice alone
-            turned_.add(bool(spec.get("turned", False)))  # absent: slices read as stored
         if len(fields) > 1:
             raise SpinegradeError(f"{root}: fold locators were trained on different fields ({sorted(map(str, fields))} mm); "
                                   "train the locator again")
@@ -140,7 +153,6 @@ class SliceLocator:
         if len(slices) > 1:
             raise SpinegradeError(f"{root}: fold locators read different numbers of slices; train the locator again")
         self.context = (slices.pop() - 1) // 2
-        self.turned = all(turned_)
         if choice is None:
             marker = root / MARKER
             if not marker.is_file():
@@ -152,38 +164,20 @@ class SliceLocator:
         self.threshold = float(choice.get("threshold", 0.5))
 
     def choose_slice(self, stack: Stack) -> int:
-        """The geometric choice: the middle slice moved by the most common labelled offset."""
-        return int(np.clip(middle_index(len(stack)) + self.offset, 0, len(stack) - 1))
+        """The geometric choice: the middle slice moved by the most common labelled offset, counted the
+        anatomical way (``anatomical_position``: a series stored the other way round gets the same slice)."""
+        position = int(np.clip(middle_index(len(stack)) + self.offset, 0, len(stack) - 1))
+        return anatomical_position(stack, position)  # its own inverse
 
     def score(self, stack: Stack, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """For each slice of ``indices``: the presence probability of each heatmap (len, P: the levels,
         or the sides on an axial slice) (NaN where the slice cannot be decoded, or the models have no
         presence head) and each heatmap's point (len, P, 2) in that slice's pixels as stored. Only these
         slices are decoded."""
-        rendered: dict[int, tuple[np.ndarray, SquareView] | None] = {}
-        flips = {k: canonical_flips(s) if self.turned else (False, False) for k, s in enumerate(stack.slices)}
-        for k in sorted({j for k in indices for j in range(k - self.context, k + self.context + 1)
-                         if 0 <= j < len(stack)}):
-            s = stack.slices[k]
-            try:
-                pixels = turned(load_pixels(s), flips[k])
-            except DicomReadError:
-                rendered[k] = None
-                continue
-            view = (SquareView.fitted(pixels, s.pixel_spacing, self.size, self.field_mm) if self.field_mm
-                    else SquareView.squashed(pixels.shape, self.size))
-            rendered[k] = (view.render(pixels), view)
-        blank = np.zeros((self.size, self.size), np.uint8)
-        backwards = runs_backwards(stack)
-        images, views = [], []
-        for k in indices:
-            own = rendered[k]
-            views.append(own[1] if own else None)
-            around = range(k - self.context, k + self.context + 1)
-            channels = [rendered.get(j) or own for j in (reversed(around) if backwards else around)]
-            images.append(np.stack([c[0] if c else blank for c in channels]))
+        images, views = locator_inputs(stack, indices, self.size, self.field_mm, self.context)
+        how = {k: canonical_turn(stack.slices[k]) for k in indices}
         good = [v is not None for v in views]
-        tensor = torch.from_numpy(np.ascontiguousarray(np.stack(images)))  # uint8 (n, slices, S, S): the model normalises
+        tensor = torch.from_numpy(images)  # uint8 (n, slices, S, S): the model normalises
         points, presence = [], []
         with torch.inference_mode(), autocast(self.device):
             for m in self.models:
@@ -194,7 +188,7 @@ class SliceLocator:
         pixels = np.full(unit.shape, np.nan)
         for i, (k, view) in enumerate(zip(indices, views)):
             if view is not None:
-                x, y = turn_point(*view.to_pixels(unit[i, :, 0], unit[i, :, 1]), flips[k], stack.slices[k].shape)
+                x, y = unturn_point(*view.to_pixels(unit[i, :, 0], unit[i, :, 1]), how[k], stack.slices[k].shape)
                 pixels[i] = np.stack([x, y], axis=1)
         probability[~np.array(good)] = np.nan
         if not self.presence:

@@ -34,12 +34,21 @@ from spinegrade.data.dicom import MIN_IMAGE_SIDE, DicomReadError, Stack, load_pi
 from spinegrade.data.folds import read_folds
 from spinegrade.data.index import build_index
 from spinegrade.data.loader import batch_loader
-from spinegrade.data.preprocess import SquareView
+from spinegrade.data.preprocess import (
+    LOCATOR_INPUT_VERSION,
+    SquareView,
+    anatomical_position,
+    canonical_turn,
+    neighbour_indices,
+    turn,
+    turn_point,
+    turned_spacing,
+)
 from spinegrade.device import autocast, select_device
 from spinegrade.engine import compiled, fold_seed, make_schedule, predict, train_one_epoch
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_text_atomic
-from spinegrade.fold_loop import EpochSampler, FoldFolder, SeededDataset, fit, plain, seed_everything
+from spinegrade.fold_loop import EpochSampler, FoldFolder, SeededDataset, fit, labels_digest, plain, seed_everything
 from spinegrade.layout import RunLayout, remember_folds
 from spinegrade.logs import get_logger
 from spinegrade.models.classifier import input_statistics, load_pretrained, save_state
@@ -48,13 +57,9 @@ from spinegrade.offsets import find_instance
 from spinegrade.slice_locator import (
     CONTEXT,
     MARKER,
-    canonical_flips,
     middle_index,
     point_names,
     reads_axial,
-    runs_backwards,
-    turn_point,
-    turned,
 )
 
 log = get_logger(__name__)
@@ -147,16 +152,20 @@ def _render_stack(study_id: int, series_dir: str, stack_number: int, stack: Stac
         except DicomReadError as exc:
             skipped.append(f"study {study_id}: {exc}")
             continue
-        flips = canonical_flips(s) if axial else (False, False)
-        pixels = turned(pixels, flips)
-        view = SquareView.fitted(pixels, s.pixel_spacing, size, field_mm)
+        how = canonical_turn(s)
+        pixels = turn(pixels, *how)
+        spacing = turned_spacing(s.pixel_spacing, how)
+        view = SquareView.fitted(pixels, spacing, size, field_mm)
         presence = [np.nan if name not in labelled or k not in samples else float(k in labelled[name])
                     for name in names]
-        points = {name: turn_point(x, y, flips, s.shape) for name, (x, y) in on_slice.get(k, {}).items()}
+        points = {name: turn_point(x, y, how, s.shape) for name, (x, y) in on_slice.get(k, {}).items()}
+        before, _, after = neighbour_indices(stack, k, CONTEXT)
+        # the slice's shape, spacing and points are the turned image's
         slices.append({"image": view.render(pixels), "study_id": study_id, "series_dir": series_dir, "stack": stack_number,
-                       "backwards": runs_backwards(stack), "slice_index": k, "stack_length": len(stack), "instance_number": s.instance_number,
-                       "rows": s.shape[0], "cols": s.shape[1], "row_spacing": s.pixel_spacing[0],
-                       "col_spacing": s.pixel_spacing[1], "labelled": k in on_slice, "sample": k in samples,
+                       "before": before, "after": after, "slice_index": k, "stack_length": len(stack),
+                       "anatomical_position": anatomical_position(stack, k),
+                       "instance_number": s.instance_number, "rows": pixels.shape[0], "cols": pixels.shape[1],
+                       "row_spacing": spacing[0], "col_spacing": spacing[1], "labelled": k in on_slice, "sample": k in samples,
                        "points": points, "presence": presence, **view.as_dict()})
         s.pixels = None
     return slices
@@ -177,7 +186,7 @@ class SliceData:
     slice (NaN elsewhere); ``presence`` (N, 5) 1 / 0 / NaN (left out); ``anchors``: the labelled
     slices; ``negatives[i]``: the slices around ``anchors[i]``; ``neighbours`` (N, 2): the rows of each
     slice's neighbours in its stack (itself at the stack's ends), its other input channels, in
-    anatomical order (:func:`runs_backwards`)."""
+    anatomical order (``preprocess.neighbour_indices``)."""
 
     images: np.ndarray
     meta: pd.DataFrame
@@ -187,6 +196,7 @@ class SliceData:
     negatives: list[np.ndarray]
     field_mm: float | None
     neighbours: np.ndarray | None = None
+    labels_digest: str = ""  # of the points and folds it was made from (``labels_digest``)
 
     def inputs(self, k: int) -> np.ndarray:
         """(H, W, 3) uint8: slice ``k`` between its neighbours."""
@@ -245,8 +255,7 @@ def prepare_slice_data(targets: pd.DataFrame, size: int, group: str = "spinal") 
             points[i, k] = (u, v)
     anchors = np.flatnonzero(meta["labelled"].to_numpy())
     row_of = {(r.series_dir, r.stack, r.slice_index): i for i, r in enumerate(meta.itertuples())}
-    neighbours = np.array([[row_of.get((r.series_dir, r.stack, r.slice_index - 1), i),
-                            row_of.get((r.series_dir, r.stack, r.slice_index + 1), i)][::-1 if r.backwards else 1]
+    neighbours = np.array([[row_of.get((r.series_dir, r.stack, r.before), i), row_of.get((r.series_dir, r.stack, r.after), i)]
                            for i, r in enumerate(meta.itertuples())], dtype=int)
     sample = meta["sample"].to_numpy()
     negatives = []
@@ -345,16 +354,18 @@ def slice_locator_step(heatmaps: Callable[[torch.Tensor], torch.Tensor], batch: 
     return loss, l1, logits
 
 
-def _identity(config: LocatorConfig, field_mm: float | None, group: str) -> dict:
-    """The settings that make a locator fold's result what it is (worker count and compilation do not)."""
-    return plain({**{k: v for k, v in config.to_dict().items() if k not in RUN_ONLY}, "field_mm": field_mm,
+def _identity(config: LocatorConfig, data: SliceData, group: str) -> dict:
+    """The settings that make a locator fold's result what it is (worker count and compilation do not):
+    with the version of the inputs this code makes and a digest of the points and folds it learns
+    from, so that a changed input or a corrected label trains it again."""
+    return plain({**{k: v for k, v in config.to_dict().items() if k not in RUN_ONLY}, "field_mm": data.field_mm,
                   "group": group, "presence": True, "negative_gaps": list(NEGATIVE_GAPS), "slices": 2 * CONTEXT + 1,
-                  **_turned(group)})
+                  **input_record(data.labels_digest)})
 
 
-def _turned(group: str) -> dict:
-    """``localizer.json``'s mark of a locator that reads slices turned by :func:`canonical_flips`."""
-    return {"turned": True} if reads_axial(group) else {}
+def input_record(labels_digest: str) -> dict:
+    """What a locator records of its inputs, in its identity and its ``localizer.json``."""
+    return {"locator_input_version": LOCATOR_INPUT_VERSION, "labels_digest": labels_digest}
 
 
 def train_slice_locator_fold(config: LocatorConfig, data: SliceData, fold: int, output_dir: Path, device: torch.device,
@@ -364,8 +375,9 @@ def train_slice_locator_fold(config: LocatorConfig, data: SliceData, fold: int, 
     report chooses nothing on the studies it scores; the held-out loss (on the held-out studies' labelled
     slices and their nearest neighbours) is recorded each epoch, its best as an optimistic figure."""
     out = RunLayout(output_dir).locator_dir(group, existing=False) / f"fold{fold}"
-    folder = FoldFolder(out, _identity(config, data.field_mm, group), f"{group} locator fold {fold}",
-                        defaults=plain({**LocatorConfig().to_dict(), **FORMER_DEFAULTS}))
+    folder = FoldFolder(out, _identity(config, data, group), f"{group} locator fold {fold}",
+                        defaults=plain({**LocatorConfig().to_dict(), **FORMER_DEFAULTS}),
+                        required=tuple(input_record("")))
     folds = data.meta["fold"].to_numpy()
     train_anchors = np.flatnonzero(folds[data.anchors] != fold)
     # held out: the labelled slices and their nearest neighbours (the hardest negatives), a third of the samples
@@ -399,7 +411,8 @@ def train_slice_locator_fold(config: LocatorConfig, data: SliceData, fold: int, 
     write_text_atomic(out / "localizer.json", json.dumps({**spec.to_dict(), **config.to_dict(), "mean": list(mean),
                                                           "std": list(std), "field_mm": data.field_mm, "fold": fold,
                                                           "group": group, "presence": True,
-                                                          "slices": 2 * CONTEXT + 1, **_turned(group)}, indent=1))
+                                                          "slices": 2 * CONTEXT + 1, **input_record(data.labels_digest)},
+                                                         indent=1))
 
     def held_out(batch: dict) -> tuple:
         loss, _, logits = slice_locator_step(model.heatmaps, batch, device, config.image_size)
@@ -458,10 +471,10 @@ def train_slice_locator_fold(config: LocatorConfig, data: SliceData, fold: int, 
 
 
 def middle_offsets(data: SliceData, folds: list[int]) -> dict:
-    """The labelled slices' most common offset from their stack's middle: of all studies, and of the
-    other folds' for each fold (what an out-of-fold run may know)."""
+    """The labelled slices' most common offset from their stack's middle, counted the anatomical way: of
+    all studies, and of the other folds' for each fold (what an out-of-fold run may know)."""
     labelled = data.meta.iloc[data.anchors]
-    offsets = labelled["slice_index"] - labelled["stack_length"].map(middle_index)
+    offsets = labelled["anatomical_position"] - labelled["stack_length"].map(middle_index)
     per_fold = {str(f): int(offsets[labelled["fold"] != f].mode().iloc[0]) if (labelled["fold"] != f).any()
                 else int(offsets.mode().iloc[0]) for f in folds}
     return {"offset_from_middle": int(offsets.mode().iloc[0]), "offset_from_middle_per_fold": per_fold,
@@ -481,6 +494,8 @@ def train_slice_locator(config: LocatorConfig, data_dir: str | Path, folds_path:
         raise SpinegradeError(f"{data_dir}: no study with labelled {group} points ({GROUPS[group].series_kind}) to train "
                               "its locator on")
     data = prepare_slice_data(targets, config.image_size, group)
+    data.labels_digest = labels_digest(targets.assign(series=[Path(d).name for d in targets["series_dir"]])[
+        ["study_id", "series", "condition", "level", "instance_number", "x", "y", "fold"]])
     if data.meta.empty:
         raise SpinegradeError(f"{data_dir}: none of the labelled {group} slices could be read")
     data.meta = data.meta.merge(targets.drop_duplicates("study_id")[["study_id", "fold"]], on="study_id", how="left")

@@ -32,15 +32,15 @@ from spinegrade.config import FORMER_DEFAULTS, RUN_ONLY, TrainConfig, save_confi
 from spinegrade.constants import GROUPS, PROBABILITY_COLUMNS, SEVERITIES, SEVERITY_WEIGHTS, row_id
 from spinegrade.data.dataset import Jitter, LevelDataset, build_transform, mirrored_targets
 from spinegrade.data.folds import read_folds, write_csv_atomic
-from spinegrade.data.index import build_index
+from spinegrade.data.index import build_index, group_label_rows
 from spinegrade.data.loader import batch_loader
-from spinegrade.data.preprocess import PreprocessSettings, build_cache
+from spinegrade.data.preprocess import PREPROCESS_VERSION, PreprocessSettings, build_cache
 from spinegrade.device import autocast, select_device
 from spinegrade.distributed import SINGLE, World, start, stop, world_from_environment
 from spinegrade.engine import compiled, fold_seed, make_schedule, optimise, predict, train_one_epoch
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_text_atomic
-from spinegrade.fold_loop import EpochSampler, FoldFolder, SeededDataset, fit, plain, seed_everything
+from spinegrade.fold_loop import EpochSampler, FoldFolder, SeededDataset, fit, labels_digest, plain, seed_everything
 from spinegrade.label_noise import dropped_labels
 from spinegrade.layout import RunLayout, remember_folds
 from spinegrade.logs import get_logger
@@ -141,8 +141,9 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
     name, group = config.name, config.group
     out = layout.fold_dir(name, group, fold, existing=False)
     oof_file = layout.oof_file(name, group, fold, existing=False)
-    folder = FoldFolder(out, _identity(config), f"{name} {group} fold {fold}",
-                        defaults={**_identity(TrainConfig()), **FORMER_DEFAULTS})
+    record = input_record(labels_digest(*group_label_rows(data_dir, GROUPS[group].conditions), read_folds(folds_path)))
+    folder = FoldFolder(out, {**_identity(config), **record}, f"{name} {group} fold {fold}",
+                        defaults={**_identity(TrainConfig()), **FORMER_DEFAULTS}, required=tuple(record))
     info, resume = folder.finished(force, resume, say)
     if info is not None:
         return FoldResult(name, group, fold, info["best_epoch"], info["best_score"], info["prior_score"],
@@ -233,7 +234,7 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
         write_text_atomic(out / "model.json", json.dumps({
             **spec.to_dict(), "input": config.input, "image_size": config.image_size, "crop_mm": config.crop_mm,
             "turn_by_side": settings.turn_by_side, "test_time_flip": config.test_time_flip, "mean": list(mean), "std": list(std), "labels": list(SEVERITIES), "group": group,
-            "conditions": list(GROUPS[group].conditions), "fold": fold, "name": name}, indent=1))
+            "conditions": list(GROUPS[group].conditions), "fold": fold, "name": name, **record}, indent=1))
 
     val_rows = table.iloc[val_idx].reset_index(drop=True)
     prior_score = _score(val_rows, class_prior(table.iloc[train_idx], val_rows))["score"]
@@ -333,6 +334,12 @@ def finished_folds(output_dir: Path, configs: list[TrainConfig], folds: list[int
             if done.is_file():
                 rows.append({"name": config.name, "group": config.group, "fold": int(fold), **json.loads(done.read_text())})
     return rows
+
+
+def input_record(labels_digest: str) -> dict:
+    """What a grading fold records of its inputs, in its identity and its ``model.json``: the version of
+    the images this code makes (prediction refuses a model of another) and a digest of its labels."""
+    return {"preprocess_version": PREPROCESS_VERSION, "labels_digest": labels_digest}
 
 
 def _identity(config: TrainConfig) -> dict:

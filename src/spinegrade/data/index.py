@@ -211,6 +211,17 @@ def _read_coordinates(data_dir: Path, problems: list[Problem], labelled_studies:
     return df[~duplicated]
 
 
+def group_label_rows(data_dir: Path, conditions: tuple[str, ...]) -> list[pd.DataFrame]:
+    """The label rows a group's graders learn from, as written: train.csv's columns of ``conditions``
+    and the coordinates of ``conditions`` (read plainly, for a fold's ``labels_digest``: cheap enough
+    to check before every finished fold is skipped)."""
+    labels = read_csv_checked(data_dir / "train.csv", ["study_id"])
+    columns = ["study_id", *(c for c in (label_column(k, lv) for k in conditions for lv in LEVELS) if c in labels.columns)]
+    coordinates = read_csv_checked(data_dir / "train_label_coordinates.csv", ["study_id", "condition"])
+    mine = coordinates["condition"].map(lambda t: CONDITION_FROM_TITLE.get(str(t).strip())).isin(conditions)
+    return [labels[columns], coordinates[mine]]
+
+
 def _image_path(data_dir: Path, split: str, study_id, series_id, instance) -> str:
     return str(data_dir / f"{split}_images" / str(int(study_id)) / str(int(series_id)) / f"{int(instance)}.dcm")
 

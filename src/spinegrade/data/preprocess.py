@@ -40,7 +40,10 @@ from spinegrade.progress import Progress
 
 log = get_logger(__name__)
 
-PREPROCESS_VERSION = 6  # 6: neighbours in anatomical order, a far neighbour replaced by the labelled slice; 5: crops of an oriented group turned by side; 4: whole slices keep their shape, padding outside the window; 3: window after the crop
+# What a trained model was fed, recorded with it (``model.json``, ``localizer.json``) and checked by
+# :func:`refuse_other_inputs` before it is used: bump a version with any change to what its images are.
+PREPROCESS_VERSION = 7  # 7: every crop turned to one in-plane orientation (:func:`canonical_turn`), sagittal included; 6: neighbours in anatomical order, a far neighbour replaced by the labelled slice; 5: crops of an oriented group turned by side; 4: whole slices keep their shape, padding outside the window; 3: window after the crop
+LOCATOR_INPUT_VERSION = 2  # 2: slices turned by :func:`canonical_turn` (transposes too), sagittal included, neighbours by :func:`neighbour_indices`; 1 (never recorded): axial slices flipped only, neighbours in the opposite order
 # Intensity window: robust to the scanner's arbitrary scale and to a few hot pixels.
 LOW_PERCENTILE, HIGH_PERCENTILE = 1.0, 99.5
 
@@ -53,7 +56,7 @@ class PreprocessSettings:
     crop_mm: float
     neighbours: int = 1  # slices cached on each side of the labelled one (:func:`cached_neighbours`)
     margin: float = 0.25  # a crop's cached canvas is this much larger, for point jitter
-    turn_by_side: bool = False  # crops turned for their side (:func:`side_turn`)
+    turn_by_side: bool = False  # crops turned for their side (:func:`canonical_turn`)
 
     @classmethod
     def from_config(cls, config) -> "PreprocessSettings":
@@ -241,26 +244,71 @@ def prepare_image(pixels: np.ndarray, pixel_spacing: tuple[float, float], x: flo
     return apply_window(fitted, limits)
 
 
-def side_turn(s: Slice, side: str) -> tuple[bool, bool, bool]:
-    """(transpose, flip rows, flip columns) that show a crop of slice ``s`` around one side's point with
-    that side's lateral direction to the image's right and the patient's back down.
+# Where one in-plane orientation puts the patient (LPS: +x the patient's left, +y posterior, +z head),
+# per plane (the patient axis nearest the slice normal): (the image's right, the image's down).
+# Axial: the patient's left to the right, the back down (radiology's view mirrored: the way the
+# recess models have always seen both sides); sagittal: the back to the right, the feet down;
+# coronal: the patient's left to the right, the feet down.
+_CANONICAL_RIGHT_DOWN = {2: (np.array([1.0, 0, 0]), np.array([0, 1.0, 0])),
+                         0: (np.array([0, 1.0, 0]), np.array([0, 0, -1.0])),
+                         1: (np.array([1.0, 0, 0]), np.array([0, 0, -1.0]))}
 
-    So the crops of both sides, of series whose rows run either way or that are turned in plane, all
-    show one orientation, decided by ImageOrientationPatient alone: a crop of the patient's left on a
-    usual axial (rows running to the patient's left) is left as it is, the right's is mirrored."""
+
+def canonical_turn(s: Slice, side: str | None = None) -> tuple[bool, bool, bool]:
+    """(transpose, flip rows, flip columns) that show slice ``s`` in its plane's one orientation
+    (``_CANONICAL_RIGHT_DOWN``), decided by ImageOrientationPatient alone: a series stored turned 90
+    degrees, transposed or mirrored reaches every model (locators and graders, sagittal and axial) as
+    the same image. With ``side`` on an axial slice, that side's lateral direction goes to the image's
+    right instead (the right side's crop is mirrored), so both sides' crops show one anatomy."""
     across, down = s.row_direction, s.column_direction  # where a step along a row, and down a column, goes
-    x_axis, back = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
-    transpose = abs(float(down @ x_axis)) > abs(float(across @ x_axis))  # the rows run front to back
+    right, below = _CANONICAL_RIGHT_DOWN[int(np.argmax(np.abs(s.normal)))]
+    if side == "right" and right[0] == 1.0:
+        right = -right  # an axial or coronal slice read for the patient's right: its lateral to the right
+    transpose = abs(float(down @ right)) > abs(float(across @ right))  # the columns run where the rows should
     if transpose:
         across, down = down, across
-    lateral = x_axis if side == "left" else -x_axis  # +x is the patient's left
-    return transpose, float(down @ back) < 0, float(across @ lateral) < 0
+    return transpose, float(down @ below) < 0, float(across @ right) < 0
 
 
 def turn(image: np.ndarray, transpose: bool, flip_rows: bool, flip_cols: bool) -> np.ndarray:
-    """``image`` (H, W) transposed, then flipped, as :func:`side_turn` says."""
+    """``image`` (H, W) transposed, then flipped, as :func:`canonical_turn` says."""
     image = image.T if transpose else image
     return np.ascontiguousarray(image[::-1 if flip_rows else 1, ::-1 if flip_cols else 1])
+
+
+def turned_spacing(pixel_spacing: tuple[float, float], how: tuple[bool, bool, bool]) -> tuple[float, float]:
+    """A slice's (row, column) spacing once :func:`turn` has turned it."""
+    return (pixel_spacing[1], pixel_spacing[0]) if how[0] else (pixel_spacing[0], pixel_spacing[1])
+
+
+def turn_point(x, y, how: tuple[bool, bool, bool], shape: tuple[int, int]):
+    """A pixel point (column x, row y) of an image of ``shape`` (as stored) mapped into it turned by
+    :func:`turn`."""
+    rows, cols = shape
+    if how[0]:
+        x, y, rows, cols = y, x, cols, rows
+    return (cols - 1 - x if how[2] else x), (rows - 1 - y if how[1] else y)
+
+
+def unturn_point(x, y, how: tuple[bool, bool, bool], shape: tuple[int, int]):
+    """The inverse of :func:`turn_point`: a point of the turned image back in the stored one's pixels."""
+    rows, cols = (shape[1], shape[0]) if how[0] else shape
+    x, y = (cols - 1 - x if how[2] else x), (rows - 1 - y if how[1] else y)
+    return (y, x) if how[0] else (x, y)
+
+
+def refuse_other_inputs(saved: dict, key: str, current: int, where) -> None:
+    """Raise, naming ``where`` (a fold's folder), when a trained model's record (``saved``: its
+    model.json or localizer.json) says it was fed other inputs than this code makes (``key``:
+    ``preprocess_version`` or ``locator_input_version``), or says nothing of them (saved before
+    they were recorded): such a model reads images it never saw, and grades them without a word."""
+    version = saved.get(key)
+    if version is None:
+        raise SpinegradeError(f"{where}: saved before its inputs' version ({key}) was recorded, so this code cannot "
+                              f"tell whether it makes that model's inputs; train it again (train with --force)")
+    if int(version) != current:
+        raise SpinegradeError(f"{where}: trained on inputs of {key} {version}, and this code makes {current}; "
+                              "train it again (train with --force)")
 
 
 # What identifies a sample's image; labels and folds are deliberately not part of it (see build_cache).
@@ -284,6 +332,18 @@ def anatomical_direction(stack: Stack, side: str | None) -> np.ndarray:
     return AXIAL_ORDER if axis == 2 else CORONAL_ORDER
 
 
+def anatomical_step(stack: Stack, side: str | None = None) -> int:
+    """+1 when the stack's order (along its normal) runs the anatomical way (:func:`anatomical_direction`),
+    -1 when it runs against it (a series stored the other way round)."""
+    return -1 if float(stack.normal @ anatomical_direction(stack, side)) < 0 else 1
+
+
+def anatomical_position(stack: Stack, index: int) -> int:
+    """Slice ``index``'s place in the stack counted the anatomical way (for no side): the same slice of
+    the same anatomy whichever way the series runs."""
+    return index if anatomical_step(stack) == 1 else len(stack) - 1 - index
+
+
 def neighbour_indices(stack: Stack, index: int, neighbours: int, side: str | None = None) -> list[int]:
     """Indices of the ``2 * neighbours + 1`` slices read around slice ``index``, in anatomical order
     (:func:`anatomical_direction`), whichever way the series was stored. Past the stack's ends, or
@@ -291,7 +351,7 @@ def neighbour_indices(stack: Stack, index: int, neighbours: int, side: str | Non
     jump between the blocks of a per-level axial series), the labelled slice stands in."""
     distances = np.array([s.distance for s in stack.slices])
     gap = float(np.median(np.abs(np.diff(distances)))) if len(stack) > 1 else 0.0
-    step = -1 if float(stack.normal @ anatomical_direction(stack, side)) < 0 else 1  # the stack runs along its normal
+    step = anatomical_step(stack, side)
     out = []
     for n in range(-neighbours, neighbours + 1):
         k = index + step * n
@@ -307,9 +367,9 @@ def prepare_stack(stack: Stack, index: int, x: float, y: float, settings: Prepro
     """Canvases (2 * neighbours + 1, C, C) for slice ``index`` of ``stack`` and its neighbours, in
     anatomical order (:func:`neighbour_indices`), each centred on the same patient-space point
     (projected on the neighbour's own geometry); past the ends of the stack, across a jump in it, or
-    where a neighbour cannot be decoded, the labelled slice stands in. With ``settings.turn_by_side``
-    (a group's ``ConditionGroup.turn_by_side``, recorded with its models), each canvas is turned for
-    ``condition``'s side (:func:`side_turn`).
+    where a neighbour cannot be decoded, the labelled slice stands in. Each canvas is turned to its
+    plane's one orientation (:func:`canonical_turn`), with ``settings.turn_by_side`` (a group's
+    ``ConditionGroup.turn_by_side``, recorded with its models) for ``condition``'s side.
     Pixels are decoded here, for these slices only; ``windowed`` keeps each slice's window limits
     across the calls for one series (the five levels usually sit on the same few slices)."""
     windowed = {} if windowed is None else windowed
@@ -336,8 +396,7 @@ def prepare_stack(stack: Stack, index: int, x: float, y: float, settings: Prepro
         px, py, _ = s.patient_to_pixel(point)
         canvas = prepare_image(s.pixels, s.pixel_spacing, px, py, settings, size=settings.canvas_size,
                                limits=windowed[k])
-        if settings.turn_by_side and side:
-            canvas = turn(canvas, *side_turn(s, side))
+        canvas = turn(canvas, *canonical_turn(s, side if settings.turn_by_side else None))
         out.append(canvas)
     return np.stack(out)
 

@@ -24,13 +24,38 @@ from spinegrade.data.dicom import read_slice
 class Storage:
     """How to store a slice. ``pad_columns``: fractions of the width added as black on the left and
     right; ``row_scale``: the rows resampled to this fraction of their number (taller pixels);
-    ``rescale``: (slope, intercept) with signed stored values; ``bits``: 16 or 8."""
+    ``rescale``: (slope, intercept) with signed stored values; ``bits``: 16 or 8; ``in_plane``: the
+    matrix stored ``"turned"`` (90 degrees clockwise), ``"transposed"`` or ``"mirrored"`` (its columns
+    reversed), ImageOrientationPatient following so the anatomy stays put (a transposed or mirrored
+    slice's normal points the other way: its series runs the other way too)."""
 
     pad_columns: tuple[float, float] = (0.0, 0.0)
     row_scale: float = 1.0
     monochrome1: bool = False
     rescale: tuple[float, float] | None = None
     bits: int = 16
+    in_plane: str | None = None
+
+
+IN_PLANE = ("turned", "transposed", "mirrored")
+
+
+def _in_plane(values: np.ndarray, position: np.ndarray, orientation: np.ndarray, spacing: tuple[float, float],
+              how: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float]]:
+    """(pixels, position, orientation, (row, column) spacing) of a slice stored ``how`` (``IN_PLANE``),
+    every pixel at the same patient point as before."""
+    across, down = orientation[:3], orientation[3:]
+    row_spacing, col_spacing = spacing
+    rows, cols = values.shape
+    if how == "turned":  # new (row i, column j) = old (row rows-1-j, column i)
+        return (np.ascontiguousarray(np.rot90(values, -1)), position + (rows - 1) * row_spacing * down,
+                np.concatenate([-down, across]), (col_spacing, row_spacing))
+    if how == "transposed":
+        return np.ascontiguousarray(values.T), position, np.concatenate([down, across]), (col_spacing, row_spacing)
+    if how == "mirrored":
+        return (np.ascontiguousarray(values[:, ::-1]), position + (cols - 1) * col_spacing * across,
+                np.concatenate([-across, down]), spacing)
+    raise ValueError(f"in_plane must be one of {IN_PLANE}, not {how!r}")
 
 
 def restore(src: Path, dst: Path, storage: Storage) -> Path:
@@ -50,6 +75,10 @@ def restore(src: Path, dst: Path, storage: Storage) -> Path:
         # The first row's centre moves by half a new pixel less half an old one.
         position = position + (0.5 / actual - 0.5) * row_spacing * orientation[3:]
         row_spacing /= actual
+    if storage.in_plane:
+        values, position, orientation, (row_spacing, col_spacing) = _in_plane(
+            values, position, orientation, (row_spacing, col_spacing), storage.in_plane)
+        ds.ImageOrientationPatient = [round(float(v), 6) for v in orientation]
     left, right = (int(round(f * values.shape[1])) for f in storage.pad_columns)
     values = np.pad(values, ((0, 0), (left, right)))
     position = position - left * col_spacing * orientation[:3]

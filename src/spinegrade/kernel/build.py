@@ -22,6 +22,7 @@ from pathlib import Path
 
 from spinegrade.blend import load_blends
 from spinegrade.constants import COMPETITION, CONDITIONS, GROUPS, LEVELS
+from spinegrade.data.preprocess import LOCATOR_INPUT_VERSION, PREPROCESS_VERSION, refuse_other_inputs
 from spinegrade.download import kaggle_config_dirs
 from spinegrade.errors import SpinegradeError
 from spinegrade.files import write_text_atomic
@@ -166,7 +167,9 @@ def copy_models(output_dir: Path, target: Path, folds_per_model: int | None = No
                 raise SpinegradeError(f"{source.model_dir(name, group)}: the {group} blend uses {name} but it has no finished fold")
             finished = finished[:folds_per_model] if folds_per_model else finished
             folds[name] = [f.name for f in finished]
-            for fold in finished:
+            for fold in finished:  # a model the kernel's code would feed other inputs is refused here, not on Kaggle
+                refuse_other_inputs(json.loads((fold / "model.json").read_text()), "preprocess_version",
+                                    PREPROCESS_VERSION, fold)
                 into = dest.model_dir(name, group, existing=False) / fold.name
                 into.mkdir(parents=True, exist_ok=True)
                 for file in ("model.json", "best.safetensors", "done.json", "config.yaml"):
@@ -182,6 +185,8 @@ def copy_models(output_dir: Path, target: Path, folds_per_model: int | None = No
         if not locator_trained(output_dir, group):
             raise SpinegradeError(f"{root}: no finished {group} locator to bundle (run `make train-localizer`)")
         into = dest.locator_dir(group, existing=False)
+        for spec in sorted(root.glob("fold*/localizer.json")):
+            refuse_other_inputs(json.loads(spec.read_text()), "locator_input_version", LOCATOR_INPUT_VERSION, spec.parent)
         for file in locator_files(root, group):
             (into / file).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(root / file, into / file)
