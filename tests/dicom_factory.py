@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.uid import EnhancedMRImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -78,3 +78,61 @@ def mirror_series(source: Path, target: Path) -> None:
         ds.ImagePositionPatient = position.tolist()
         ds.PixelData = pixels.tobytes()
         ds.save_as(target / f.name)
+
+
+def write_enhanced_mr(path: Path, frames: list[np.ndarray], positions: list, *, orientation=SAGITTAL,
+                      spacing=(0.8, 0.8), frame_spacing: dict | None = None, slopes: list | None = None,
+                      repetition_time=600.0, echo_times: list | None = None,
+                      description="Sagittal T2/STIR") -> Path:
+    """A true Enhanced MR Image file, its groups mixed as real files mix them: the orientation, the
+    spacing and TR shared; each frame's position, rescale and TE its own; ``frame_spacing`` (frame index ->
+    spacing) carries PixelMeasures in both places for those frames (the frame's own must win). Nothing
+    of the geometry at the top level."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = EnhancedMRImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "MR"
+    ds.InstanceNumber = 1
+    ds.SeriesDescription = description
+    ds.SeriesInstanceUID = generate_uid()
+    ds.NumberOfFrames = len(frames)
+    ds.Rows, ds.Columns = frames[0].shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+
+    def item(**values) -> Dataset:
+        d = Dataset()
+        for k, v in values.items():
+            setattr(d, k, v)
+        return d
+
+    shared = Dataset()
+    shared.PlaneOrientationSequence = [item(ImageOrientationPatient=list(orientation))]
+    shared.PixelMeasuresSequence = [item(PixelSpacing=list(spacing), SliceThickness=4.0)]
+    shared.MRTimingAndRelatedParametersSequence = [item(RepetitionTime=repetition_time)]
+    shared.PixelValueTransformationSequence = [item(RescaleSlope=1.0, RescaleIntercept=0.0, RescaleType="US")]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per_frame = []
+    for k, position in enumerate(positions):
+        own = Dataset()
+        own.FrameContentSequence = [item(InStackPositionNumber=k + 1)]
+        own.PlanePositionSequence = [item(ImagePositionPatient=list(position))]
+        if slopes is not None:
+            own.PixelValueTransformationSequence = [item(RescaleSlope=slopes[k], RescaleIntercept=-10.0, RescaleType="US")]
+        if echo_times is not None:
+            own.MREchoSequence = [item(EffectiveEchoTime=echo_times[k])]
+        if frame_spacing and k in frame_spacing:
+            own.PixelMeasuresSequence = [item(PixelSpacing=list(frame_spacing[k]), SliceThickness=4.0)]
+        per_frame.append(own)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    ds.PixelData = np.stack([f.astype(np.uint16) for f in frames]).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path

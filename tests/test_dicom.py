@@ -112,3 +112,57 @@ def test_malformed_header_is_a_named_read_error(tmp_path):
     path.write_bytes(raw.replace(tag + b"1 ", tag + b"x1"))
     with pytest.raises(DicomReadError, match="9.dcm.*InstanceNumber"):
         read_slice(path)
+
+
+def test_an_enhanced_mr_file_gives_every_frame_its_own_geometry_rescale_and_contrast(tmp_path, monkeypatch):
+    """A true Enhanced MR file whose frames are stored against their anatomical order, the spacing
+    shared and overridden by two frames' own groups, a rescale and TE per frame: each frame comes back
+    a slice of its own, ordered by geometry, and the file is decoded once for all of them."""
+    import spinegrade.data.dicom as dicom
+    from dicom_factory import write_enhanced_mr
+
+    frames = [ramp(24, 20, offset=100 * k) for k in range(4)]
+    xs = [4.0, 12.0, 0.0, 8.0]
+    write_enhanced_mr(tmp_path / "series" / "1.dcm", frames, [(x, -50.0, 60.0) for x in xs],
+                      spacing=(0.8, 0.8), frame_spacing={1: (0.5, 0.6)}, slopes=[1.0, 2.0, 0.5, 1.5],
+                      echo_times=[90.0, 91.0, 92.0, 93.0])
+    opened = []
+    real_open = dicom._open
+    monkeypatch.setattr(dicom, "_open", lambda path, with_pixels: opened.append(with_pixels) or real_open(path, with_pixels))
+    dicom._DECODED.clear()
+    stack = main_stack(read_series(tmp_path / "series", with_pixels=False))
+    assert len(stack) == 4 and all(s.has_geometry for s in stack.slices)
+    assert [s.position[0] for s in stack.slices] == [12.0, 8.0, 4.0, 0.0]  # the sagittal normal is -x
+    assert [s.frame for s in stack.slices] == [2, 4, 1, 3]
+    by_frame = {s.frame: s for s in stack.slices}
+    assert by_frame[2].pixel_spacing == (0.5, 0.6) and by_frame[1].pixel_spacing == (0.8, 0.8)  # the frame's own wins
+    assert by_frame[3].echo_time == 92.0 and by_frame[3].repetition_time == 600.0
+    for s in stack.slices:
+        np.testing.assert_allclose(dicom.load_pixels(s), frames[s.frame - 1] * [1.0, 2.0, 0.5, 1.5][s.frame - 1] - 10.0)
+    assert opened == [False, True]  # the headers once, the pixels once for all four frames
+    assert stack.index_of_instance(1, frame=4) == 1 and stack.index_of_instance(1) is None
+
+
+def test_a_legacy_converted_series_reads_as_its_single_frame_files(synth_dataset, tmp_path):
+    """Each series of a synthetic study (its axial one holds tilted blocks) converted to one Legacy
+    Converted Enhanced MR file, as PACS exports make them: the same stacks, geometry and pixels."""
+    from spinegrade.data.multiframe import to_multiframe
+
+    study = next(study for study in sorted((synth_dataset / "train_images").iterdir())
+                 if any(len(read_series(series, with_pixels=False)) > 1 for series in study.iterdir()))
+    tilted = 0
+    for series in sorted(study.iterdir()):
+        single = read_series(series)
+        to_multiframe(series, tmp_path / series.name)
+        multi = read_series(tmp_path / series.name)
+        assert len(list((tmp_path / series.name).iterdir())) == 1
+        assert [len(st) for st in single] == [len(st) for st in multi]
+        tilted += len(single) > 1
+        for a_stack, b_stack in zip(single, multi):
+            for a, b in zip(a_stack.slices, b_stack.slices):
+                np.testing.assert_allclose(b.position, a.position, atol=1e-4)
+                np.testing.assert_allclose(b.orientation, a.orientation, atol=1e-6)
+                assert b.pixel_spacing == a.pixel_spacing and b.frame > 0 and a.frame == 0
+                assert (b.repetition_time, b.echo_time) == (a.repetition_time, a.echo_time)
+                np.testing.assert_array_equal(b.pixels, a.pixels)
+    assert tilted, "the study's axial series should hold blocks at different angles"

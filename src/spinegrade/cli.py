@@ -32,7 +32,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
     settings = SynthSettings(studies=args.studies, test_studies=args.test_studies, seed=args.seed,
                              image_size=tuple(args.image_size), workers=args.workers, straight=args.straight,
-                             clean_grades=args.clean_grades)
+                             clean_grades=args.clean_grades, multiframe=args.multiframe)
     info = write_dataset(args.dir, settings, answers_dir=args.answers_dir)
     print(f"wrote {info['train_studies']} training and {info['test_studies']} test studies to {info['data_dir']}")
     print(f"test labels (for scoring only) in {info['answers_dir']}")
@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clean-grades", action="store_true",
                    help="no rater noise and no wrong labels (every image shows its graded narrowing); otherwise "
                         "the same studies and joint grades")
+    p.add_argument("--multiframe", action="store_true",
+                   help="each test series stored as one Enhanced MR Image file (the training split keeps one file per "
+                        "slice: its labels name instance files)")
     p.add_argument("--answers-dir", type=Path, default=None,
                    help="where the test split's labels and every label's image narrowing go (default: <dir>-answers)")
     p.set_defaults(func=cmd_synth)

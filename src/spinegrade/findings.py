@@ -53,7 +53,7 @@ def study_targets(study: Study, grades: SplitGrades, submission: pd.DataFrame) -
                 s = st.slice_of(h)
                 f = by_key[h.series]
                 points.append({"series": f.description, "series_uid": s.series_uid, "series_kind": f.kind,
-                               "instance": int(h.instance_number), "x": float(h.x), "y": float(h.y),
+                               "instance": int(h.instance_number), "frame": int(s.frame), "x": float(h.x), "y": float(h.y),
                                "patient_mm": [round(float(v), 2) for v in s.pixel_to_patient(h.x, h.y)]})
         if grades.graded(group, study.study_id, condition, level):
             source = "model"

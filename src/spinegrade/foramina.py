@@ -91,7 +91,7 @@ def locate_foramina(study_id: int, canal: dict[str, np.ndarray], stacks: dict[st
                 if score >= limit and stack.slices[scored[best]].shows(bx, by):
                     k, x, y, source = scored[best], float(bx), float(by), "located"
             found.setdefault((condition, level), []).append(
-                [study_id, condition, level, series, stack.slices[k].instance_number, x, y, source, score])
+                [study_id, condition, level, series, stack.slices[k].instance_number, stack.slices[k].frame, x, y, source, score])
     for condition in GROUPS[GROUP].conditions:
         for level in LEVELS:
             if (condition, level) in found:

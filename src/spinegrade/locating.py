@@ -33,7 +33,8 @@ from spinegrade.study import Study
 
 # ``source``: "located" (the image decided), or "located, unsure: ..." (a slice locator's presence was
 # under its threshold, so the geometric choice placed it); ``score``: that presence (NaN: none read).
-LOCATION_COLUMNS = ["study_id", "condition", "level", "series", "instance_number", "x", "y", "source", "score"]
+# ``frame``: the slice's frame number in a multi-frame file (from 1); 0 for a file of one image
+LOCATION_COLUMNS = ["study_id", "condition", "level", "series", "instance_number", "frame", "x", "y", "source", "score"]
 
 
 @dataclass
@@ -51,9 +52,11 @@ class LocatedStudy:
         """The stack a locations row points into, and the index of its slice there (instance numbers
         name a slice within its series: a series whose stacks repeat them is read by its first stack)."""
         stacks = self.stacks.get(row.series, [])
-        found = find_instance(stacks, int(row.instance_number))
+        frame = int(getattr(row, "frame", 0) or 0)
+        found = find_instance(stacks, int(row.instance_number), frame)
         if found is None:
-            raise SpinegradeError(f"{row.series}: no slice with instance number {int(row.instance_number)}")
+            raise SpinegradeError(f"{row.series}: no slice with instance number {int(row.instance_number)}"
+                                  + (f", frame {frame}" if frame else ""))
         return stacks[found[0]], found[1]
 
     def slice_of(self, row) -> Slice:

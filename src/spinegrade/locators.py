@@ -119,7 +119,7 @@ def locate_levels(study_id: int, stack: Stack | None, series: str, group: str, s
     for i, s in enumerate(stack.slices):  # keep memory flat over hundreds of studies
         if i not in chosen:
             s.pixels = None
-    rows = [[study_id, condition, level, series, stack.slices[int(k)].instance_number, float(x), float(y),
+    rows = [[study_id, condition, level, series, stack.slices[int(k)].instance_number, stack.slices[int(k)].frame, float(x), float(y),
              "located" if sure or not slice_locator.presence else "located, unsure: the middle slice", float(score)]
             for condition in GROUPS[group].conditions
             for level, k, (x, y), sure, score in zip(LEVELS, located.slice_index, located.points, located.sure,

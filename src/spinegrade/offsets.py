@@ -124,10 +124,11 @@ class PointOffsets:
         return None if v is None else np.asarray(canal, dtype=float) + np.asarray(v)
 
 
-def find_instance(stacks: list[Stack], instance: int) -> tuple[int, int] | None:
-    """(which stack, index in it) of the slice with that instance number in a series' stacks."""
+def find_instance(stacks: list[Stack], instance: int, frame: int = 0) -> tuple[int, int] | None:
+    """(which stack, index in it) of the slice with that instance number (and frame, in a multi-frame
+    file) in a series' stacks."""
     for j, stack in enumerate(stacks):
-        k = stack.index_of_instance(instance)
+        k = stack.index_of_instance(instance, frame)
         if k is not None:
             return j, k
     return None

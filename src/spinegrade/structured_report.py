@@ -144,8 +144,9 @@ def write_structured_report(targets: list[dict], sources: dict[tuple[str, int], 
             region = hd.sr.ImageRegion(
                 graphic_type=hd.sr.GraphicTypeValues.POINT,
                 graphic_data=np.array([scoord_from_pixel(point["x"], point["y"])], dtype=float),
-                source_image=hd.sr.SourceImageForRegion(referenced_sop_class_uid=ds.SOPClassUID,
-                                                        referenced_sop_instance_uid=ds.SOPInstanceUID))
+                source_image=hd.sr.SourceImageForRegion(
+                    referenced_sop_class_uid=ds.SOPClassUID, referenced_sop_instance_uid=ds.SOPInstanceUID,
+                    referenced_frame_numbers=[int(point["frame"])] if point.get("frame") else None))
             groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 referenced_region=region, method=c["model"], **common))
         else:

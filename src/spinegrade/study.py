@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from spinegrade.constants import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2, SERIES_DESCRIPTIONS
-from spinegrade.data.dicom import MIN_IMAGE_SIDE, DicomReadError, Slice, Stack, list_dicom_files, read_files, read_slice
+from spinegrade.data.dicom import MIN_IMAGE_SIDE, DicomReadError, Slice, Stack, list_dicom_files, read_files, read_frames
 from spinegrade.data.index import read_csv_checked
 from spinegrade.errors import SpinegradeError
 
@@ -156,16 +156,19 @@ def scanner_study(study_dir: str | Path) -> tuple[Study, list[str]]:
     study_dir = Path(study_dir)
     by_series: dict[str, list[Path]] = {}
     first: dict[str, Slice] = {}
+    images: dict[str, int] = {}  # slices per series: a multi-frame file holds many
     skipped = 0
     for path in list_dicom_files(study_dir):
         try:
-            header = read_slice(path, with_pixels=False)
+            frames = read_frames(path, with_pixels=False)
         except DicomReadError:
             skipped += 1  # not DICOM, or broken: the other files may still make the series
             continue
+        header = frames[0]
         key = header.series_uid or header.series_description or "(no series id)"
         by_series.setdefault(key, []).append(path)
         first.setdefault(key, header)
+        images[key] = images.get(key, 0) + len(frames)
     studies = sorted({h.study_uid for h in first.values() if h.study_uid})
     if len(studies) > 1:
         raise SpinegradeError(f"{study_dir}: holds {len(studies)} studies (StudyInstanceUID {', '.join(studies)}); "
@@ -177,16 +180,16 @@ def scanner_study(study_dir: str | Path) -> tuple[Study, list[str]]:
         if kind is None:
             kind, how = kind_from_geometry(s), "orientation and contrast"
         if kind is None:
-            notes.append(f"series {s.series_description or key!r} ({len(files)} files): not one of the three kinds")
+            notes.append(f"series {s.series_description or key!r} ({images[key]} images): not one of the three kinds")
             continue
         found.append(Series(key, kind, sorted(files), s.series_description, how, s.series_uid))
     if skipped:
         notes.append(f"{skipped} files are not readable DICOM and were skipped")
     if not found:
         raise SpinegradeError(f"{study_dir}: no Sagittal T1, Sagittal T2/STIR or Axial T2 series among "
-                              f"{sum(map(len, by_series.values()))} DICOM files")
+                              f"{sum(images.values())} DICOM images")
     # the Sagittal T2/STIR the level locator reads: the largest one, first
-    found.sort(key=lambda f: (SERIES_DESCRIPTIONS.index(f.kind), -(len(f.files) if f.kind == SAGITTAL_T2 else 0)))
+    found.sort(key=lambda f: (SERIES_DESCRIPTIONS.index(f.kind), -(images[f.key] if f.kind == SAGITTAL_T2 else 0)))
     extra = len([f for f in found if f.kind == SAGITTAL_T2]) - 1
     if extra > 0:
         notes.append(f"{extra} more Sagittal T2/STIR series not read (the level locator reads the largest)")

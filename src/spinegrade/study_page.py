@@ -150,7 +150,7 @@ def _slice_figures(grades: SplitGrades, result: dict, study: Study) -> dict[str,
     for group, st in located_in(grades, study.study_id).items():
         if st is None or st.locations is None:
             continue
-        for (series, instance), rows in st.locations.groupby(["series", "instance_number"], sort=False):
+        for (series, instance, frame), rows in st.locations.groupby(["series", "instance_number", "frame"], sort=False):
             s = st.slice_of(rows.iloc[0])
             marks = []
             for h in rows.itertuples():
@@ -159,7 +159,8 @@ def _slice_figures(grades: SplitGrades, result: dict, study: Study) -> dict[str,
                               GRADE_COLOURS[t["grade"]]))
             number, f = next((k, f) for k, f in enumerate(study.series, start=1) if f.key == series)
             # several series may share a description
-            caption = f"{f.description or f.kind} (series {number} of {len(study.series)}), instance {int(instance)}"
+            caption = (f"{f.description or f.kind} (series {number} of {len(study.series)}), instance {int(instance)}"
+                       + (f", frame {int(frame)}" if frame else ""))
             out.setdefault(group, []).append((caption, _figure(s, marks)))
     return out
 

@@ -119,7 +119,7 @@ def locate_subarticular(study_id: int, canal: dict[str, np.ndarray], stacks: dic
                     if score >= limit and stack.slices[window[best]].shows(bx, by):
                         s, x, y, source = stack.slices[window[best]], float(bx), float(by), "located"
                 if s.shows(x, y):
-                    rows.append([study_id, condition, level, series, s.instance_number, float(x), float(y), source,
+                    rows.append([study_id, condition, level, series, s.instance_number, s.frame, float(x), float(y), source,
                                  score])
                     found = True
         if not found:

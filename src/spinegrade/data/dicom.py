@@ -5,16 +5,23 @@ real data has instance numbers that start at 5031 and sagittal series that run r
 often as left-to-right. Slices are ordered by ImagePositionPatient projected on the slice normal
 (the cross product of the two ImageOrientationPatient direction cosines), and one axial series may
 hold several stacks with different orientations, which are returned separately.
+
+A file may hold a whole series: an Enhanced MR Image (or a legacy-converted one, as PACS exports
+make) keeps every frame's position, orientation, spacing and rescale in its functional groups, per
+frame or shared by all (a group in both: the frame's own wins). Each frame is a :class:`Slice` of its
+own (``frame``: its number, from 1), read with its own geometry; the file is decoded once for all.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from spinegrade.errors import DicomReadError
 
@@ -49,6 +56,9 @@ class Slice:
     repetition_time: float | None = None
     echo_time: float | None = None
     inversion_time: float | None = None
+    # A multi-frame file's frame number (from 1, as ReferencedFrameNumber counts); 0: a single-frame file.
+    frame: int = 0
+    rescale: tuple[float, float] = (1.0, 0.0)  # a frame's (slope, intercept): applied when its file is decoded
 
     @property
     def row_direction(self) -> np.ndarray:
@@ -105,45 +115,45 @@ class Stack:
     def __len__(self) -> int:
         return len(self.slices)
 
-    def index_of_instance(self, instance_number: int) -> int | None:
+    def index_of_instance(self, instance_number: int, frame: int = 0) -> int | None:
         for i, s in enumerate(self.slices):
-            if s.instance_number == instance_number:
+            if s.instance_number == instance_number and s.frame == frame:
                 return i
         return None
 
 
 def _float_list(ds: pydicom.Dataset, keyword: str) -> list[float] | None:
     value = ds.get(keyword)
-    if value is None:
+    if value is None or value == "":
         return None
     try:
-        return [float(v) for v in value]
+        return [float(v) for v in value] if isinstance(value, (list, tuple, MultiValue)) else [float(value)]
     except (TypeError, ValueError):
         return None
 
 
-def _decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
-    """Pixel data as float32 in the modality's units, bright meaning high signal."""
-    pixels = ds.pixel_array.astype(np.float32)
-    # Multi-frame or colour files are not part of this dataset: keep the first frame, in grey.
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        pixels = pixels[0]
+def _grey(pixels: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """Colour to grey, and MONOCHROME1 turned so that bright means high signal."""
     if int(ds.get("SamplesPerPixel", 1) or 1) > 1:
         pixels = pixels.mean(axis=-1)
-    slope = ds.get("RescaleSlope")
-    intercept = ds.get("RescaleIntercept")
-    if slope is not None or intercept is not None:
-        pixels = pixels * float(slope if slope is not None else 1.0) + float(intercept or 0.0)
     if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
         pixels = pixels.max() + pixels.min() - pixels
     return pixels
 
 
-def read_slice(path: str | Path, with_pixels: bool = True) -> Slice:
-    """Read one file; raise :class:`DicomReadError` naming it if it cannot be read or decoded."""
-    path = Path(path)
+def _decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
+    """A single-frame file's pixel data as float32 in the modality's units, bright meaning high signal."""
+    pixels = ds.pixel_array.astype(np.float32)
+    slope = ds.get("RescaleSlope")
+    intercept = ds.get("RescaleIntercept")
+    if slope is not None or intercept is not None:
+        pixels = pixels * float(slope if slope is not None else 1.0) + float(intercept or 0.0)
+    return _grey(pixels, ds)
+
+
+def _open(path: Path, with_pixels: bool) -> pydicom.Dataset:
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=not with_pixels)
+        return pydicom.dcmread(path, stop_before_pixels=not with_pixels)
     except InvalidDicomError as exc:
         if "DICM" not in str(exc):
             raise DicomReadError(path, f"InvalidDicomError: {exc}") from None
@@ -151,6 +161,37 @@ def read_slice(path: str | Path, with_pixels: bool = True) -> Slice:
         raise DicomReadError(path, "not a DICOM file: no 'DICM' marker after the 128-byte preamble") from None
     except (OSError, EOFError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise DicomReadError(path, f"{type(exc).__name__}: {exc}") from None
+
+
+def _frame_count(ds: pydicom.Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def read_slice(path: str | Path, with_pixels: bool = True) -> Slice:
+    """Read one file's image (a multi-frame file's first frame: :func:`read_frames` reads them all);
+    raise :class:`DicomReadError` naming it if it cannot be read or decoded."""
+    return read_frames(path, with_pixels)[0]
+
+
+def read_frames(path: str | Path, with_pixels: bool = True) -> list[Slice]:
+    """Every image of one file: one :class:`Slice`, or one per frame of a multi-frame file (each with
+    its own geometry). Raises :class:`DicomReadError` naming the file if it cannot be read or decoded."""
+    path = Path(path)
+    ds = _open(path, with_pixels)
+    if _frame_count(ds) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+        frames = _frames(ds, path)
+        if with_pixels:
+            pixels, _ = _decoded(path, ds)
+            for s in frames:
+                s.pixels = _frame_pixels(pixels, s, ds)
+        return frames
+    return [_single(ds, path, with_pixels)]
+
+
+def _single(ds: pydicom.Dataset, path: Path, with_pixels: bool) -> Slice:
     rows, cols = ds.get("Rows"), ds.get("Columns")
     if rows is None or cols is None:
         raise DicomReadError(path, "no Rows/Columns: not an image")
@@ -161,11 +202,7 @@ def read_slice(path: str | Path, with_pixels: bool = True) -> Slice:
         raise DicomReadError(path, f"InstanceNumber {instance!r} is not a number") from None
     orientation = _float_list(ds, "ImageOrientationPatient")
     position = _float_list(ds, "ImagePositionPatient")
-    spacing = _float_list(ds, "PixelSpacing")
-    if spacing is None:
-        spacing = [1.0, 1.0]  # physical-size crops of such a file are in pixels, not millimetres
-    elif len(spacing) != 2 or not all(np.isfinite(v) and v > 0 for v in spacing):
-        raise DicomReadError(path, f"invalid PixelSpacing {spacing}")
+    spacing = _spacing(_float_list(ds, "PixelSpacing"), path)
     orientation_arr = np.array(orientation if orientation and len(orientation) == 6 else _DEFAULT_ORIENTATION)
     if position is None or len(position) != 3:
         # Without a position, stack along the normal by instance number so ordering still works.
@@ -186,7 +223,7 @@ def read_slice(path: str | Path, with_pixels: bool = True) -> Slice:
         instance_number=instance_number,
         position=position_arr,
         orientation=orientation_arr,
-        pixel_spacing=(float(spacing[0]), float(spacing[1])),
+        pixel_spacing=spacing,
         shape=(int(rows), int(cols)),
         series_description=str(ds.get("SeriesDescription", "")),
         series_uid=str(ds.get("SeriesInstanceUID", "")),
@@ -197,6 +234,115 @@ def read_slice(path: str | Path, with_pixels: bool = True) -> Slice:
         inversion_time=_float_or_none(ds, "InversionTime"),
         has_geometry=bool(orientation and len(orientation) == 6 and position is not None and len(position) == 3),
     )
+
+
+def _spacing(spacing: list[float] | None, path: Path) -> tuple[float, float]:
+    if spacing is None:
+        return 1.0, 1.0  # physical-size crops of such a file are in pixels, not millimetres
+    if len(spacing) != 2 or not all(np.isfinite(v) and v > 0 for v in spacing):
+        raise DicomReadError(path, f"invalid PixelSpacing {spacing}")
+    return float(spacing[0]), float(spacing[1])
+
+
+# Where a multi-frame file keeps what a single-frame file has at its top level: the functional group
+# (a sequence of one item, per frame or shared) and the attribute in it.
+_GROUP_OF = {"ImageOrientationPatient": ("PlaneOrientationSequence", "ImageOrientationPatient"),
+             "ImagePositionPatient": ("PlanePositionSequence", "ImagePositionPatient"),
+             "PixelSpacing": ("PixelMeasuresSequence", "PixelSpacing"),
+             "RescaleSlope": ("PixelValueTransformationSequence", "RescaleSlope"),
+             "RescaleIntercept": ("PixelValueTransformationSequence", "RescaleIntercept"),
+             "RepetitionTime": ("MRTimingAndRelatedParametersSequence", "RepetitionTime"),
+             "EchoTime": ("MREchoSequence", "EffectiveEchoTime"),
+             "InversionTime": ("MRModifierSequence", "InversionTimes")}
+# A legacy-converted file keeps what fits no functional group in these, per frame or shared.
+_UNASSIGNED = ("UnassignedPerFrameConvertedAttributesSequence", "UnassignedSharedConvertedAttributesSequence")
+
+
+def _frame_value(ds: pydicom.Dataset, own: pydicom.Dataset | None, keyword: str) -> list[float] | None:
+    """A frame's value of ``keyword`` (a top-level keyword of a single-frame file): from its functional
+    group, the frame's own before the shared one (a group in both: the frame's wins); else from the
+    converted attributes left unassigned, the frame's before the shared; else the top level."""
+    sequence, inner = _GROUP_OF[keyword]
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+    places = [(g, sequence, inner) for g in (own, shared)] + [(g, u, keyword) for g in (own, shared) for u in _UNASSIGNED]
+    for groups, name, attribute in places:
+        if groups is not None and name in groups and len(groups[name].value):
+            found = _float_list(groups[name].value[0], attribute)
+            if found is not None:
+                return found
+    return _float_list(ds, keyword)
+
+
+def _frames(ds: pydicom.Dataset, path: Path) -> list[Slice]:
+    """One header :class:`Slice` per frame of a multi-frame file, each with its own geometry, rescale
+    and contrast (:func:`_frame_value`)."""
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    if rows is None or cols is None:
+        raise DicomReadError(path, "no Rows/Columns: not an image")
+    count = _frame_count(ds)
+    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
+    if per_frame and len(per_frame) != count:
+        raise DicomReadError(path, f"{len(per_frame)} per-frame functional groups for {count} frames")
+    try:
+        instance_number = int(ds.get("InstanceNumber") or 0)
+    except (TypeError, ValueError):
+        raise DicomReadError(path, f"InstanceNumber {ds.get('InstanceNumber')!r} is not a number") from None
+    slices = []
+    for k in range(count):
+        own = per_frame[k] if per_frame else None
+
+        def value(keyword: str) -> float | None:
+            found = _frame_value(ds, own, keyword)
+            return found[0] if found and np.isfinite(found[0]) else None
+
+        orientation = _frame_value(ds, own, "ImageOrientationPatient")
+        position = _frame_value(ds, own, "ImagePositionPatient")
+        geometry = bool(orientation and len(orientation) == 6 and position is not None and len(position) == 3)
+        orientation_arr = np.array(orientation if orientation and len(orientation) == 6 else _DEFAULT_ORIENTATION)
+        position_arr = (np.array(position) if position is not None and len(position) == 3
+                        else np.cross(orientation_arr[:3], orientation_arr[3:]) * float(k))  # in frame order
+        slope, intercept = value("RescaleSlope"), value("RescaleIntercept")
+        slices.append(Slice(
+            path=path, instance_number=instance_number, position=position_arr, orientation=orientation_arr,
+            pixel_spacing=_spacing(_frame_value(ds, own, "PixelSpacing"), path), shape=(int(rows), int(cols)),
+            series_description=str(ds.get("SeriesDescription", "")), series_uid=str(ds.get("SeriesInstanceUID", "")),
+            study_uid=str(ds.get("StudyInstanceUID", "")), has_geometry=geometry,
+            repetition_time=value("RepetitionTime"), echo_time=value("EchoTime"), inversion_time=value("InversionTime"),
+            frame=k + 1, rescale=(slope if slope is not None else 1.0, intercept or 0.0)))
+    return slices
+
+
+# A multi-frame file is decoded once for all its frames: the last few files' pixel data are kept (one
+# series' frames are read together), never more.
+_DECODED: OrderedDict[tuple[str, int], tuple[np.ndarray, pydicom.Dataset]] = OrderedDict()
+_DECODED_FILES = 2
+
+
+def _decoded(path: Path, ds: pydicom.Dataset | None = None) -> tuple[np.ndarray, pydicom.Dataset]:
+    """(frames, rows, cols[, samples]) stored values of a multi-frame file, decoded once, and its dataset."""
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in _DECODED:
+        ds = ds if ds is not None and "PixelData" in ds else _open(path, with_pixels=True)
+        try:
+            pixels = ds.pixel_array
+        except Exception as exc:  # any decoder failure is a property of the file, not a bug here
+            raise DicomReadError(path, f"cannot decode pixel data: {type(exc).__name__}: {exc}") from None
+        if _frame_count(ds) == 1:
+            pixels = pixels[None]
+        _DECODED[key] = (pixels, ds)
+        while len(_DECODED) > _DECODED_FILES:
+            _DECODED.popitem(last=False)
+    _DECODED.move_to_end(key)
+    return _DECODED[key]
+
+
+def _frame_pixels(pixels: np.ndarray, s: Slice, ds: pydicom.Dataset) -> np.ndarray:
+    """One frame of a decoded multi-frame file as float32 in the modality's units, bright meaning high."""
+    frame = pixels[s.frame - 1].astype(np.float32) * np.float32(s.rescale[0]) + np.float32(s.rescale[1])
+    frame = _grey(frame, ds)
+    if frame.shape != s.shape:
+        raise DicomReadError(s.path, f"frame {s.frame}'s pixel data shape {frame.shape} does not match Rows/Columns")
+    return frame
 
 
 def _float_or_none(ds: pydicom.Dataset, keyword: str) -> float | None:
@@ -235,7 +381,11 @@ def load_pixels(s: Slice) -> np.ndarray:
     """The pixels of a slice read without them (headers first, pixels only for the slices used:
     a labelled slice and its neighbours are a few of a series' 15 to 20), kept on the slice."""
     if s.pixels is None:
-        s.pixels = read_slice(s.path, with_pixels=True).pixels
+        if s.frame:
+            pixels, ds = _decoded(s.path)
+            s.pixels = _frame_pixels(pixels, s, ds)
+        else:
+            s.pixels = read_slice(s.path, with_pixels=True).pixels
     return s.pixels
 
 
@@ -257,7 +407,7 @@ def read_files(paths: list[Path], with_pixels: bool = True, errors: list[DicomRe
     slices = []
     for path in paths:
         try:
-            slices.append(read_slice(path, with_pixels=with_pixels))
+            slices.extend(read_frames(path, with_pixels=with_pixels))
         except DicomReadError as exc:
             if errors is None:
                 raise

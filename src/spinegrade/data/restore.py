@@ -15,9 +15,23 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pydicom
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
 
 from spinegrade.data.dicom import read_slice
+from spinegrade.data.multiframe import to_multiframe
 
 
 @dataclass(frozen=True)
@@ -27,7 +41,8 @@ class Storage:
     ``rescale``: (slope, intercept) with signed stored values; ``bits``: 16 or 8; ``in_plane``: the
     matrix stored ``"turned"`` (90 degrees clockwise), ``"transposed"`` or ``"mirrored"`` (its columns
     reversed), ImageOrientationPatient following so the anatomy stays put (a transposed or mirrored
-    slice's normal points the other way: its series runs the other way too)."""
+    slice's normal points the other way: its series runs the other way too); ``syntax``: the transfer
+    syntax (:func:`encode`); ``multiframe``: a split's series each one file (``multiframe.py``)."""
 
     pad_columns: tuple[float, float] = (0.0, 0.0)
     row_scale: float = 1.0
@@ -35,6 +50,8 @@ class Storage:
     rescale: tuple[float, float] | None = None
     bits: int = 16
     in_plane: str | None = None
+    syntax: str = ExplicitVRLittleEndian  # the transfer syntax written (``encode``)
+    multiframe: bool = False  # each series one Enhanced MR Image file (``restore_split``)
 
 
 IN_PLANE = ("turned", "transposed", "mirrored")
@@ -108,11 +125,47 @@ def restore(src: Path, dst: Path, storage: Storage) -> Path:
     ds.PixelSpacing = [round(row_spacing, 6), round(col_spacing, 6)]
     ds.ImagePositionPatient = [round(float(v), 4) for v in position]
     ds.Rows, ds.Columns = stored.shape
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.PixelData = stored.tobytes()
+    encode(ds, stored, storage.syntax)
     dst.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(dst, enforce_file_format=True)
     return dst
+
+
+# Lossy syntaxes and what they keep: JPEG baseline at quality 90 (8 bits), JPEG extended at 90 (12 bits),
+# JPEG 2000 at a compression ratio of 10.
+JPEG_QUALITY, J2K_RATIO = 90, 10
+
+
+def encode(ds: pydicom.Dataset, stored: np.ndarray, syntax: str) -> None:
+    """Set ``ds``'s pixel data to ``stored`` written in transfer syntax ``syntax``: uncompressed and
+    deflated as they are; RLE, JPEG-LS and JPEG 2000 by pydicom's encoders (pylibjpeg-rle, pyjpegls,
+    pylibjpeg-openjpeg); JPEG lossless (process 14), baseline and extended by imagecodecs (the suite's
+    only use of it: pydicom encodes none of the JPEG family)."""
+    syntax = UID(syntax)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.PixelData = stored.tobytes()
+    if syntax in (ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
+        ds.file_meta.TransferSyntaxUID = syntax
+    elif syntax in (RLELossless, JPEGLSLossless, JPEG2000Lossless):
+        ds.compress(syntax, stored, generate_instance_uid=False)
+    elif syntax == JPEG2000:
+        ds.compress(syntax, stored, generate_instance_uid=False, j2k_cr=[J2K_RATIO])
+    elif syntax in (JPEGLosslessSV1, JPEGLossless, JPEGBaseline8Bit, JPEGExtended12Bit):
+        import imagecodecs
+
+        if syntax == JPEGBaseline8Bit and stored.dtype != np.uint8:
+            raise ValueError("JPEG baseline holds 8 bits: store with bits=8")
+        if syntax == JPEGExtended12Bit:
+            ds.BitsStored, ds.HighBit = 12, 11
+            stored = np.clip(stored, 0, 4095)
+        options = ({"lossless": True, "predictor": 1 if syntax == JPEGLosslessSV1 else 6}
+                   if syntax in (JPEGLosslessSV1, JPEGLossless)
+                   else {"level": JPEG_QUALITY, **({"bitspersample": 12} if syntax == JPEGExtended12Bit else {})})
+        ds.PixelData = encapsulate([imagecodecs.jpeg8_encode(stored, **options)])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = syntax
+    else:
+        raise ValueError(f"no encoder here for transfer syntax {syntax} ({syntax.name})")
 
 
 def restore_split(data_dir: Path, target: Path, storage: Storage, split: str = "test") -> Path:
@@ -126,4 +179,18 @@ def restore_split(data_dir: Path, target: Path, storage: Storage, split: str = "
     for path in sorted((data_dir / images).rglob("*")):
         if path.is_file():
             restore(path, target / images / path.relative_to(data_dir / images), storage)
+    if storage.multiframe:
+        for series_dir in sorted(p for p in (target / images).glob("*/*") if p.is_dir()):
+            to_multiframe(series_dir)
+    return target
+
+
+def restore_study(study_dir: Path, target: Path, storage: Storage) -> Path:
+    """``study_dir``'s series (its sub-folders) stored as ``storage`` says, in ``target``."""
+    for path in sorted(study_dir.rglob("*")):
+        if path.is_file():
+            restore(path, target / path.relative_to(study_dir), storage)
+    if storage.multiframe:
+        for series_dir in sorted(p for p in target.iterdir() if p.is_dir()):
+            to_multiframe(series_dir)
     return target

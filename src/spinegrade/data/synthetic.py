@@ -105,6 +105,9 @@ class SynthSettings:
     # No rater noise and no wrong labels (grade_model): every image shows its graded narrowing and every
     # label is right; the same studies and the same joint grades as the noisy set of the same seed.
     clean_grades: bool = False
+    # The test studies' series each stored as one Enhanced MR Image file (``data/multiframe.py``); the
+    # training split keeps one file per slice, since its labels name instance files.
+    multiframe: bool = False
 
 
 @dataclass
@@ -760,6 +763,11 @@ def write_dataset(data_dir: str | Path, settings: SynthSettings, answers_dir: st
     else:
         records = [_run(job) for job in jobs]
     train, test = records[: len(train_ids)], records[len(train_ids) :]
+    if settings.multiframe:
+        from spinegrade.data.multiframe import to_multiframe
+
+        for series_dir in sorted(p for p in (data_dir / "test_images").glob("*/*") if p.is_dir()):
+            to_multiframe(series_dir)
 
     label_header = ["study_id", *LABEL_COLUMNS]
     coord_header = ["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]
