@@ -89,6 +89,18 @@ def test_test_time_flip_is_refused_where_a_flip_changes_the_grade_or_never_train
     assert load_config("efficientnet_lite0", {"test_time_flip": "true"}, group="spinal").test_time_flip
     with pytest.raises(SpinegradeError, match="test_time_flip needs .*subarticular: flip_probability 0.0"):
         load_config("efficientnet_lite0", {"test_time_flip": True}, group="subarticular")  # turned crops: no flips
-    with pytest.raises(SpinegradeError, match="test_time_flip needs .*input full"):  # a whole axial slice: sides swap
-        load_config("efficientnet_lite0", {"test_time_flip": True, "input": "full", "flip_probability": 0.5},
-                    group="subarticular")
+
+
+def test_a_whole_axial_slice_is_refused_for_the_recesses_in_one_line(tmp_path):
+    """Both recesses on one whole slice: the model would get the same image for the left and the right."""
+    import subprocess
+    import sys
+
+    with pytest.raises(SpinegradeError, match="could not tell left from right: use input: crop"):
+        load_config("efficientnet_lite0", {"input": "full"}, group="subarticular")
+    assert load_config("efficientnet_lite0", {"input": "full"}, group="foraminal").input == "full"  # a side's own slice
+    result = subprocess.run([sys.executable, "-m", "spinegrade.cli", "train", "--models", "efficientnet_lite0",
+                             "--conditions", "subarticular", "--input", "full", "--data_dir", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "could not tell left from right" in result.stderr

@@ -15,9 +15,10 @@ import pytest
 
 from spinegrade.blend import load_blends, run_blend
 from spinegrade.constants import COMPETITION, PROBABILITY_COLUMNS
-from spinegrade.kernel import BUNDLED_PACKAGES, MODELS_MARKER
+from spinegrade.errors import SpinegradeError
+from spinegrade.kernel import BUNDLED_PACKAGES, MODELS_MARKER, STATUS_FILE
 from spinegrade.kernel.build import build_kernel
-from spinegrade.kernel.local import run_kernel_locally
+from spinegrade.kernel.local import check_kernel_status, run_kernel_locally
 from spinegrade.kernel.runtime import run_kernel
 from spinegrade.submit import predict_split
 
@@ -127,6 +128,33 @@ def test_kernel_writes_a_complete_prior_submission_when_the_models_are_missing(t
     frame = pd.read_csv(out)
     assert len(frame) == 5 * 25 and np.allclose(frame[list(PROBABILITY_COLUMNS)].sum(axis=1), 1)
     assert any("prediction failed" in line for line in logged())
+    status = json.loads((tmp_path / "working" / STATUS_FILE).read_text())
+    assert "FileNotFoundError" in status["fallback"] and MODELS_MARKER in status["fallback"]
+
+
+def test_the_rehearsal_fails_out_loud_when_a_group_got_no_model_row(built, trained_run, tmp_path):
+    """The Kaggle script exits 0 whatever happens (a kernel that crashes scores nothing); `kernel-run`
+    reads what it says of its run and fails, naming why, when a blended group graded no study at all:
+    here every test study's Axial T2 series is listed under another description."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for entry in trained_run["data"].iterdir():
+        if entry.name != "test_series_descriptions.csv":
+            (data / entry.name).symlink_to(entry)
+    listed = pd.read_csv(trained_run["data"] / "test_series_descriptions.csv")
+    listed["series_description"] = listed["series_description"].replace({"Axial T2": "Axial T1"})
+    listed.to_csv(data / "test_series_descriptions.csv", index=False)
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    (inputs / COMPETITION).symlink_to(data)
+    (inputs / "models").symlink_to(built["build"].models_dir)
+    run_kernel("models", input_root=inputs, working=tmp_path / "working")  # what the Kaggle script calls
+    with pytest.raises(SpinegradeError, match="exited 0 and wrote .*submission.csv, but no model row at all for the "
+                                              "subarticular group"):
+        check_kernel_status(tmp_path / "working", tmp_path / "kernel.log")  # what `kernel-run` reads after it
+    frame = pd.read_csv(tmp_path / "working" / "submission.csv")
+    assert len(frame) == 5 * 25  # the submission is there all the same
+    assert json.loads((tmp_path / "working" / STATUS_FILE).read_text())["fallback"] is None
 
 
 def _make(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -164,6 +192,8 @@ def test_kernel_without_its_code_dataset_still_writes_a_valid_submission(built, 
     assert result.returncode == 0 and "is not attached" in result.stdout
     frame = pd.read_csv(tmp_path / "working" / "submission.csv")
     assert len(frame) == 5 * 25 and np.allclose(frame[list(PROBABILITY_COLUMNS)].to_numpy(), 1 / 3)
+    with pytest.raises(SpinegradeError, match="fell back on the training prior .*dataset is not attached"):
+        check_kernel_status(tmp_path / "working", tmp_path / "kernel.log")
 
 
 def test_the_project_wheel_holds_exactly_the_package_s_modules(tmp_path):

@@ -251,6 +251,10 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None, conf
     config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()}, extra=extra)
     if config.input not in ("full", "crop"):
         raise SpinegradeError(f"{path}: input must be 'full' or 'crop', got {config.input!r}")
+    if config.input == "full" and GROUPS[config.group].turn_by_side:
+        raise SpinegradeError(f"{path}: the {config.group} group grades each side on one axial slice; a whole slice "
+                              "(input: full) shows both sides alike, so its model could not tell left from right: "
+                              "use input: crop")
     if config.class_weights not in ("inverse_frequency", "competition", "none"):
         raise SpinegradeError(f"{path}: class_weights must be inverse_frequency, competition or none")
     if config.slices < 1 or config.slices % 2 != 1:

@@ -25,3 +25,6 @@ KAGGLE_PYTHON_VERSIONS = ("3.10", "3.11", "3.12")
 
 DEFAULT_NAME = "spinegrade-rsna-2024"  # the kernel; its datasets are <name>-code and <name>-models
 MODELS_MARKER = "spinegrade-models.json"  # at the root of the models dataset
+# What the kernel says of its run, in its working folder beside submission.csv: whether the whole
+# prediction fell back on the prior, and which blended groups got no model row (``runtime``).
+STATUS_FILE = "kernel_status.json"

@@ -32,6 +32,7 @@ from spinegrade.kernel import (
     KAGGLE_IMAGE_PACKAGES,
     KAGGLE_PYTHON_VERSIONS,
     MODELS_MARKER,
+    STATUS_FILE,
 )
 from spinegrade.kernel.wheels import collect_wheels
 from spinegrade.layout import RunLayout
@@ -48,11 +49,13 @@ Built by `spinegrade kernel` on {built}. Installs spinegrade and the packages it
 versions, replacing the image's own) from the {code} dataset with no index and no network, then
 locates and grades every test study with the blend in the {models} dataset and writes
 /kaggle/working/submission.csv. KAGGLE_INPUT and KAGGLE_WORKING point it at other folders for a local run.
-If the code cannot even be installed, it still writes a valid submission (1/3 everywhere) and says why.
+If the code cannot even be installed, it still writes a valid submission (1/3 everywhere) and says why,
+in the log and in {status} (which `spinegrade kernel-run` reads); it exits 0 whatever happened.
 """
 import csv
 import glob
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -73,6 +76,8 @@ def uniform_submission(reason):
         out = csv.writer(f)
         out.writerow(["row_id", "normal_mild", "moderate", "severe"])
         out.writerows([f"{{s}}_{{t}}", 1 / 3, 1 / 3, 1 / 3] for s in studies for t in TARGETS)
+    with open(os.path.join(WORKING, "{status}"), "w") as f:
+        json.dump({{"fallback": reason, "groups_without_model_rows": []}}, f)
 
 
 # where Kaggle mounts the code dataset; else wherever a mount put it (one or two folders deep)
@@ -239,7 +244,8 @@ def build_kernel(output_dir: str | Path, kernels_dir: str | Path | None = None, 
     staging = _fresh(kernel_final)
     targets = [f"{c}_{lv}" for c in CONDITIONS for lv in LEVELS]
     write_text_atomic(staging / f"{name}.py", KERNEL_SCRIPT.format(name=name, competition=COMPETITION, built=built,
-                                                                   code=code_slug, models=models_slug, targets=targets))
+                                                                   code=code_slug, models=models_slug, targets=targets,
+                                                                   status=STATUS_FILE))
     write_text_atomic(staging / "kernel-metadata.json", json.dumps({
         "id": f"{user}/{name}", "title": name, "code_file": f"{name}.py", "language": "python",
         "kernel_type": "script", "is_private": True, "enable_gpu": True, "enable_tpu": False,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from spinegrade.constants import COMPETITION
 from spinegrade.errors import SpinegradeError
-from spinegrade.kernel import KAGGLE_IMAGE_PACKAGES
+from spinegrade.kernel import KAGGLE_IMAGE_PACKAGES, STATUS_FILE
 from spinegrade.logs import get_logger
 
 log = get_logger(__name__)
@@ -134,4 +134,20 @@ def run_kernel_locally(kernel_dir: str | Path, data_dir: str | Path, root: str |
     submission = working / "submission.csv"
     if not submission.is_file():
         raise SpinegradeError(f"the kernel wrote no {submission}; log in {root / 'kernel.log'}")
+    check_kernel_status(working, root / "kernel.log")
     return submission, seconds
+
+
+def check_kernel_status(working: Path, log_file: Path) -> None:
+    """Fail, saying why, where the kernel's ``STATUS_FILE`` says the whole prediction fell back on the
+    prior or a blended group got no model row: the Kaggle script exits 0 all the same (Kaggle scores what
+    it wrote), so a rehearsal that only read the exit status would pass a kernel that grades nothing."""
+    status = working / STATUS_FILE
+    if not status.is_file():
+        raise SpinegradeError(f"the kernel wrote no {status}: is it built by this version? (`make kernel`)")
+    said = json.loads(status.read_text())
+    why = ([f"the whole prediction fell back on the training prior ({said['fallback']})"] if said.get("fallback") else [])
+    why += [f"no model row at all for the {g} group" for g in said.get("groups_without_model_rows", [])]
+    if why:
+        raise SpinegradeError(f"the kernel exited 0 and wrote {working / 'submission.csv'}, but {'; '.join(why)}; "
+                              f"log in {log_file}")

@@ -3,6 +3,10 @@
 A kernel that crashes scores nothing, so every failure falls back one step: a bad study gets prior
 rows (inside :func:`predict_split`); a failure of the whole prediction (models unreadable, a broken
 mount) gets the training prior for every row, logged loudly; without even a prior, uniform rows.
+The script still exits 0 (Kaggle scores what it wrote), and says what fell back in ``STATUS_FILE``,
+which the local rehearsal (``spinegrade kernel-run``) reads and fails on: a fallback of the whole
+prediction, or a blended group that got no model row on any study (a study without a Sagittal T1
+getting the prior for its foramina is by design, and says nothing).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import pandas as pd
 
 from spinegrade.constants import COMPETITION, CONDITIONS, LEVELS, PROBABILITY_COLUMNS, row_id
 from spinegrade.files import write_text_atomic
-from spinegrade.kernel import MODELS_MARKER
+from spinegrade.kernel import MODELS_MARKER, STATUS_FILE
 from spinegrade.logs import ROOT, get_logger, reset_logging, setup_logging
 
 log = get_logger(__name__)
@@ -94,6 +98,7 @@ def _run_kernel(models_dataset: str, input_root: str | Path | None, working: str
     import torch
 
     from spinegrade.blend import load_blends
+    from spinegrade.constants import CONDITION_GROUP, parse_row_id
     from spinegrade.submit import predict_split, write_submission
 
     started = time.perf_counter()
@@ -106,16 +111,23 @@ def _run_kernel(models_dataset: str, input_root: str | Path | None, working: str
     cuda = torch.cuda.is_available()
     log.info(f"spinegrade kernel: Python {sys.version.split()[0]}, torch {torch.__version__}, "
              f"{'GPU ' + torch.cuda.get_device_name(0) if cuda else 'CPU'}; competition {competition}, models {models}")
+    fallback, silent = None, []
     try:
         if competition is None:
             raise FileNotFoundError(f"no test_series_descriptions.csv under {input_root}")
         if models is None:
             raise FileNotFoundError(f"no {MODELS_MARKER} under {input_root} (is the models dataset attached?)")
-        _, submission = predict_split(competition, "test", models, blends=load_blends(models), out=out,
-                                      predictions_dir=working, device=device)
+        blends = load_blends(models)
+        per_backbone, submission = predict_split(competition, "test", models, blends=blends, out=out,
+                                                 predictions_dir=working, device=device)
         studies = len(submission) // (len(CONDITIONS) * len(LEVELS))
+        graded = {CONDITION_GROUP[parse_row_id(r)[1]] for r in per_backbone["row_id"]}
+        silent = sorted(set(blends) - graded) if studies else []
+        if silent:
+            log.error(f"no model row at all for the {', '.join(silent)} group(s): every such row is the prior")
     except Exception as exc:  # the submission must be written whatever failed
-        log.error(f"prediction failed, every row gets the training prior: {type(exc).__name__}: {exc}")
+        fallback = f"{type(exc).__name__}: {exc}"
+        log.error(f"prediction failed, every row gets the training prior: {fallback}")
         log.error(traceback.format_exc())
         submission = fallback_submission(competition, models)
         sample_path = competition / "sample_submission.csv" if competition else None
@@ -125,6 +137,7 @@ def _run_kernel(models_dataset: str, input_root: str | Path | None, working: str
     elapsed = time.perf_counter() - started
     log.info(f"wrote {out}: {len(submission)} rows, {studies} studies, {elapsed:.1f} s "
              f"({elapsed / max(studies, 1):.2f} s per study including model loading)")
+    write_text_atomic(working / STATUS_FILE, json.dumps({"fallback": fallback, "groups_without_model_rows": silent}))
     write_text_atomic(working / "kernel_timing.json", json.dumps(
         {"studies": studies, "seconds": elapsed, "device": torch.cuda.get_device_name(0) if cuda else "cpu"}))
     return out
