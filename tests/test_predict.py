@@ -264,8 +264,8 @@ def test_a_study_stored_every_other_way_gets_the_same_points_and_grades(trained_
     per series, other transfer syntaxes, every slice turned, transposed or mirrored in plane (its
     geometry following), all graded in one split as `predict --split` grades it (models loaded once).
     The files that hold the same pixels give the same grades to 1e-5; turned, transposed and mirrored
-    ones the same slices and points, the grades within a resampling's difference; the lossy ones
-    within the tolerance docs/data.md states. The multi-frame study's report points at its frames."""
+    ones the same slices and points, the grades to 1e-3 (cv2 resamples on the other grid in fixed point);
+    the lossy ones within the tolerance docs/data.md states. The multi-frame study's report points at its frames."""
     import pydicom
 
     from spinegrade.blend import blends_for
@@ -321,10 +321,10 @@ def test_a_study_stored_every_other_way_gets_the_same_points_and_grades(trained_
     for name, (shift, change) in moved.items():
         if name in LOSSLESS:
             assert shift < 1e-6 and change < 1e-5, (name, shift, change)
-        elif name in ("turned 90 degrees", "transposed", "mirrored"):
-            assert shift < 0.5 and change < 0.02, (name, shift, change)  # the same slice: slices are 3 mm or more apart
+        elif name in ("turned 90 degrees", "transposed", "mirrored"):  # the same slices and points; the grades
+            assert shift < 1e-3 and change < 1e-3, (name, shift, change)  # up to cv2's fixed-point resampling
         else:  # lossy: a point may move to the next slice where two were nearly tied (docs/data.md)
-            assert shift < 6.0 and change < 0.15, (name, shift, change)
+            assert shift < 6.0 and change < 0.2, (name, shift, change)
     # the structured report of a multi-frame study points at the frame each point was read on
     multi = next(i for i, (name, _) in twins.items() if name == "one Enhanced MR file per series")
     write_split_reports([s for s in studies if s.study_id == multi], grades, submission, tmp_path / "sr")
