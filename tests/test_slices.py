@@ -129,8 +129,9 @@ def test_five_slices_make_five_input_channels_with_the_pretrained_first_layer_ad
 def test_both_foramina_of_a_t1_series_stored_either_way_reach_the_model_in_one_channel_order(trained_run, tmp_path):
     """The shared run's 3-slice foraminal model's inputs, made by prediction's own code, for every labelled
     foramen of a study's Sagittal T1 and of its mirror in storage (rows running the other way, so the
-    stack's normal and file order reversed): the same channels in the same order (medial to lateral),
-    each the mirror image of the other's, and the channels differ (they are three slices)."""
+    stack's normal and file order reversed): the same channels in the same order (medial to lateral), the
+    same images (each slice turned back to one orientation by its geometry), and the channels differ
+    (they are three slices)."""
     import pandas as pd
 
     from dicom_factory import mirror_series
@@ -154,12 +155,12 @@ def test_both_foramina_of_a_t1_series_stored_either_way_reach_the_model_in_one_c
         located = []
         for r in rows.itertuples():
             x = r.x if name == "source" else stacks[0].slices[0].shape[1] - 1 - r.x
-            located.append([study, r.condition, r.level, name, int(r.instance_number), x, r.y, "located", np.nan])
+            located.append([study, r.condition, r.level, name, int(r.instance_number), 0, x, r.y, "located", np.nan])
         study_rows = LocatedStudy(study, {name: stacks}, pd.DataFrame(located, columns=LOCATION_COLUMNS))
         inputs[name] = model_inputs(study_rows, model.settings).astype(int)
     assert inputs["source"].shape == (len(rows), 3, 64, 64)
     for a, b in zip(inputs["source"], inputs["mirrored"]):
-        assert np.abs(a - b[:, :, ::-1]).mean() < 1.0  # channel for channel, mirrored in plane
+        assert np.abs(a - b).mean() < 1.0  # channel for channel: the mirrored storage turned back (canonical_turn)
         assert np.abs(a[0] - a[2]).mean() > 1.0  # the neighbours are other slices
     assert set(rows["condition"]) == {LEFT, RIGHT}
 
@@ -186,7 +187,7 @@ def test_a_model_trained_with_test_time_flip_grades_the_mean_over_its_mirror(tra
     rows = rows[rows["study_id"] == rows["study_id"].iloc[0]]
     study = int(rows["study_id"].iloc[0])
     folder = Path(rows["image_path"].iloc[0]).parent
-    located = pd.DataFrame([[study, r.condition, r.level, "t1", int(r.instance_number), r.x, r.y, "located", np.nan]
+    located = pd.DataFrame([[study, r.condition, r.level, "t1", int(r.instance_number), 0, r.x, r.y, "located", np.nan]
                             for r in rows.itertuples()], columns=LOCATION_COLUMNS)
     located_study = LocatedStudy(study, {"t1": Series(str(folder), "Sagittal T1").read()[0]}, located)
     images = torch.from_numpy(model_inputs(located_study, model.settings))

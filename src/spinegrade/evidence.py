@@ -31,12 +31,13 @@ from torch import nn
 
 from spinegrade.blend import Blend
 from spinegrade.constants import CONDITION_SPECS, LEVELS, SEVERITIES, level_title
+from spinegrade.data.preprocess import PreprocessSettings
 from spinegrade.errors import SpinegradeError
 from spinegrade.findings import located_in
 from spinegrade.locating import LocatedStudy
 from spinegrade.logs import get_logger
 from spinegrade.models.classifier import LevelClassifier
-from spinegrade.predict import SplitGrades, load_fold_models, model_inputs
+from spinegrade.predict import FoldModel, SplitGrades, load_fold_models, model_inputs
 
 log = get_logger(__name__)
 
@@ -53,13 +54,14 @@ class EvidenceMap:
     level: str  # "L4/L5"
     series: str
     instance_number: int
+    frame: int  # its frame in a multi-frame file (from 1); 0: a file of one image
     image: np.ndarray
     heat: np.ndarray
     grade: str
     backbone: str
     folds: int
     whole_slice: bool = False  # the model grades whole slices (its config's ``input: full``), not crops
-    turned: bool = False  # the crop was turned for its side (``PreprocessSettings.turn_by_side``)
+    turned: bool = False  # the crop was turned for its side, the lateral to the right (``PreprocessSettings.turn_by_side``)
 
 
 def require_grad_cam() -> None:
@@ -154,14 +156,16 @@ def heaviest_backbone(blend: Blend) -> str:
 
 
 def evidence_maps(located: LocatedStudy, output_dir: Path, group: str, blend: Blend, grades: dict[tuple[str, str], str],
-                  device: torch.device) -> list[EvidenceMap]:
+                  device: torch.device, models: list[FoldModel] | None = None,
+                  graded_inputs: dict[PreprocessSettings, dict[int, np.ndarray]] | None = None) -> list[EvidenceMap]:
     """One map per graded crop of ``located`` (a row of its locations), explaining the grade the target
     was given (``grades``: (condition, "L4/L5") -> grade), by the blend's heaviest backbone, averaged
-    over its folds."""
+    over its folds. ``models`` and ``graded_inputs``: that backbone's fold models and the images they
+    graded (``SplitGrades.models``, ``.inputs``), when grading kept them; else loaded and made again."""
     if located.locations is None or located.locations.empty:
         return []
     name = heaviest_backbone(blend)
-    models = load_fold_models(output_dir, name, group, device)
+    models = models or load_fold_models(output_dir, name, group, device)
     settings = models[0].settings
     models = [m for m in models if m.settings == settings]  # one backbone's folds share their preprocessing
     rows = located.locations.reset_index(drop=True)
@@ -170,13 +174,14 @@ def evidence_maps(located: LocatedStudy, output_dir: Path, group: str, blend: Bl
     if not keep:
         return []
     rows, titles = rows.iloc[keep].reset_index(drop=True), [titles[i] for i in keep]
-    inputs = model_inputs(LocatedStudy(located.study_id, located.stacks, rows), settings)
+    made = (graded_inputs or {}).get(settings, {}).get(located.study_id)
+    inputs = made[keep] if made is not None else model_inputs(LocatedStudy(located.study_id, located.stacks, rows), settings)
     images = torch.from_numpy(inputs).to(device)
     levels = torch.tensor([LEVELS.index(lv) for lv in rows["level"]], device=device)
     classes = [SEVERITIES.index(grades[(c, t)]) for c, t in zip(rows["condition"], titles)]
     heat = sum(class_activation_maps(m.model, images, levels, classes, m.test_time_flip) for m in models) / len(models)
     centre = inputs.shape[1] // 2
-    return [EvidenceMap(r.condition, t, r.series, int(r.instance_number), inputs[i, centre], heat[i],
+    return [EvidenceMap(r.condition, t, r.series, int(r.instance_number), int(r.frame), inputs[i, centre], heat[i],
                         grades[(r.condition, t)], name, len(models), settings.input == "full",
                         settings.turn_by_side and CONDITION_SPECS[r.condition].side is not None)
             for i, (r, t) in enumerate(zip(rows.itertuples(), titles))]
@@ -228,7 +233,9 @@ def study_evidence(grades: SplitGrades, targets: list[dict], study_id: int, outp
         if located is None or group not in grades.blends:
             continue
         try:
-            out[group] = evidence_maps(located, output_dir, group, grades.blends[group], graded, device)
+            name = heaviest_backbone(grades.blends[group])
+            out[group] = evidence_maps(located, output_dir, group, grades.blends[group], graded, device,
+                                       grades.models.get((group, name)), grades.inputs.get((group, name)))
         except SpinegradeError as exc:  # an unreadable slice, a missing model: the grades stand; only this group's maps are lost
             log.warning(f"study {study_id}: no evidence maps for the {group} group ({exc})")
     return out

@@ -1,7 +1,7 @@
 """What every locator is: the interface the groups' locators fill, and the located study they return.
 
 A locator places one condition group's points on the series that group is read on: per target, a row
-of the *locations table* (study, condition, level, series, instance, x, y, source, score). Each group
+of the *locations table* (study, condition, level, series, instance, frame, x, y, source, score). Each group
 names its locator in the registry (``constants.GROUPS[group].locator``); the implementations are in
 ``locators.py``. Every locator does the same four things, as timm's models fill one model API:
 

@@ -55,7 +55,8 @@ def compare_with_labels(located: pd.DataFrame, stacks: dict[tuple[int, str], lis
                "series_found": None, "instance_found": None, "x": np.nan, "y": np.nan, "slice_offset": np.nan,
                "error_mm": np.nan, "source": None, "score": np.nan}
         if hit is not None:
-            found_at = find_instance(stacks.get((r.study_id, hit.series), []), int(hit.instance_number))
+            found_at = find_instance(stacks.get((r.study_id, hit.series), []), int(hit.instance_number),
+                                     int(getattr(hit, "frame", 0) or 0))
             if found_at is not None:
                 found_slice = stacks[(r.study_id, hit.series)][found_at[0]].slices[found_at[1]]
                 same_stack = hit.series == series and found_at[0] == truth_at[0]

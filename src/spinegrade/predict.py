@@ -1,8 +1,8 @@
 """From raw DICOM to graded levels, with no coordinates: locate, then grade with every fold model.
 
 Per condition group (``constants.GROUPS``): the group's locator places its points on the series the
-group is read on, as rows of a locations table (study, condition, level, series, instance, x, y,
-source); every fold model of every backbone of that group grades them (fold models averaged), from
+group is read on, as rows of a locations table (study, condition, level, series, instance, frame, x,
+y, source); every fold model of every backbone of that group grades them (fold models averaged), from
 images made by the same preprocessing as training (``data.preprocess.prepare_stack``, then the
 centre view), so a model sees at test time what it trained on. The grades are a tidy table, one row
 per (group, backbone, study, condition, level) graded (``GRADE_COLUMNS``). A study whose series is
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +28,25 @@ import torch
 
 from spinegrade.blend import Blend
 from spinegrade.constants import GROUPS, LEVELS, PROBABILITY_COLUMNS
-from spinegrade.data.preprocess import PREPROCESS_VERSION, PreprocessSettings, centre_view, prepare_stack, refuse_other_inputs
+from spinegrade.data.preprocess import (
+    PREPROCESS_VERSION,
+    PreprocessSettings,
+    centre_view,
+    prepare_stack,
+    refuse_other_inputs,
+)
 from spinegrade.device import autocast
 from spinegrade.errors import SpinegradeError
 from spinegrade.layout import RunLayout
 from spinegrade.locating import LocatedStudy
 from spinegrade.locators import locate_studies, locator_class, locator_trained
 from spinegrade.logs import get_logger
-from spinegrade.models.classifier import LevelClassifier, ModelSpec, grade_probabilities, load_state
+from spinegrade.models.classifier import (
+    LevelClassifier,
+    ModelSpec,
+    grade_probabilities,
+    load_state,
+)
 from spinegrade.study import Study
 
 log = get_logger(__name__)
@@ -88,16 +99,18 @@ def model_inputs(study: LocatedStudy, settings: PreprocessSettings) -> np.ndarra
     return np.stack(images)
 
 
-def grade_studies(studies: list[LocatedStudy], models: list[FoldModel], device: torch.device) -> pd.DataFrame:
+def grade_studies(studies: list[LocatedStudy], models: list[FoldModel], device: torch.device,
+                  prepared: dict[PreprocessSettings, dict[int, np.ndarray]] | None = None) -> pd.DataFrame:
     """One row per located (study, condition, level): study_id, condition, level and the probabilities,
     averaged over the fold models, and over the series where a level was located on several. A
     study whose images cannot be made gets a problem and no rows (the prior), as does a level whose
-    probabilities are not finite."""
+    probabilities are not finite. ``prepared`` (settings -> study id -> :func:`model_inputs`), when
+    given, receives the images made, for a later reader of the same crops (the evidence maps)."""
     usable = [s for s in studies if s.locations is not None]
-    prepared: dict[PreprocessSettings, dict[int, np.ndarray]] = {}
+    prepared = {} if prepared is None else prepared  # settings -> study -> model_inputs: given, it is kept there
     failed: set[int] = set()  # its locations stay: another group may start from them
     for settings in {m.settings for m in models}:  # images shared by fold models with the same preprocessing
-        prepared[settings] = {}
+        prepared.setdefault(settings, {})
         for st in usable:
             if st.study_id in failed:
                 continue
@@ -153,6 +166,10 @@ class SplitGrades:
     located: dict[str, list[LocatedStudy]]
     grades: pd.DataFrame
     blends: dict[str, Blend]
+    # With ``grade_split(keep=True)``: each (group, backbone)'s fold models, and the images they graded
+    # (settings -> study id -> model_inputs), so that the evidence maps need neither load nor crop again.
+    models: dict[tuple[str, str], list[FoldModel]] = field(default_factory=dict)
+    inputs: dict[tuple[str, str], dict[PreprocessSettings, dict[int, np.ndarray]]] = field(default_factory=dict)
 
     def graded(self, group: str, study_id: int, condition: str, level: str) -> bool:
         g = self.grades
@@ -171,9 +188,11 @@ def locate_with_anchors(studies: list[Study], output_dir: Path, group: str, devi
     return located[group]
 
 
-def grade_split(studies: list[Study], output_dir: Path, blends: dict[str, Blend], device: torch.device) -> SplitGrades:
+def grade_split(studies: list[Study], output_dir: Path, blends: dict[str, Blend], device: torch.device,
+                keep: bool = False) -> SplitGrades:
     """Locate and grade every study for each group a blend covers; a group without a model or a
-    study without its series is named in the log and left to the prior."""
+    study without its series is named in the log and left to the prior. With ``keep`` (one study's
+    page), the fold models and the images they graded stay in the result for its evidence maps."""
     result = SplitGrades([s.study_id for s in studies], {}, empty_grades(GRADE_COLUMNS), blends)
     located_by_group: dict[str, list[LocatedStudy]] = {}  # each group located once (the spinal points start others)
     frames = []
@@ -195,7 +214,10 @@ def grade_split(studies: list[Study], output_dir: Path, blends: dict[str, Blend]
             models = load_fold_models(output_dir, name, group, device)
             loaded = time.perf_counter() - t0
             t0 = time.perf_counter()
-            graded = grade_studies(located, models, device)
+            prepared: dict[PreprocessSettings, dict[int, np.ndarray]] = {}
+            graded = grade_studies(located, models, device, prepared)
+            if keep:
+                result.models[(group, name)], result.inputs[(group, name)] = models, prepared
             if not graded.empty:
                 frames.append(graded.assign(group=group, backbone=name)[GRADE_COLUMNS])
             graded_ids |= set(graded["study_id"])

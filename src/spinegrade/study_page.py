@@ -78,7 +78,7 @@ def predict_study(study_dir: str | Path, output_dir: str | Path, backbones: list
         log.info(note)
     blends = blends_for(output_dir, backbones)
     torch_device = select_device(device)
-    grades = grade_split([study], output_dir, blends, torch_device)
+    grades = grade_split([study], output_dir, blends, torch_device, keep=evidence)
     submission = submission_frame([study.study_id], grades.grades, grades.blends, training_priors(None, output_dir))
     result = _result(study_dir, study, notes, grades, submission)
     pages = _slice_figures(grades, result, study)
@@ -126,7 +126,8 @@ def _write_evidence(maps: dict[str, list[EvidenceMap]], targets: list[dict], out
             folder.mkdir(parents=True, exist_ok=True)
             (folder / name).write_bytes(png)
             by_target[(m.condition, m.level)]["evidence"].append(f"{EVIDENCE_DIR}/{name}")
-            figures.setdefault(group, []).append((f"{side_prefix(m.condition)}{m.level}: {m.grade} (instance {m.instance_number})",
+            where = f"instance {m.instance_number}" + (f", frame {m.frame}" if m.frame else "")
+            figures.setdefault(group, []).append((f"{side_prefix(m.condition)}{m.level}: {m.grade} ({where})",
                                                   base64.b64encode(png).decode()))
     return figures
 
@@ -232,7 +233,8 @@ def _html(result: dict, figures: dict[str, list[tuple[str, str]]], evidence: dic
         if evidence.get(group):
             how = result["evidence"]["groups"][group]
             saw = ("the whole slice" if how["whole_slice"] else "its crop, centred on the located point"
-                   + ("; turned so that the side's lateral is on the right" if how["turned"] else ""))
+                   + ("; turned so that the side's lateral is on the right" if how["turned"]
+                      else "; turned to its plane's one orientation"))
             parts.append(f"<h3>Evidence</h3><p class='help'>Where the model found each grade: a Grad-CAM map of the grade "
                          f"given (red: most), on what the model saw ({saw}), from {html.escape(how['backbone'])}, the "
                          f"blend's heaviest backbone, averaged over its {how['folds']} folds.</p>")

@@ -283,10 +283,11 @@ def _frames(ds: pydicom.Dataset, path: Path) -> list[Slice]:
     per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
     if per_frame and len(per_frame) != count:
         raise DicomReadError(path, f"{len(per_frame)} per-frame functional groups for {count} frames")
-    try:
-        instance_number = int(ds.get("InstanceNumber") or 0)
+    instance = ds.get("InstanceNumber")
+    try:  # as a single-frame file's: without one, a numeric file name stands in (two files must not collide)
+        instance_number = int(instance) if instance not in (None, "") else int(path.stem) if path.stem.isdigit() else 0
     except (TypeError, ValueError):
-        raise DicomReadError(path, f"InstanceNumber {ds.get('InstanceNumber')!r} is not a number") from None
+        raise DicomReadError(path, f"InstanceNumber {instance!r} is not a number") from None
     slices = []
     for k in range(count):
         own = per_frame[k] if per_frame else None
@@ -314,13 +315,17 @@ def _frames(ds: pydicom.Dataset, path: Path) -> list[Slice]:
 
 # A multi-frame file is decoded once for all its frames: the last few files' pixel data are kept (one
 # series' frames are read together), never more.
-_DECODED: OrderedDict[tuple[str, int], tuple[np.ndarray, pydicom.Dataset]] = OrderedDict()
-_DECODED_FILES = 2
+_DECODED: OrderedDict[tuple, tuple[np.ndarray, pydicom.Dataset]] = OrderedDict()
+_DECODED_FILES = 3  # a study's three series: each group reads its own, the grader after the locator
 
 
 def _decoded(path: Path, ds: pydicom.Dataset | None = None) -> tuple[np.ndarray, pydicom.Dataset]:
     """(frames, rows, cols[, samples]) stored values of a multi-frame file, decoded once, and its dataset."""
-    key = (str(path), path.stat().st_mtime_ns)
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise DicomReadError(path, f"{type(exc).__name__}: {exc}") from None
+    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)  # a rewritten file is read again
     if key not in _DECODED:
         ds = ds if ds is not None and "PixelData" in ds else _open(path, with_pixels=True)
         try:
@@ -338,6 +343,8 @@ def _decoded(path: Path, ds: pydicom.Dataset | None = None) -> tuple[np.ndarray,
 
 def _frame_pixels(pixels: np.ndarray, s: Slice, ds: pydicom.Dataset) -> np.ndarray:
     """One frame of a decoded multi-frame file as float32 in the modality's units, bright meaning high."""
+    if s.frame > len(pixels):
+        raise DicomReadError(s.path, f"frame {s.frame} of {len(pixels)} decoded: the pixel data is short")
     frame = pixels[s.frame - 1].astype(np.float32) * np.float32(s.rescale[0]) + np.float32(s.rescale[1])
     frame = _grey(frame, ds)
     if frame.shape != s.shape:

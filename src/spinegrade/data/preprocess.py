@@ -303,12 +303,13 @@ def refuse_other_inputs(saved: dict, key: str, current: int, where) -> None:
     ``preprocess_version`` or ``locator_input_version``), or says nothing of them (saved before
     they were recorded): such a model reads images it never saw, and grades them without a word."""
     version = saved.get(key)
+    command = "train-localizer" if key == "locator_input_version" else "train"
     if version is None:
         raise SpinegradeError(f"{where}: saved before its inputs' version ({key}) was recorded, so this code cannot "
-                              f"tell whether it makes that model's inputs; train it again (train with --force)")
+                              f"tell whether it makes that model's inputs; train it again ({command} --force)")
     if int(version) != current:
         raise SpinegradeError(f"{where}: trained on inputs of {key} {version}, and this code makes {current}; "
-                              "train it again (train with --force)")
+                              f"train it again ({command} --force)")
 
 
 # What identifies a sample's image; labels and folds are deliberately not part of it (see build_cache).
@@ -454,7 +455,11 @@ def _prepare_series(args) -> tuple[list[int], list[np.ndarray], list[str]]:
         found = [(st, st.index_of_instance(instance)) for st in stacks]
         found = [(st, k) for st, k in found if k is not None]
         if not found:
-            reason = next((str(e) for e in errors if Path(e.path) == Path(path)), f"{path}: file not found")
+            multiframe = any(s.frame for st in stacks for s in st.slices)
+            reason = next((str(e) for e in errors if Path(e.path) == Path(path)),
+                          f"{path}: its series is stored as one multi-frame file; a training label names one "
+                          "file per slice (instance_number), so it cannot be trained on" if multiframe
+                          else f"{path}: file not found")
             problems.append(f"skipped sample: {reason}")
             continue
         stack, k = found[0]

@@ -146,7 +146,8 @@ def check_kernel_status(working: Path, log_file: Path) -> None:
     if not status.is_file():
         raise SpinegradeError(f"the kernel wrote no {status}: is it built by this version? (`make kernel`)")
     said = json.loads(status.read_text())
-    why = ([f"the whole prediction fell back on the training prior ({said['fallback']})"] if said.get("fallback") else [])
+    fallback = str(said.get("fallback") or "").strip().splitlines()
+    why = [f"the whole prediction fell back on the training prior ({fallback[0]})"] if fallback else []
     why += [f"no model row at all for the {g} group" for g in said.get("groups_without_model_rows", [])]
     if why:
         raise SpinegradeError(f"the kernel exited 0 and wrote {working / 'submission.csv'}, but {'; '.join(why)}; "
