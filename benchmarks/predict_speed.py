@@ -5,7 +5,10 @@ locating, grading, writing), the one-off cost of loading the fold models, and th
 hidden test set of several hundred studies. The last line is JSON. Defaults point at `make demo`'s
 outputs.
 
-    python benchmarks/predict_speed.py [--data-dir D] [--output-dir OUT] [--repeats 3] [--split test]
+    python benchmarks/predict_speed.py [--data-dir D] [--output-dir OUT] [--repeats 3] [--split test] [--profile 25]
+
+``--profile N`` runs the split once more under cProfile and prints its N costliest functions by their
+own time (the machine's load average and torch's thread count are recorded either way).
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--projected-studies", type=int, default=500)
+    parser.add_argument("--profile", type=int, default=0, help="also profile one run: its N costliest functions")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     backbones = RunLayout(args.output_dir).backbones()
     totals, locate, grade, fixed = [], [], [], []
     for _ in range(args.repeats):
@@ -61,13 +66,35 @@ def main() -> None:
         "grade_seconds_per_study_median": statistics.median(grade),
         "projected_minutes_for_studies": {str(args.projected_studies): (statistics.median(fixed) + statistics.median(totals)
                                                                          * args.projected_studies) / 60},
+        "load_average_before": load_before, "torch_threads": torch.get_num_threads(),
     }
+    if args.profile:
+        result["profile_top"] = _profile(args, backbones, args.profile)
     print(f"{result['seconds_per_study_median']:.3f} s per study (median of {args.repeats}; read+locate "
           f"{result['read_and_locate_seconds_per_study_median']:.3f}, grade {result['grade_seconds_per_study_median']:.3f}), "
           f"plus {result['model_loading_seconds_once_median']:.1f} s once to load the models, "
           f"with {', '.join(backbones)}; {args.projected_studies} studies: "
           f"{result['projected_minutes_for_studies'][str(args.projected_studies)]:.1f} min")
     report(result)
+
+
+def _profile(args, backbones: list[str], top: int) -> list[str]:
+    """One more run of the split under cProfile: its ``top`` functions by own time, as printed lines."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    with logged_lines(), tempfile.TemporaryDirectory() as scratch:
+        profiler.enable()
+        predict_split(args.data_dir, args.split, args.output_dir, backbones, out=Path(scratch) / "profile.csv",
+                      predictions_dir=scratch)
+        profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    lines = [line for line in text.getvalue().splitlines() if line.strip()]
+    print("\n".join(lines))
+    return lines[-top - 1:]
 
 
 if __name__ == "__main__":

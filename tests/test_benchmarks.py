@@ -29,8 +29,9 @@ def _run(script: str, *args: str, results: str | None = None) -> dict:
 
 def test_predict_speed_benchmark_runs(trained_run):
     figures = _run("predict_speed.py", "--data-dir", str(trained_run["data"]), "--output-dir", str(trained_run["out"]),
-                   "--repeats", "1")
+                   "--repeats", "1", "--profile", "5")
     assert figures["benchmark"] == "predict_speed" and figures["studies"] == 5
+    assert len(figures["profile_top"]) == 6 and "tottime" in figures["profile_top"][0]  # its header, then 5 functions
     # what the README quotes: seconds per study, its two parts (within it), the one-off loading, the projection
     per_study, load = figures["seconds_per_study_median"], figures["model_loading_seconds_once_median"]
     parts = figures["read_and_locate_seconds_per_study_median"] + figures["grade_seconds_per_study_median"]
