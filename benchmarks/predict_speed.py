@@ -2,7 +2,8 @@
 
 Runs `predict_split` on a split several times and prints the median seconds per study (reading +
 locating, grading, writing), the one-off cost of loading the fold models, and the projection to a
-hidden test set of several hundred studies. The last line is JSON. Defaults point at `make demo`'s
+hidden test set of several hundred studies. It grades as `make submission` does: with the run's blend
+(a backbone of weight 0 is not run) when there is one; ``--all-backbones``: every trained backbone. The last line is JSON. Defaults point at `make demo`'s
 outputs.
 
     python benchmarks/predict_speed.py [--data-dir D] [--output-dir OUT] [--repeats 3] [--split test] [--profile 25]
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from common import logged_lines, report
+from spinegrade.blend import load_blends
 from spinegrade.layout import RunLayout
 from spinegrade.submit import predict_split
 
@@ -36,14 +38,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--projected-studies", type=int, default=500)
     parser.add_argument("--profile", type=int, default=0, help="also profile one run: its N costliest functions")
+    parser.add_argument("--all-backbones", action="store_true", help="every trained backbone, not the blend")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
-    backbones = RunLayout(args.output_dir).backbones()
+    layout = RunLayout(args.output_dir)
+    blends = load_blends(args.output_dir) if layout.blend_json.is_file() and not args.all_backbones else None
+    backbones = None if blends else layout.backbones()
+    used = (sorted({n for b in blends.values() for n, w in zip(b.backbones, b.weights) if w > 0}) if blends
+            else backbones)
     totals, locate, grade, fixed = [], [], [], []
     for _ in range(args.repeats):
         started = time.perf_counter()
         with logged_lines() as lines, tempfile.TemporaryDirectory() as scratch:  # the run is only read
-            _, submission = predict_split(args.data_dir, args.split, args.output_dir, backbones,
+            _, submission = predict_split(args.data_dir, args.split, args.output_dir, backbones, blends=blends,
                                           out=Path(scratch) / "benchmark.csv", predictions_dir=scratch)
         elapsed = time.perf_counter() - started
         studies = submission["row_id"].str.split("_").str[0].nunique()
@@ -59,7 +66,7 @@ def main() -> None:
     result = {
         "benchmark": "predict_speed", "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
         f"{'GPU ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU only'}",
-        "backbones": backbones, "studies": studies, "repeats": args.repeats,
+        "backbones": used, "blend": blends is not None, "studies": studies, "repeats": args.repeats,
         "seconds_per_study_median": statistics.median(totals),
         "model_loading_seconds_once_median": statistics.median(fixed),
         "read_and_locate_seconds_per_study_median": statistics.median(locate),
@@ -69,16 +76,16 @@ def main() -> None:
         "load_average_before": load_before, "torch_threads": torch.get_num_threads(),
     }
     if args.profile:
-        result["profile_top"] = _profile(args, backbones, args.profile)
+        result["profile_top"] = _profile(args, backbones, blends, args.profile)
     print(f"{result['seconds_per_study_median']:.3f} s per study (median of {args.repeats}; read+locate "
           f"{result['read_and_locate_seconds_per_study_median']:.3f}, grade {result['grade_seconds_per_study_median']:.3f}), "
           f"plus {result['model_loading_seconds_once_median']:.1f} s once to load the models, "
-          f"with {', '.join(backbones)}; {args.projected_studies} studies: "
+          f"with {', '.join(used)}{' (the blend)' if blends else ''}; {args.projected_studies} studies: "
           f"{result['projected_minutes_for_studies'][str(args.projected_studies)]:.1f} min")
     report(result)
 
 
-def _profile(args, backbones: list[str], top: int) -> list[str]:
+def _profile(args, backbones: list[str] | None, blends, top: int) -> list[str]:
     """One more run of the split under cProfile: its ``top`` functions by own time, as printed lines."""
     import cProfile
     import io
@@ -87,7 +94,7 @@ def _profile(args, backbones: list[str], top: int) -> list[str]:
     profiler = cProfile.Profile()
     with logged_lines(), tempfile.TemporaryDirectory() as scratch:
         profiler.enable()
-        predict_split(args.data_dir, args.split, args.output_dir, backbones, out=Path(scratch) / "profile.csv",
+        predict_split(args.data_dir, args.split, args.output_dir, backbones, blends=blends, out=Path(scratch) / "profile.csv",
                       predictions_dir=scratch)
         profiler.disable()
     text = io.StringIO()

@@ -78,7 +78,9 @@ def load_fold_models(output_dir: Path, name: str, group: str, device: torch.devi
         refuse_other_inputs(spec, "preprocess_version", PREPROCESS_VERSION, folder)
         model = LevelClassifier(ModelSpec.from_dict(spec))
         load_state(model, folder / "best.safetensors")
-        models.append(FoldModel(name, group, int(spec["fold"]), model.to(device).eval(), PreprocessSettings.from_model(spec),
+        # channels-last: oneDNN's convolutions on a CPU take half the time (the same logits to 1e-5)
+        model = model.to(device).eval().to(memory_format=torch.channels_last)
+        models.append(FoldModel(name, group, int(spec["fold"]), model, PreprocessSettings.from_model(spec),
                                 bool(spec.get("test_time_flip", False))))
     return models
 

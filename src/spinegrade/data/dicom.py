@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -70,11 +71,13 @@ class Slice:
         """Unit vector down a column (increasing row index)."""
         return self.orientation[3:]
 
-    @property
+    @cached_property
     def normal(self) -> np.ndarray:
+        """The slice normal (row direction x column direction); kept, as ``distance``: a stack's order and
+        every neighbour lookup ask for them again (the orientation and position never change)."""
         return np.cross(self.row_direction, self.column_direction)
 
-    @property
+    @cached_property
     def distance(self) -> float:
         """Position along the slice normal: the sort key of a stack."""
         return float(np.dot(self.position, self.normal))
