@@ -181,3 +181,12 @@ def test_honest_figures_benchmark_runs(tmp_path):
     assert set(figures["variants"]) == {"competition, seed 42"}
     assert 0 <= figures["suspect_labels"]["all"]["found"] <= figures["suspect_labels"]["all"]["wrong"]
     assert set(figures["epochs"]) == {"spinal"} and figures["epochs"]["spinal"]["epochs"] == 1  # --epochs reached the graders
+
+
+def test_evidence_folds_benchmark_runs(trained_run):
+    figures = _run("evidence_folds.py", "--data-dir", str(trained_run["data"]), "--output-dir", str(trained_run["out"]),
+                   "--studies", "1")
+    rows = figures["rows"]
+    assert {key.split(",")[0] for key in rows} == {"spinal", "foraminal", "subarticular"}
+    for key, row in rows.items():  # what docs/figures.md quotes: the fewer folds' share of the time, how far maps move
+        assert 0 < row["time_ratio"] < 1 and row["maps"] > 0 and 0 <= row["mean_abs_difference"] <= 1, (key, row)
