@@ -14,20 +14,26 @@ SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
-def write_mr(path: Path, pixels: np.ndarray, *, instance: int, position=(0.0, 0.0, 0.0), orientation=SAGITTAL,
-             spacing=(0.8, 0.8), description="Sagittal T2/STIR", monochrome1=False, rescale=None,
-             compress=None) -> Path:
+def _mr_file(path: Path, sop_class: str, instance: int, description: str) -> FileDataset:
+    """An empty MR file's dataset of ``sop_class``, explicit VR little endian, its parent folder made."""
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = MRImageStorage
+    ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = "MR"
     ds.InstanceNumber = instance
     ds.SeriesDescription = description
+    return ds
+
+
+def write_mr(path: Path, pixels: np.ndarray, *, instance: int, position=(0.0, 0.0, 0.0), orientation=SAGITTAL,
+             spacing=(0.8, 0.8), description="Sagittal T2/STIR", monochrome1=False, rescale=None,
+             compress=None) -> Path:
+    ds = _mr_file(path, MRImageStorage, instance, description)
     ds.ImagePositionPatient = list(position)
     ds.ImageOrientationPatient = list(orientation)
     ds.PixelSpacing = list(spacing)
@@ -88,17 +94,7 @@ def write_enhanced_mr(path: Path, frames: list[np.ndarray], positions: list, *, 
     spacing and TR shared; each frame's position, rescale and TE its own; ``frame_spacing`` (frame index ->
     spacing) carries PixelMeasures in both places for those frames (the frame's own must win). Nothing
     of the geometry at the top level."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = EnhancedMRImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "MR"
-    ds.InstanceNumber = 1
-    ds.SeriesDescription = description
+    ds = _mr_file(path, EnhancedMRImageStorage, 1, description)
     ds.SeriesInstanceUID = generate_uid()
     ds.NumberOfFrames = len(frames)
     ds.Rows, ds.Columns = frames[0].shape
