@@ -198,21 +198,11 @@ def _single(ds: pydicom.Dataset, path: Path, with_pixels: bool) -> Slice:
     rows, cols = ds.get("Rows"), ds.get("Columns")
     if rows is None or cols is None:
         raise DicomReadError(path, "no Rows/Columns: not an image")
-    instance = ds.get("InstanceNumber")
-    try:
-        instance_number = int(instance) if instance not in (None, "") else int(path.stem) if path.stem.isdigit() else 0
-    except (TypeError, ValueError):
-        raise DicomReadError(path, f"InstanceNumber {instance!r} is not a number") from None
-    orientation = _float_list(ds, "ImageOrientationPatient")
-    position = _float_list(ds, "ImagePositionPatient")
+    instance_number = _instance_number(ds, path)
     spacing = _spacing(_float_list(ds, "PixelSpacing"), path)
-    orientation_arr = np.array(orientation if orientation and len(orientation) == 6 else _DEFAULT_ORIENTATION)
-    if position is None or len(position) != 3:
-        # Without a position, stack along the normal by instance number so ordering still works.
-        normal = np.cross(orientation_arr[:3], orientation_arr[3:])
-        position_arr = normal * float(instance_number)
-    else:
-        position_arr = np.array(position)
+    # Without a position, stack along the normal by instance number so ordering still works.
+    orientation_arr, position_arr, geometry = _placement(_float_list(ds, "ImageOrientationPatient"),
+                                                         _float_list(ds, "ImagePositionPatient"), instance_number)
     pixels = None
     if with_pixels:
         try:
@@ -235,8 +225,29 @@ def _single(ds: pydicom.Dataset, path: Path, with_pixels: bool) -> Slice:
         repetition_time=_float_or_none(ds, "RepetitionTime"),
         echo_time=_float_or_none(ds, "EchoTime"),
         inversion_time=_float_or_none(ds, "InversionTime"),
-        has_geometry=bool(orientation and len(orientation) == 6 and position is not None and len(position) == 3),
+        has_geometry=geometry,
     )
+
+
+def _instance_number(ds: pydicom.Dataset, path: Path) -> int:
+    """InstanceNumber; without one, a numeric file name stands in (else 0)."""
+    instance = ds.get("InstanceNumber")
+    try:
+        return int(instance) if instance not in (None, "") else int(path.stem) if path.stem.isdigit() else 0
+    except (TypeError, ValueError):
+        raise DicomReadError(path, f"InstanceNumber {instance!r} is not a number") from None
+
+
+def _placement(orientation: list[float] | None, position: list[float] | None,
+               order: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(orientation, position, whether both were given) of an image: without ImageOrientationPatient a
+    plain sagittal plane stands in, without ImagePositionPatient a point ``order`` steps along the normal
+    (its instance number, or its frame), so that ordering still works, though the sides cannot be told."""
+    given = bool(orientation and len(orientation) == 6 and position is not None and len(position) == 3)
+    orientation_arr = np.array(orientation if orientation and len(orientation) == 6 else _DEFAULT_ORIENTATION)
+    if position is None or len(position) != 3:
+        return orientation_arr, np.cross(orientation_arr[:3], orientation_arr[3:]) * float(order), given
+    return orientation_arr, np.array(position), given
 
 
 def _spacing(spacing: list[float] | None, path: Path) -> tuple[float, float]:
@@ -286,11 +297,7 @@ def _frames(ds: pydicom.Dataset, path: Path) -> list[Slice]:
     per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
     if per_frame and len(per_frame) != count:
         raise DicomReadError(path, f"{len(per_frame)} per-frame functional groups for {count} frames")
-    instance = ds.get("InstanceNumber")
-    try:  # as a single-frame file's: without one, a numeric file name stands in (two files must not collide)
-        instance_number = int(instance) if instance not in (None, "") else int(path.stem) if path.stem.isdigit() else 0
-    except (TypeError, ValueError):
-        raise DicomReadError(path, f"InstanceNumber {instance!r} is not a number") from None
+    instance_number = _instance_number(ds, path)  # two files of one series must not collide
     slices = []
     for k in range(count):
         own = per_frame[k] if per_frame else None
@@ -299,12 +306,8 @@ def _frames(ds: pydicom.Dataset, path: Path) -> list[Slice]:
             found = _frame_value(ds, own, keyword)
             return found[0] if found and np.isfinite(found[0]) else None
 
-        orientation = _frame_value(ds, own, "ImageOrientationPatient")
-        position = _frame_value(ds, own, "ImagePositionPatient")
-        geometry = bool(orientation and len(orientation) == 6 and position is not None and len(position) == 3)
-        orientation_arr = np.array(orientation if orientation and len(orientation) == 6 else _DEFAULT_ORIENTATION)
-        position_arr = (np.array(position) if position is not None and len(position) == 3
-                        else np.cross(orientation_arr[:3], orientation_arr[3:]) * float(k))  # in frame order
+        orientation_arr, position_arr, geometry = _placement(_frame_value(ds, own, "ImageOrientationPatient"),
+                                                             _frame_value(ds, own, "ImagePositionPatient"), k)
         slope, intercept = value("RescaleSlope"), value("RescaleIntercept")
         slices.append(Slice(
             path=path, instance_number=instance_number, position=position_arr, orientation=orientation_arr,
