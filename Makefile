@@ -34,6 +34,9 @@ TRAIN_FLAGS ?=
 PREDICT_FLAGS ?=
 # Extra pytest arguments for make test, e.g. PYTEST_ARGS=--random-order (the suite in a shuffled order).
 PYTEST_ARGS ?=
+# make test runs the suite in this many processes (pytest-xdist), each test file's tests in one of them;
+# TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 # Condition groups to train (spinal foraminal subarticular); empty: every group that has a locator.
 CONDITIONS ?=
 CONDITIONS_FLAG = $(if $(strip $(CONDITIONS)),--conditions $(CONDITIONS))
@@ -65,8 +68,29 @@ DEMO_LOCALIZER_FLAGS ?= --image_size 64 --num_epochs 12 --batch_size 8
 # The recesses' locator reads an axial slice per level and side: four times the canal's labelled slices,
 # so fewer epochs.
 DEMO_SUBARTICULAR_LOCALIZER_FLAGS ?= --num_epochs 4
+DEMO_JOBS ?= 2
+DEMO_THREADS ?= $(shell $(PYTHON) -c "import os; print(max(1, (os.cpu_count() or 1) // $(DEMO_JOBS)))")
 
-.PHONY: install demo test download index folds synth clean-demo train-fold train train-all evaluate train-localizer predict blend submission \
+# The locators and the grading models need nothing of each other: the demo trains them side by side, each
+# process with its share of the cores (two single-threaded trainings beat one two-threaded on 2 cores).
+# DEMO_JOBS=1: one after the other, with every core each.
+demo-locators demo-graders: export OMP_NUM_THREADS = $(DEMO_THREADS)
+
+demo-locators: install
+	$(SPINEGRADE) train-localizer --conditions spinal foraminal --data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) \
+		--output-dir $(DEMO_OUTPUT) $(RESUME) $(DEMO_LOCALIZER_FLAGS)
+	$(SPINEGRADE) train-localizer --conditions subarticular --data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) \
+		--output-dir $(DEMO_OUTPUT) $(RESUME) $(DEMO_LOCALIZER_FLAGS) $(DEMO_SUBARTICULAR_LOCALIZER_FLAGS)
+
+demo-graders: install
+	$(SPINEGRADE) train --models $(DEMO_BACKBONES) --conditions spinal --data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) \
+		--output-dir $(DEMO_OUTPUT) $(RESUME) $(DEMO_TRAIN_FLAGS)
+	$(SPINEGRADE) train --models $(DEMO_FORAMINAL_BACKBONES) --conditions foraminal --data-dir $(DEMO_DATA) \
+		--folds $(DEMO_FOLDS) --output-dir $(DEMO_OUTPUT) $(RESUME) $(DEMO_FORAMINAL_FLAGS)
+	$(SPINEGRADE) train --models $(DEMO_SUBARTICULAR_BACKBONES) --conditions subarticular --data-dir $(DEMO_DATA) \
+		--folds $(DEMO_FOLDS) --output-dir $(DEMO_OUTPUT) $(RESUME) $(DEMO_SUBARTICULAR_FLAGS)
+
+.PHONY: install demo demo-locators demo-graders test download index folds synth clean-demo train-fold train train-all evaluate train-localizer predict blend submission \
 	kernel kernel-run upload
 
 $(STAMP): pyproject.toml
@@ -78,23 +102,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: install
 	@test -f $(DEMO_DATA)/train.csv || $(SPINEGRADE) synth $(DEMO_DATA) --studies $(DEMO_STUDIES) \
 		--test-studies $(DEMO_TEST_STUDIES) --image-size 192 288 --seed 0
 	$(SPINEGRADE) index --data-dir $(DEMO_DATA)
 	$(SPINEGRADE) folds --data-dir $(DEMO_DATA) --n-folds $(N_FOLDS) --out $(DEMO_FOLDS)
-	$(SPINEGRADE) train-localizer --conditions spinal foraminal --data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) \
-		--output-dir $(DEMO_OUTPUT) $(RESUME) $(DEMO_LOCALIZER_FLAGS)
-	$(SPINEGRADE) train-localizer --conditions subarticular --data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) \
-		--output-dir $(DEMO_OUTPUT) $(RESUME) $(DEMO_LOCALIZER_FLAGS) $(DEMO_SUBARTICULAR_LOCALIZER_FLAGS)
-	$(SPINEGRADE) train --models $(DEMO_BACKBONES) --conditions spinal --data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) \
-		--output-dir $(DEMO_OUTPUT) $(RESUME) $(DEMO_TRAIN_FLAGS)
-	$(SPINEGRADE) train --models $(DEMO_FORAMINAL_BACKBONES) --conditions foraminal --data-dir $(DEMO_DATA) \
-		--folds $(DEMO_FOLDS) --output-dir $(DEMO_OUTPUT) $(RESUME) $(DEMO_FORAMINAL_FLAGS)
-	$(SPINEGRADE) train --models $(DEMO_SUBARTICULAR_BACKBONES) --conditions subarticular --data-dir $(DEMO_DATA) \
-		--folds $(DEMO_FOLDS) --output-dir $(DEMO_OUTPUT) $(RESUME) $(DEMO_SUBARTICULAR_FLAGS)
+	$(MAKE) --no-print-directory -j $(DEMO_JOBS) --output-sync=line demo-locators demo-graders
 	$(SPINEGRADE) blend --output-dir $(DEMO_OUTPUT) --folds $(DEMO_FOLDS)
 	$(SPINEGRADE) evaluate --output-dir $(DEMO_OUTPUT) --folds $(DEMO_FOLDS) --data-dir $(DEMO_DATA)
 	$(SPINEGRADE) submit --data-dir $(DEMO_DATA) --output-dir $(DEMO_OUTPUT) --description demo-lite0-blend

@@ -2,23 +2,50 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import shutil
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from spinegrade.data.synthetic import SynthSettings, write_dataset
 
 SHARED_METADATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "rsna-2024-metadata"
 
+# Under pytest-xdist (``make test`` runs two workers), each worker gets its share of the cores for torch
+# and for the processes its tests start, so that the workers do not fight over the same cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
+
+def _once_per_session(tmp_path_factory, name: str, build):
+    """``build(root)`` run once per test session, its result shared: under pytest-xdist the first worker
+    to ask builds it under the session's common temporary folder while the others wait on a file lock,
+    then read its result back."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build(tmp_path_factory.mktemp(name))
+    root = tmp_path_factory.getbasetemp().parent / f"shared-{name}"
+    result = root / "result.pickle"
+    with FileLock(str(root) + ".lock"):
+        if not result.is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            value = build(root)
+            result.write_bytes(pickle.dumps(value))
+    return pickle.loads(result.read_bytes())
+
 
 @pytest.fixture(scope="session")
 def synth_dataset(tmp_path_factory) -> Path:
     """16 training and 3 test studies, images 128 to 176 pixels; shared read-only by the tests."""
-    root = tmp_path_factory.mktemp("synth")
-    data_dir = root / "data"
-    write_dataset(data_dir, SynthSettings(studies=16, test_studies=3, seed=7, image_size=(128, 176)))
-    return data_dir
+    def build(root: Path) -> Path:
+        write_dataset(root / "data", SynthSettings(studies=16, test_studies=3, seed=7, image_size=(128, 176)))
+        return root / "data"
+
+    return _once_per_session(tmp_path_factory, "synth", build)
 
 
 @pytest.fixture
@@ -41,45 +68,13 @@ def trained_run(tmp_path_factory):
     """A whole small run: 30+5 synthetic studies, 3 folds, every group's locator (the canal, the foramina
     and the lateral recesses, each with its slice locator), two EfficientNet-Lite0 configs (48 and 72 mm crops)
     on the spinal group and one on each of the foraminal and subarticular groups (reading three and five
-    neighbouring slices as channels), every fold.
+    neighbouring slices as channels), every fold (``shared_run.build_shared_run``).
 
     Settings are tiny (CPU, seconds per fold) but every stage is the real one.
     """
-    from spinegrade.config import LocatorConfig, load_config
-    from spinegrade.data.folds import make_folds, write_csv_atomic
-    from spinegrade.data.index import build_index
-    from spinegrade.locators import train_locator
-    from spinegrade.train import train_fold
+    from shared_run import build_shared_run
 
-    root = tmp_path_factory.mktemp("run")
-    data = root / "data"
-    write_dataset(data, SynthSettings(studies=30, test_studies=5, seed=21, image_size=(96, 128)))
-    folds = root / "folds.csv"
-    write_csv_atomic(make_folds(build_index(data, check_images=False).labels_wide(), n_folds=3, seed=0), folds)
-    out = root / "out"
-    # the groups with more labelled slices (two sides; an axial slice per level and side) get fewer epochs
-    # (the fewest that keep each locator's out-of-fold figures clear of the tests' bounds: 16 foraminal epochs
-    # put 96 % of the foramina within a slice, 12 only 91 %; 25 spinal epochs leave the canal 6.6 mm off)
-    epochs = {"spinal": 40, "foraminal": 16, "subarticular": 5}
-    reports = {group: train_locator(group, LocatorConfig(image_size=64, num_epochs=n, batch_size=8), data, folds, out,
-                                    device="cpu")
-               for group, n in epochs.items()}
-    small = {"image_size": 64, "batch_size": 16, "num_workers": 0, "num_epochs": 5}
-    for name in ("efficientnet_lite0", "efficientnet_lite0_wide"):
-        config = load_config(name, small)
-        for fold in range(3):
-            train_fold(config, data, folds, out, fold)
-    # the subarticular narrowing is the subtlest: it gets two more epochs
-    # the foraminal model reads three slices as channels and the subarticular model five (each group's only
-    # backbone, so every later stage, the blend and the kernel included, runs them)
-    # the foraminal model also grades with the mirror (test_time_flip)
-    for group, epochs, slices in (("foraminal", 3, 3), ("subarticular", 5, 5)):
-        config = load_config("efficientnet_lite0", {**small, "num_epochs": epochs, "slices": slices,
-                                                    "test_time_flip": group == "foraminal"}, group=group)
-        for fold in range(3):
-            train_fold(config, data, folds, out, fold)
-    return {"data": data, "folds": folds, "out": out, "answers": root / "data-answers", "locator_report": reports["spinal"],
-            "foramen_report": reports["foraminal"], "subarticular_report": reports["subarticular"]}
+    return _once_per_session(tmp_path_factory, "run", build_shared_run)
 
 
 def _listing(root: Path) -> dict[str, tuple[int, int]]:

@@ -190,3 +190,12 @@ def test_evidence_folds_benchmark_runs(trained_run):
     assert {key.split(",")[0] for key in rows} == {"spinal", "foraminal", "subarticular"}
     for key, row in rows.items():  # what docs/figures.md quotes: the fewer folds' share of the time, how far maps move
         assert 0 < row["time_ratio"] < 1 and row["maps"] > 0 and 0 <= row["mean_abs_difference"] <= 1, (key, row)
+
+
+def test_training_time_benchmark_runs(synth_dataset, tmp_path):
+    figures = _run("training_time.py", "--data-dir", str(synth_dataset), "--folds", "2", "--epochs", "1",
+                   "--locator-size", "32", "--grader-size", "32", "--scratch", str(tmp_path))
+    assert set(figures["locators"]) == set(figures["graders"]) == {"spinal", "foraminal", "subarticular"}
+    for row in [*figures["locators"].values(), *figures["graders"].values()]:  # what docs/figures.md quotes
+        assert row["epoch_seconds"] > 0 and row["projected_minutes"] > 0, row
+    assert figures["locators_over_graders_ratio"] > 0

@@ -393,7 +393,8 @@ def train_slice_locator_fold(config: LocatorConfig, data: SliceData, fold: int, 
     model = SliceLocatorNet(spec)
     log.info(load_pretrained(model, config.pretrained, config.weights))
     mean, std = input_statistics(model.backbone)
-    model.to(device)
+    # channels-last trains faster on a CPU (oneDNN) and a GPU alike; prediction reads the weights either way
+    model = model.to(device).to(memory_format=torch.channels_last)
     seed = fold_seed(config.seed, fold, config.fold_seeds)
     train_set = SeededDataset(SliceDataset(data, train_anchors, train=True), seed)
     val_set = SliceDataset(data, None, train=False)

@@ -188,9 +188,8 @@ def train_fold(config: TrainConfig, data_dir: str | Path, folds_path: str | Path
     say(f"parameters: {trainable:,} trainable, {frozen:,} frozen (freeze_backbone={config.freeze_backbone}, "
         f"unfreeze_last_n={config.unfreeze_last_n} backbone tensors)")
     mean, std = input_statistics(model.backbone, spec.input_channels)
-    model.to(device_)
-    if device_.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    # channels-last on every device: oneDNN's CPU convolutions and cuDNN's both run faster in it
+    model = model.to(device_).to(memory_format=torch.channels_last)
     net = model  # what training calls; validation and checkpoints use the model itself
     if world.enabled:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device_.index] if device_.type == "cuda" else None,
