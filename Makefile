@@ -109,7 +109,7 @@ demo: install
 		--test-studies $(DEMO_TEST_STUDIES) --image-size 192 288 --seed 0
 	$(SPINEGRADE) index --data-dir $(DEMO_DATA)
 	$(SPINEGRADE) folds --data-dir $(DEMO_DATA) --n-folds $(N_FOLDS) --out $(DEMO_FOLDS)
-	$(MAKE) --no-print-directory -j $(DEMO_JOBS) --output-sync=line demo-locators demo-graders
+	$(MAKE) --no-print-directory -j $(DEMO_JOBS) demo-locators demo-graders
 	$(SPINEGRADE) blend --output-dir $(DEMO_OUTPUT) --folds $(DEMO_FOLDS)
 	$(SPINEGRADE) evaluate --output-dir $(DEMO_OUTPUT) --folds $(DEMO_FOLDS) --data-dir $(DEMO_DATA)
 	$(SPINEGRADE) submit --data-dir $(DEMO_DATA) --output-dir $(DEMO_OUTPUT) --description demo-lite0-blend
