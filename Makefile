@@ -69,12 +69,12 @@ DEMO_LOCALIZER_FLAGS ?= --image_size 64 --num_epochs 12 --batch_size 8
 # so fewer epochs.
 DEMO_SUBARTICULAR_LOCALIZER_FLAGS ?= --num_epochs 4
 DEMO_JOBS ?= 2
-DEMO_THREADS ?= $(shell $(PYTHON) -c "import os; print(max(1, (os.cpu_count() or 1) // $(DEMO_JOBS)))")
+DEMO_THREADS ?= $(shell $(PYTHON) -c "import os; print(max(1, len(os.sched_getaffinity(0)) // $(DEMO_JOBS)))" 2>/dev/null || echo 1)
 
 # The locators and the grading models need nothing of each other: the demo trains them side by side, each
 # process with its share of the cores (two single-threaded trainings beat one two-threaded on 2 cores).
 # DEMO_JOBS=1: one after the other, with every core each.
-demo-locators demo-graders: export OMP_NUM_THREADS = $(DEMO_THREADS)
+demo-locators demo-graders: export OMP_NUM_THREADS ?= $(DEMO_THREADS)
 
 demo-locators: install
 	$(SPINEGRADE) train-localizer --conditions spinal foraminal --data-dir $(DEMO_DATA) --folds $(DEMO_FOLDS) \

@@ -6,7 +6,10 @@ every fold of a small real-size set for `--epochs` epochs each, with the default
 and projects each to a whole run on `--project` studies with its default epochs and 5 folds:
 preparation (decoding and rendering the locator's slices, the grader's crop cache) per study, plus
 each epoch's seconds per training study, times the studies a fold trains on, its epochs and the folds.
-The ratio to quote is the locators' projected total over the grading models'. With `--profile`, one
+Each epoch's seconds include its held-out evaluation, so the set is measured with as many folds as
+the projected run (default 5: the same share held out); what is not an epoch (decoding, rendering,
+building and loading each fold's model) counts as preparation, per study. The ratio to quote is the
+locators' projected total over the grading models'. With `--profile`, one
 group's locator training runs under cProfile and its top lines are printed. The last line is JSON.
 
     python benchmarks/training_time.py [--data-dir D] [--studies 16] [--image-size 384 512] [--epochs 1]
@@ -63,7 +66,8 @@ def _projection(total: float, per_fold: list[tuple[int, float]], train_studies: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_data_arguments(parser, studies=16, sizes=(384, 512))
-    parser.add_argument("--folds", type=int, default=2, help="folds of the measured set")
+    parser.add_argument("--folds", type=int, default=RUN_FOLDS,
+                        help="folds of the measured set (as many as the projected run: the same share held out)")
     parser.add_argument("--epochs", type=int, default=1, help="epochs measured per fold")
     parser.add_argument("--locator-size", type=int, default=LocatorConfig().image_size)
     parser.add_argument("--grader-size", type=int, default=None, help="default: the config's")

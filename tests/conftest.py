@@ -18,13 +18,14 @@ SHARED_METADATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "rsn
 # and for the processes its tests start, so that the workers do not fight over the same cores.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _CORES // _WORKERS)))
 
 
 def _once_per_session(tmp_path_factory, name: str, build):
     """``build(root)`` run once per test session, its result shared: under pytest-xdist the first worker
     to ask builds it under the session's common temporary folder while the others wait on a file lock,
-    then read its result back."""
+    then read its result back. A build that failed fails the others at once (not built again)."""
     if "PYTEST_XDIST_WORKER" not in os.environ:
         return build(tmp_path_factory.mktemp(name))
     root = tmp_path_factory.getbasetemp().parent / f"shared-{name}"
@@ -33,9 +34,16 @@ def _once_per_session(tmp_path_factory, name: str, build):
         if not result.is_file():
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir()
-            value = build(root)
+            try:
+                value = build(root)
+            except Exception as exc:
+                result.write_bytes(pickle.dumps(RuntimeError(f"the shared {name} failed in another worker: {exc!r}")))
+                raise
             result.write_bytes(pickle.dumps(value))
-    return pickle.loads(result.read_bytes())
+    value = pickle.loads(result.read_bytes())
+    if isinstance(value, Exception):
+        raise value
+    return value
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ by side. Spawned, not forked: the parent may already hold torch's thread pool.
 from __future__ import annotations
 
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -20,17 +19,19 @@ LOCATOR_EPOCHS = {"spinal": 50, "foraminal": 16, "subarticular": 5}
 SMALL = {"image_size": 64, "batch_size": 16, "num_workers": 0, "num_epochs": 5}
 
 
-def _threads(share: int) -> None:
+def _threads() -> None:
+    """One thread in each of the two processes, on any machine: the run's numbers (and the bounds the tests
+    hold its models to) do not then depend on how many cores the machine has."""
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // share))
+    torch.set_num_threads(1)
 
 
 def _locator(group: str, data: Path, folds: Path, out: Path) -> dict:
     from spinegrade.config import LocatorConfig
     from spinegrade.locators import train_locator
 
-    _threads(2)
+    _threads()
     return train_locator(group, LocatorConfig(image_size=64, num_epochs=LOCATOR_EPOCHS[group], batch_size=8), data,
                          folds, out, device="cpu")
 
@@ -40,7 +41,7 @@ def _graders(data: Path, folds: Path, out: Path) -> None:
     from spinegrade.config import load_config
     from spinegrade.train import train_fold
 
-    _threads(2)
+    _threads()
     for name in ("efficientnet_lite0", "efficientnet_lite0_wide"):
         config = load_config(name, SMALL)
         for fold in range(3):
