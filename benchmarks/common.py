@@ -37,10 +37,20 @@ def benchmark_data(args: argparse.Namespace, scratch: Path) -> Path:
 # DEMO_TRAIN_FLAGS, DEMO_FORAMINAL_FLAGS, DEMO_SUBARTICULAR_FLAGS), on the efficientnet_lite0 config
 DEMO_DATA = Path("input/demo/rsna-2024-lumbar-spine-degenerative-classification")
 DEMO_FOLDS = Path("input/demo/folds.csv")
+DEMO_OUTPUT = Path("runs/demo")  # Makefile: DEMO_OUTPUT
 DEMO_GRADING = {"spinal": {"num_epochs": 5}, "foraminal": {"num_epochs": 4, "image_size": 96},
                 "subarticular": {"num_epochs": 4, "image_size": 96}}
 # each group's competition terms
 TERMS = {"spinal": ["spinal", "any_severe_spinal"], "foraminal": ["foraminal"], "subarticular": ["subarticular"]}
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, split: bool = False) -> None:
+    """``--data-dir`` and ``--output-dir`` (a trained run), by default ``make demo``'s; ``split``: also
+    ``--split``, the split whose studies are measured (default test)."""
+    parser.add_argument("--data-dir", type=Path, default=DEMO_DATA)
+    parser.add_argument("--output-dir", type=Path, default=DEMO_OUTPUT)
+    if split:
+        parser.add_argument("--split", default="test")
 
 
 def machine() -> dict:

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from common import logged_lines, report
+from common import add_run_arguments, logged_lines, report
 
 from spinegrade.blend import blends_for
 from spinegrade.evidence import evidence_maps, heaviest_backbone
@@ -29,9 +28,7 @@ from spinegrade.submit import submission_frame, training_priors
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=Path("input/demo/rsna-2024-lumbar-spine-degenerative-classification"))
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--split", default="test")
+    add_run_arguments(parser, split=True)
     parser.add_argument("--studies", type=int, default=3)
     args = parser.parse_args()
     device, blends = torch.device("cpu"), blends_for(args.output_dir, None)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from common import report
+from common import add_run_arguments, report
 from spinegrade.kernel.build import build_kernel
 from spinegrade.kernel.local import kaggle_like_environment, run_kernel_locally
 
@@ -39,8 +39,7 @@ def half_split(data_dir: Path, target: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=Path("input/demo/rsna-2024-lumbar-spine-degenerative-classification"))
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
+    add_run_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--projected-studies", type=int, default=500)
     args = parser.parse_args()

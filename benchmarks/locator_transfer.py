@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import TERMS, report
+from common import DEMO_DATA, DEMO_FOLDS, DEMO_OUTPUT, TERMS, report
 from spinegrade.config import LocatorConfig
 from spinegrade.constants import GROUPS
 from spinegrade.data.synthetic import SynthSettings, write_dataset
@@ -40,9 +40,9 @@ def end_to_end(run: Path, data: Path, folds: Path, group: str) -> dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=Path("input/demo/rsna-2024-lumbar-spine-degenerative-classification"))
-    parser.add_argument("--folds", type=Path, default=Path("input/demo/folds.csv"))
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="the run whose grading models grade")
+    parser.add_argument("--data-dir", type=Path, default=DEMO_DATA)
+    parser.add_argument("--folds", type=Path, default=DEMO_FOLDS)
+    parser.add_argument("--output-dir", type=Path, default=DEMO_OUTPUT, help="the run whose grading models grade")
     parser.add_argument("--scratch", type=Path, default=Path("runs/transfer"))
     parser.add_argument("--studies", type=int, default=60, help="the curved set's synth settings (make demo's)")
     parser.add_argument("--test-studies", type=int, default=8)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import logged_lines, report
+from common import add_run_arguments, logged_lines, report
 from spinegrade.blend import load_blends
 from spinegrade.layout import RunLayout
 from spinegrade.submit import predict_split
@@ -32,9 +32,7 @@ from spinegrade.submit import predict_split
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=Path("input/demo/rsna-2024-lumbar-spine-degenerative-classification"))
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--split", default="test")
+    add_run_arguments(parser, split=True)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--projected-studies", type=int, default=500)
     parser.add_argument("--profile", type=int, default=0, help="also profile one run: its N costliest functions")

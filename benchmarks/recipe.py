@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from common import DEMO_DATA, DEMO_FOLDS, DEMO_GRADING, RESULTS, TERMS, report
+from common import DEMO_DATA, DEMO_FOLDS, DEMO_GRADING, DEMO_OUTPUT, RESULTS, TERMS, report
 from spinegrade.config import load_config
 from spinegrade.constants import GROUPS
 from spinegrade.data.folds import read_folds
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
     parser.add_argument("--data-dir", type=Path, default=DEMO_DATA)
     parser.add_argument("--folds", type=Path, default=DEMO_FOLDS)
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="the run whose locators place the points")
+    parser.add_argument("--output-dir", type=Path, default=DEMO_OUTPUT, help="the run whose locators place the points")
     parser.add_argument("--scratch", type=Path, default=Path("runs/recipe"))
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="settings held for every value (a recipe chosen so far), named in the models and the file")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import report
+from common import add_run_arguments, report
 from spinegrade.blend import load_blends
 from spinegrade.constants import PROBABILITY_COLUMNS
 from spinegrade.data.dicom import main_stack, read_series
@@ -60,8 +60,7 @@ def located_points(data_dir: Path, slice_locator: SliceLocator) -> dict[int, np.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=Path("input/demo/rsna-2024-lumbar-spine-degenerative-classification"))
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
+    add_run_arguments(parser)
     parser.add_argument("--answers", type=Path, default=None, help="test labels (default: <data>-answers/test.csv if present)")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()

@@ -22,15 +22,13 @@ from pathlib import Path
 
 import torch
 
-from common import logged_lines, report
+from common import add_run_arguments, logged_lines, report
 from spinegrade.study_page import predict_study
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=Path("input/demo/rsna-2024-lumbar-spine-degenerative-classification"))
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--split", default="test")
+    add_run_arguments(parser, split=True)
     parser.add_argument("--studies", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
