@@ -1,7 +1,7 @@
 """Prediction speed: seconds per study from DICOM files to graded levels, on this machine.
 
 Runs `predict_split` on a split several times and prints the median seconds per study (reading +
-locating, grading, writing), the one-off cost of loading the fold models, and the projection to a
+locating, grading, writing), the one-off cost of loading the fold models and locators, and the projection to a
 hidden test set of several hundred studies. It grades as `make submission` does: with the run's blend
 (a backbone of weight 0 is not run) when there is one; ``--all-backbones``: every trained backbone. The last line is JSON. Defaults point at `make demo`'s
 outputs.
@@ -53,12 +53,13 @@ def main() -> None:
         elapsed = time.perf_counter() - started
         studies = submission["row_id"].str.split("_").str[0].nunique()
         model_lines = [l for l in lines if " fold models loaded in " in l]
-        load = sum(float(l.split(" loaded in ")[1].split(" s")[0]) for l in model_lines)
-        fixed.append(load)
-        totals.append((elapsed - load) / studies)
-        # One line per located group ("spinal: located 5 of 5 studies (0.12 s per study: ...)").
+        # One line per located group ("spinal: located 5 of 5 studies (0.12 s per study: reading and
+        # locating; its models loaded in 0.40 s)"): the locators' loading is paid once too.
         summaries = [l for l in lines if ": located " in l and " s per study" in l]
         assert summaries, "predict_split logged no locating summary"
+        load = sum(float(l.split(" loaded in ")[1].split(" s")[0]) for l in model_lines + summaries if " loaded in " in l)
+        fixed.append(load)
+        totals.append((elapsed - load) / studies)
         locate.append(sum(float(l.split("(")[1].split(" s per")[0]) for l in summaries))
         grade.append(sum(float(l.split(" studies in ")[1].split(" s")[0]) for l in model_lines) / studies)
     result = {

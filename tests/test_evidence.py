@@ -56,6 +56,32 @@ def test_a_mirrored_grade_gets_the_mirror_of_its_map_back():
     assert np.allclose(both, (plain + mirrored[..., ::-1]) / 2, atol=1e-5)
 
 
+@pytest.mark.parametrize("backbone", ["test_convnext", "test_vit"])
+def test_a_map_sends_its_gradient_no_lower_than_its_layer(backbone):
+    """The backward pass stops at the map's layer: no weight below it (the stem) gets a gradient, every
+    weight keeps whether it asks for one, and the map is the one a full backward pass gives."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(0)
+    model = LevelClassifier(ModelSpec(backbone)).eval()
+    model.head[0].weight.requires_grad_(False)  # a frozen weight stays frozen afterwards
+    asked = [p.requires_grad for p in model.parameters()]
+    images = torch.randint(0, 255, (2, 1, 96, 96), dtype=torch.uint8)
+    levels = torch.tensor([0, 4])
+    maps = class_activation_maps(model, images, levels, [2, 1])
+    assert [p.requires_grad for p in model.parameters()] == asked
+    assert all(p.grad is None for p in model.parameters())
+    wrapper = SingleInput(model).eval()  # Grad-CAM as the package runs it: the gradient down to the stem
+    wrapper.level = levels
+    full = GradCAM(model=wrapper, target_layers=[target_layer(wrapper)], reshape_transform=channels_first(model.backbone))
+    with torch.enable_grad():
+        expected = full(input_tensor=images, targets=[ClassifierOutputTarget(2), ClassifierOutputTarget(1)])
+    full.activations_and_grads.release()
+    assert any(p.grad is not None for p in model.backbone.parameters())
+    assert np.allclose(maps, expected, atol=1e-5)
+
+
 # --- the map's mass over the structure graded -------------------------------------------------------
 
 STRUCTURE_MM = 8.0  # the structure graded: within this of its labelled point (the canal's radius is 6.5-8.5 mm)

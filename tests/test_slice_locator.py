@@ -10,7 +10,14 @@ import pandas as pd
 import pydicom
 
 from spinegrade.data.dicom import main_stack, read_series
-from spinegrade.data.preprocess import PreprocessSettings, SquareView, content_box, prepare_image, window_limits
+from spinegrade.data.preprocess import (
+    PreprocessSettings,
+    SquareView,
+    content_box,
+    percentiles,
+    prepare_image,
+    window_limits,
+)
 from spinegrade.data.restore import IN_PLANE, Storage, restore
 from spinegrade.layout import RunLayout
 from spinegrade.slice_locator import SliceLocator
@@ -169,6 +176,24 @@ def test_one_slice_with_a_wrong_pixel_spacing_does_not_set_the_field(dataset_cop
     assert any(f"study {odd['study_id']}" in line and "outside the locator's" in line for line in lines), lines
     kept = (meta["study_id"] != odd["study_id"]).to_numpy()[:, None] & (data.presence == 1)
     assert kept.sum() >= 5 * 15 and np.isfinite(data.points[kept]).all()  # nothing else cut
+
+
+def test_the_windows_percentiles_are_numpys_to_the_last_bit():
+    """Counted per grey level for integer pixels, numpy's partition otherwise: the same floats either way,
+    so a window (and every uint8 image made with it) is what ``np.percentile`` gave."""
+    rng = np.random.default_rng(0)
+    for i in range(400):
+        dtype = [np.uint16, np.int16, np.uint8, np.int32, np.float32][i % 5]  # float32: the pixels as read
+        top = {np.uint8: 255, np.int16: 4000}.get(dtype, [7, 4095, 30000][i % 3])
+        low = -top // 2 if dtype in (np.int16, np.int32, np.float32) and i % 8 < 4 else 0
+        size = int(rng.integers(1, 5000))
+        values = (rng.integers(low, top + 1, size) if i % 3 else rng.gamma(2.0, top / 10, size).clip(low, top)).astype(dtype)
+        qs = (1.0, 99.5) if i % 2 else tuple(rng.uniform(0, 100, 3))
+        assert percentiles(values, qs) == [float(v) for v in np.percentile(values, qs)], (dtype, size, qs)
+    floats = rng.normal(size=(40, 40)).astype(np.float32)  # a fractional rescale: numpy itself
+    assert percentiles(floats, (1.0, 99.5)) == [float(v) for v in np.percentile(floats, (1.0, 99.5))]
+    floats[3, 4] = np.nan
+    assert np.isnan(percentiles(floats, (1.0, 99.5))).all()
 
 
 def test_a_hot_pixel_on_a_flat_slice_is_not_content():

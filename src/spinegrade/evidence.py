@@ -22,6 +22,7 @@ sends every crop forward and backward through every fold.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,31 @@ def channels_first(backbone: nn.Module) -> Callable[[torch.Tensor], torch.Tensor
     return reshape
 
 
+def gradient_starts_here(module: nn.Module, inputs: tuple) -> tuple:
+    """A forward pre-hook on the map's layer: its input as a new leaf that asks for a gradient.
+
+    Grad-CAM needs the class score's gradient at that layer's output and nothing below it. With the
+    weights asking for none (:func:`weights_without_gradients`) and the graph starting here, the
+    backward pass runs through the layers above the map alone (the head, or a ViT's last block), not
+    the whole backbone: the same map, at a fraction of the cost."""
+    return tuple(x.detach().requires_grad_(True) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                 for x in inputs)
+
+
+@contextmanager
+def weights_without_gradients(model: nn.Module):
+    """``model``'s parameters ask for no gradient inside the block (as they were afterwards): a map
+    needs no weight's gradient, and a weight that asks for one pulls the backward pass down to it."""
+    asked = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in asked:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in asked:
+            p.requires_grad_(flag)
+
+
 def class_activation_maps(model: LevelClassifier, images: torch.Tensor, levels: torch.Tensor, classes: list[int],
                           flip: bool = False) -> np.ndarray:
     """(N, H, W) maps in [0, 1], one per image, of class ``classes[i]`` at level ``levels[i]``; with
@@ -132,11 +158,13 @@ def class_activation_maps(model: LevelClassifier, images: torch.Tensor, levels: 
 
     wrapper = SingleInput(model).eval()
     out = []
+    layer = target_layer(wrapper)
     # Not grad-cam's context manager: its exit prints and swallows an IndexError, which would leave
     # fewer maps than crops; the hooks are released here whatever happens.
-    cam = GradCAM(model=wrapper, target_layers=[target_layer(wrapper)], reshape_transform=channels_first(model.backbone))
+    cam = GradCAM(model=wrapper, target_layers=[layer], reshape_transform=channels_first(model.backbone))
+    cut = layer.register_forward_pre_hook(gradient_starts_here)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), weights_without_gradients(model):
             for start in range(0, len(images), CAM_BATCH):
                 batch = images[start:start + CAM_BATCH]
                 wrapper.level = levels[start:start + CAM_BATCH]
@@ -146,6 +174,7 @@ def class_activation_maps(model: LevelClassifier, images: torch.Tensor, levels: 
                     maps = (maps + cam(input_tensor=batch.flip(-1), targets=targets)[..., ::-1]) / 2
                 out.append(np.asarray(maps, dtype=np.float32))
     finally:
+        cut.remove()
         cam.activations_and_grads.release()
     return np.concatenate(out) if out else np.zeros((0, *images.shape[-2:]), np.float32)
 

@@ -286,10 +286,12 @@ def locate_studies(studies: list[Study], output_dir: Path, group: str, device, f
     by_id = {s.study_id: s for s in studies}
     root = RunLayout(output_dir).locator_dir(group)
     located: list[LocatedStudy] = []
-    started = time.perf_counter()
+    started, loading = time.perf_counter(), 0.0
     progress = Progress(len(studies), "located")
     for fold, ids in _by_fold(by_id, folds).items():
+        t0 = time.perf_counter()
         locator = cls(group, root, device, fold=fold, threshold=threshold, choice=choice)
+        loading += time.perf_counter() - t0
         for study_id in ids:
             study = by_id[study_id]
             t0 = time.perf_counter()
@@ -303,7 +305,8 @@ def locate_studies(studies: list[Study], output_dir: Path, group: str, device, f
             located.append(st)
             progress.step()
     log.info(f"{group}: located {sum(s.locations is not None for s in located)} of {len(located)} studies "
-             f"({(time.perf_counter() - started) / max(len(located), 1):.2f} s per study: reading and locating)")
+             f"({(time.perf_counter() - started - loading) / max(len(located), 1):.2f} s per study: reading and "
+             f"locating; its models loaded in {loading:.2f} s)")
     return located
 
 

@@ -47,6 +47,7 @@ from spinegrade.models.classifier import (
     grade_probabilities,
     load_state,
 )
+from spinegrade.models.folding import fold_batch_norms
 from spinegrade.study import Study
 
 log = get_logger(__name__)
@@ -73,16 +74,29 @@ def load_fold_models(output_dir: Path, name: str, group: str, device: torch.devi
     if not folders:
         raise SpinegradeError(f"{layout.model_dir(name, group)}: no finished fold")
     models = []
+    folded: dict[str, list[tuple[str, str]]] = {}  # architecture -> the batch norms its first fold had folded
     for folder in folders:
         spec = json.loads((folder / "model.json").read_text())
         refuse_other_inputs(spec, "preprocess_version", PREPROCESS_VERSION, folder)
-        model = LevelClassifier(ModelSpec.from_dict(spec))
+        model_spec = ModelSpec.from_dict(spec)
+        model = LevelClassifier(model_spec)
         load_state(model, folder / "best.safetensors")
         # channels-last: oneDNN's convolutions on a CPU take half the time (the same logits to 1e-5)
         model = model.to(device).eval().to(memory_format=torch.channels_last)
-        models.append(FoldModel(name, group, int(spec["fold"]), model, PreprocessSettings.from_model(spec),
-                                bool(spec.get("test_time_flip", False))))
+        settings = PreprocessSettings.from_model(spec)
+        # batch norms folded into their convolutions: a grader's forward in about 0.6x the time
+        folded[repr(model_spec)] = fold_batch_norms(model, probe_call(model, settings.image_size, device),
+                                                    folded.get(repr(model_spec)))
+        models.append(FoldModel(name, group, int(spec["fold"]), model, settings, bool(spec.get("test_time_flip", False))))
     return models
+
+
+def probe_call(model: LevelClassifier, size: int, device: torch.device):
+    """A call of ``model`` on one fixed random image of its input (``models.folding``'s probe)."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (1, model.spec.input_channels, size, size), dtype=torch.uint8, generator=generator)
+    levels = torch.tensor([len(LEVELS) // 2])
+    return lambda: model(images.to(device), levels.to(device))
 
 
 # --- grading ------------------------------------------------------------------------------------

@@ -174,26 +174,37 @@ class SliceLocator:
         or the sides on an axial slice) (NaN where the slice cannot be decoded, or the models have no
         presence head) and each heatmap's point (len, P, 2) in that slice's pixels as stored. Only these
         slices are decoded."""
-        images, views = locator_inputs(stack, indices, self.size, self.field_mm, self.context)
-        how = {k: canonical_turn(stack.slices[k]) for k in indices}
-        good = [v is not None for v in views]
-        tensor = torch.from_numpy(images)  # uint8 (n, slices, S, S): the model normalises
+        return self.score_many([(stack, indices)])[0]
+
+    def score_many(self, requests: list[tuple[Stack, list[int]]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`score` for several (stack, indices) at once (a study's levels): one forward pass per
+        fold model for all their slices, since a small locator's pass costs mostly its fixed overhead."""
+        made = [locator_inputs(stack, indices, self.size, self.field_mm, self.context) for stack, indices in requests]
+        if not made:
+            return []
+        tensor = torch.from_numpy(np.concatenate([images for images, _ in made]))  # uint8 (n, slices, S, S): the model normalises
         points, presence = [], []
         with torch.inference_mode(), autocast(self.device):
             for m in self.models:
                 logits = m.heatmaps(tensor.to(self.device))
                 points.append(soft_argmax(logits).float().cpu().numpy())
                 presence.append(torch.sigmoid(presence_logits(logits).float()).cpu().numpy())
-        unit, probability = np.mean(points, axis=0), np.mean(presence, axis=0)
-        pixels = np.full(unit.shape, np.nan)
-        for i, (k, view) in enumerate(zip(indices, views)):
-            if view is not None:
-                x, y = unturn_point(*view.to_pixels(unit[i, :, 0], unit[i, :, 1]), how[k], stack.slices[k].shape)
-                pixels[i] = np.stack([x, y], axis=1)
-        probability[~np.array(good)] = np.nan
-        if not self.presence:
-            probability[:] = np.nan
-        return probability, pixels
+        units, probabilities = np.mean(points, axis=0), np.mean(presence, axis=0)
+        out, start = [], 0
+        for (stack, indices), (_, views) in zip(requests, made):
+            unit, probability = units[start:start + len(indices)], probabilities[start:start + len(indices)].copy()
+            start += len(indices)
+            pixels = np.full(unit.shape, np.nan)
+            for i, (k, view) in enumerate(zip(indices, views)):
+                if view is not None:
+                    x, y = unturn_point(*view.to_pixels(unit[i, :, 0], unit[i, :, 1]), canonical_turn(stack.slices[k]),
+                                        stack.slices[k].shape)
+                    pixels[i] = np.stack([x, y], axis=1)
+            probability[[v is None for v in views]] = np.nan
+            if not self.presence:
+                probability[:] = np.nan
+            out.append((probability, pixels))
+        return out
 
     def locate(self, stack: Stack, threshold: float | None = None) -> LocatedLevels:
         """Each level's slice and point: the slice of the window around the geometric choice whose

@@ -89,40 +89,42 @@ def locate_subarticular(study_id: int, canal: dict[str, np.ndarray], stacks: dic
     (default: the one chosen out of fold)."""
     limit = head.threshold if threshold is None and head is not None else threshold
     sides = [CONDITION_SPECS[c].side for c in GROUPS[GROUP].conditions]  # the head's heatmaps, in this order
-    rows, outside = [], []
+    # Each level's nearest slice on each axial series that reaches it, then the head on all their
+    # windows at once (one forward pass per fold model for the study).
+    reads: list[tuple[str, str, Stack, int, list[int]]] = []  # (level, series, stack, slice, window)
     for level in LEVELS:
-        found = False
         if level not in canal:
-            outside.append(level_title(level))
             continue
         reach, others = level_reach(canal, level), neighbour_points(canal, level)
         for series, series_stacks in stacks.items():
             hits = [(hit[1], stack, hit[0]) for stack in series_stacks
                     if (hit := nearest_level_slice(stack, canal[level], reach, others)) is not None]
-            if not hits:
+            if hits:
+                _, stack, k = min(hits, key=lambda h: h[0])
+                window = level_window(stack, k, canal[level], reach, others) if head is not None else []
+                reads.append((level, series, stack, k, window))
+    scored = iter(head.score_many([(stack, window) for _, _, stack, _, window in reads if window]) if head is not None else [])
+    rows, found = [], set()
+    for level, series, stack, k, window in reads:
+        probability, points = next(scored) if window else (None, None)
+        for condition in GROUPS[GROUP].conditions:
+            target = offsets.target(condition, level, canal[level])
+            if target is None:
                 continue
-            _, stack, k = min(hits, key=lambda h: h[0])
-            window = level_window(stack, k, canal[level], reach, others) if head is not None else []
-            probability, points = head.score(stack, window) if window else (None, None)
-            for condition in GROUPS[GROUP].conditions:
-                target = offsets.target(condition, level, canal[level])
-                if target is None:
-                    continue
-                s = stack.slices[k]
-                x, y, _ = s.patient_to_pixel(target)
-                source, score = "located" if head is None else "located, unsure: the offset's slice", np.nan
-                if window:
-                    side = sides.index(CONDITION_SPECS[condition].side)
-                    best = int(np.nan_to_num(probability[:, side], nan=-1.0).argmax())
-                    score = float(probability[best, side])
-                    bx, by = points[best, side]
-                    if score >= limit and stack.slices[window[best]].shows(bx, by):
-                        s, x, y, source = stack.slices[window[best]], float(bx), float(by), "located"
-                if s.shows(x, y):
-                    rows.append([study_id, condition, level, series, s.instance_number, s.frame, float(x), float(y), source,
-                                 score])
-                    found = True
-        if not found:
-            outside.append(level_title(level))
+            s = stack.slices[k]
+            x, y, _ = s.patient_to_pixel(target)
+            source, score = "located" if head is None else "located, unsure: the offset's slice", np.nan
+            if window:
+                side = sides.index(CONDITION_SPECS[condition].side)
+                best = int(np.nan_to_num(probability[:, side], nan=-1.0).argmax())
+                score = float(probability[best, side])
+                bx, by = points[best, side]
+                if score >= limit and stack.slices[window[best]].shows(bx, by):
+                    s, x, y, source = stack.slices[window[best]], float(bx), float(by), "located"
+            if s.shows(x, y):
+                rows.append([study_id, condition, level, series, s.instance_number, s.frame, float(x), float(y), source,
+                             score])
+                found.add(level)
+    outside = [level_title(level) for level in LEVELS if level not in found]
     return rows, outside
 

@@ -119,8 +119,48 @@ def window_limits(pixels: np.ndarray) -> tuple[float, float]:
     top, bottom, left, right = content_box(pixels)
     pixels = pixels[top:bottom, left:right]
     stride = max(1, int(np.sqrt(pixels.size / WINDOW_SAMPLE_PIXELS)))
-    lo, hi = np.percentile(pixels[::stride, ::stride], [LOW_PERCENTILE, HIGH_PERCENTILE])
+    lo, hi = percentiles(pixels[::stride, ::stride], (LOW_PERCENTILE, HIGH_PERCENTILE))
     return float(lo), float(hi)
+
+
+# Integer pixels spanning at most this many grey levels are counted rather than partitioned.
+COUNTED_SPAN = 1 << 18
+
+
+def percentiles(values: np.ndarray, qs: tuple[float, ...]) -> list[float]:
+    """``np.percentile(values, qs)`` (its default, linear method), to the last bit. Whole-numbered
+    pixels (the DICOM norm: 12 to 16 bit integers, as read or as floats after an integer rescale) are
+    counted per grey level and each order statistic read off the cumulative counts: a fifth of the
+    time of the partition numpy does, which was the costliest step of reading a slice. Other values
+    (a fractional rescale) go to numpy itself."""
+    flat = np.ravel(values)
+    if flat.size == 0 or flat.dtype.kind not in "iuf":
+        return [float(v) for v in np.percentile(flat, qs)]
+    with np.errstate(invalid="ignore"):  # NaN and infinities cast to nonsense, caught just below
+        whole = flat.astype(np.int64)
+    if flat.dtype.kind == "f" and not np.array_equal(whole, flat):  # fractions, NaN or infinities
+        return [float(v) for v in np.percentile(flat, qs)]
+    low, high = int(whole.min()), int(whole.max())
+    if high - low > COUNTED_SPAN:
+        return [float(v) for v in np.percentile(flat, qs)]
+    cumulative = np.cumsum(np.bincount(whole - low, minlength=high - low + 1))
+    kind, n = flat.dtype.type, flat.size
+
+    def order_statistic(rank: int):  # the rank-th smallest value (from 0), in the array's own dtype
+        return kind(low + int(np.searchsorted(cumulative, rank, side="right")))
+
+    out = []
+    for q in qs:  # numpy's steps for the linear method: virtual index, neighbours, gamma, its lerp
+        virtual = (n - 1) * (np.float64(q) / 100)
+        below = np.floor(virtual)
+        if virtual >= n - 1:
+            a = b = order_statistic(n - 1)
+        else:
+            a, b = order_statistic(int(below)), order_statistic(int(below) + 1)
+        gamma = virtual - below
+        difference = b - a
+        out.append(float(b - difference * (1 - gamma) if gamma >= 0.5 else a + difference * gamma))
+    return out
 
 
 def apply_window(values: np.ndarray, limits: tuple[float, float]) -> np.ndarray:

@@ -1,0 +1,80 @@
+"""Batch normalisation folded into its convolution for prediction: the same outputs, fewer layers, and a
+network where folding would change the output left exactly as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from spinegrade.models.classifier import LevelClassifier, ModelSpec
+from spinegrade.models.folding import fold_batch_norms
+
+
+def _trained_looking(model: nn.Module) -> nn.Module:
+    """Running statistics and affine weights away from their initial 0/1, as a trained model's are."""
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.2)
+            module.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.25)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "test_resnet"])
+def test_a_folded_grader_gives_the_same_logits_without_its_batch_norms(backbone):
+    torch.manual_seed(0)
+    model = _trained_looking(LevelClassifier(ModelSpec(backbone))).to(memory_format=torch.channels_last)
+    images = torch.randint(0, 256, (6, 1, 96, 96), dtype=torch.uint8)
+    levels = torch.arange(6) % 5
+    with torch.inference_mode():
+        before = model(images, levels)
+    norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    pairs = fold_batch_norms(model, lambda: model(images[:2], levels[:2]))
+    assert pairs and sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == norms - len(pairs)
+    with torch.inference_mode():
+        after = model(images, levels)  # other images than the probe's
+    assert torch.allclose(after, before, atol=1e-5), (after - before).abs().max()
+    # another fold of the same architecture, other weights: folded from the first one's pairs, no probe run
+    torch.manual_seed(1)
+    other = _trained_looking(LevelClassifier(ModelSpec(backbone))).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        before = other(images, levels)
+    assert fold_batch_norms(other, lambda: pytest.fail("the probe ran"), pairs) == pairs
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in other.modules()) == norms - len(pairs)
+    with torch.inference_mode():
+        assert torch.allclose(other(images, levels), before, atol=1e-5)
+
+
+class PreNormShortcut(nn.Module):
+    """A convolution whose output is read twice: by its normalisation and, before it, by a shortcut."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.norm(y) + y
+
+
+def test_a_network_that_reads_the_convolution_before_its_norm_is_left_as_it_was():
+    torch.manual_seed(0)
+    model = _trained_looking(PreNormShortcut())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        before = model(x)
+    assert fold_batch_norms(model, lambda: model(x)) == []
+    assert isinstance(model.norm, nn.BatchNorm2d)
+    with torch.inference_mode():
+        assert torch.equal(model(x), before)
+
+
+def test_only_a_model_in_eval_mode_is_folded():
+    model = PreNormShortcut().train()
+    with pytest.raises(ValueError):
+        fold_batch_norms(model, lambda: model(torch.randn(1, 3, 8, 8)))
+
