@@ -46,6 +46,7 @@ from spinegrade.models.classifier import (
     ModelSpec,
     grade_probabilities,
     load_state,
+    weights_loaded_after,
 )
 from spinegrade.models.folding import fold_batch_norms
 from spinegrade.study import Study
@@ -79,7 +80,8 @@ def load_fold_models(output_dir: Path, name: str, group: str, device: torch.devi
         spec = json.loads((folder / "model.json").read_text())
         refuse_other_inputs(spec, "preprocess_version", PREPROCESS_VERSION, folder)
         model_spec = ModelSpec.from_dict(spec)
-        model = LevelClassifier(model_spec)
+        with weights_loaded_after():
+            model = LevelClassifier(model_spec)
         load_state(model, folder / "best.safetensors")
         # channels-last: oneDNN's convolutions on a CPU take half the time (the same logits to 1e-5)
         model = model.to(device).eval().to(memory_format=torch.channels_last)

@@ -53,7 +53,7 @@ from spinegrade.data.preprocess import (
 )
 from spinegrade.device import autocast, select_device
 from spinegrade.errors import SpinegradeError
-from spinegrade.models.classifier import load_state
+from spinegrade.models.classifier import load_state, weights_loaded_after
 from spinegrade.models.slice_locator_net import SliceLocatorNet, SliceLocatorSpec, presence_logits, soft_argmax
 
 MARKER = "slice_choice.json"  # written last by a slice locator's training
@@ -136,9 +136,10 @@ class SliceLocator:
         for folder in folders:
             spec = json.loads((folder / "localizer.json").read_text())
             refuse_other_inputs(spec, "locator_input_version", LOCATOR_INPUT_VERSION, folder)
-            model = SliceLocatorNet(SliceLocatorSpec(spec["backbone"], spec.get("channels", 64),
-                                                 num_points=spec.get("num_points", len(LEVELS)),
-                                                 feature_levels=spec.get("feature_levels", 3)))
+            with weights_loaded_after():
+                model = SliceLocatorNet(SliceLocatorSpec(spec["backbone"], spec.get("channels", 64),
+                                                     num_points=spec.get("num_points", len(LEVELS)),
+                                                     feature_levels=spec.get("feature_levels", 3)))
             load_state(model, folder / "best.safetensors")
             self.models.append(model.to(self.device).eval())
             self.size = int(spec["image_size"])

@@ -197,7 +197,8 @@ def _figure(s: Slice, marks: list[tuple[float, float, str, str]]) -> str:
     ax.axis("off")
     fig.tight_layout(pad=0.2)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    # zlib's fastest level: the same pixels, about 0.6x the time to save a figure, a quarter larger
+    fig.savefig(buffer, format="png", dpi=100, pil_kwargs={"compress_level": 1})
     plt.close(fig)
     return base64.b64encode(buffer.getvalue()).decode()
 

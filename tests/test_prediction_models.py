@@ -1,5 +1,6 @@
-"""Batch normalisation folded into its convolution for prediction: the same outputs, fewer layers, and a
-network where folding would change the output left exactly as it was."""
+"""Models made for prediction: built without drawing the random weights their saved ones replace, and
+batch normalisation folded into its convolution. The same outputs either way; a network where folding
+would change the output is left exactly as it was."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from spinegrade.models.classifier import LevelClassifier, ModelSpec
+from spinegrade.models.classifier import LevelClassifier, ModelSpec, load_state, save_state, weights_loaded_after
 from spinegrade.models.folding import fold_batch_norms
+from spinegrade.models.slice_locator_net import SliceLocatorNet, SliceLocatorSpec
 
 
 def _trained_looking(model: nn.Module) -> nn.Module:
@@ -78,3 +80,27 @@ def test_only_a_model_in_eval_mode_is_folded():
     with pytest.raises(ValueError):
         fold_batch_norms(model, lambda: model(torch.randn(1, 3, 8, 8)))
 
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "test_resnet", "test_convnext", "test_vit",
+                                      "swin_tiny_patch4_window7_224", "beit_base_patch16_224", "locator"])
+def test_a_model_built_without_its_random_weights_then_loaded_is_the_saved_one(backbone, tmp_path):
+    """Built with ``torch.nn.init`` left idle, then loaded: every tensor, and so every output, as the model
+    built the usual way and loaded; and the initialisers work again afterwards."""
+    def build():
+        if backbone == "locator":
+            return SliceLocatorNet(SliceLocatorSpec("efficientnet_lite0"))
+        return LevelClassifier(ModelSpec(backbone, slices=3))
+
+    torch.manual_seed(0)
+    saved = build()
+    save_state(saved, tmp_path / "weights.safetensors")
+    usual = build()
+    load_state(usual, tmp_path / "weights.safetensors")
+    with weights_loaded_after():
+        quick = build()
+    load_state(quick, tmp_path / "weights.safetensors")
+    mine, theirs = quick.state_dict(keep_vars=False), usual.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert all(torch.equal(a, b) for a, b in zip(quick.buffers(), usual.buffers()))  # those kept out of the weights too
+    assert torch.count_nonzero(nn.init.normal_(torch.zeros(100))) > 0  # restored on leaving the block
