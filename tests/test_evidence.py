@@ -69,7 +69,12 @@ def test_a_map_sends_its_gradient_no_lower_than_its_layer(backbone):
     asked = [p.requires_grad for p in model.parameters()]
     images = torch.randint(0, 255, (2, 1, 96, 96), dtype=torch.uint8)
     levels = torch.tensor([0, 4])
+    stem = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    below = []  # whether the stem's output joined the graph the backward pass runs through
+    hook = stem.register_forward_hook(lambda module, inputs, output: below.append(output.requires_grad))
     maps = class_activation_maps(model, images, levels, [2, 1])
+    hook.remove()
+    assert below and not any(below)
     assert [p.requires_grad for p in model.parameters()] == asked
     assert all(p.grad is None for p in model.parameters())
     wrapper = SingleInput(model).eval()  # Grad-CAM as the package runs it: the gradient down to the stem

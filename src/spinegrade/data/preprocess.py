@@ -134,7 +134,7 @@ def percentiles(values: np.ndarray, qs: tuple[float, ...]) -> list[float]:
     time of the partition numpy does, which was the costliest step of reading a slice. Other values
     (a fractional rescale) go to numpy itself."""
     flat = np.ravel(values)
-    if flat.size == 0 or flat.dtype.kind not in "iuf":
+    if flat.size == 0 or flat.dtype.kind not in "iuf" or (flat.dtype.kind == "u" and flat.dtype.itemsize == 8):
         return [float(v) for v in np.percentile(flat, qs)]
     with np.errstate(invalid="ignore"):  # NaN and infinities cast to nonsense, caught just below
         whole = flat.astype(np.int64)
@@ -146,20 +146,20 @@ def percentiles(values: np.ndarray, qs: tuple[float, ...]) -> list[float]:
     cumulative = np.cumsum(np.bincount(whole - low, minlength=high - low + 1))
     kind, n = flat.dtype.type, flat.size
 
-    def order_statistic(rank: int):  # the rank-th smallest value (from 0), in the array's own dtype
-        return kind(low + int(np.searchsorted(cumulative, rank, side="right")))
+    def order_statistic(rank: int) -> np.ndarray:  # the rank-th smallest value (from 0), as a 1-array of the input's dtype
+        return np.array([low + int(np.searchsorted(cumulative, rank, side="right"))]).astype(kind)
 
     out = []
-    for q in qs:  # numpy's steps for the linear method: virtual index, neighbours, gamma, its lerp
+    for q in qs:  # numpy's steps for the linear method: virtual index, neighbours, gamma, its lerp (on arrays, as numpy)
         virtual = (n - 1) * (np.float64(q) / 100)
         below = np.floor(virtual)
         if virtual >= n - 1:
             a = b = order_statistic(n - 1)
         else:
             a, b = order_statistic(int(below)), order_statistic(int(below) + 1)
-        gamma = virtual - below
-        difference = b - a
-        out.append(float(b - difference * (1 - gamma) if gamma >= 0.5 else a + difference * gamma))
+        gamma = np.array([virtual - below])
+        difference = b - a  # wraps as numpy's does for a narrow integer type, silently
+        out.append(float((b - difference * (1 - gamma) if gamma[0] >= 0.5 else a + difference * gamma)[0]))
     return out
 
 

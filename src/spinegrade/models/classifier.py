@@ -22,6 +22,7 @@ import contextlib
 import difflib
 import os
 import socket
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -327,17 +328,22 @@ def weights_loaded_after():
     only to be overwritten. That draw was half of building a Lite0 fold model, paid 30 times by a study
     off a scanner. What a strict :func:`load_state` fills is every parameter and saved buffer, so the
     loaded model is the same to the bit (tested on each kind of backbone); a buffer kept out of the
-    weights is computed by its module, not drawn. One thread builds models at a time in this package;
-    the functions are restored on leaving, whatever happens."""
-    names = [n for n in vars(nn.init) if n.endswith("_") and not n.startswith("_") and callable(getattr(nn.init, n))]
-    kept = {n: getattr(nn.init, n) for n in names}
-    for n in names:
-        setattr(nn.init, n, _left_as_it_is)
-    try:
-        yield
-    finally:
-        for n, f in kept.items():
-            setattr(nn.init, n, f)
+    weights is computed by its module, not drawn. The functions are the module's, so the block holds a
+    lock (one such block at a time) and restores them on leaving, whatever happens. timm's own
+    ``trunc_normal_`` (the transformers') is not torch's and still draws: slower, never wrong."""
+    with _IDLE_INIT:
+        names = [n for n in vars(nn.init) if n.endswith("_") and not n.startswith("_") and callable(getattr(nn.init, n))]
+        kept = {n: getattr(nn.init, n) for n in names}
+        for n in names:
+            setattr(nn.init, n, _left_as_it_is)
+        try:
+            yield
+        finally:
+            for n, f in kept.items():
+                setattr(nn.init, n, f)
+
+
+_IDLE_INIT = threading.Lock()
 
 
 def _left_as_it_is(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -66,16 +66,17 @@ def fold_batch_norms(model: nn.Module, probe: Callable[[], torch.Tensor],
     eval-mode ``model`` on its final device and memory format. Returns the (convolution, norm) pairs
     folded: none when none was found or the probe's outputs moved (the model is then unchanged).
     ``pairs``: what this returned for another model of the same architecture (a backbone's other
-    folds): folded as they are, without running the probe, since which layer reads which is a
-    property of the architecture and folding is exact arithmetic whatever the weights."""
+    folds): taken as they are instead of being looked for, since which layer reads which is a property
+    of the architecture; the probe's outputs are still compared, for every model."""
     if model.training:
         raise ValueError("batch normalisation is folded only into a model in eval mode")
-    if pairs is not None:
-        _fold(model, pairs)
-        return pairs
-    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):  # a transformer, a ConvNeXt: nothing to run
-        return []
-    pairs, before = conv_norm_pairs(model, probe)
+    if pairs is None:
+        if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):  # a transformer, a ConvNeXt: nothing to run
+            return []
+        pairs, before = conv_norm_pairs(model, probe)
+    else:
+        with torch.inference_mode():
+            before = probe().float().clone()
     if not pairs:
         return []
     undo = _fold(model, pairs)
