@@ -57,6 +57,8 @@ def main() -> None:
         # locating; its models loaded in 0.40 s)"): the locators' loading is paid once too.
         summaries = [l for l in lines if ": located " in l and " s per study" in l]
         assert summaries, "predict_split logged no locating summary"
+        # (a version before the locators' loading was logged apart has no " loaded in " on its summaries:
+        # its loading stays in its per-study figure, as it reported it)
         load = sum(float(l.split(" loaded in ")[1].split(" s")[0]) for l in model_lines + summaries if " loaded in " in l)
         fixed.append(load)
         totals.append((elapsed - load) / studies)

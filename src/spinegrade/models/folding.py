@@ -74,10 +74,10 @@ def fold_batch_norms(model: nn.Module, probe: Callable[[], torch.Tensor],
         if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):  # a transformer, a ConvNeXt: nothing to run
             return []
         pairs, before = conv_norm_pairs(model, probe)
-    else:
+    elif pairs:
         with torch.inference_mode():
             before = probe().float().clone()
-    if not pairs:
+    if not pairs:  # none found, or none kept on the architecture's first model: no probe to run
         return []
     undo = _fold(model, pairs)
     with torch.inference_mode():
